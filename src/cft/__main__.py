@@ -1,0 +1,5 @@
+import sys
+
+from cft.cli import main
+
+sys.exit(main())

@@ -1,0 +1,52 @@
+"""Problems with gold answers: the built-in testbed splits and user JSONL files.
+
+A data spec is ``testbed:<split>`` (``train``, ``test``, ``test_ood``; ``--seed``/``--limit`` choose
+which problems are generated) or the path of a JSONL file with question and answer fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cft.artifacts import InputError, read_jsonl
+
+TESTBED_DEFAULT_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    question: str
+    answer: str
+
+
+def load_problems(spec: str, seed: int = 0, limit: int | None = None,
+                  question_field: str = "question", answer_field: str = "answer") -> list[Problem]:
+    if spec.startswith("testbed:"):
+        from cft.testbed.problems import generate_split
+
+        split = spec.split(":", 1)[1]
+        return [Problem(p.id, p.question, p.answer)
+                for p in generate_split(split, limit or TESTBED_DEFAULT_SIZE, seed)]
+    problems = load_jsonl_problems(spec, question_field, answer_field)
+    return problems[:limit] if limit else problems
+
+
+def load_jsonl_problems(path: str, question_field: str = "question", answer_field: str = "answer") -> list[Problem]:
+    """Validated problems from a JSONL file; bad lines raise InputError naming file, line and field."""
+    problems, seen = [], {}
+    for lineno, rec in read_jsonl(path):
+        for name in (question_field, answer_field):
+            if name not in rec:
+                raise InputError(path, lineno, name, "missing field")
+        question, answer = rec[question_field], rec[answer_field]
+        if not isinstance(question, str) or not question.strip():
+            raise InputError(path, lineno, question_field, "must be a non-empty string")
+        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
+            raise InputError(path, lineno, answer_field, "must be a non-empty string or number")
+        pid = str(rec.get("id", rec.get("idx", f"line{lineno}")))
+        if pid in seen:
+            raise InputError(path, lineno, "id", f"duplicate id {pid!r} (first on line {seen[pid]})")
+        seen[pid] = lineno
+        problems.append(Problem(pid, question, str(answer)))
+    return problems

@@ -1,0 +1,195 @@
+"""Stage A: decode solutions (greedy by default) and keep their verdicts.
+
+``decode`` is the batched decoder shared with evaluation: transformers' ``generate`` over token-id
+prompts with left padding, stopping a row at EOS or once its final answer is complete.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+from cft import verify
+from cft.artifacts import ResumableWriter, environment, record_key
+from cft.data import Problem, load_problems
+from cft.models import load_model, stop_token_ids
+from cft.progress import Progress
+from cft.prompts import render_ids, template_text
+
+
+@dataclass
+class DecodeConfig:
+    """Decoding settings; everything here changes results and is recorded."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    n: int = 1
+    batch_size: int = 64
+    stop_at_answer: bool = True
+    seed: int = 0
+
+
+@dataclass
+class Output:
+    ids: list[int]
+    text: str
+    finish: str  # "eos" | "answer" | "length"
+    entropy: float | None = None  # mean per-token entropy of the sampling distribution
+
+
+class _AnswerStop(StoppingCriteria):
+    """Per-row stop once ``verify.answer_complete`` holds for the new text (checked on trigger tokens)."""
+
+    def __init__(self, tok, prompt_len: int, trigger: torch.Tensor):
+        self.tok, self.prompt_len, self.trigger = tok, prompt_len, trigger
+
+    def __call__(self, input_ids, scores, **kwargs):
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for row in torch.nonzero(self.trigger[input_ids[:, -1]]).flatten().tolist():
+            text = self.tok.decode(input_ids[row, self.prompt_len :], skip_special_tokens=True)
+            done[row] = verify.answer_complete(text)
+        return done
+
+
+class _Temperature(LogitsProcessor):
+    """Apply the temperature ourselves and record each step's entropy of the sampling distribution."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.entropies: list[torch.Tensor] = []
+
+    def __call__(self, input_ids, scores):
+        scores = scores.float() / self.temperature
+        logp = torch.log_softmax(scores, dim=-1)
+        self.entropies.append(-(logp.exp() * logp).nan_to_num().sum(-1))
+        return scores
+
+
+def trigger_tokens(tok) -> torch.Tensor:
+    """Tokens whose text can complete an answer ('.', '}', newline); only these trigger a check."""
+    flags = torch.zeros(len(tok), dtype=torch.bool)
+    for i in range(len(tok)):
+        text = tok.decode([i])
+        flags[i] = any(c in text for c in ".}\n")
+    return flags
+
+
+def finish_reason(ids: list[int], eos: set[int], text: str, cfg: DecodeConfig) -> str:
+    if ids and ids[-1] in eos:
+        return "eos"
+    if cfg.stop_at_answer and verify.answer_complete(text):
+        return "answer"
+    return "length"
+
+
+@torch.inference_mode()
+def decode(model, tok, prompts: list[list[int]], cfg: DecodeConfig, progress: Progress | None = None) -> list[list[Output]]:
+    """``cfg.n`` outputs per prompt, in prompt order."""
+    eos = stop_token_ids(tok, model)
+    trigger = trigger_tokens(tok).to(model.device) if cfg.stop_at_answer else None
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    results: list[list[Output]] = [[] for _ in prompts]
+    jobs = [i for i in order for _ in range(cfg.n)]
+    torch.manual_seed(cfg.seed)
+    for start in range(0, len(jobs), cfg.batch_size):
+        batch = jobs[start : start + cfg.batch_size]
+        width = max(len(prompts[i]) for i in batch)
+        pad = tok.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in batch], device=model.device)
+        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in batch], device=model.device)
+        stops = StoppingCriteriaList([_AnswerStop(tok, width, trigger)] if trigger is not None else [])
+        temp = _Temperature(cfg.temperature) if cfg.temperature > 0 else None
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=cfg.max_new_tokens,
+            do_sample=temp is not None,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            logits_processor=LogitsProcessorList([temp] if temp else []),
+            stopping_criteria=stops,
+            eos_token_id=eos,
+            pad_token_id=pad,
+        )
+        new = out[:, width:].tolist()
+        ent = torch.stack(temp.entropies, dim=1).tolist() if temp else None
+        for row, i in enumerate(batch):
+            ids = new[row]
+            end = next((k + 1 for k, t in enumerate(ids) if t in eos), None)
+            if end is None:  # stopped by the answer rule or the length cap; drop trailing padding
+                end = len(ids)
+                while end > 0 and ids[end - 1] == pad and pad not in eos:
+                    end -= 1
+            ids = ids[:end]
+            text = tok.decode(ids, skip_special_tokens=True)
+            mean_ent = sum(ent[row][: len(ids)]) / max(len(ids), 1) if ent else None
+            results[i].append(Output(ids, text, finish_reason(ids, set(eos), text, cfg), mean_ent))
+        if progress:
+            progress.advance(len(batch), tokens=sum(len(results[i][-1].ids) for i in batch))
+    return results
+
+
+@dataclass
+class GenerateConfig:
+    """Resolved config of ``cft generate``."""
+
+    model: str
+    data: str
+    out: str
+    template: str = "chat"
+    question_field: str = "question"
+    answer_field: str = "answer"
+    seed: int = 0
+    limit: int | None = None
+    dtype: str = "float32"
+    device: str | None = None
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+
+def generation_record(p: Problem, prompt_ids: list[int], o: Output, model_name: str, cfg: DecodeConfig) -> dict:
+    prediction, correct = verify.grade(o.text, p.answer)
+    return {
+        "key": record_key(model_name, prompt_ids, asdict(cfg), p.answer),
+        "id": p.id,
+        "question": p.question,
+        "gold": p.answer,
+        "prompt_ids": prompt_ids,
+        "response_ids": o.ids,
+        "response": o.text,
+        "prediction": prediction,
+        "correct": correct,
+        "finish": o.finish,
+    }
+
+
+def generate(cfg: GenerateConfig, model=None, tok=None) -> dict:
+    """Run stage A; returns the summary also written to the metadata sidecar."""
+    problems = load_problems(cfg.data, seed=cfg.seed, limit=cfg.limit,
+                             question_field=cfg.question_field, answer_field=cfg.answer_field)
+    if model is None:
+        model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
+    prompts = [render_ids(tok, p.question, cfg.template) for p in problems]
+    keys = [record_key(cfg.model, ids, asdict(cfg.decode), p.answer) for ids, p in zip(prompts, problems)]
+    writer = ResumableWriter(cfg.out, "generations")
+    todo = [i for i, k in enumerate(keys) if k not in writer.done]
+    t0 = time.time()
+    with Progress("generate", total=len(todo)) as progress:
+        for start in range(0, len(todo), cfg.decode.batch_size):
+            chunk = todo[start : start + cfg.decode.batch_size]
+            outs = decode(model, tok, [prompts[i] for i in chunk], cfg.decode, progress)
+            writer.write(generation_record(problems[i], prompts[i], o[0], cfg.model, cfg.decode) for i, o in zip(chunk, outs))
+    records = [writer.done[k] for k in keys]
+    summary = {
+        "n": len(records),
+        "correct": sum(r["correct"] for r in records),
+        "accuracy": sum(r["correct"] for r in records) / max(len(records), 1),
+        "seconds": time.time() - t0,
+    }
+    meta = {"stage": "generate", "config": asdict(cfg), "prompt_template": template_text(cfg.template) or cfg.template,
+            "environment": environment(model), "summary": summary}
+    writer.finalize(keys, meta)
+    return summary
