@@ -1,12 +1,14 @@
 """Problems with gold answers: the built-in testbed splits and user JSONL files.
 
 A data spec is ``testbed:<split>`` (``train``, ``test``, ``test_ood``; ``--seed``/``--limit`` choose
-which problems are generated) or the path of a JSONL file with question and answer fields.
+which problems are generated), ``<benchmark>:<split>`` for a benchmark in ``cft.benchmarks`` (e.g.
+``gsm8k:train``, ``math500:test``), or the path of a JSONL file with question and answer fields.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from cft.artifacts import InputError, read_jsonl
 
@@ -21,13 +23,20 @@ class Problem:
 
 
 def load_problems(spec: str, seed: int = 0, limit: int | None = None,
-                  question_field: str = "question", answer_field: str = "answer") -> list[Problem]:
+                  question_field: str = "question", answer_field: str = "answer",
+                  data_dir: str | None = None) -> list[Problem]:
     if spec.startswith("testbed:"):
         from cft.testbed.problems import generate_split
 
         split = spec.split(":", 1)[1]
         return [Problem(p.id, p.question, p.answer)
                 for p in generate_split(split, limit or TESTBED_DEFAULT_SIZE, seed)]
+    from cft import benchmarks
+
+    bench = benchmarks.parse_spec(spec)
+    if bench is not None and not Path(spec).exists():
+        problems = benchmarks.load_benchmark(*bench, data_dir=data_dir)
+        return problems[:limit] if limit else problems
     problems = load_jsonl_problems(spec, question_field, answer_field)
     return problems[:limit] if limit else problems
 

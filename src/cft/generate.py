@@ -45,12 +45,15 @@ class _AnswerStop(StoppingCriteria):
 
     def __init__(self, tok, prompt_len: int, trigger: torch.Tensor):
         self.tok, self.prompt_len, self.trigger = tok, prompt_len, trigger
+        self.lengths: dict[int, int] = {}  # row -> response length when it stopped (later tokens are padding)
 
     def __call__(self, input_ids, scores, **kwargs):
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for row in torch.nonzero(self.trigger[input_ids[:, -1]]).flatten().tolist():
             text = self.tok.decode(input_ids[row, self.prompt_len :], skip_special_tokens=True)
             done[row] = verify.answer_complete(text)
+            if done[row]:
+                self.lengths.setdefault(row, input_ids.shape[1] - self.prompt_len)
         return done
 
 
@@ -100,7 +103,8 @@ def decode(model, tok, prompts: list[list[int]], cfg: DecodeConfig, progress: Pr
         pad = tok.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in batch], device=model.device)
         mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in batch], device=model.device)
-        stops = StoppingCriteriaList([_AnswerStop(tok, width, trigger)] if trigger is not None else [])
+        answer_stop = _AnswerStop(tok, width, trigger) if trigger is not None else None
+        stops = StoppingCriteriaList([answer_stop] if answer_stop else [])
         temp = _Temperature(cfg.temperature) if cfg.temperature > 0 else None
         out = model.generate(
             input_ids=input_ids,
@@ -117,19 +121,21 @@ def decode(model, tok, prompts: list[list[int]], cfg: DecodeConfig, progress: Pr
         )
         new = out[:, width:].tolist()
         ent = torch.stack(temp.entropies, dim=1).tolist() if temp else None
+        tokens = 0
         for row, i in enumerate(batch):
             ids = new[row]
-            end = next((k + 1 for k, t in enumerate(ids) if t in eos), None)
-            if end is None:  # stopped by the answer rule or the length cap; drop trailing padding
-                end = len(ids)
-                while end > 0 and ids[end - 1] == pad and pad not in eos:
-                    end -= 1
+            # A row ends at its EOS or where the answer rule stopped it; what follows is padding, which may
+            # be the EOS token itself (pad == eos), so the recorded stop length decides, not the padding.
+            end = next((k + 1 for k, t in enumerate(ids) if t in eos), len(ids))
+            if answer_stop is not None:
+                end = min(end, answer_stop.lengths.get(row, end))
             ids = ids[:end]
+            tokens += len(ids)
             text = tok.decode(ids, skip_special_tokens=True)
             mean_ent = sum(ent[row][: len(ids)]) / max(len(ids), 1) if ent else None
             results[i].append(Output(ids, text, finish_reason(ids, set(eos), text, cfg), mean_ent))
         if progress:
-            progress.advance(len(batch), tokens=sum(len(results[i][-1].ids) for i in batch))
+            progress.advance(len(batch), tokens=tokens)
     return results
 
 
@@ -193,3 +199,39 @@ def generate(cfg: GenerateConfig, model=None, tok=None) -> dict:
             "environment": environment(model), "summary": summary}
     writer.finalize(keys, meta)
     return summary
+
+
+def add_model_arguments(p, default_model: str = "testbed") -> None:
+    """--model/--dtype/--device, shared by every stage that loads a model."""
+    p.add_argument("--model", default=default_model,
+                   help="'testbed', 'smollm2', a HF model folder, a .gguf file or a hub id (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+
+
+def configure_parser(p) -> None:
+    add_model_arguments(p)
+    p.add_argument("--data", required=True,
+                   help="testbed:train|test|test_ood, a benchmark spec such as gsm8k:train, or a JSONL file")
+    p.add_argument("--out", required=True, help="output JSONL (cft.generations/1)")
+    p.add_argument("--template", default="chat", help="chat, qwen25-math-cot, gsm8k, or a template file")
+    p.add_argument("--question-field", default="question")
+    p.add_argument("--answer-field", default="answer")
+    p.add_argument("--seed", type=int, default=0, help="which testbed problems; the sampling seed")
+    p.add_argument("--limit", type=int, default=None, help="at most this many problems")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--no-stop-at-answer", action="store_true", help="decode to EOS even after a complete answer")
+
+
+def run(args) -> int:
+    cfg = GenerateConfig(
+        model=args.model, data=args.data, out=args.out, template=args.template,
+        question_field=args.question_field, answer_field=args.answer_field, seed=args.seed, limit=args.limit,
+        dtype=args.dtype, device=args.device,
+        decode=DecodeConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                            stop_at_answer=not args.no_stop_at_answer, seed=args.seed),
+    )
+    s = generate(cfg)
+    print(f"generated {s['n']} responses, {s['correct']} correct ({s['accuracy']:.1%}) -> {cfg.out}")
+    return 0

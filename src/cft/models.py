@@ -68,6 +68,13 @@ def load_model(name: str, dtype: str = "float32", device: str | None = None):
     return model, tok
 
 
+def cache_kwarg(model) -> str:
+    """The forward argument that takes a KV cache (``cache`` in newer transformers, else ``past_key_values``)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def stop_token_ids(tok, model=None) -> list[int]:
     """Every token that ends a response: the tokenizer's EOS plus the generation config's."""
     ids = {tok.eos_token_id}

@@ -1,0 +1,343 @@
+"""Stage D: greedy accuracy, pass@k under sampling and output entropy on benchmarks (``cft eval``).
+
+Per benchmark, every problem gets one greedy response (accuracy, the Qwen2.5-Math toolkit's protocol)
+and ``n_samples`` sampled ones (pass@k with the unbiased estimator of Chen et al. 2021, and the mean
+per-token entropy of the sampling distribution: the paper's diversity claims). Every response is kept
+in ``DIR/samples.jsonl`` (``cft.samples/1``), written as it is decoded and resumable, so every metric
+can be recomputed from it alone: ``cft eval --rescore DIR`` re-grades with the current verifier and
+rewrites ``DIR/metrics.json`` without decoding again.
+
+Sampling is reproducible per chunk of problems: each chunk is decoded in one call whose seed is a hash
+of the chunk's record keys, so a resumed run re-decodes a torn chunk exactly as the first run did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from fractions import Fraction
+from pathlib import Path
+
+from cft import verify
+from cft.artifacts import InputError, ResumableWriter, environment, load_records, read_meta, record_key, write_meta
+from cft.data import Problem, load_problems
+from cft.generate import DecodeConfig, add_model_arguments, decode
+from cft.models import load_model
+from cft.progress import Progress
+from cft.prompts import QWEN_SYSTEM, render_ids, template_text
+
+SAMPLES = "samples.jsonl"
+METRICS = "metrics.json"
+
+
+@dataclass
+class EvalConfig:
+    """Resolved config of ``cft eval``; recorded in the samples sidecar."""
+
+    model: str  # names the weights: records in DIR made under the same name are reused
+    benchmarks: list[str]
+    out: str
+    limit: int | None = None
+    n_samples: int = 4
+    temperature: float = 0.6
+    template: str | None = None  # None: "chat" for testbed specs (their training format), else "qwen25-math-cot"
+    data_dir: str | None = None
+    max_new_tokens: int = 1024
+    batch_size: int = 64
+    stop_at_answer: bool = False  # the toolkit decodes to EOS; stopping at a complete answer is a speed knob
+    seed: int = 0
+    question_field: str = "question"
+    answer_field: str = "answer"
+    dtype: str = "float32"
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        self.benchmarks = list(dict.fromkeys(self.benchmarks))  # a benchmark named twice is evaluated once
+        if not self.benchmarks:
+            raise ValueError("no benchmarks to evaluate")
+        if self.n_samples > 0 and self.temperature <= 0:
+            raise ValueError("sampling needs temperature > 0 (or n_samples = 0)")
+
+    def template_for(self, benchmark: str) -> str:
+        if self.template is not None:
+            return self.template
+        return "chat" if benchmark.startswith("testbed:") else "qwen25-math-cot"
+
+    def decoding(self, kind: str) -> DecodeConfig:
+        """The decoding of one kind of response; the seed is replaced per chunk."""
+        sampled = kind == "sample"
+        return DecodeConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature if sampled else 0.0,
+                            n=self.n_samples if sampled else 1, batch_size=self.batch_size,
+                            stop_at_answer=self.stop_at_answer, seed=self.seed)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One problem of one benchmark, with its rendered prompt."""
+
+    benchmark: str
+    problem: Problem
+    prompt_ids: list[int]
+
+
+# ---------------------------------------------------------------- metrics (pure, shared with --rescore)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k).
+
+    Computed in exact rational arithmetic and rounded once, so it is stable for any n.
+    """
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n (n={n}, c={c}, k={k})")
+    if n - c < k:
+        return 1.0
+    return float(1 - Fraction(math.comb(n - c, k), math.comb(n, k)))
+
+
+def k_values(n: int) -> list[int]:
+    """1, 2, 4, ... below n, then n itself."""
+    ks, k = [], 1
+    while k < n:
+        ks.append(k)
+        k *= 2
+    return ks + [n] if n >= 1 else []
+
+
+def compute_metrics(records: list[dict]) -> dict[str, dict]:
+    """Metrics per benchmark (in order of first appearance) from ``cft.samples/1`` records alone."""
+    grouped: dict[str, list[dict]] = {}
+    for rec in records:
+        grouped.setdefault(rec["benchmark"], []).append(rec)
+    return {bench: _benchmark_metrics(recs) for bench, recs in grouped.items()}
+
+
+def _benchmark_metrics(records: list[dict]) -> dict:
+    greedy = [r for r in records if r["kind"] == "greedy"]
+    samples: dict[str, list[dict]] = {}
+    for r in records:
+        if r["kind"] == "sample":
+            samples.setdefault(r["id"], []).append(r)
+    n_per_problem = [len(rs) for rs in samples.values()]
+    n_samples = min(n_per_problem, default=0)
+    if n_samples and len(samples) != len(greedy):
+        raise ValueError(f"{records[0]['benchmark']}: {len(greedy)} greedy responses but {len(samples)} problems "
+                         "with samples")
+    counts = [(len(rs), sum(r["correct"] for r in rs)) for rs in samples.values()]
+    pass_k = {str(k): math.fsum(pass_at_k(n, c, k) for n, c in counts) / len(counts) for k in k_values(n_samples)}
+    sampled = [r for rs in samples.values() for r in rs]
+    tokens = sum(len(r["response_ids"]) for r in sampled)
+    entropy = math.fsum(r["entropy"] * len(r["response_ids"]) for r in sampled) / tokens if tokens else None
+    return {
+        "accuracy": sum(r["correct"] for r in greedy) / len(greedy) if greedy else None,
+        "n": len(greedy),
+        "n_samples": n_samples,
+        "pass_at_k": pass_k,
+        "entropy": entropy,
+        "truncated": sum(r["finish"] == "length" for r in greedy) / len(greedy) if greedy else None,
+    }
+
+
+def print_table(metrics: dict[str, dict], title: str = "") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    ks = sorted({int(k) for m in metrics.values() for k in m["pass_at_k"]})
+    table = Table(title=title or None)
+    table.add_column("benchmark", no_wrap=True, min_width=max(map(len, metrics), default=9))
+    for col in ["n", "greedy acc", *(f"pass@{k}" for k in ks), "entropy", "truncated"]:
+        table.add_column(col, justify="right")
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.1f}"
+
+    for bench, m in metrics.items():
+        table.add_row(bench, str(m["n"]), pct(m["accuracy"]), *(pct(m["pass_at_k"].get(str(k))) for k in ks),
+                      "-" if m["entropy"] is None else f"{m['entropy']:.3f}", pct(m["truncated"]))
+    Console().print(table)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def load_items(cfg: EvalConfig, tok) -> list[Item]:
+    """Problems of every benchmark; a bare benchmark name (``gsm8k``) means its test split."""
+    from cft.benchmarks import BENCHMARKS
+
+    items = []
+    for bench in cfg.benchmarks:
+        spec = f"{bench}:test" if bench in BENCHMARKS else bench
+        problems = load_problems(spec, seed=cfg.seed, limit=cfg.limit, question_field=cfg.question_field,
+                                 answer_field=cfg.answer_field, data_dir=cfg.data_dir)
+        template = cfg.template_for(bench)
+        items += [Item(bench, p, render_ids(tok, p.question, template)) for p in problems]
+    return items
+
+
+def _key(cfg: EvalConfig, item: Item, kind: str, index: int) -> str:
+    """Everything that determines a response; sampled ones also depend on their chunk (batch size, seed)."""
+    d = cfg.decoding(kind)
+    settings = {"max_new_tokens": d.max_new_tokens, "stop_at_answer": d.stop_at_answer}
+    if kind == "sample":
+        settings.update(temperature=d.temperature, n=d.n, seed=d.seed, batch_size=d.batch_size)
+    return record_key(cfg.model, item.benchmark, item.problem.id, item.prompt_ids, item.problem.answer, kind, index,
+                      settings)
+
+
+def _record(key: str, item: Item, kind: str, index: int, out) -> dict:
+    prediction, correct = verify.grade(out.text, item.problem.answer)
+    return {
+        "key": key, "benchmark": item.benchmark, "id": item.problem.id, "question": item.problem.question,
+        "gold": item.problem.answer, "kind": kind, "sample": index, "prompt_ids": item.prompt_ids,
+        "response_ids": out.ids, "response": out.text, "finish": out.finish, "prediction": prediction,
+        "correct": correct, "entropy": out.entropy,
+    }
+
+
+def _templates(cfg: EvalConfig, tok, items: list[Item]) -> dict[str, dict]:
+    """What each benchmark's prompt was: template name, its text, and one rendered prompt verbatim."""
+    info = {}
+    for bench in cfg.benchmarks:
+        name = cfg.template_for(bench)
+        first = next((it for it in items if it.benchmark == bench), None)
+        info[bench] = {
+            "template": name,
+            "text": template_text(name) or tok.chat_template,
+            "system": QWEN_SYSTEM if name == "qwen25-math-cot" else None,
+            "example": tok.decode(first.prompt_ids) if first else None,
+        }
+    return info
+
+
+def evaluate(cfg: EvalConfig, model=None, tok=None) -> dict[str, dict]:
+    """Decode, grade and score every benchmark; returns the metrics also written to ``DIR/metrics.json``."""
+    if model is None:
+        model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
+    out_dir = Path(cfg.out)
+    items = load_items(cfg, tok)
+    kinds = [("greedy", 1, cfg.batch_size)]
+    if cfg.n_samples > 0:
+        kinds.append(("sample", cfg.n_samples, max(1, cfg.batch_size // cfg.n_samples)))
+    keys = {(kind, i, j): _key(cfg, it, kind, j)
+            for kind, n, _ in kinds for i, it in enumerate(items) for j in range(n)}
+
+    writer = ResumableWriter(out_dir / SAMPLES, "samples")
+    if (out_dir / SAMPLES).exists():  # a finished earlier run: reuse whatever it shares with this one
+        wanted = set(keys.values())
+        for rec in load_records(out_dir / SAMPLES, "samples"):
+            if rec["key"] in wanted:
+                writer.done.setdefault(rec["key"], rec)
+    chunks = [(kind, n, list(range(s, min(s + size, len(items))))) for kind, n, size in kinds
+              for s in range(0, len(items), size)]
+    chunks = [c for c in chunks if any(keys[c[0], i, j] not in writer.done for i in c[2] for j in range(c[1]))]
+
+    t0 = time.time()
+    with Progress("eval", total=sum(n * len(idx) for _, n, idx in chunks)) as progress:
+        for kind, n, idx in chunks:
+            chunk_keys = [keys[kind, i, j] for i in idx for j in range(n)]
+            dcfg = replace(cfg.decoding(kind), seed=int(record_key(cfg.seed, chunk_keys), 16) % 2**31)
+            outs = decode(model, tok, [items[i].prompt_ids for i in idx], dcfg, progress)
+            writer.write(_record(keys[kind, i, j], items[i], kind, j, outs[k][j])
+                         for k, i in enumerate(idx) for j in range(n) if keys[kind, i, j] not in writer.done)
+        decoded_tokens = progress.tokens
+
+    order = [keys[kind, i, j] for i in range(len(items)) for kind, n, _ in kinds for j in range(n)]
+    metrics = compute_metrics([writer.done[k] for k in order])
+    seconds = time.time() - t0
+    meta = {
+        "stage": "eval",
+        "config": asdict(cfg),
+        "prompt_templates": _templates(cfg, tok, items),
+        "decoding": {kind: asdict(cfg.decoding(kind)) for kind, _, _ in kinds},
+        "environment": environment(model),
+        "verifier_stats": verify.stats(),  # process-wide counts, timeouts included
+        "timing": {"seconds": seconds, "decoded_tokens": decoded_tokens,
+                   "tokens_per_second": decoded_tokens / max(seconds, 1e-9)},
+        "summary": metrics,
+    }
+    writer.finalize(order, meta)
+    write_meta(out_dir / METRICS, metrics)
+    return metrics
+
+
+def rescore(out_dir: str | Path) -> dict[str, dict]:
+    """Re-grade ``DIR/samples.jsonl`` with the current verifier and recompute every metric; no decoding."""
+    out_dir = Path(out_dir)
+    path = out_dir / SAMPLES
+    partial = Path(str(path) + ".partial")
+    if partial.exists():
+        raise InputError(partial, None, None, f"an evaluation into {out_dir} is unfinished; rerun it to finish, "
+                                              "or delete this file")
+    records = load_records(path, "samples")
+    changed = 0
+    for rec in records:
+        prediction, correct = verify.grade(rec["response"], rec["gold"])
+        if (prediction, correct) != (rec["prediction"], rec["correct"]):
+            changed += 1
+            rec.update(prediction=prediction, correct=correct)
+    metrics = compute_metrics(records)
+    meta = read_meta(path)
+    meta.update(summary=metrics, rescored={"verdicts_changed": changed, "environment": environment()})
+    if changed:
+        writer = ResumableWriter(path, "samples")
+        writer.write(records)
+        writer.finalize([r["key"] for r in records], meta)
+    else:
+        write_meta(path, meta)
+    write_meta(out_dir / METRICS, metrics)
+    return metrics
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--benchmarks", help="comma-separated: benchmark names (gsm8k, math500, ...), specs such as "
+                                        "gsm8k:test or testbed:test, or JSONL files")
+    p.add_argument("--out", help="output folder: metrics.json, samples.jsonl and its .meta.json sidecar")
+    p.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
+    p.add_argument("--n-samples", type=int, default=4, help="sampled responses per problem for pass@k (0: none)")
+    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (> 0)")
+    p.add_argument("--template", default=None,
+                   help="chat, qwen25-math-cot, gsm8k or a template file (default: chat for testbed specs, "
+                        "qwen25-math-cot otherwise)")
+    p.add_argument("--data-dir", default=None, help="benchmark data folder (default: $CFT_DATA_DIR or ../shared/data)")
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--stop-at-answer", action="store_true",
+                   help="SPEED KNOB: stop a response once its final answer is complete instead of at EOS")
+    p.add_argument("--seed", type=int, default=0, help="which testbed problems; the sampling seed")
+    p.add_argument("--question-field", default="question", help="question field of JSONL files")
+    p.add_argument("--answer-field", default="answer", help="answer field of JSONL files")
+    p.add_argument("--rescore", metavar="DIR", default=None,
+                   help="recompute every metric of an earlier run from DIR/samples.jsonl (no decoding)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.rescore:
+        metrics = rescore(args.rescore)
+        print_table(metrics, title=f"rescored {args.rescore}")
+        print(f"wrote {Path(args.rescore) / METRICS}")
+        return 0
+    if not args.benchmarks or not args.out:
+        print("cft eval: error: --benchmarks and --out are required (or --rescore DIR)", file=sys.stderr)
+        return 2
+    try:
+        cfg = EvalConfig(
+            model=args.model, benchmarks=[b.strip() for b in args.benchmarks.split(",") if b.strip()], out=args.out,
+            limit=args.limit, n_samples=args.n_samples, temperature=args.temperature, template=args.template,
+            data_dir=args.data_dir, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+            stop_at_answer=args.stop_at_answer, seed=args.seed, question_field=args.question_field,
+            answer_field=args.answer_field, dtype=args.dtype, device=args.device,
+        )
+    except ValueError as exc:
+        print(f"cft eval: error: {exc}", file=sys.stderr)
+        return 2
+    metrics = evaluate(cfg)
+    print_table(metrics, title=f"{cfg.model}")
+    print(f"wrote {Path(cfg.out) / METRICS} and {Path(cfg.out) / SAMPLES}")
+    return 0

@@ -1,0 +1,176 @@
+"""`cft grpo`: reinforcement learning (TRL's GRPOTrainer) from a fine-tuned checkpoint.
+
+The paper's RL experiment starts GRPO from the SFT and from the CFT checkpoints and compares how reward
+and policy entropy evolve. The reward is the project's own verifier (``cft.verify.grade``: 1 for a
+correct final answer, else 0), so it agrees with the labels and the evaluation. Every logged step goes
+to ``DIR/grpo_log.jsonl``: reward (= accuracy of the sampled completions, since the reward is the
+verdict), its spread, policy entropy, KL, completion length. Generation uses transformers (no vLLM), so
+it runs on a CPU with a small model, few generations and short completions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+LOG = "grpo_log.jsonl"
+SUMMARY = "grpo_summary.json"
+LOGGED = {
+    "loss": "loss", "reward": "reward", "reward_std": "reward_std", "rewards/accuracy/mean": "accuracy",
+    "entropy": "entropy", "kl": "kl", "completions/mean_length": "completion_length",
+    "completions/clipped_ratio": "clipped_ratio", "frac_reward_zero_std": "frac_reward_zero_std",
+    "learning_rate": "learning_rate", "grad_norm": "grad_norm",
+}
+
+
+@dataclass
+class GRPORunConfig:
+    """A GRPO run; saved, resolved, in ``grpo_summary.json``."""
+
+    init: str
+    out: str
+    data: str = "testbed:train"
+    limit: int | None = 1000
+    template: str = "chat"
+    max_steps: int = 100
+    lr: float = 1e-6
+    prompts_per_step: int = 4  # per process; each gets num_generations completions
+    num_generations: int = 4
+    max_completion_length: int = 128
+    temperature: float = 1.0
+    beta: float = 0.0  # KL coefficient; 0 needs no reference model
+    seed: int = 0
+    dtype: str = "float32"
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+
+
+def prompt_for(tok, question: str, template: str) -> str | list[dict[str, str]]:
+    """The prompt as GRPOTrainer takes it, tokenizing to exactly ``cft.prompts.render_ids(tok, question, template)``.
+
+    Chat templates go in conversational form (TRL applies the chat template with a generation prompt);
+    plain templates as text (TRL tokenizes it with special tokens, as render_ids does).
+    """
+    from cft.prompts import QWEN_SYSTEM, template_text
+
+    plain = template_text(template)
+    if plain is None and tok.chat_template:
+        messages = [{"role": "user", "content": question}]
+        if template == "qwen25-math-cot":
+            messages.insert(0, {"role": "system", "content": QWEN_SYSTEM})
+        return messages
+    return (plain or "Question: {question}\nAnswer:").replace("{question}", question)
+
+
+def accuracy(completions: list, answer: list[str], **kwargs: Any) -> list[float]:
+    """GRPO reward: 1.0 when the verifier accepts the completion's final answer, else 0.0."""
+    from cft.verify import grade
+
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return [float(grade(text, gold)[1]) for text, gold in zip(texts, answer, strict=True)]
+
+
+def _log_callback(path: Path):
+    from transformers import TrainerCallback
+
+    class JsonlLog(TrainerCallback):
+        """Appends one JSON line per logged step (main process only)."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs or "reward" not in logs:
+                return
+            row = {"step": state.global_step, **{short: logs[k] for k, short in LOGGED.items() if k in logs}}
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+    return JsonlLog()
+
+
+def grpo(cfg: GRPORunConfig, model=None, tok=None) -> dict[str, Any]:
+    """Run GRPO from ``cfg.init``; saves the policy (model + tokenizer) and the per-step log in ``cfg.out``."""
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import GRPOConfig, GRPOTrainer
+
+    from cft.artifacts import environment
+    from cft.data import load_problems
+    from cft.models import load_model
+    from cft.train import process_state
+
+    t0 = time.time()
+    state, use_cpu = process_state()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / LOG
+    if state.is_main_process:
+        log_path.unlink(missing_ok=True)
+    set_seed(cfg.seed)
+    if model is None or tok is None:
+        model, tok = load_model(cfg.init, cfg.dtype, device=str(state.device))
+    problems = load_problems(cfg.data, seed=cfg.seed, limit=cfg.limit)
+    dataset = Dataset.from_list(
+        [{"prompt": prompt_for(tok, p.question, cfg.template), "answer": p.answer, "id": p.id} for p in problems])
+    args = GRPOConfig(
+        output_dir=str(out), max_steps=cfg.max_steps, learning_rate=cfg.lr, seed=cfg.seed,
+        per_device_train_batch_size=cfg.prompts_per_step * cfg.num_generations, num_generations=cfg.num_generations,
+        max_completion_length=cfg.max_completion_length, temperature=cfg.temperature, beta=cfg.beta,
+        logging_steps=1, save_strategy="no", report_to="none", use_cpu=use_cpu, bf16=cfg.bf16, use_vllm=False,
+        activation_checkpointing=cfg.gradient_checkpointing,
+        disable_tqdm=not sys.stderr.isatty(), dataloader_pin_memory=not use_cpu,
+    )
+    trainer = GRPOTrainer(model=model, reward_funcs=[accuracy], args=args, train_dataset=dataset,
+                          processing_class=tok, callbacks=[_log_callback(log_path)])
+    result = trainer.train()
+    summary: dict[str, Any] = {}
+    if trainer.is_world_process_zero():
+        trainer.save_model(str(out))
+        tok.save_pretrained(out)
+        rows = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
+        summary = {
+            "config": asdict(cfg), "environment": environment(model), "global_step": result.global_step,
+            "problems": len(problems), "final": rows[-1] if rows else None, "seconds": round(time.time() - t0, 1),
+        }
+        (out / SUMMARY).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        if rows:
+            last = rows[-1]
+            print(f"grpo: {result.global_step} steps; last step reward {last.get('reward')}, "
+                  f"entropy {last.get('entropy')}; log in {log_path}", flush=True)
+    state.wait_for_everyone()
+    return summary
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    d = GRPORunConfig(init="", out="")
+    p.add_argument("--init", required=True, help="starting checkpoint, e.g. the output folder of `cft train`")
+    p.add_argument("--out", required=True)
+    p.add_argument("--data", default=d.data, help="testbed:<split> or a JSONL file with question and answer")
+    p.add_argument("--limit", type=int, default=d.limit, help="number of training problems")
+    p.add_argument("--template", default=d.template, help="prompt template (chat, qwen25-math-cot, gsm8k, a file)")
+    p.add_argument("--max-steps", type=int, default=d.max_steps)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--prompts-per-step", type=int, default=d.prompts_per_step, help="prompts per process and step")
+    p.add_argument("--num-generations", type=int, default=d.num_generations, help="completions per prompt (>= 2)")
+    p.add_argument("--max-completion-length", type=int, default=d.max_completion_length)
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--beta", type=float, default=d.beta, help="KL coefficient (0: no reference model)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    names = GRPORunConfig.__dataclass_fields__
+    grpo(GRPORunConfig(**{k: v for k, v in vars(args).items() if k in names}))
+    return 0
+
+
+if __name__ == "__main__":  # `python -m cft.grpo ...` / `accelerate launch -m cft.grpo ...`
+    _parser = argparse.ArgumentParser(prog="cft grpo", description=__doc__.splitlines()[0])
+    configure_parser(_parser)
+    sys.exit(run(_parser.parse_args()))

@@ -1,0 +1,270 @@
+"""Token selection: which response tokens each training method puts a loss on, and with what weight.
+
+Every method turns a labels record into the same training example, so SFT, CFT and every baseline run
+through one loss and their differences are attributable to the selection alone:
+
+- ``input_ids`` = prompt_ids + response_ids;
+- ``labels``: ``input_ids[i]`` where token i is selected, -100 elsewhere (prompt and unselected tokens).
+  The model's shift makes position i-1 predict ``labels[i]``, i.e. position t of the sequence predicts y_t;
+- ``weights``: the per-token loss weight (0 where the label is -100). With ``loss_norm="step"`` every
+  selected token weighs 1 and the loss is divided by the trained tokens of the optimizer step; with
+  ``loss_norm="sequence"`` a response's selected tokens weigh 1/n each, so dividing by the summed weight
+  of the step averages per-sequence means.
+
+Methods (``METHODS``):
+
+- ``sft``: every response token (the final EOS included); ``dft``: the same tokens, and the trainer scales
+  each token's loss by its own detached probability (-sg(p) log p, arXiv 2508.05629) at every step, which
+  is why DFT's weight is not a static column here.
+- ``cft``: the critical tokens of the labels file.
+- ``random``, ``entropy``, ``rho1``: per response exactly as many tokens as CFT selects there, chosen among
+  the eligible positions (the positions identification tested, so the same candidate pool as CFT):
+  uniformly at random (seeded); the highest next-token entropy under the starting model; the highest
+  excess loss, loss under the starting model minus loss under ``reference``. Ties are broken by a seeded
+  random order, so with no reference (the default: the starting model itself) every excess loss is 0,
+  all scores tie and ``rho1`` reduces exactly to ``random``.
+- ``numeric``: the response tokens whose decoded text contains a digit (``token_kind`` = ``digit``).
+
+A response with no selected token carries no loss: it is excluded from training and counted, never
+trained as a silent zero.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from cft.artifacts import SCHEMAS, InputError, read_jsonl, record_key
+from cft.identify import token_kind  # one definition of digit/operator/other for identify's and train's statistics
+
+METHODS = ("sft", "cft", "random", "entropy", "numeric", "rho1", "dft")
+LOSS_NORMS = ("step", "sequence")
+KINDS = ("digit", "operator", "other")
+
+
+@dataclass(frozen=True)
+class LabeledResponse:
+    """The fields of a ``cft.labels/1`` record that training uses, validated."""
+
+    id: str
+    prompt_ids: list[int]
+    response_ids: list[int]
+    critical: list[int]
+    eligible: list[int]
+    line: int = field(default=0, compare=False)
+
+
+def check_vocab(path: str, records: list[LabeledResponse], vocab_size: int) -> None:
+    """Token ids past the model's vocabulary mean the labels were made with another tokenizer."""
+    for rec in records:
+        for name in ("prompt_ids", "response_ids"):
+            if any(t >= vocab_size for t in getattr(rec, name)):
+                raise InputError(path, rec.line, name, f"token id outside the model's vocabulary (size {vocab_size}); "
+                                                       "were these labels made with another tokenizer?")
+
+
+def read_labels(path: str, vocab_size: int | None = None) -> list[LabeledResponse]:
+    """Validated labels; a bad record raises InputError naming the file, line and field."""
+    out = []
+    for lineno, rec in read_jsonl(path, SCHEMAS["labels"]):
+        def bad(fld: str, msg: str, lineno: int = lineno) -> InputError:
+            return InputError(path, lineno, fld, msg)
+
+        for name in ("prompt_ids", "response_ids", "critical", "eligible"):
+            value = rec.get(name)
+            if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise bad(name, "missing or not a list of integers")
+        if not rec["prompt_ids"]:
+            raise bad("prompt_ids", "empty prompt: the first response token would have no position to predict it")
+        if not rec["response_ids"]:
+            raise bad("response_ids", "empty response")
+        for name in ("prompt_ids", "response_ids"):
+            if any(t < 0 for t in rec[name]):
+                raise bad(name, "negative token id")
+        n = len(rec["response_ids"])
+        for name in ("critical", "eligible"):
+            if len(rec[name]) != n:
+                raise bad(name, f"has {len(rec[name])} entries for {n} response tokens")
+            if any(v not in (0, 1) for v in rec[name]):
+                raise bad(name, "entries must be 0 or 1")
+        if any(c and not e for c, e in zip(rec["critical"], rec["eligible"], strict=True)):
+            raise bad("critical", "a position is critical but not eligible")
+        rid = rec.get("id")
+        if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+            raise bad("id", "missing or not a string")
+        out.append(LabeledResponse(str(rid), rec["prompt_ids"], rec["response_ids"], rec["critical"], rec["eligible"],
+                                   lineno))
+    if not out:
+        raise InputError(path, None, None, "no labels records")
+    if vocab_size is not None:
+        check_vocab(path, out, vocab_size)
+    return out
+
+
+def tie_order(rec: LabeledResponse, seed: int) -> list[int]:
+    """A seeded random rank per response position, independent of record order and process count."""
+    rng = random.Random(int(record_key("select", seed, rec.id, rec.response_ids), 16))
+    order = list(range(len(rec.response_ids)))
+    rng.shuffle(order)
+    rank = [0] * len(order)
+    for r, pos in enumerate(order):
+        rank[pos] = r
+    return rank
+
+
+def budget_mask(scores: list[float], eligible: list[int], k: int, rank: list[int]) -> list[int]:
+    """The k eligible positions with the highest score; equal scores are taken in ``rank`` order."""
+    candidates = sorted((p for p, e in enumerate(eligible) if e), key=lambda p: (-scores[p], rank[p]))
+    mask = [0] * len(scores)
+    for p in candidates[:k]:
+        mask[p] = 1
+    return mask
+
+
+def token_text(tok, token_id: int, cache: dict[int, str]) -> str:
+    if token_id not in cache:
+        cache[token_id] = tok.decode([token_id], skip_special_tokens=True)
+    return cache[token_id]
+
+
+@torch.no_grad()
+def response_scores(model, records: list[LabeledResponse],
+                    batch_size: int = 4) -> list[tuple[list[float], list[float]]]:
+    """Per response token: the entropy of the model's next-token distribution there, and the token's loss.
+
+    Response token t sits at sequence index len(prompt)+t and is predicted from the index before it.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    out: list[tuple[list[float], list[float]]] = []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        seqs = [r.prompt_ids + r.response_ids for r in chunk]
+        width = max(map(len, seqs))
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        for row, rec in enumerate(chunk):
+            p, t = len(rec.prompt_ids), len(rec.response_ids)
+            logp = torch.log_softmax(logits[row, p - 1 : p + t - 1].float(), dim=-1)
+            entropy = -(logp.exp() * logp).sum(-1)
+            nll = -logp.gather(-1, torch.tensor(rec.response_ids, device=device)[:, None])[:, 0]
+            out.append((entropy.tolist(), nll.tolist()))
+    model.train(was_training)
+    return out
+
+
+def select_masks(method: str, records: list[LabeledResponse], tok, model=None, reference=None,
+                 seed: int = 0, batch_size: int = 4) -> list[list[int]]:
+    """The 0/1 selection over each response's tokens for ``method``.
+
+    ``model`` is the starting model (needed by ``entropy`` and ``rho1``); ``reference`` is Rho-1's
+    reference model (None: the starting model, so excess losses are all zero).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if method in ("sft", "dft"):
+        return [[1] * len(r.response_ids) for r in records]
+    if method == "cft":
+        return [list(r.critical) for r in records]
+    if method == "numeric":
+        cache: dict[int, str] = {}
+        return [[int(token_kind(token_text(tok, t, cache)) == "digit") for t in r.response_ids] for r in records]
+    if method == "random":
+        scores = [[0.0] * len(r.response_ids) for r in records]
+    elif method == "entropy":
+        if model is None:
+            raise ValueError("entropy selection needs the starting model")
+        scores = [ent for ent, _ in response_scores(model, records, batch_size)]
+    elif reference is None:
+        scores = [[0.0] * len(r.response_ids) for r in records]
+    else:
+        if model is None:
+            raise ValueError("rho1 selection with a reference needs the starting model")
+        start = response_scores(model, records, batch_size)
+        ref = response_scores(reference, records, batch_size)
+        scores = [[a - b for a, b in zip(s[1], q[1], strict=True)] for s, q in zip(start, ref, strict=True)]
+    return [budget_mask(s, r.eligible, sum(r.critical), tie_order(r, seed))
+            for s, r in zip(scores, records, strict=True)]
+
+
+def build_example(rec: LabeledResponse, mask: list[int], loss_norm: str = "step") -> dict[str, list]:
+    """``input_ids``, ``labels`` (labels[i] = input_ids[i] where selected) and ``weights`` for one response."""
+    if loss_norm not in LOSS_NORMS:
+        raise ValueError(f"unknown loss_norm {loss_norm!r}; choose from {', '.join(LOSS_NORMS)}")
+    n = sum(mask)
+    if n == 0:
+        raise ValueError(f"response {rec.id!r} has no selected token")
+    w = 1.0 if loss_norm == "step" else 1.0 / n
+    pad = [-100] * len(rec.prompt_ids)
+    return {
+        "input_ids": rec.prompt_ids + rec.response_ids,
+        "labels": pad + [t if m else -100 for t, m in zip(rec.response_ids, mask, strict=True)],
+        "weights": [0.0] * len(rec.prompt_ids) + [w if m else 0.0 for m in mask],
+    }
+
+
+def token_statistics(method: str, records: list[LabeledResponse], masks: list[list[int]], tok) -> dict[str, Any]:
+    """What a method actually trains: tokens, their share of response tokens, and their kinds."""
+    cache: dict[int, str] = {}
+    trained, response = Counter(), Counter()
+    for rec, mask in zip(records, masks, strict=True):
+        for t, m in zip(rec.response_ids, mask, strict=True):
+            kind = token_kind(token_text(tok, t, cache))
+            response[kind] += 1
+            trained[kind] += m
+    excluded = [rec.id for rec, mask in zip(records, masks, strict=True) if not any(mask)]
+    total_trained, total_response = sum(trained.values()), sum(response.values())
+    return {
+        "method": method,
+        "responses": len(records),
+        "responses_trained": len(records) - len(excluded),
+        "responses_excluded": len(excluded),
+        "excluded_ids": excluded[:20],
+        "response_tokens": total_response,
+        "trained_tokens": total_trained,
+        "trained_fraction": total_trained / total_response if total_response else 0.0,
+        "critical_tokens": sum(sum(r.critical) for r in records),
+        "trained_by_kind": {k: trained[k] for k in KINDS},
+        "response_by_kind": {k: response[k] for k in KINDS},
+    }
+
+
+def format_statistics(stats: dict[str, Any]) -> str:
+    """The token statistics as a few lines for the screen."""
+    t, r = stats["trained_by_kind"], stats["response_by_kind"]
+    kinds = ", ".join(f"{k} {t[k]}/{r[k]} ({t[k] / r[k]:.1%})" if r[k] else f"{k} 0/0" for k in KINDS)
+    lines = [
+        f"method {stats['method']}: trains {stats['trained_tokens']} of {stats['response_tokens']} response tokens "
+        f"({stats['trained_fraction']:.1%}); critical tokens in the labels: {stats['critical_tokens']}",
+        f"  by kind (trained/all): {kinds}",
+        f"  responses: {stats['responses_trained']} trained, {stats['responses_excluded']} excluded "
+        "(no selected token, so no loss)",
+    ]
+    if stats["responses_excluded"]:
+        lines[-1] += f", e.g. {', '.join(stats['excluded_ids'][:5])}"
+    return "\n".join(lines)
+
+
+@dataclass
+class Selection:
+    """A method's training examples (responses with no selected token left out) and its token statistics."""
+
+    method: str
+    examples: list[dict[str, list]]
+    masks: list[list[int]]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def select(method: str, records: list[LabeledResponse], tok, model=None, reference=None, seed: int = 0,
+           loss_norm: str = "step", batch_size: int = 4) -> Selection:
+    """Masks, examples and statistics for ``method`` in one call (the trainer's entry point)."""
+    masks = select_masks(method, records, tok, model=model, reference=reference, seed=seed, batch_size=batch_size)
+    examples = [build_example(r, m, loss_norm) for r, m in zip(records, masks, strict=True) if any(m)]
+    return Selection(method, examples, masks, token_statistics(method, records, masks, tok))

@@ -1,0 +1,230 @@
+"""Stage D: the pass@k estimator, metrics from samples alone, rescoring, resuming, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from fractions import Fraction
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from cft import evaluate as ev
+from cft.artifacts import InputError, load_records, read_meta
+from cft.generate import DecodeConfig, decode
+from cft.testbed.pretrain import PretrainConfig, build_model
+from cft.testbed.tokenizer import build_tokenizer
+from tests.conftest import write_jsonl
+
+
+def brute_pass_at_k(n: int, c: int, k: int) -> Fraction:
+    """Share of all k-subsets of n samples (the first c correct) that hold a correct one."""
+    subsets = list(itertools.combinations(range(n), k))
+    return Fraction(sum(any(i < c for i in s) for s in subsets), len(subsets))
+
+
+@pytest.mark.parametrize("n", range(1, 9))
+def test_pass_at_k_equals_enumeration_over_all_subsets(n):
+    for c in range(n + 1):
+        for k in range(1, n + 1):
+            assert ev.pass_at_k(n, c, k) == float(brute_pass_at_k(n, c, k)), (n, c, k)
+
+
+def test_pass_at_k_is_stable_for_large_n_and_checks_its_arguments():
+    assert ev.pass_at_k(1000, 1, 1) == 0.001
+    assert ev.pass_at_k(1000, 0, 500) == 0.0
+    assert ev.pass_at_k(1000, 1000, 1000) == 1.0
+    values = [ev.pass_at_k(1000, 3, k) for k in (1, 10, 100, 997, 998)]
+    assert values == sorted(values) and values[-1] == 1.0 and 0 < values[0] < 1
+    for bad in [(4, 5, 1), (4, -1, 1), (4, 2, 0), (4, 2, 5)]:
+        with pytest.raises(ValueError):
+            ev.pass_at_k(*bad)
+
+
+def test_k_values_are_powers_of_two_then_n():
+    assert ev.k_values(0) == []
+    assert ev.k_values(1) == [1]
+    assert ev.k_values(4) == [1, 2, 4]
+    assert ev.k_values(6) == [1, 2, 4, 6]
+    assert ev.k_values(16) == [1, 2, 4, 8, 16]
+
+
+def sample(bench: str, pid: str, kind: str, index: int, text: str, gold: str, correct: bool,
+           n_tokens: int, entropy: float | None, finish: str = "eos") -> dict:
+    return {"schema": "cft.samples/1", "key": f"{bench}-{pid}-{kind}-{index}", "benchmark": bench, "id": pid,
+            "question": "q", "gold": gold, "kind": kind, "sample": index, "prompt_ids": [1, 2],
+            "response_ids": list(range(n_tokens)), "response": text, "finish": finish,
+            "prediction": None, "correct": correct, "entropy": entropy}
+
+
+def hand_made_samples() -> list[dict]:
+    """Two benchmarks; the stored verdicts are those of the current verifier except where noted."""
+    return [
+        # bench A, p1: greedy right; samples 1 of 2 right
+        sample("A", "p1", "greedy", 0, "The answer is 3.", "3", True, 5, None),
+        sample("A", "p1", "sample", 0, "The answer is 3.", "3", True, 4, 1.0),
+        sample("A", "p1", "sample", 1, "The answer is 4.", "3", False, 6, 2.0),
+        # bench A, p2: greedy wrong (hit the length cap); samples 0 of 2 right
+        sample("A", "p2", "greedy", 0, "I think", "5", False, 8, None, finish="length"),
+        sample("A", "p2", "sample", 0, "\\boxed{6}", "5", False, 2, 0.5),
+        sample("A", "p2", "sample", 1, "\\boxed{7}", "5", False, 8, 0.25),
+        # bench B, p1: everything right
+        sample("B", "p1", "greedy", 0, "#### 10", "10", True, 3, None),
+        sample("B", "p1", "sample", 0, "#### 10", "10", True, 3, 0.0),
+        sample("B", "p1", "sample", 1, "\\boxed{10}", "10", True, 1, 3.0),
+    ]
+
+
+EXPECTED = {
+    "A": {"accuracy": 0.5, "n": 2, "n_samples": 2, "pass_at_k": {"1": 0.25, "2": 0.5},
+          "entropy": (1.0 * 4 + 2.0 * 6 + 0.5 * 2 + 0.25 * 8) / 20, "truncated": 0.5},
+    "B": {"accuracy": 1.0, "n": 1, "n_samples": 2, "pass_at_k": {"1": 1.0, "2": 1.0},
+          "entropy": (0.0 * 3 + 3.0 * 1) / 4, "truncated": 0.0},
+}
+
+
+def test_metrics_of_a_hand_made_samples_file():
+    assert ev.compute_metrics(hand_made_samples()) == EXPECTED
+
+
+def test_rescore_regrades_with_the_current_verifier_and_rewrites_metrics(tmp_path):
+    records = hand_made_samples()
+    records[2]["correct"] = True  # a stale verdict: "4" is not "3"
+    write_jsonl(tmp_path / ev.SAMPLES, records)
+    metrics = ev.rescore(tmp_path)
+    assert metrics == EXPECTED
+    assert json.loads((tmp_path / ev.METRICS).read_text()) == EXPECTED
+    assert read_meta(tmp_path / ev.SAMPLES)["rescored"]["verdicts_changed"] == len(records) - 1  # predictions filled
+    fixed = load_records(tmp_path / ev.SAMPLES, "samples")
+    assert [r["key"] for r in fixed] == [r["key"] for r in records]
+    assert fixed[2]["correct"] is False and fixed[2]["prediction"] == "4"
+    assert ev.rescore(tmp_path) == EXPECTED
+    assert read_meta(tmp_path / ev.SAMPLES)["rescored"]["verdicts_changed"] == 0
+
+
+def test_rescore_refuses_an_unfinished_run(tmp_path):
+    write_jsonl(tmp_path / ev.SAMPLES, hand_made_samples())
+    (tmp_path / (ev.SAMPLES + ".partial")).write_text("")
+    with pytest.raises(InputError, match="unfinished"):
+        ev.rescore(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, testbed_tokenizer):
+    torch.manual_seed(0)
+    model = build_model(testbed_tokenizer, PretrainConfig(hidden_size=32, layers=1, heads=2, intermediate_size=64))
+    path = tmp_path_factory.mktemp("tiny_model")
+    model.save_pretrained(path)
+    testbed_tokenizer.save_pretrained(path)
+    return path
+
+
+def cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    ev.configure_parser(parser)
+    return ev.run(parser.parse_args(list(argv)))
+
+
+def test_end_to_end_on_a_tiny_model_then_rescore(tmp_path, tiny_model_dir, capsys):
+    questions = tmp_path / "qs.jsonl"
+    write_jsonl(questions, [{"id": f"q{i}", "problem": f"What is {i} + 1?", "solution": str(i + 1)} for i in range(3)])
+    out = tmp_path / "eval"
+    rc = cli("--model", str(tiny_model_dir), "--benchmarks", f"testbed:test,{questions}", "--limit", "4",
+             "--n-samples", "3", "--max-new-tokens", "12", "--batch-size", "8", "--question-field", "problem",
+             "--answer-field", "solution", "--out", str(out))
+    assert rc == 0
+    metrics = json.loads((out / ev.METRICS).read_text())
+    assert list(metrics) == ["testbed:test", str(questions)]
+    assert [m["n"] for m in metrics.values()] == [4, 3]
+    for m in metrics.values():
+        assert set(m) >= {"accuracy", "n", "pass_at_k", "entropy"}
+        assert list(m["pass_at_k"]) == ["1", "2", "3"]
+        assert m["entropy"] > 0
+    records = load_records(out / ev.SAMPLES, "samples")
+    assert len(records) == (4 + 3) * (1 + 3)
+    assert [r["kind"] for r in records[:4]] == ["greedy", "sample", "sample", "sample"]
+    assert [r["sample"] for r in records[:4]] == [0, 0, 1, 2]
+    for r in records:
+        assert (r["entropy"] is None) == (r["kind"] == "greedy")
+        assert 1 <= len(r["response_ids"]) <= 12 and r["finish"] in ("eos", "answer", "length")
+    meta = read_meta(out / ev.SAMPLES)
+    assert meta["summary"] == metrics
+    assert meta["prompt_templates"]["testbed:test"]["template"] == "chat"
+    assert meta["prompt_templates"][str(questions)]["template"] == "qwen25-math-cot"
+    assert meta["decoding"]["sample"]["temperature"] == 0.6
+    assert "testbed:test" in capsys.readouterr().out  # the table
+
+    before = (out / ev.METRICS).read_text()
+    assert cli("--rescore", str(out)) == 0
+    assert (out / ev.METRICS).read_text() == before
+    assert ev.rescore(out) == metrics
+
+
+def test_an_interrupted_run_resumes_to_the_same_samples(tmp_path, tiny_model_dir):
+    from cft.models import load_model
+
+    model, tok = load_model(str(tiny_model_dir), device="cpu")
+    cfg = ev.EvalConfig(model="tiny", benchmarks=["testbed:test"], out=str(tmp_path / "a"), limit=5, n_samples=2,
+                        max_new_tokens=10, batch_size=4)
+    full = ev.evaluate(cfg, model, tok)
+    lines = (tmp_path / "a" / ev.SAMPLES).read_bytes().splitlines(keepends=True)
+    resumed = tmp_path / "b"
+    resumed.mkdir()
+    # a killed run: some records done (out of order, as chunks finish), the last line torn mid-write
+    (resumed / (ev.SAMPLES + ".partial")).write_bytes(b"".join(lines[7:9] + lines[:3]) + lines[3][:20])
+    again = ev.evaluate(ev.EvalConfig(**{**cfg.__dict__, "out": str(resumed)}), model, tok)
+    assert again == full
+    assert (resumed / ev.SAMPLES).read_bytes() == b"".join(lines)
+    assert not (resumed / (ev.SAMPLES + ".partial")).exists()
+
+
+def test_a_finished_run_is_reused_not_decoded_again(tmp_path, tiny_model_dir, monkeypatch):
+    from cft.models import load_model
+
+    model, tok = load_model(str(tiny_model_dir), device="cpu")
+    cfg = ev.EvalConfig(model="tiny", benchmarks=["testbed:test"], out=str(tmp_path), limit=3, n_samples=2,
+                        max_new_tokens=8, batch_size=4)
+    first = ev.evaluate(cfg, model, tok)
+    monkeypatch.setattr(ev, "decode", lambda *a, **k: pytest.fail("decoded again"))
+    assert ev.evaluate(cfg, model, tok) == first
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="temperature"):
+        ev.EvalConfig(model="m", benchmarks=["testbed:test"], out="x", temperature=0.0)
+    assert ev.EvalConfig(model="m", benchmarks=["a", "b", "a"], out="x").benchmarks == ["a", "b"]
+    assert ev.EvalConfig(model="m", benchmarks=["gsm8k"], out="x").template_for("gsm8k") == "qwen25-math-cot"
+    assert cli("--out", "x") == 2
+
+
+class Scripted(LlamaForCausalLM):
+    """Writes a fixed token script per batch row, whatever its weights say (greedy follows the script)."""
+
+    scripts: tuple[list[int], ...] = ()
+    step = 0
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        logits = torch.full_like(out.logits, -1e4)
+        for row, script in enumerate(self.scripts):
+            logits[row, -1, script[min(self.step, len(script) - 1)]] = 0.0
+        self.step += 1
+        out.logits = logits
+        return out
+
+
+def test_answer_stop_adds_no_eos_when_padding_is_the_eos_token():
+    """SmolLM2 pads with its EOS: a row stopped at its answer must not gain the padding as an 'EOS'."""
+    tok = build_tokenizer()
+    tok.pad_token = tok.eos_token
+    model = Scripted(build_model(tok, PretrainConfig(hidden_size=16, layers=1, heads=2, intermediate_size=32)).config)
+    answer = tok(" so \\boxed{7}", add_special_tokens=False).input_ids
+    filler = tok(" more", add_special_tokens=False).input_ids * 20
+    model.scripts = [answer + filler, filler]
+    prompt = tok("Question: x\nAnswer:", add_special_tokens=False).input_ids
+    cfg = DecodeConfig(max_new_tokens=len(answer) + 4, stop_at_answer=True)
+    first, second = decode(model.eval(), tok, [prompt, prompt], cfg)
+    assert first[0].ids == answer and first[0].finish == "answer"
+    assert second[0].ids == filler[: len(answer) + 4] and second[0].finish == "length"
