@@ -2,6 +2,8 @@
 
 A module listed in COMMANDS defines ``configure_parser(parser)`` and ``run(args) -> int``.
 Input errors (``InputError``) print one line naming the file, line and field and exit with code 2.
+The commands that read user files (``READS_INPUT``) also take ``--skip-invalid``: bad lines are then
+reported one by one, skipped, and counted at the end, the same way for every command.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-from cft.artifacts import InputError
+from cft.artifacts import InputError, skipping_invalid
 
 COMMANDS = {
     "generate": ("cft.generate", "stage A: decode solutions and grade them"),
@@ -21,7 +23,10 @@ COMMANDS = {
     "demo": ("cft.demo", "every stage on the built-in testbed, base vs SFT vs CFT"),
     "testbed": ("cft.testbed.cli", "pretrain or export the built-in testbed model"),
     "fetch-model": ("cft.fetch", "download a pretrained model once and cache it (smollm2)"),
+    "view": ("cft.view", "an HTML page of critical tokens, their alternatives and continuations"),
 }
+
+READS_INPUT = ("generate", "identify", "train", "eval")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -33,6 +38,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         p.set_defaults(_module=module)
         if name == command:
             importlib.import_module(module).configure_parser(p)
+            if name in READS_INPUT:
+                p.add_argument("--skip-invalid", action="store_true",
+                               help="skip (and count) invalid input lines instead of stopping at the first")
     return parser
 
 
@@ -40,11 +48,21 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
+
+    def report(exc: InputError) -> None:
+        print(f"cft {args.command}: skipped invalid input: {exc}", file=sys.stderr)
+
     try:
-        return importlib.import_module(args._module).run(args) or 0
+        with skipping_invalid(getattr(args, "skip_invalid", False), report) as invalid:
+            code = importlib.import_module(args._module).run(args) or 0
     except InputError as exc:
         print(f"cft {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    if invalid is not None and invalid.errors:
+        files = sorted({e.path for e in invalid.errors})
+        print(f"cft {args.command}: skipped {len(invalid.errors)} invalid input lines ({', '.join(files)})",
+              file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

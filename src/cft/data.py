@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from cft.artifacts import InputError, read_jsonl
+from cft.artifacts import InputError, read_valid
 
 TESTBED_DEFAULT_SIZE = 1000
 
@@ -43,8 +43,9 @@ def load_problems(spec: str, seed: int = 0, limit: int | None = None,
 
 def load_jsonl_problems(path: str, question_field: str = "question", answer_field: str = "answer") -> list[Problem]:
     """Validated problems from a JSONL file; bad lines raise InputError naming file, line and field."""
-    problems, seen = [], {}
-    for lineno, rec in read_jsonl(path):
+    seen: dict[str, int] = {}
+
+    def parse(lineno: int, rec: dict) -> Problem:
         for name in (question_field, answer_field):
             if name not in rec:
                 raise InputError(path, lineno, name, "missing field")
@@ -53,9 +54,14 @@ def load_jsonl_problems(path: str, question_field: str = "question", answer_fiel
             raise InputError(path, lineno, question_field, "must be a non-empty string")
         if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
             raise InputError(path, lineno, answer_field, "must be a non-empty string or number")
-        pid = str(rec.get("id", rec.get("idx", f"line{lineno}")))
+        id_field = "id" if "id" in rec else "idx"
+        pid = rec.get(id_field, f"line{lineno}")
+        if isinstance(pid, bool) or not isinstance(pid, (str, int)) or not str(pid).strip():
+            raise InputError(path, lineno, id_field, "must be a non-empty string or integer")
+        pid = str(pid)
         if pid in seen:
-            raise InputError(path, lineno, "id", f"duplicate id {pid!r} (first on line {seen[pid]})")
+            raise InputError(path, lineno, id_field, f"duplicate id {pid!r} (first on line {seen[pid]})")
         seen[pid] = lineno
-        problems.append(Problem(pid, question, str(answer)))
-    return problems
+        return Problem(pid, question, str(answer))
+
+    return read_valid(path, parse)

@@ -7,6 +7,10 @@ cache (left columns it does not use are masked out, its own positions given expl
 branch ends its row is refilled at once from the queue (continuous batching); a failed rank-r branch
 queues rank r+1 at the front, a succeeded one settles its position. The stop rule and verdicts are
 ``identify.Protocol``'s, the same as the reference engine's.
+
+The shared cache is a window ``[s, w)`` over preallocated buffers: a step writes column ``w`` in
+place (no per-step concatenation), placing a longer prefix moves ``s`` left, and trimming columns no
+row uses moves it right; only when the window reaches the buffer's end is it copied back (rarely).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 import psutil
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from cft.identify import IdentifyConfig, Protocol, Work, finish_branch
 from cft.models import cache_kwarg
@@ -49,6 +54,55 @@ def auto_batch_size(model, max_len: int) -> int:
     return int(max(1, min(cap, free // 4 // (kv_bytes_per_token(model) * max(max_len, 1) * 2))))
 
 
+def _take_rows(buf: torch.Tensor, idx: torch.Tensor, live: slice, dim: int) -> torch.Tensor:
+    """Move rows ``idx`` to the front of a buffer, in place, copying only its live columns (along ``dim``)."""
+    cols = (slice(None),) * dim + (live,)
+    front = buf[: len(idx)]
+    front[cols] = buf[cols].index_select(0, idx)
+    return front
+
+
+class Window:
+    """Columns ``[s, w)`` of the buffers are live; one object shared by every layer of the cache."""
+
+    def __init__(self, s: int, w: int):
+        self.s, self.w = s, w
+
+
+class WindowLayer(DynamicLayer):
+    """A cache layer over a preallocated (B, H, C, D) buffer: ``update`` writes column w in place."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, window: Window):
+        super().__init__()
+        self.kbuf, self.vbuf, self.window = keys, values, window
+        self.is_initialized = True
+
+    @property
+    def keys(self):
+        return self.kbuf[:, :, self.window.s : self.window.w]
+
+    @keys.setter
+    def keys(self, value):  # the base class's __init__ assigns None
+        pass
+
+    @property
+    def values(self):
+        return self.vbuf[:, :, self.window.s : self.window.w]
+
+    @values.setter
+    def values(self, value):
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        w = self.window.w
+        self.kbuf[:, :, w : w + 1] = key_states
+        self.vbuf[:, :, w : w + 1] = value_states
+        return self.kbuf[:, :, self.window.s : w + 1], self.vbuf[:, :, self.window.s : w + 1]
+
+    def get_seq_length(self) -> int:
+        return self.window.w - self.window.s
+
+
 class BranchDecoder:
     """Decode every branch of a stream of responses, ``batch_size`` rows at a time."""
 
@@ -56,8 +110,6 @@ class BranchDecoder:
         self.model, self.tok, self.cfg, self.proto = model, tok, cfg, proto
         self.batch_size = cfg.batch_size
         self.cache_arg = cache_kwarg(model)
-        self.cache: DynamicCache | None = None  # per layer (B, H, W, D) keys and values
-        self.mask = torch.zeros(0, 0, dtype=torch.long, device=model.device)
         self.rows: list[Row | None] = []
         self.queue: deque[tuple[Work, int, int]] = deque()
         self.prefix_kv: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -96,53 +148,65 @@ class BranchDecoder:
             self._finish(work)
 
     # -- cache surgery -----------------------------------------------------------------------
-    def _width(self) -> int:
-        return self.mask.shape[1]
-
-    def _grow_left(self, extra: int) -> None:
-        for layer in self.cache.layers:
-            layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, extra, 0))
-            layer.values = torch.nn.functional.pad(layer.values, (0, 0, extra, 0))
-        self.mask = torch.nn.functional.pad(self.mask, (extra, 0))
-
-    def _place(self, i: int, work: Work, t: int, j: int) -> None:
-        """Put branch (t, j) of ``work`` into row i: its prefix KV right-aligned, the rest masked."""
-        p = len(work.prompt_ids) + t
-        if p > self._width():
-            self._grow_left(p - self._width())
-        w = self._width()
-        for layer, (pk, pv) in zip(self.cache.layers, self.prefix_kv[work.key]):
-            layer.keys[i, :, w - p :] = pk[0, :, :p]
-            layer.values[i, :, w - p :] = pv[0, :, :p]
-        self.mask[i] = 0
-        self.mask[i, w - p :] = 1
-        self.rows[i] = Row(work, t, j, work.response_ids[:t] + [work.alternatives[t][j]])
-
     def _new_batch(self, work: Work) -> None:
-        n = self.batch_size or auto_batch_size(self.model, len(work.prompt_ids) + self.cfg.max_new_tokens)
+        """Buffers for ``batch_size`` rows of at most ``max_len`` tokens, twice as wide (see _rebase)."""
+        n = self.batch_size or auto_batch_size(self.model, self.max_len)
         self.batch_size = n
-        self.cache = DynamicCache(ddp_cache_data=[
-            (k.new_zeros(n, k.shape[1], 0, k.shape[3]), v.new_zeros(n, v.shape[1], 0, v.shape[3]))
-            for k, v in self.prefix_kv[work.key]
-        ])
-        self.mask = torch.zeros(n, 0, dtype=torch.long, device=self.model.device)
+        self.window = Window(self.max_len, self.max_len)
+        cap = 2 * self.max_len
+        layers = [WindowLayer(k.new_zeros(n, k.shape[1], cap, k.shape[3]), v.new_zeros(n, v.shape[1], cap, v.shape[3]),
+                              self.window) for k, v in self.prefix_kv[work.key]]
+        self.cache = DynamicCache()
+        self.cache.layers = layers
+        self.mbuf = torch.zeros(n, cap, dtype=torch.long, device=self.model.device)
         self.rows = [None] * n
 
+    def _rebase(self, need: int) -> None:
+        """Copy the live window so that it ends at ``max_len`` (room for ``need`` prefix, and steps)."""
+        s, w = self.window.s, self.window.w
+        span = w - s
+        new_s = self.max_len - span
+        if need > self.max_len:
+            raise ValueError(f"a branch prefix of {need} tokens exceeds the engine's row length {self.max_len}")
+        for layer in self.cache.layers:
+            layer.kbuf[:, :, new_s : self.max_len] = layer.kbuf[:, :, s:w].clone()
+            layer.vbuf[:, :, new_s : self.max_len] = layer.vbuf[:, :, s:w].clone()
+        self.mbuf[:, new_s : self.max_len] = self.mbuf[:, s:w].clone()
+        self.mbuf[:, : new_s] = 0
+        self.window.s, self.window.w = new_s, self.max_len
+
+    def _place(self, i: int, work: Work, t: int, j: int) -> None:
+        """Put branch (t, j) of ``work`` into row i: its prefix KV right-aligned at w, the rest masked."""
+        p = len(work.prompt_ids) + t
+        if p > self.window.w:
+            self._rebase(p)
+        w = self.window.w
+        if w - p < self.window.s:
+            self.mbuf[:, w - p : self.window.s] = 0
+            self.window.s = w - p
+        for layer, (pk, pv) in zip(self.cache.layers, self.prefix_kv[work.key]):
+            layer.kbuf[i, :, w - p : w] = pk[0, :, :p]
+            layer.vbuf[i, :, w - p : w] = pv[0, :, :p]
+        self.mbuf[i] = 0
+        self.mbuf[i, w - p : w] = 1
+        self.rows[i] = Row(work, t, j, work.response_ids[:t] + [work.alternatives[t][j]])
+
     def _compact(self) -> None:
-        """Drop empty rows when nothing can refill them, and left columns no row uses."""
+        """Drop empty rows when nothing can refill them (once a quarter are empty), and unused left columns."""
         keep = [i for i, r in enumerate(self.rows) if r is not None]
-        if len(keep) < len(self.rows) and not self.queue:
+        if not self.queue and (not keep or len(keep) <= 0.75 * len(self.rows)):
             idx = torch.tensor(keep, dtype=torch.long, device=self.model.device)
+            live = slice(self.window.s, self.window.w)
             for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys.index_select(0, idx), layer.values.index_select(0, idx)
-            self.mask = self.mask.index_select(0, idx)
+                layer.kbuf = _take_rows(layer.kbuf, idx, live, 2)
+                layer.vbuf = _take_rows(layer.vbuf, idx, live, 2)
+            self.mbuf = _take_rows(self.mbuf, idx, live, 1)
             self.rows = [self.rows[i] for i in keep]
         if self.rows:
-            cut = self._width() - int(self.mask.sum(1).max())
-            if cut > 0:
-                for layer in self.cache.layers:
-                    layer.keys, layer.values = layer.keys[:, :, cut:], layer.values[:, :, cut:]
-                self.mask = self.mask[:, cut:]
+            used = int(self.mbuf[:, self.window.s : self.window.w].sum(1).max())
+            self.window.s = self.window.w - used
+        if self.window.w >= self.mbuf.shape[1]:
+            self._rebase(0)
 
     # -- main loop ---------------------------------------------------------------------------
     def _fill(self, works) -> None:
@@ -158,8 +222,10 @@ class BranchDecoder:
             self._place(i, *self.queue.popleft())
 
     @torch.inference_mode()
-    def run(self, works, on_done, progress) -> None:
+    def run(self, works, on_done, progress, max_prompt_len: int) -> None:
+        """Decode every branch of ``works``; a row holds at most max_prompt_len + max_new_tokens tokens."""
         self.on_done = on_done
+        self.max_len = max_prompt_len + self.cfg.max_new_tokens
         works = iter(works)
         while not self.queue:  # the first response sizes the batch
             first = next(works, None)
@@ -172,17 +238,21 @@ class BranchDecoder:
             self._compact()
             if not self.rows:
                 return
-            n = len(self.rows)
-            input_ids = torch.tensor([[r.response[-1]] for r in self.rows], device=self.model.device)
-            positions = self.mask.sum(1, keepdim=True)
-            self.mask = torch.cat([self.mask, self.mask.new_ones(n, 1)], dim=1)
-            logits = self.model(input_ids=input_ids, attention_mask=self.mask, position_ids=positions,
+            s, w = self.window.s, self.window.w
+            pad = self.tok.pad_token_id or 0
+            input_ids = torch.tensor([[r.response[-1] if r else pad] for r in self.rows], device=self.model.device)
+            positions = self.mbuf[:, s:w].sum(1, keepdim=True)
+            self.mbuf[:, w] = 1
+            logits = self.model(input_ids=input_ids, attention_mask=self.mbuf[:, s : w + 1], position_ids=positions,
                                 use_cache=True, **{self.cache_arg: self.cache}).logits[:, -1]
+            self.window.w = w + 1
             nxt = logits.argmax(-1).tolist()
-            progress.advance(0, tokens=n)
-            for i, row in enumerate(self.rows):
+            active = [(i, row) for i, row in enumerate(self.rows) if row is not None]
+            progress.advance(0, tokens=len(active))
+            for i, row in active:
                 row.response.append(nxt[i])
                 row.n_new += 1
                 if self.proto.stopped(row.response, row.n_new, row.t):
                     self.rows[i] = None
+                    self.mbuf[i] = 0
                     self._settle(row.work, row.t, row.j, row.response[row.t + 1 :])

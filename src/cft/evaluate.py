@@ -7,8 +7,9 @@ in ``DIR/samples.jsonl`` (``cft.samples/1``), written as it is decoded and resum
 can be recomputed from it alone: ``cft eval --rescore DIR`` re-grades with the current verifier and
 rewrites ``DIR/metrics.json`` without decoding again.
 
-Sampling is reproducible per chunk of problems: each chunk is decoded in one call whose seed is a hash
-of the chunk's record keys, so a resumed run re-decodes a torn chunk exactly as the first run did.
+Problems are decoded in chunks of similar prompt length (less left padding). Sampling is reproducible
+per chunk: each chunk is decoded in one call whose seed is a hash of the chunk's record keys, so a resumed
+run re-decodes a torn chunk exactly as the first run did.
 """
 
 from __future__ import annotations
@@ -230,8 +231,8 @@ def evaluate(cfg: EvalConfig, model=None, tok=None) -> dict[str, dict]:
         for rec in load_records(out_dir / SAMPLES, "samples"):
             if rec["key"] in wanted:
                 writer.done.setdefault(rec["key"], rec)
-    chunks = [(kind, n, list(range(s, min(s + size, len(items))))) for kind, n, size in kinds
-              for s in range(0, len(items), size)]
+    by_length = sorted(range(len(items)), key=lambda i: -len(items[i].prompt_ids))  # less left padding per batch
+    chunks = [(kind, n, by_length[s : s + size]) for kind, n, size in kinds for s in range(0, len(items), size)]
     chunks = [c for c in chunks if any(keys[c[0], i, j] not in writer.done for i in c[2] for j in range(c[1]))]
 
     t0 = time.time()

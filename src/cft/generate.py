@@ -1,11 +1,17 @@
 """Stage A: decode solutions (greedy by default) and keep their verdicts.
 
 ``decode`` is the batched decoder shared with evaluation: transformers' ``generate`` over token-id
-prompts with left padding, stopping a row at EOS or once its final answer is complete.
+prompts with left padding, stopping a row at EOS or once its final answer is complete. A batch that
+runs out of memory is retried in halves, so one long batch does not end a long run.
+
+Problems whose prompt leaves no room for ``max_new_tokens`` in the model's context are skipped and
+counted, never truncated; a verifier failure on one response marks that record (``verify_error``)
+and the others are graded as usual.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -13,11 +19,15 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from cft import verify
-from cft.artifacts import ResumableWriter, environment, record_key
+from cft.artifacts import ResumableWriter, environment, invalid_count, record_key
 from cft.data import Problem, load_problems
 from cft.models import load_model, stop_token_ids
 from cft.progress import Progress
 from cft.prompts import render_ids, template_text
+
+log = logging.getLogger(__name__)
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+OUT_OF_MEMORY_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory")  # MPS/XPU, CPU
 
 
 @dataclass
@@ -88,55 +98,81 @@ def finish_reason(ids: list[int], eos: set[int], text: str, cfg: DecodeConfig) -
     return "length"
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the RuntimeError other backends raise for the same condition."""
+    return isinstance(exc, OUT_OF_MEMORY) or (
+        isinstance(exc, RuntimeError) and any(m in str(exc) for m in OUT_OF_MEMORY_MESSAGES))
+
+
 @torch.inference_mode()
-def decode(model, tok, prompts: list[list[int]], cfg: DecodeConfig, progress: Progress | None = None) -> list[list[Output]]:
-    """``cfg.n`` outputs per prompt, in prompt order."""
+def decode(model, tok, prompts: list[list[int]], cfg: DecodeConfig,
+           progress: Progress | None = None) -> list[list[Output]]:
+    """``cfg.n`` outputs per prompt, in prompt order; a batch that runs out of memory is retried in halves."""
     eos = stop_token_ids(tok, model)
     trigger = trigger_tokens(tok).to(model.device) if cfg.stop_at_answer else None
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: list[list[Output]] = [[] for _ in prompts]
     jobs = [i for i in order for _ in range(cfg.n)]
     torch.manual_seed(cfg.seed)
-    for start in range(0, len(jobs), cfg.batch_size):
-        batch = jobs[start : start + cfg.batch_size]
-        width = max(len(prompts[i]) for i in batch)
-        pad = tok.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in batch], device=model.device)
-        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in batch], device=model.device)
-        answer_stop = _AnswerStop(tok, width, trigger) if trigger is not None else None
-        stops = StoppingCriteriaList([answer_stop] if answer_stop else [])
-        temp = _Temperature(cfg.temperature) if cfg.temperature > 0 else None
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=mask,
-            max_new_tokens=cfg.max_new_tokens,
-            do_sample=temp is not None,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            logits_processor=LogitsProcessorList([temp] if temp else []),
-            stopping_criteria=stops,
-            eos_token_id=eos,
-            pad_token_id=pad,
-        )
-        new = out[:, width:].tolist()
-        ent = torch.stack(temp.entropies, dim=1).tolist() if temp else None
-        tokens = 0
-        for row, i in enumerate(batch):
-            ids = new[row]
-            # A row ends at its EOS or where the answer rule stopped it; what follows is padding, which may
-            # be the EOS token itself (pad == eos), so the recorded stop length decides, not the padding.
-            end = next((k + 1 for k, t in enumerate(ids) if t in eos), len(ids))
-            if answer_stop is not None:
-                end = min(end, answer_stop.lengths.get(row, end))
-            ids = ids[:end]
-            tokens += len(ids)
-            text = tok.decode(ids, skip_special_tokens=True)
-            mean_ent = sum(ent[row][: len(ids)]) / max(len(ids), 1) if ent else None
-            results[i].append(Output(ids, text, finish_reason(ids, set(eos), text, cfg), mean_ent))
+    start, size = 0, cfg.batch_size
+    while start < len(jobs):
+        batch = jobs[start : start + size]
+        try:
+            outs = _decode_batch(model, tok, [prompts[i] for i in batch], cfg, eos, trigger)
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc) or len(batch) == 1:
+                raise
+            outs = None  # retried below, once the exception (and the failed batch's tensors) are released
+        if outs is None:
+            size = len(batch) // 2  # later batches keep the size that fits
+            log.warning("decode: out of memory on a batch of %d, retrying with batches of %d", len(batch), size)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        for i, o in zip(batch, outs):
+            results[i].append(o)
         if progress:
-            progress.advance(len(batch), tokens=tokens)
+            progress.advance(len(batch), tokens=sum(len(o.ids) for o in outs))
+        start += len(batch)
     return results
+
+
+def _decode_batch(model, tok, prompts: list[list[int]], cfg: DecodeConfig, eos: list[int], trigger) -> list[Output]:
+    """One ``model.generate`` call over left-padded prompts: one output per prompt."""
+    width = max(len(p) for p in prompts)
+    pad = tok.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    answer_stop = _AnswerStop(tok, width, trigger) if trigger is not None else None
+    stops = StoppingCriteriaList([answer_stop] if answer_stop else [])
+    temp = _Temperature(cfg.temperature) if cfg.temperature > 0 else None
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=mask,
+        max_new_tokens=cfg.max_new_tokens,
+        do_sample=temp is not None,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        logits_processor=LogitsProcessorList([temp] if temp else []),
+        stopping_criteria=stops,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )
+    new = out[:, width:].tolist()
+    ent = torch.stack(temp.entropies, dim=1).tolist() if temp else None
+    outputs = []
+    for row, ids in enumerate(new):
+        # A row ends at its EOS or where the answer rule stopped it; what follows is padding, which may
+        # be the EOS token itself (pad == eos), so the recorded stop length decides, not the padding.
+        end = next((k + 1 for k, t in enumerate(ids) if t in eos), len(ids))
+        if answer_stop is not None:
+            end = min(end, answer_stop.lengths.get(row, end))
+        ids = ids[:end]
+        text = tok.decode(ids, skip_special_tokens=True)
+        mean_ent = sum(ent[row][: len(ids)]) / max(len(ids), 1) if ent else None
+        outputs.append(Output(ids, text, finish_reason(ids, set(eos), text, cfg), mean_ent))
+    return outputs
 
 
 @dataclass
@@ -156,48 +192,94 @@ class GenerateConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
 
-def generation_record(p: Problem, prompt_ids: list[int], o: Output, model_name: str, cfg: DecodeConfig) -> dict:
-    prediction, correct = verify.grade(o.text, p.answer)
+def grade_isolated(text: str, gold: str) -> verify.GradeResult:
+    """The verdict, whatever breaks inside the verifier: a crash marks this item only (``error``)."""
+    try:
+        return verify.grade_detailed(text, gold)
+    except Exception as exc:  # noqa: BLE001 - one bad item must not end the stage
+        log.warning("verifier failed on one response (gold=%.80r): %r", gold, exc)
+        return verify.GradeResult(None, False, "none", error=f"{type(exc).__name__}: {exc}"[:300])
+
+
+def verify_error(result: verify.GradeResult) -> str | None:
+    """What went wrong while grading, for the record: ``timeout``, the error, or None."""
+    return "timeout" if result.timed_out else result.error
+
+
+def generation_key(p: Problem, prompt_ids: list[int], model_name: str, cfg: DecodeConfig) -> str:
+    """Everything that determines a record; the id too, so two problems with the same text stay two records."""
+    return record_key(model_name, p.id, prompt_ids, asdict(cfg), p.answer)
+
+
+def generation_record(key: str, p: Problem, prompt_ids: list[int], o: Output) -> dict:
+    result = grade_isolated(o.text, p.answer)
     return {
-        "key": record_key(model_name, prompt_ids, asdict(cfg), p.answer),
+        "key": key,
         "id": p.id,
         "question": p.question,
         "gold": p.answer,
         "prompt_ids": prompt_ids,
         "response_ids": o.ids,
         "response": o.text,
-        "prediction": prediction,
-        "correct": correct,
+        "prediction": result.prediction,
+        "correct": result.correct,
         "finish": o.finish,
+        "verify_error": verify_error(result),
     }
 
 
+def max_prompt_tokens(model, max_new_tokens: int) -> int | None:
+    """The longest prompt that leaves ``max_new_tokens`` in the model's context; None when it is not known."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    return None if context is None else context - max_new_tokens
+
+
+def split_by_context(prompts: list[list[int]], model, max_new_tokens: int) -> tuple[list[int], list[int]]:
+    """Indices of the prompts that fit the context and of those that do not (skipped, never truncated)."""
+    limit = max_prompt_tokens(model, max_new_tokens)
+    fits = [limit is None or len(p) <= limit for p in prompts]
+    return [i for i, f in enumerate(fits) if f], [i for i, f in enumerate(fits) if not f]
+
+
 def generate(cfg: GenerateConfig, model=None, tok=None) -> dict:
-    """Run stage A; returns the summary also written to the metadata sidecar."""
+    """Run stage A; returns the summary also written to the metadata sidecar.
+
+    Batches are fixed slices of the problems sorted by prompt length (less left padding), so a resumed
+    run decodes exactly the batches an uninterrupted run would (a batch whose records were not all
+    written is decoded again). Records are written in problem order.
+    """
     problems = load_problems(cfg.data, seed=cfg.seed, limit=cfg.limit,
                              question_field=cfg.question_field, answer_field=cfg.answer_field)
     if model is None:
         model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
     prompts = [render_ids(tok, p.question, cfg.template) for p in problems]
-    keys = [record_key(cfg.model, ids, asdict(cfg.decode), p.answer) for ids, p in zip(prompts, problems)]
+    kept, too_long = split_by_context(prompts, model, cfg.decode.max_new_tokens)
+    keys = {i: generation_key(problems[i], prompts[i], cfg.model, cfg.decode) for i in kept}
     writer = ResumableWriter(cfg.out, "generations")
-    todo = [i for i, k in enumerate(keys) if k not in writer.done]
+    by_length = sorted(kept, key=lambda i: -len(prompts[i]))
+    batches = [by_length[s : s + cfg.decode.batch_size] for s in range(0, len(kept), cfg.decode.batch_size)]
+    todo = [b for b in batches if any(keys[i] not in writer.done for i in b)]
     t0 = time.time()
-    with Progress("generate", total=len(todo)) as progress:
-        for start in range(0, len(todo), cfg.decode.batch_size):
-            chunk = todo[start : start + cfg.decode.batch_size]
-            outs = decode(model, tok, [prompts[i] for i in chunk], cfg.decode, progress)
-            writer.write(generation_record(problems[i], prompts[i], o[0], cfg.model, cfg.decode) for i, o in zip(chunk, outs))
-    records = [writer.done[k] for k in keys]
+    with Progress("generate", total=sum(map(len, todo))) as progress:
+        for batch in todo:
+            outs = decode(model, tok, [prompts[i] for i in batch], cfg.decode, progress)
+            writer.write([generation_record(keys[i], problems[i], prompts[i], o[0]) for i, o in zip(batch, outs)])
+    records = [writer.done[keys[i]] for i in kept]
     summary = {
         "n": len(records),
         "correct": sum(r["correct"] for r in records),
         "accuracy": sum(r["correct"] for r in records) / max(len(records), 1),
+        "skipped_too_long": len(too_long),
+        "invalid_skipped": invalid_count(cfg.data),
+        "verify_errors": sum(r["verify_error"] is not None for r in records),
+        "max_prompt_tokens": max_prompt_tokens(model, cfg.decode.max_new_tokens),
         "seconds": time.time() - t0,
     }
-    meta = {"stage": "generate", "config": asdict(cfg), "prompt_template": template_text(cfg.template) or cfg.template,
-            "environment": environment(model), "summary": summary}
-    writer.finalize(keys, meta)
+    meta = {"stage": "generate", "config": asdict(cfg), "seed": cfg.seed,
+            "prompt_template": template_text(cfg.template) or cfg.template,
+            "environment": environment(model), "summary": summary,
+            "skipped_too_long_ids": [problems[i].id for i in too_long]}
+    writer.finalize([keys[i] for i in kept], meta)
     return summary
 
 
@@ -224,14 +306,24 @@ def configure_parser(p) -> None:
     p.add_argument("--no-stop-at-answer", action="store_true", help="decode to EOS even after a complete answer")
 
 
-def run(args) -> int:
-    cfg = GenerateConfig(
+def config_from_args(args) -> GenerateConfig:
+    return GenerateConfig(
         model=args.model, data=args.data, out=args.out, template=args.template,
         question_field=args.question_field, answer_field=args.answer_field, seed=args.seed, limit=args.limit,
         dtype=args.dtype, device=args.device,
         decode=DecodeConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                             stop_at_answer=not args.no_stop_at_answer, seed=args.seed),
     )
+
+
+def run(args) -> int:
+    cfg = config_from_args(args)
     s = generate(cfg)
     print(f"generated {s['n']} responses, {s['correct']} correct ({s['accuracy']:.1%}) -> {cfg.out}")
+    if s["skipped_too_long"]:
+        print(f"skipped {s['skipped_too_long']} problems whose prompt is longer than {s['max_prompt_tokens']} tokens "
+              f"(the model's context minus --max-new-tokens {cfg.decode.max_new_tokens}); their ids are in "
+              f"{cfg.out}.meta.json")
+    if s["verify_errors"]:
+        print(f"the verifier failed or timed out on {s['verify_errors']} responses (graded wrong, field verify_error)")
     return 0

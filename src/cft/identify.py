@@ -26,8 +26,18 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from cft import verify
-from cft.artifacts import InputError, ResumableWriter, environment, load_records, read_meta, record_key
-from cft.models import cache_kwarg, load_model, stop_token_ids
+from cft.artifacts import (
+    SCHEMAS,
+    InputError,
+    ResumableWriter,
+    environment,
+    invalid_count,
+    load_records,
+    read_meta,
+    read_valid,
+    record_key,
+)
+from cft.models import cache_kwarg, load_model, resolve, stop_token_ids
 from cft.progress import Progress
 
 
@@ -227,28 +237,77 @@ def shard_path(out: str, index: int, count: int) -> str:
 
 
 def label_key(rec: dict, cfg: IdentifyConfig) -> str:
+    """Everything that determines a labels record; the id too, so two problems with the same text stay two."""
     params = {k: v for k, v in asdict(cfg).items()
               if k in ("k", "max_new_tokens", "stop_at_answer", "include_eos", "skip_confident", "continuation_cap")}
-    return record_key(cfg.model, rec["prompt_ids"], rec["response_ids"], rec["gold"], params)
+    return record_key(cfg.model, str(rec["id"]), rec["prompt_ids"], rec["response_ids"], rec["gold"], params)
 
 
-def select_inputs(cfg: IdentifyConfig) -> tuple[list[dict], int]:
-    """The correct generations of this shard, validated before any model loads."""
-    records = load_records(cfg.input, "generations")
-    for lineno, rec in enumerate(records, start=1):
-        for name, typ in (("prompt_ids", list), ("response_ids", list), ("gold", str), ("correct", bool)):
-            if not isinstance(rec.get(name), typ):
-                raise InputError(cfg.input, lineno, name, f"missing or not a {typ.__name__}")
+def vocab_size_of(name: str, model=None) -> int | None:
+    """The model's vocabulary size, from its config when the weights are not loaded yet (None: unknown)."""
+    if model is not None:
+        return model.get_input_embeddings().num_embeddings
+    from transformers import AutoConfig
+
+    try:
+        spec = resolve(name)
+        return getattr(AutoConfig.from_pretrained(spec.path, gguf_file=spec.gguf_file), "vocab_size", None)
+    except Exception:  # noqa: BLE001 - a model that cannot be read is reported by load_model itself
+        return None
+
+
+def select_inputs(cfg: IdentifyConfig, vocab_size: int | None = None) -> tuple[list[dict], int]:
+    """The correct generations of this shard, validated before any model loads.
+
+    Returns them and the number of valid input records (correct or not).
+    """
+    seen: dict[str, int] = {}
+
+    def parse(lineno: int, rec: dict) -> dict:
+        def bad(name: str, message: str) -> InputError:
+            return InputError(cfg.input, lineno, name, message)
+
+        rid = rec.get("id")
+        if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+            raise bad("id", "missing or not a string")
+        if str(rid) in seen:
+            raise bad("id", f"duplicate id {str(rid)!r} (first on line {seen[str(rid)]})")
+        for name in ("prompt_ids", "response_ids"):
+            ids = rec.get(name)
+            if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise bad(name, "missing or not a list of integers")
+            if any(t < 0 for t in ids):
+                raise bad(name, "negative token id")
+            if vocab_size is not None and any(t >= vocab_size for t in ids):
+                raise bad(name, f"token id outside the model's vocabulary (size {vocab_size}); was this file "
+                                "made with another tokenizer?")
+        if not rec["prompt_ids"]:
+            raise bad("prompt_ids", "empty prompt")
+        if not isinstance(rec.get("gold"), str) or not rec["gold"].strip():
+            raise bad("gold", "missing or not a non-empty string")
+        if not isinstance(rec.get("correct"), bool):
+            raise bad("correct", "missing or not a boolean")
+        for name in ("question", "response"):
+            if rec.get(name) is not None and not isinstance(rec[name], str):
+                raise bad(name, "not a string")
         if rec["correct"] and not rec["response_ids"]:
-            raise InputError(cfg.input, lineno, "response_ids", "empty response marked correct")
+            raise bad("response_ids", "empty response marked correct")
+        seen[str(rid)] = lineno
+        return rec
+
+    records = read_valid(cfg.input, parse, SCHEMAS["generations"])
     correct = [r for r in records if r["correct"]]
     index, count = shard_of(cfg)
     return [r for i, r in enumerate(correct) if i % count == index], len(records)
 
 
 def identify(cfg: IdentifyConfig, model=None, tok=None) -> dict:
-    """Run stage B (this process's shard); returns the summary also written to the metadata."""
-    records, n_input = select_inputs(cfg)
+    """Run stage B (this process's shard); returns the summary also written to the metadata.
+
+    Finished responses are appended to ``OUT.partial`` as they complete (see ``ResumableWriter.add``);
+    a rerun after a kill labels only the responses missing there.
+    """
+    records, n_input = select_inputs(cfg, vocab_size_of(cfg.model, model))
     if model is None:
         model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
     cfg.approximations = [name for name, v in (("skip_confident", cfg.skip_confident),
@@ -259,16 +318,10 @@ def identify(cfg: IdentifyConfig, model=None, tok=None) -> dict:
     keys = [label_key(r, cfg) for r in records]
     writer = ResumableWriter(out, "labels")
     todo = [(r, k) for r, k in zip(records, keys) if k not in writer.done]
-    pending: list[dict] = []
-    last_flush = [time.time()]
 
     def on_done(work: Work) -> None:
-        pending.append(label_record(work, tok, cfg))
+        writer.add(label_record(work, tok, cfg))
         progress.advance(1)
-        if len(pending) >= 16 or time.time() - last_flush[0] > 5:
-            writer.write(pending)
-            pending.clear()
-            last_flush[0] = time.time()
 
     t0 = time.time()
     with Progress(f"identify[{cfg.engine}]", total=len(todo), unit="resp") as progress:
@@ -279,18 +332,20 @@ def identify(cfg: IdentifyConfig, model=None, tok=None) -> dict:
             from cft.engine import BranchDecoder
 
             works = _works(model, tok, [r for r, _ in todo], [k for _, k in todo], cfg, proto, True)
-            BranchDecoder(model, tok, cfg, proto).run(works, on_done, progress)
+            max_prompt = max((len(r["prompt_ids"]) for r, _ in todo), default=0)
+            BranchDecoder(model, tok, cfg, proto).run(works, on_done, progress, max_prompt)
         else:
             raise ValueError(f"unknown engine {cfg.engine!r}; choose fast or reference")
-        writer.write(pending)
+        writer.write([])
         decoded = progress.tokens
     seconds = time.time() - t0
     labels = [writer.done[k] for k in keys]
     summary = summarize(labels, tok)
-    summary.update(n_input=n_input, responses=len(labels), seconds=seconds, decoded_tokens=decoded,
+    summary.update(n_input=n_input, responses=len(labels), invalid_skipped=invalid_count(cfg.input),
+                   seconds=seconds, decoded_tokens=decoded,
                    tokens_per_second=decoded / max(seconds, 1e-9), shard=[index, count])
-    meta = {"stage": "identify", "config": asdict(cfg), "generation_meta": read_meta(cfg.input),
-            "environment": environment(model), "summary": summary}
+    meta = {"stage": "identify", "config": asdict(cfg), "seed": None,  # greedy throughout: nothing is random
+            "generation_meta": read_meta(cfg.input), "environment": environment(model), "summary": summary}
     writer.finalize(keys, meta)
     return summary
 

