@@ -29,7 +29,6 @@ from cft.engine import auto_batch_size
 from cft.generate import DecodeConfig, GenerateConfig, decode, generate
 from cft.identify import IdentifyConfig, identify
 from cft.models import load_model
-from cft.prompts import render_ids
 from cft.verify import extract_answer
 
 

@@ -74,6 +74,7 @@ def bigram(testbed_tokenizer):
 
 
 def labels_for(tmp_path, model, tok, records, engine, **kw):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     gen = write_jsonl(tmp_path / f"gen-{engine}.jsonl", records)
     out = tmp_path / f"labels-{engine}.jsonl"
     cfg = IdentifyConfig(model="hand-built", input=str(gen), out=str(out), engine=engine, max_new_tokens=32, **kw)
@@ -136,7 +137,8 @@ def _fake_correct(tok, model_dir, tmp_path, n=6, max_new_tokens=30):
 
     model, tok = load_model(str(model_dir))
     problems = generate_split("train", n)
-    outs = decode(model, tok, [render_ids(tok, p.question) for p in problems], DecodeConfig(max_new_tokens=max_new_tokens))
+    prompts = [render_ids(tok, p.question) for p in problems]
+    outs = decode(model, tok, prompts, DecodeConfig(max_new_tokens=max_new_tokens))
     records = [generation(tok, p.question, o[0].ids, extract_answer(o[0].text) or "none", rid=f"r{i}")
                for i, (p, o) in enumerate(zip(problems, outs))]
     return model, tok, records
@@ -168,8 +170,7 @@ def test_shards_merge_to_single_process_labels(tmp_path, random_model_dir, testb
         identify(IdentifyConfig(model=str(random_model_dir), input=str(gen), out=str(sharded), max_new_tokens=12,
                                 num_shards=2, shard_index=i), model=model, tok=tok)
     merge_shards(str(sharded), 2)
-    strip = lambda path: [json.loads(line) for line in open(path)]  # noqa: E731
-    assert strip(sharded) == strip(single)
+    assert sharded.read_text() == single.read_text()
     assert read_meta(sharded)["summary"]["responses"] == len(records)
 
 
@@ -187,3 +188,25 @@ def test_approximations_are_recorded(tmp_path, bigram):
 def test_token_kind():
     assert [token_kind(t) for t in ["7", " 12", " +", " =", "*", " apples", ".", " "]] == [
         "digit", "digit", "operator", "operator", "operator", "other", "other", "other"]
+
+
+def test_fast_engine_out_of_memory_halves_the_batch_same_labels(tmp_path, random_model_dir, testbed_tokenizer):
+    model, tok, records = _fake_correct(testbed_tokenizer, random_model_dir, tmp_path, n=3, max_new_tokens=16)
+    want, _ = labels_for(tmp_path, model, tok, records, "fast", batch_size=16)
+    forward = model.forward
+    failures = []
+
+    def small_memory(*args, **kwargs):
+        if kwargs["input_ids"].shape[0] > 5:
+            failures.append(kwargs["input_ids"].shape[0])
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(*args, **kwargs)
+
+    model.forward = small_memory
+    try:
+        got, _ = labels_for(tmp_path / "oom", model, tok, records, "fast", batch_size=16)
+    finally:
+        model.forward = forward
+    assert failures == [16, 8]  # halved twice, then the batch of 4 fits
+    assert [r["critical"] for r in got] == [r["critical"] for r in want]
+    assert [r["branches"] for r in got] == [r["branches"] for r in want]

@@ -362,16 +362,17 @@ def test_a_verifier_crash_or_timeout_marks_only_that_item(tmp_path, testbed, mon
                          *testbed)
     records = load_records(tmp_path / "a.jsonl", "generations")
     crash, stall = records[0]["gold"], next(r["gold"] for r in records if r["gold"] != records[0]["gold"])
-    real = verify.grade_detailed
+    real = verify._decide
 
-    def flaky(text: str, gold: str) -> verify.GradeResult:
+    def flaky(prediction: str, gold: str) -> verify.GradeResult:
         if gold == crash:
             raise RecursionError("maximum recursion depth exceeded in sympy")
         if gold == stall:
-            return verify.GradeResult(verify.extract_answer(text), False, "symbolic", timed_out=True)
-        return real(text, gold)
+            return verify.GradeResult(prediction, False, "symbolic", timed_out=True)
+        return real(prediction, gold)
 
-    monkeypatch.setattr(verify, "grade_detailed", flaky)
+    verify.clear_cache()
+    monkeypatch.setattr(verify, "_decide", flaky)
     summary = generate(gen.config_from_args(parse("generate", [*argv, "--out", str(tmp_path / "b.jsonl")])),
                        *testbed)
     for before, after in zip(records, load_records(tmp_path / "b.jsonl", "generations")):

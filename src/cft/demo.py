@@ -93,7 +93,8 @@ def demo(cfg: DemoConfig) -> dict:
         "seconds": timings,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    write_meta(out / "summary.json.meta.json", {"stage": "demo", "config": asdict(cfg), "environment": environment(model)})
+    write_meta(out / "summary.json.meta.json",
+               {"stage": "demo", "config": asdict(cfg), "environment": environment(model)})
     print_table(summary)
     return summary
 

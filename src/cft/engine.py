@@ -15,6 +15,7 @@ row uses moves it right; only when the window reaches the buffer's end is it cop
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass
 
@@ -23,8 +24,11 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from cft.generate import is_out_of_memory
 from cft.identify import IdentifyConfig, Protocol, Work, finish_branch
 from cft.models import cache_kwarg
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -208,6 +212,28 @@ class BranchDecoder:
         if self.window.w >= self.mbuf.shape[1]:
             self._rebase(0)
 
+    def _halve(self) -> None:
+        """Out of memory: requeue the second half of the rows (decoded again from their start) and shrink.
+
+        Greedy decoding is deterministic, so a restarted branch yields the same continuation.
+        """
+        keep = len(self.rows) // 2
+        for row in reversed(self.rows[keep:]):
+            if row is not None:
+                self.queue.appendleft((row.work, row.t, row.j))
+        log.warning("identify: out of memory with %d rows; continuing with %d", len(self.rows), keep)
+        self.mbuf[:, self.window.w] = 0
+        idx = torch.arange(keep, device=self.model.device)
+        live = slice(self.window.s, self.window.w)
+        for layer in self.cache.layers:
+            layer.kbuf = _take_rows(layer.kbuf, idx, live, 2)
+            layer.vbuf = _take_rows(layer.vbuf, idx, live, 2)
+        self.mbuf = _take_rows(self.mbuf, idx, live, 1)
+        self.rows = self.rows[:keep]
+        self.batch_size = keep
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     # -- main loop ---------------------------------------------------------------------------
     def _fill(self, works) -> None:
         """Refill every free row from the queue, admitting new responses when it runs dry."""
@@ -243,8 +269,17 @@ class BranchDecoder:
             input_ids = torch.tensor([[r.response[-1] if r else pad] for r in self.rows], device=self.model.device)
             positions = self.mbuf[:, s:w].sum(1, keepdim=True)
             self.mbuf[:, w] = 1
-            logits = self.model(input_ids=input_ids, attention_mask=self.mbuf[:, s : w + 1], position_ids=positions,
-                                use_cache=True, **{self.cache_arg: self.cache}).logits[:, -1]
+            try:
+                logits = self.model(input_ids=input_ids, attention_mask=self.mbuf[:, s : w + 1],
+                                    position_ids=positions, use_cache=True,
+                                    **{self.cache_arg: self.cache}).logits[:, -1]
+            except RuntimeError as exc:
+                if not is_out_of_memory(exc) or len(self.rows) == 1:
+                    raise
+                logits = None  # handled below, once the exception's tensors are released
+            if logits is None:
+                self._halve()
+                continue
             self.window.w = w + 1
             nxt = logits.argmax(-1).tolist()
             active = [(i, row) for i, row in enumerate(self.rows) if row is not None]

@@ -192,15 +192,6 @@ class GenerateConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
 
-def grade_isolated(text: str, gold: str) -> verify.GradeResult:
-    """The verdict, whatever breaks inside the verifier: a crash marks this item only (``error``)."""
-    try:
-        return verify.grade_detailed(text, gold)
-    except Exception as exc:  # noqa: BLE001 - one bad item must not end the stage
-        log.warning("verifier failed on one response (gold=%.80r): %r", gold, exc)
-        return verify.GradeResult(None, False, "none", error=f"{type(exc).__name__}: {exc}"[:300])
-
-
 def verify_error(result: verify.GradeResult) -> str | None:
     """What went wrong while grading, for the record: ``timeout``, the error, or None."""
     return "timeout" if result.timed_out else result.error
@@ -212,7 +203,7 @@ def generation_key(p: Problem, prompt_ids: list[int], model_name: str, cfg: Deco
 
 
 def generation_record(key: str, p: Problem, prompt_ids: list[int], o: Output) -> dict:
-    result = grade_isolated(o.text, p.answer)
+    result = verify.grade_detailed(o.text, p.answer)
     return {
         "key": key,
         "id": p.id,

@@ -110,8 +110,9 @@ class Protocol:
             return verify.answer_complete(self.tok.decode(response, skip_special_tokens=True))
         return False
 
-    def verdict(self, response: list[int], gold: str) -> tuple[str | None, bool]:
-        return verify.grade(self.tok.decode(response, skip_special_tokens=True), gold)
+    def verdict(self, response: list[int], gold: str) -> verify.GradeResult:
+        """Never raises: a verifier crash or timeout grades this branch wrong and is recorded on it."""
+        return verify.grade_detailed(self.tok.decode(response, skip_special_tokens=True), gold)
 
 
 @torch.inference_mode()
@@ -147,10 +148,12 @@ def prepare(model, tok, rec: dict, key: str, cfg: IdentifyConfig, proto: Protoco
 def finish_branch(work: Work, t: int, j: int, cont: list[int], proto: Protocol) -> bool:
     """Record branch (t, j)'s outcome; True when it succeeded (the token is then replaceable)."""
     response = work.response_ids[:t] + [work.alternatives[t][j]] + cont
-    answer, ok = proto.verdict(response, work.gold)
-    work.results[t][j] = {"token": work.alternatives[t][j], "rank": j + 2, "ok": ok, "answer": answer,
-                          "ids": cont if proto.cfg.store_continuations else None}
-    return ok
+    result = proto.verdict(response, work.gold)
+    work.results[t][j] = {"token": work.alternatives[t][j], "rank": j + 2, "ok": result.correct,
+                          "answer": result.prediction, "ids": cont if proto.cfg.store_continuations else None}
+    if result.timed_out or result.error:
+        work.results[t][j]["verify_error"] = "timeout" if result.timed_out else result.error
+    return result.correct
 
 
 def label_record(work: Work, tok, cfg: IdentifyConfig) -> dict:

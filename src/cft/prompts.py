@@ -22,7 +22,8 @@ def template_text(name: str) -> str | None:
         return None
     path = Path(name)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt template {name!r} is neither built in (chat, qwen25-math-cot, gsm8k) nor a file")
+        raise FileNotFoundError(
+            f"prompt template {name!r} is neither built in (chat, qwen25-math-cot, gsm8k) nor a file")
     text = path.read_text()
     if "{question}" not in text:
         raise ValueError(f"{path}: a prompt template file needs a {{question}} placeholder")

@@ -566,7 +566,10 @@ def check(prediction: str | None, gold: str | None) -> GradeResult:
             _cache.move_to_end(key)
             _stats["cache_hits"] += 1
             return hit
-    result = _decide(prediction, gold)
+    try:
+        result = _decide(prediction, gold)
+    except Exception as exc:  # noqa: BLE001 - a crash marks this item only, never the run
+        result = GradeResult(prediction, False, "none", error=f"{type(exc).__name__}: {exc}"[:300])
     with _lock:
         _stats[result.method] += 1
         _stats["timeouts"] += result.timed_out
@@ -584,8 +587,15 @@ def is_equivalent(prediction: str | None, gold: str | None) -> bool:
 
 
 def grade_detailed(text: str, gold: str) -> GradeResult:
-    """Extract then compare, keeping how the verdict was reached and any timeout or error."""
-    return check(extract_answer(text), gold)
+    """Extract then compare, keeping how the verdict was reached and any timeout or error.
+
+    Never raises: whatever breaks while grading one item is reported in ``error`` for that item.
+    """
+    try:
+        prediction = extract_answer(text)
+    except Exception as exc:  # noqa: BLE001
+        return GradeResult(None, False, "none", error=f"{type(exc).__name__}: {exc}"[:300])
+    return check(prediction, gold)
 
 
 def grade(text: str, gold: str) -> tuple[str | None, bool]:
