@@ -24,6 +24,8 @@ COMMANDS = {
     "testbed": ("cft.testbed.cli", "pretrain or export the built-in testbed model"),
     "fetch-model": ("cft.fetch", "download a pretrained model once and cache it (smollm2)"),
     "view": ("cft.view", "an HTML page of critical tokens, their alternatives and continuations"),
+    "experiment": ("cft.experiment", "a grid of methods x seeds (x models x benchmarks), resumable, aggregated"),
+    "report": ("cft.report", "report.md and a self-contained report.html with plots"),
 }
 
 READS_INPUT = ("generate", "identify", "train", "eval")
