@@ -164,18 +164,23 @@ def print_table(metrics: dict[str, dict], title: str = "") -> None:
 # ---------------------------------------------------------------- evaluation
 
 
-def load_items(cfg: EvalConfig, tok) -> list[Item]:
-    """Problems of every benchmark; a bare benchmark name (``gsm8k``) means its test split."""
+def load_benchmark_problems(cfg: EvalConfig) -> list[tuple[str, Problem]]:
+    """Problems of every benchmark, validated; a bare benchmark name (``gsm8k``) means its test split."""
     from cft.benchmarks import BENCHMARKS
 
-    items = []
+    pairs = []
     for bench in cfg.benchmarks:
         spec = f"{bench}:test" if bench in BENCHMARKS else bench
-        problems = load_problems(spec, seed=cfg.seed, limit=cfg.limit, question_field=cfg.question_field,
-                                 answer_field=cfg.answer_field, data_dir=cfg.data_dir)
-        template = cfg.template_for(bench)
-        items += [Item(bench, p, render_ids(tok, p.question, template)) for p in problems]
-    return items
+        pairs += [(bench, p) for p in load_problems(spec, seed=cfg.seed, limit=cfg.limit,
+                                                    question_field=cfg.question_field,
+                                                    answer_field=cfg.answer_field, data_dir=cfg.data_dir)]
+    return pairs
+
+
+def load_items(cfg: EvalConfig, tok, problems: list[tuple[str, Problem]] | None = None) -> list[Item]:
+    """Every problem with its rendered prompt (in the benchmark's template)."""
+    problems = load_benchmark_problems(cfg) if problems is None else problems
+    return [Item(bench, p, render_ids(tok, p.question, cfg.template_for(bench))) for bench, p in problems]
 
 
 def _key(cfg: EvalConfig, item: Item, kind: str, index: int) -> str:
@@ -215,10 +220,11 @@ def _templates(cfg: EvalConfig, tok, items: list[Item]) -> dict[str, dict]:
 
 def evaluate(cfg: EvalConfig, model=None, tok=None) -> dict[str, dict]:
     """Decode, grade and score every benchmark; returns the metrics also written to ``DIR/metrics.json``."""
+    problems = load_benchmark_problems(cfg)  # bad input fails here, before any model loads
     if model is None:
         model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
     out_dir = Path(cfg.out)
-    items = load_items(cfg, tok)
+    items = load_items(cfg, tok, problems)
     kinds = [("greedy", 1, cfg.batch_size)]
     if cfg.n_samples > 0:
         kinds.append(("sample", cfg.n_samples, max(1, cfg.batch_size // cfg.n_samples)))

@@ -56,6 +56,21 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 Z975 = 1.960
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string; learning rates are written that way, so read it as a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+"
+               r"(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 class ExperimentError(ValueError):
     """A configuration or output folder a person has to fix; the CLI prints it and exits with code 2."""
 
@@ -164,7 +179,7 @@ def set_override(raw: dict[str, Any], item: str) -> None:
         node = node.setdefault(name, {})
         if not isinstance(node, dict):
             raise ExperimentError(f"override {item!r}: {name} is not a mapping")
-    node[last] = yaml.safe_load(value)
+    node[last] = parse_yaml(value)
 
 
 def build_config(raw: dict[str, Any]) -> ExperimentConfig:
@@ -222,7 +237,7 @@ def build_config(raw: dict[str, Any]) -> ExperimentConfig:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw = parse_yaml(Path(path).read_text()) or {}
     if not isinstance(raw, dict):
         raise ExperimentError(f"{path}: expected a mapping at the top level")
     for item in overrides or []:
@@ -318,9 +333,9 @@ def aggregate(cells: list[dict[str, Any]], baseline: str = "sft") -> dict[str, A
 
 def slug(text: str) -> str:
     """A folder name for a model, method or benchmark spec."""
-    name = Path(text).name if ("/" in text or text.endswith(".gguf")) else text
-    s = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "x"
-    return s if s == text else f"{s}-{record_key(text)[:6]}"
+    if "/" not in text and not text.endswith(".gguf"):
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "x"
+    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', Path(text).name).strip('-')}-{record_key(text)[:6]}"
 
 
 def cell_dir(cfg: ExperimentConfig, model: str, method: str, seed: int | None) -> Path:
@@ -578,6 +593,8 @@ class Runner:
         return cells
 
     def run(self) -> dict[str, Any]:
+        """Run every cell not done yet; after each one that did work the aggregate is rewritten, so a
+        report can be made while the grid runs and a killed run leaves the statistics of what finished."""
         from cft.models import load_model
 
         self.out.mkdir(parents=True, exist_ok=True)
@@ -586,7 +603,6 @@ class Runner:
         if not target.exists() or target.read_text() != resolved:
             target.write_text(resolved)
         plan = self.plan()
-        cells, shared = [], {}
         t0 = time.time()
         for model in self.cfg.models:
             cache: dict[str, Any] = {}
@@ -597,15 +613,34 @@ class Runner:
                 return cache["m"]
 
             todo = [p for p in plan if p[0] == model]
-            shared[model] = self.shared_stages(model, loaded)
+            self.shared_stages(model, loaded)
             for i, (mdl, method, seed) in enumerate(todo, 1):
                 self.log(f"[{mdl}] cell {i}/{len(todo)}: {method} seed {seed} ({time.time() - t0:.0f}s elapsed)")
-                cells.append(self.run_cell(mdl, method, seed, loaded))
-        return self.write_aggregate(cells, shared)
+                skipped = self.counts["skipped"]
+                self.run_cell(mdl, method, seed, loaded)
+                if self.counts["skipped"] == skipped:
+                    self.write_aggregate(*self.collect())
+        return self.write_aggregate(*self.collect())
+
+    def collect(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The finished cells of the plan and the shared-stage records, read from disk; runs nothing."""
+        cells = [rec for p in self.plan() if (rec := finished_cell(cell_dir(self.cfg, *p), self.cell_hash(*p)))]
+        shared = {}
+        for model in self.cfg.models:
+            marker = self.shared_paths(model)[2]
+            rec = json.loads(marker.read_text()) if marker.exists() else None
+            if rec and rec.get("hash") == self.shared_hash(model):
+                shared[model] = rec
+        return cells, shared
 
     def write_aggregate(self, cells: list[dict[str, Any]], shared: dict[str, Any]) -> dict[str, Any]:
+        expected = {(m, meth, seed) for m, meth, seed in self.plan()}
+        done = {(c["model"], c["method"], c["seed"]) for c in cells if c.get("status") == "finished"}
         result = {
             "config": config_dict(self.cfg),
+            "finished_cells": len(done & expected),
+            "planned_cells": len(expected),
+            "missing_cells": [list(p) for p in self.plan() if p not in done],
             "baseline": self.cfg.baseline,
             "benchmarks": self.cfg.benchmarks,
             "results": aggregate([c for c in cells if c.get("status") == "finished"], self.cfg.baseline),
@@ -671,8 +706,11 @@ def print_aggregate(result: dict[str, Any]) -> None:
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="experiment YAML (see configs/experiment/)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="override config entries, e.g. seeds=[0,1] train.lr=1e-4 eval.limit=50 out=runs/x")
+                   help="override config entries, e.g. seeds=[0,1] train.lr=1e-4 eval.limit=50 out=runs/x "
+                        "(options go before CONFIG or after the overrides)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and the cells; run nothing")
+    p.add_argument("--aggregate-only", action="store_true",
+                   help="aggregate the cells finished so far (e.g. while another process runs the grid); run nothing")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -685,6 +723,13 @@ def run(args: argparse.Namespace) -> int:
                 state = "done" if finished_cell(cell_dir(cfg, model, method, seed),
                                                 runner.cell_hash(model, method, seed)) else "todo"
                 print(f"{state}  {model}  {method}  seed {seed}")
+            return 0
+        if args.aggregate_only:
+            runner = Runner(cfg)
+            result = runner.write_aggregate(*runner.collect())
+            print_aggregate(result)
+            print(f"{result['finished_cells']} of {result['planned_cells']} cells finished; "
+                  f"aggregate in {Path(cfg.out) / AGGREGATE}")
             return 0
         t0 = time.time()
         result, counts = run_experiment(cfg, log=lambda msg: print(msg, flush=True))

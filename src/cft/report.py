@@ -1,0 +1,477 @@
+"""``cft report RUN_DIR``: ``report.md`` and a self-contained ``report.html`` with plots of a run.
+
+Reads an experiment folder (``aggregate.json`` of ``cft experiment``) or a ``cft demo`` folder
+(``summary.json``) and draws, with matplotlib's Agg backend: accuracy by method with 95% intervals over
+seeds (in-distribution and OOD), paired differences against the baseline, pass@k curves, output entropy,
+critical-token statistics by token kind, training loss curves and, when present, GRPO reward and entropy.
+The PNGs go to ``RUN_DIR/report/``; the HTML embeds them as base64 so it opens offline, anywhere.
+
+Both documents are rendered from one list of blocks (heading, text, table, figure), so they always say
+the same thing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cft.experiment import AGGREGATE, fmt_diff, fmt_stat, summarize
+
+PLOTS = "report"
+SMOOTH = 5  # moving-average window of the GRPO curves (steps)
+
+
+@dataclass
+class RunData:
+    """What a report shows, whichever command made the folder. ``stats[bench][method][metric]`` and
+    ``paired[...]`` are ``cft.experiment.summarize``/``paired`` dicts; one-seed runs have no intervals."""
+
+    title: str
+    kind: str  # "experiment" | "demo"
+    benchmarks: list[str]
+    methods: list[str]
+    stats: dict[str, dict[str, dict[str, dict]]]
+    paired: dict[str, dict[str, dict[str, dict]]] = field(default_factory=dict)
+    baseline: str | None = None
+    critical: dict[str, dict] = field(default_factory=dict)  # model -> critical_fraction, critical_by_kind
+    loss_curves: dict[str, list[list[tuple[int, float]]]] = field(default_factory=dict)  # method -> one per seed
+    grpo_logs: dict[str, list[list[dict]]] = field(default_factory=dict)  # method -> one log per seed
+    setup: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _label(model: str, bench: str, n_models: int) -> str:
+    return bench if n_models == 1 else f"{model} · {bench}"
+
+
+def load_experiment(run_dir: Path) -> RunData:
+    agg = json.loads((run_dir / AGGREGATE).read_text())
+    cfg = agg["config"]
+    results = agg["results"]
+    n_models = len(results)
+    stats, paired_stats, methods = {}, {}, []
+    for model, benches in results.items():
+        for bench, rows in benches.items():
+            label = _label(model, bench, n_models)
+            stats[label] = {m: r["metrics"] for m, r in rows.items()}
+            paired_stats[label] = {m: r["paired"] for m, r in rows.items() if r["paired"]}
+            methods += [m for m in rows if m not in methods]
+    loss_curves: dict[str, list] = {}
+    grpo_logs: dict[str, list] = {}
+    for cell in agg["cells"]:
+        name = cell["method"] if n_models == 1 else f"{cell['model']}/{cell['method']}"
+        if cell.get("train") and cell["train"].get("loss_curve"):
+            loss_curves.setdefault(name, []).append([tuple(p) for p in cell["train"]["loss_curve"]])
+        if cell.get("grpo") and cell["grpo"].get("log"):
+            grpo_logs.setdefault(name, []).append(cell["grpo"]["log"])
+    e, t = cfg["eval"], cfg["train"]
+    setup = [
+        f"models: {', '.join(cfg['models'])}; training problems: {cfg['train_data']['spec']} "
+        f"(limit {cfg['train_data']['limit']}); methods: {', '.join(cfg['methods'])}; seeds: {cfg['seeds']}",
+        f"training: {', '.join(f'{k}={v}' for k, v in t.items()) or 'TrainConfig defaults'}; "
+        f"rho1 reference: {cfg['rho1_reference']}",
+        f"evaluation: greedy accuracy on {e['limit']} problems per benchmark; pass@k and entropy from "
+        f"{e['n_samples']} samples at temperature {e['temperature']} on "
+        f"{e['sample_limit'] if e['sample_limit'] is not None else e['limit']} problems",
+    ]
+    if cfg.get("grpo"):
+        g = cfg["grpo"]
+        setup.append(f"GRPO from {', '.join(g['from'])}: {g['max_steps']} steps, lr {g['lr']}, "
+                     f"{g['prompts_per_step']} prompts x {g['num_generations']} generations per step, "
+                     f"seeds {g['seeds'] or cfg['seeds']}")
+    for model, s in agg.get("shared", {}).items():
+        setup.append(f"{model}: D_correct = {s['d_correct']} of {s['train_problems']} training problems")
+    return RunData(
+        title=f"cft experiment: {run_dir}", kind="experiment", benchmarks=list(stats), methods=methods, stats=stats,
+        paired=paired_stats, baseline=agg["baseline"], loss_curves=loss_curves, grpo_logs=grpo_logs,
+        critical={m: {"critical_fraction": s["critical_fraction"], "critical_by_kind": s["critical_by_kind"]}
+                  for m, s in agg.get("shared", {}).items()},
+        setup=setup, missing=[f"{meth} seed {seed}" if n_models == 1 else f"{m}/{meth} seed {seed}"
+                              for m, meth, seed in agg.get("missing_cells", [])])
+
+
+def load_demo(run_dir: Path) -> RunData:
+    """A ``cft demo`` folder: one seed, so values without intervals."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    benches = {"testbed:test": "", "testbed:test_ood": "_ood"}
+    stats: dict[str, dict] = {b: {} for b in benches}
+    for method, m in summary["methods"].items():
+        for bench, suffix in benches.items():
+            row = {"accuracy": summarize([m["accuracy" + suffix]]), "entropy": summarize([m["entropy" + suffix]])}
+            row.update({f"pass@{k}": summarize([v]) for k, v in m["pass_at_k" + suffix].items()})
+            stats[bench][method] = row
+    curves = {}
+    for method in summary["methods"]:
+        path = run_dir / method / "train_summary.json"
+        if path.exists():
+            history = json.loads(path.read_text())["log_history"]
+            curves[method] = [[(h["step"], h["loss"]) for h in history if "loss" in h]]
+    counts = summary.get("critical_counts_by_kind")
+    return RunData(
+        title=f"cft demo: {run_dir}", kind="demo", benchmarks=list(benches), methods=list(summary["methods"]),
+        stats=stats, loss_curves=curves,
+        critical={"testbed": {"critical_fraction": summary["critical_fraction"], "critical_by_kind": counts}}
+        if counts else {},
+        setup=[f"one run (seed from the demo's --seed); D_correct = {summary['d_correct']} responses; "
+               "no intervals: a single seed"])
+
+
+def load_run(run_dir: str | Path) -> RunData:
+    run_dir = Path(run_dir)
+    if (run_dir / AGGREGATE).exists():
+        return load_experiment(run_dir)
+    if (run_dir / "summary.json").exists():
+        return load_demo(run_dir)
+    raise FileNotFoundError(f"{run_dir} holds neither {AGGREGATE} (cft experiment) nor summary.json (cft demo)")
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+COLORS = {"base": "#7f7f7f", "sft": "#1f77b4", "cft": "#d62728", "random": "#ff7f0e", "entropy": "#2ca02c",
+          "numeric": "#9467bd", "rho1": "#8c564b", "dft": "#e377c2", "grpo:sft": "#17becf", "grpo:cft": "#bcbd22"}
+
+
+def color(method: str, index: int) -> str:
+    """The same colour for a method in every plot (tab10 by position for names not listed)."""
+    return COLORS.get(method.rsplit("/", 1)[-1], f"C{index % 10}")
+
+
+def _ks(data: RunData, bench: str) -> list[int]:
+    return sorted({int(k[5:]) for row in data.stats[bench].values() for k in row if k.startswith("pass@")})
+
+
+def _mean_err(stat: dict | None) -> tuple[float, float]:
+    if not stat or stat.get("mean") is None:
+        return float("nan"), 0.0
+    return stat["mean"], stat.get("half_width") or 0.0
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+def bar_plot(data: RunData, metric: str, ylabel: str, path: Path, scale: float = 100.0) -> Path:
+    """One panel per benchmark: the metric's mean per method with its 95% interval over seeds."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(data.benchmarks), figsize=(4.2 * len(data.benchmarks), 3.6), squeeze=False)
+    for ax, bench in zip(axes[0], data.benchmarks):
+        methods = [m for m in data.methods if metric in data.stats[bench].get(m, {})]
+        means, errs = zip(*[_mean_err(data.stats[bench][m][metric]) for m in methods]) if methods else ((), ())
+        x = range(len(methods))
+        colors = [color(m, data.methods.index(m)) for m in methods]
+        ax.bar(x, [scale * v for v in means], yerr=[scale * e for e in errs], capsize=3, color=colors)
+        for i, v in zip(x, means):
+            ax.annotate(f"{scale * v:.1f}" if scale != 1 else f"{v:.3f}", (i, scale * v), ha="center", va="bottom",
+                        fontsize=7, xytext=(0, 2), textcoords="offset points")
+        ax.set_xticks(list(x), methods, rotation=45, ha="right")
+        ax.set_title(bench)
+        ax.set_ylabel(ylabel)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{ylabel} by method (error bars: 95% t interval over seeds)", fontsize=10)
+    return _save(fig, path)
+
+
+def diff_plot(data: RunData, metric: str, path: Path) -> Path | None:
+    """Forest plot: paired difference against the baseline, per method, with its 95% interval."""
+    rows = [(b, m, d[metric]) for b in data.benchmarks for m, d in data.paired.get(b, {}).items()
+            if metric in d and d[metric].get("ci95")]
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(data.benchmarks), figsize=(4.2 * len(data.benchmarks), 3.6), squeeze=False,
+                             sharey=True)
+    methods = list(dict.fromkeys(m for _, m, _ in rows))
+    for ax, bench in zip(axes[0], data.benchmarks):
+        for i, method in enumerate(methods):
+            d = data.paired.get(bench, {}).get(method, {}).get(metric)
+            if not d or not d.get("ci95"):
+                continue
+            lo, hi = d["ci95"]
+            ax.errorbar(100 * d["mean"], i, xerr=[[100 * (d["mean"] - lo)], [100 * (hi - d["mean"])]], fmt="o",
+                        color="#d62728" if d["excludes_zero"] else "#1f77b4", capsize=3)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_yticks(range(len(methods)), methods)
+        ax.set_title(bench)
+        ax.set_xlabel(f"Δ {metric} vs {data.baseline} (points)")
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"paired difference in {metric} against {data.baseline}, same seed (red: 95% interval excludes 0)",
+                 fontsize=10)
+    return _save(fig, path)
+
+
+def pass_at_k_plot(data: RunData, path: Path) -> Path | None:
+    if not any(_ks(data, b) for b in data.benchmarks):
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(data.benchmarks), figsize=(4.6 * len(data.benchmarks), 3.6), squeeze=False)
+    for ax, bench in zip(axes[0], data.benchmarks):
+        ks = _ks(data, bench)
+        for i, method in enumerate(data.methods):
+            row = data.stats[bench].get(method, {})
+            points = [(k, *_mean_err(row.get(f"pass@{k}"))) for k in ks if f"pass@{k}" in row]
+            if not points:
+                continue
+            k, mean, err = zip(*points)
+            ax.errorbar(k, [100 * v for v in mean], yerr=[100 * e for e in err], marker="o", ms=3, capsize=2,
+                        label=method, color=color(method, i), lw=2 if method in ("sft", "cft") else 1)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_xlabel("k")
+        ax.set_ylabel("pass@k (%)")
+        ax.set_title(bench)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle("pass@k (unbiased estimator; error bars: 95% interval over seeds)", fontsize=10)
+    return _save(fig, path)
+
+
+def critical_plot(data: RunData, path: Path) -> Path | None:
+    if not data.critical:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(data.critical), figsize=(4.6 * len(data.critical), 3.4), squeeze=False)
+    for ax, (model, c) in zip(axes[0], data.critical.items()):
+        kinds = list(c["critical_by_kind"])
+        fracs = [c["critical_by_kind"][k]["fraction"] for k in kinds]
+        ax.bar(kinds, [100 * f for f in fracs], color="#d62728")
+        for i, k in enumerate(kinds):
+            v = c["critical_by_kind"][k]
+            ax.annotate(f"{v['critical']}/{v['tokens']}", (i, 100 * v["fraction"]), ha="center", va="bottom",
+                        fontsize=8, xytext=(0, 2), textcoords="offset points")
+        ax.axhline(100 * c["critical_fraction"], color="black", ls="--", lw=0.8,
+                   label=f"all tokens {c['critical_fraction']:.1%}")
+        ax.set_ylabel("critical tokens (% of tested positions)")
+        ax.set_title(model)
+        ax.legend(fontsize=8)
+    fig.suptitle("stage B: share of response tokens that are critical, by token kind", fontsize=10)
+    return _save(fig, path)
+
+
+def loss_plot(data: RunData, path: Path) -> Path | None:
+    if not data.loss_curves:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for i, (method, runs) in enumerate(data.loss_curves.items()):
+        c = color(method, i)
+        for run in runs:
+            ax.plot(*zip(*run), color=c, alpha=0.25, lw=0.8)
+        steps = sorted({s for run in runs for s, _ in run})
+        by_step = [[v for run in runs for s, v in run if s == step] for step in steps]
+        ax.plot(steps, [sum(v) / len(v) for v in by_step], color=c, lw=1.8, label=method)
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (mean over the trained tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("training loss (thin: each seed; thick: mean). Methods train different tokens, so levels "
+                 "are not comparable", fontsize=8)
+    return _save(fig, path)
+
+
+def _smooth(values: list[float], window: int = SMOOTH) -> list[float]:
+    return [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1])
+            for i in range(len(values))]
+
+
+def grpo_plot(data: RunData, path: Path) -> Path | None:
+    if not data.grpo_logs:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for i, (method, runs) in enumerate(data.grpo_logs.items()):
+        c = color(method, i)
+        for ax, key in zip(axes, ("reward", "entropy")):
+            for j, rows in enumerate(runs):
+                pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+                if not pts:
+                    continue
+                steps, values = zip(*pts)
+                ax.plot(steps, values, color=c, alpha=0.2, lw=0.8)
+                ax.plot(steps, _smooth(list(values)), color=c, lw=1.8, label=method if j == 0 else None)
+    for ax, key in zip(axes, ("reward (= accuracy of the sampled completions)", "policy entropy")):
+        ax.set_xlabel("GRPO step")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"GRPO from each starting checkpoint (faint: per step; thick: {SMOOTH}-step moving average)",
+                 fontsize=10)
+    return _save(fig, path)
+
+
+def make_plots(data: RunData, out_dir: Path) -> dict[str, Path]:
+    """Every plot the data allows, by name."""
+    plots = {
+        "accuracy": bar_plot(data, "accuracy", "greedy accuracy (%)", out_dir / "accuracy.png"),
+        "accuracy_diff": diff_plot(data, "accuracy", out_dir / "accuracy_diff.png"),
+        "pass_at_k": pass_at_k_plot(data, out_dir / "pass_at_k.png"),
+        "entropy": bar_plot(data, "entropy", "mean token entropy (nats)", out_dir / "entropy.png", scale=1.0),
+        "critical": critical_plot(data, out_dir / "critical_by_kind.png"),
+        "train_loss": loss_plot(data, out_dir / "train_loss.png"),
+        "grpo": grpo_plot(data, out_dir / "grpo.png"),
+    }
+    return {k: v for k, v in plots.items() if v is not None}
+
+
+# ---------------------------------------------------------------- documents
+
+
+@dataclass
+class Block:
+    kind: str  # "h1" | "h2" | "p" | "table" | "figure"
+    text: str = ""
+    rows: list[list[str]] = field(default_factory=list)  # table: header first
+    path: Path | None = None  # figure
+
+
+def result_tables(data: RunData) -> list[Block]:
+    blocks = []
+    for bench in data.benchmarks:
+        ks = _ks(data, bench)
+        shown = [f"pass@{k}" for k in ks if k in (ks[0], ks[-1])] if ks else []
+        diff = data.baseline is not None and any(data.paired.get(bench, {}).values())
+        header = ["method", "seeds", "accuracy (%)", *([f"Δ accuracy vs {data.baseline}"] if diff else []),
+                  *(f"{k} (%)" for k in shown), *([f"Δ {shown[-1]}"] if diff and shown else []), "entropy",
+                  *(["Δ entropy"] if diff else [])]
+        rows = [header]
+        for method in data.methods:
+            m = data.stats[bench].get(method)
+            if m is None:
+                continue
+            d = data.paired.get(bench, {}).get(method, {})
+            n = max((s.get("n", 0) for s in m.values()), default=0)
+            rows.append([method, str(n), fmt_stat(m.get("accuracy")),
+                         *([fmt_diff(d.get("accuracy"))] if diff else []), *(fmt_stat(m.get(k)) for k in shown),
+                         *([fmt_diff(d.get(shown[-1]))] if diff and shown else []),
+                         fmt_stat(m.get("entropy"), 1.0, 3), *([fmt_diff(d.get("entropy"), 1.0, 3)] if diff else [])])
+        blocks += [Block("h2", f"Results on {bench}"), Block("table", rows=rows)]
+    return blocks
+
+
+def critical_table(data: RunData) -> list[Block]:
+    if not data.critical:
+        return []
+    rows = [["model", "kind", "critical", "tested", "critical share"]]
+    for model, c in data.critical.items():
+        for kind, v in c["critical_by_kind"].items():
+            rows.append([model, kind, str(v["critical"]), str(v["tokens"]), f"{v['fraction']:.1%}"])
+        rows.append([model, "all", "", "", f"{c['critical_fraction']:.1%}"])
+    return [Block("h2", "Critical tokens by kind (stage B)"), Block("table", rows=rows)]
+
+
+CAPTIONS = {
+    "accuracy": "Greedy accuracy by method, in-distribution and OOD.",
+    "accuracy_diff": "Paired differences in accuracy against the baseline (same seed).",
+    "pass_at_k": "pass@k curves.",
+    "entropy": "Mean per-token entropy of the sampling distribution (diversity).",
+    "critical": "Critical-token share by token kind.",
+    "train_loss": "Training loss curves.",
+    "grpo": "GRPO reward and entropy.",
+}
+
+
+def build_blocks(data: RunData, plots: dict[str, Path]) -> list[Block]:
+    blocks = [Block("h1", data.title), Block("h2", "Setup"), *(Block("p", s) for s in data.setup)]
+    if data.kind == "experiment":
+        blocks.append(Block("p", "Values are means over seeds ± the half-width of a 95% t interval; Δ columns are "
+                                 f"paired differences against {data.baseline} of the same seed (GRPO rows against "
+                                 f"grpo:{data.baseline}) with their 95% t interval; * marks an interval that excludes "
+                                 "0. Accuracy and pass@k in percent, entropy in nats."))
+    if data.missing:
+        blocks.append(Block("p", f"Not finished (not in the statistics): {', '.join(data.missing)}."))
+    blocks += result_tables(data) + critical_table(data) + [Block("h2", "Plots")]
+    blocks += [Block("figure", CAPTIONS[name], path=path) for name, path in plots.items()]
+    return blocks
+
+
+def render_markdown(blocks: list[Block], base: Path) -> str:
+    out = []
+    for b in blocks:
+        if b.kind == "h1":
+            out.append(f"# {b.text}\n")
+        elif b.kind == "h2":
+            out.append(f"## {b.text}\n")
+        elif b.kind == "p":
+            out.append(f"{b.text}\n")
+        elif b.kind == "table":
+            header, *rows = b.rows
+            out.append("\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                                  *("| " + " | ".join(r) + " |" for r in rows)]) + "\n")
+        elif b.kind == "figure":
+            out.append(f"![{b.text}]({b.path.relative_to(base).as_posix()})\n\n*{b.text}*\n")
+    return "\n".join(out)
+
+
+STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+         "table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:3px 8px;"
+         "text-align:right}td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}"
+         "img{max-width:100%}figure{margin:1.5em 0}figcaption{color:#555;font-size:14px}")
+
+
+def render_html(blocks: list[Block]) -> str:
+    """One HTML file with every image inline (base64 PNG): no network, no sibling files."""
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           f"<title>{html.escape(blocks[0].text)}</title><style>{STYLE}</style></head><body>"]
+    for b in blocks:
+        if b.kind in ("h1", "h2"):
+            out.append(f"<{b.kind}>{html.escape(b.text)}</{b.kind}>")
+        elif b.kind == "p":
+            out.append(f"<p>{html.escape(b.text)}</p>")
+        elif b.kind == "table":
+            header, *rows = b.rows
+            out.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
+                       + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+                       + "</table>")
+        elif b.kind == "figure":
+            data = base64.b64encode(b.path.read_bytes()).decode("ascii")
+            out.append(f'<figure><img alt="{html.escape(b.text)}" src="data:image/png;base64,{data}">'
+                       f"<figcaption>{html.escape(b.text)}</figcaption></figure>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def report(run_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``RUN_DIR/report.md`` (PNGs in ``RUN_DIR/report/``) and the self-contained ``RUN_DIR/report.html``."""
+    run_dir = Path(run_dir)
+    data = load_run(run_dir)
+    plots = make_plots(data, run_dir / PLOTS)
+    blocks = build_blocks(data, plots)
+    md, page = run_dir / "report.md", run_dir / "report.html"
+    md.write_text(render_markdown(blocks, run_dir))
+    page.write_text(render_html(blocks))
+    return md, page
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a `cft experiment` output folder (aggregate.json) or a `cft demo` folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        md, page = report(args.run_dir)
+    except FileNotFoundError as exc:
+        print(f"cft report: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {md} and {page} (plots in {Path(args.run_dir) / PLOTS})")
+    return 0
