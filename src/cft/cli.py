@@ -21,6 +21,7 @@ COMMANDS = {
     "grpo": ("cft.grpo", "RL (GRPO) from a fine-tuned checkpoint, the verifier as reward"),
     "eval": ("cft.evaluate", "stage D: accuracy, pass@k and entropy on benchmarks"),
     "demo": ("cft.demo", "every stage on the built-in testbed, base vs SFT vs CFT"),
+    "transfer": ("cft.transfer", "carry critical-token labels onto another model's tokenizer"),
     "testbed": ("cft.testbed.cli", "pretrain or export the built-in testbed model"),
     "fetch-model": ("cft.fetch", "download a pretrained model once and cache it (smollm2)"),
     "view": ("cft.view", "an HTML page of critical tokens, their alternatives and continuations"),
