@@ -181,9 +181,9 @@ def bar_plot(data: RunData, metric: str, ylabel: str, path: Path, scale: float =
         x = range(len(methods))
         colors = [color(m, data.methods.index(m)) for m in methods]
         ax.bar(x, [scale * v for v in means], yerr=[scale * e for e in errs], capsize=3, color=colors)
-        for i, v in zip(x, means):
-            ax.annotate(f"{scale * v:.1f}" if scale != 1 else f"{v:.3f}", (i, scale * v), ha="center", va="bottom",
-                        fontsize=7, xytext=(0, 2), textcoords="offset points")
+        for i, v, e in zip(x, means, errs):
+            ax.annotate(f"{scale * v:.1f}" if scale != 1 else f"{v:.3f}", (i, scale * (v + e)), ha="center",
+                        va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
         ax.set_xticks(list(x), methods, rotation=45, ha="right")
         ax.set_title(bench)
         ax.set_ylabel(ylabel)
