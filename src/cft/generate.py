@@ -11,6 +11,7 @@ and the others are graded as usual.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -81,13 +82,15 @@ class _Temperature(LogitsProcessor):
         return scores
 
 
+@functools.lru_cache(maxsize=8)
 def trigger_tokens(tok) -> torch.Tensor:
-    """Tokens whose text can complete an answer ('.', '}', newline); only these trigger a check."""
-    flags = torch.zeros(len(tok), dtype=torch.bool)
-    for i in range(len(tok)):
-        text = tok.decode([i])
-        flags[i] = any(c in text for c in ".}\n")
-    return flags
+    """Tokens whose text can complete an answer ('.', '}', newline); only these trigger a check.
+
+    Cached per tokenizer: a scan of a large vocabulary costs about a second, and every decode call,
+    engine and evaluation chunk needs the same flags.
+    """
+    texts = tok.batch_decode([[i] for i in range(len(tok))])
+    return torch.tensor([any(c in text for c in ".}\n") for text in texts], dtype=torch.bool)
 
 
 def finish_reason(ids: list[int], eos: set[int], text: str, cfg: DecodeConfig) -> str:
