@@ -148,7 +148,8 @@ def print_table(metrics: dict[str, dict], title: str = "") -> None:
 
     ks = sorted({int(k) for m in metrics.values() for k in m["pass_at_k"]})
     table = Table(title=title or None)
-    table.add_column("benchmark", no_wrap=True, min_width=max(map(len, metrics), default=9))
+    labels = {b: Path(b).name if "/" in b else b for b in metrics}  # a JSONL path by its file name: keeps the columns
+    table.add_column("benchmark", no_wrap=True, min_width=max(map(len, labels.values()), default=9))
     for col in ["n", "greedy acc", *(f"pass@{k}" for k in ks), "entropy", "truncated"]:
         table.add_column(col, justify="right")
 
@@ -156,7 +157,7 @@ def print_table(metrics: dict[str, dict], title: str = "") -> None:
         return "-" if x is None else f"{100 * x:.1f}"
 
     for bench, m in metrics.items():
-        table.add_row(bench, str(m["n"]), pct(m["accuracy"]), *(pct(m["pass_at_k"].get(str(k))) for k in ks),
+        table.add_row(labels[bench], str(m["n"]), pct(m["accuracy"]), *(pct(m["pass_at_k"].get(str(k))) for k in ks),
                       "-" if m["entropy"] is None else f"{m['entropy']:.3f}", pct(m["truncated"]))
     Console().print(table)
 

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 TESTBED_DIR = Path(__file__).parent / "testbed" / "weights"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,6 +51,83 @@ def resolve(name: str) -> ModelSpec:
     return ModelSpec(name, name)  # a hub id, resolved by transformers (needs network or a warm cache)
 
 
+GGUF_CACHE_ENV = "CFT_GGUF_CACHE"
+
+
+def _file_digest(path: Path) -> str:
+    stat = path.stat()
+    return _digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    """Content hash, computed once per process for an unchanged file (size and mtime are the cache key)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def gguf_cache_dir(gguf: Path) -> Path | None:
+    """Where the plain-folder conversion of ``gguf`` is cached, or None when ``$CFT_GGUF_CACHE=off``.
+
+    Loading a GGUF file de-quantizes every tensor and rebuilds the tokenizer in Python (about 30 s for
+    a 135M model); a folder saved once loads in a second. The key holds the file's content hash and the
+    transformers version that converted it, so a changed file or converter never reuses a stale folder.
+    """
+    setting = os.environ.get(GGUF_CACHE_ENV, "")
+    if setting.lower() in ("off", "0", "false", "no"):
+        return None
+    from transformers import __version__ as tf_version
+
+    from cft.fetch import cache_root
+
+    root = Path(setting).expanduser() if setting else cache_root() / "gguf"
+    return root / f"{gguf.stem}-{_file_digest(gguf)}-transformers{tf_version}"
+
+
+def _converted(spec: ModelSpec, create: bool) -> ModelSpec:
+    """``spec`` pointing at the cached folder conversion of its GGUF file (made first when ``create``)."""
+    if spec.gguf_file is None:
+        return spec
+    folder = gguf_cache_dir(Path(spec.path) / spec.gguf_file)
+    if folder is None:
+        return spec
+    if not (folder / "config.json").is_file():
+        if not create:
+            return spec
+        _convert(spec, folder)
+    return replace(spec, path=str(folder), gguf_file=None)
+
+
+def _convert(spec: ModelSpec, folder: Path) -> None:
+    """Save the de-quantized float32 weights, tokenizer and generation config as a plain HF folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s/%s to a model folder in %s (once; %s=off disables)",
+             spec.path, spec.gguf_file, folder, GGUF_CACHE_ENV)
+    tok = AutoTokenizer.from_pretrained(spec.path, gguf_file=spec.gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(spec.path, gguf_file=spec.gguf_file, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):  # the GGUF "quantizer" only de-quantized; the weights are plain
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # a GGUF-loaded model refuses to save
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, folder)  # atomic: a concurrent loader sees either no folder or a whole one
+    except OSError:
+        if not (folder / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # left over when another process won the race
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -50,7 +135,7 @@ def default_device() -> str:
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
-    spec = resolve(name)
+    spec = _converted(resolve(name), create=False)
     tok = AutoTokenizer.from_pretrained(spec.path, gguf_file=spec.gguf_file)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -64,7 +149,7 @@ def load_model(name: str, dtype: str = "float32", device: str | None = None):
 
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    spec = resolve(name)
+    spec = _converted(resolve(name), create=True)
     tok = load_tokenizer(name)
     model = AutoModelForCausalLM.from_pretrained(spec.path, gguf_file=spec.gguf_file, dtype=DTYPES[dtype])
     model.to(device or default_device()).eval()
