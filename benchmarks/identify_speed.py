@@ -26,7 +26,7 @@ import torch
 
 from cft.artifacts import load_records
 from cft.engine import auto_batch_size
-from cft.generate import DecodeConfig, GenerateConfig, decode, generate
+from cft.generate import DecodeConfig, GenerateConfig, generate
 from cft.identify import IdentifyConfig, identify
 from cft.models import load_model
 from cft.verify import extract_answer
@@ -93,26 +93,31 @@ def run_engine(model, tok, args, gen: Path, work: Path, engine: str) -> tuple[di
 
 
 @torch.inference_mode()
-def ceiling(model, tok, records: list[dict], batch_size: int, new_tokens: int) -> float:
-    """Decode tokens/s of plain batched greedy ``generate`` on ``batch_size`` prompts (prompt + half a response).
+def ceiling(model, tok, records: list[dict], batch_size: int, new_tokens: int) -> tuple[float, int]:
+    """Decode tokens/s of plain batched greedy ``model.generate`` on ``batch_size`` prompts (prompt + half a response).
 
-    Every row decodes exactly ``new_tokens`` (no early stop); the prefill is timed separately (a
-    1-token run) and subtracted, so the figure is decoding throughput alone.
+    No stop token and no stopping rule: every row decodes ``new_tokens`` tokens, and the tokens are
+    counted from the output's shape, not assumed. The prefill is timed separately (a 1-token run) and
+    subtracted, so the figure is decoding throughput alone. Returns (tokens/s, decode steps).
     """
     prompts = [r["prompt_ids"] + r["response_ids"][: len(r["response_ids"]) // 2] for r in records]
     prompts = (prompts * (batch_size // len(prompts) + 1))[:batch_size]
+    width, pad = max(map(len, prompts)), tok.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(q)) + q for q in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(q)) + [1] * len(q) for q in prompts], device=model.device)
     eos = model.generation_config.eos_token_id
-    model.generation_config.eos_token_id = None
+    model.generation_config.eos_token_id = None  # otherwise generate stops once every row has ended
     try:
-        timings = []
+        runs = []
         for n in (1, 1, new_tokens):  # the first 1-token run warms up
-            cfg = DecodeConfig(max_new_tokens=n, batch_size=batch_size, stop_at_answer=False)
             t0 = time.time()
-            decode(model, tok, prompts, cfg)
-            timings.append(time.time() - t0)
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
+                                 do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad)
+            runs.append((time.time() - t0, out.shape[1] - width))
     finally:
         model.generation_config.eos_token_id = eos
-    return batch_size * (new_tokens - 1) / (timings[2] - timings[1])
+    (_, _), (t1, n1), (tn, nn) = runs
+    return batch_size * (nn - n1) / (tn - t1), nn
 
 
 def compare(ref: list[dict], fast: list[dict]) -> tuple[bool, int, int]:
@@ -161,8 +166,8 @@ def main() -> None:
                   f"critical_fraction={s['critical_fraction']:.4f}")
         batch = args.batch_size or auto_batch_size(
             model, max(len(r["prompt_ids"]) for r in results["fast"]["labels"]) + args.max_new_tokens)
-        ceil = ceiling(model, tok, results["fast"]["labels"], batch, args.ceiling_tokens)
-        print(f"ceiling   plain batched greedy generate: batch={batch} tok/s={ceil:.0f}")
+        ceil, steps = ceiling(model, tok, results["fast"]["labels"], batch, args.ceiling_tokens)
+        print(f"ceiling   plain batched greedy generate: batch={batch} new_tokens={steps} tok/s={ceil:.0f}")
         identical, shared, differ = compare(results["reference"]["labels"], results["fast"]["labels"])
         print(f"branches run by both engines: {shared}, with different continuation ids or verdicts: {differ}")
         speedup = results["reference"]["seconds"] / results["fast"]["seconds"]

@@ -119,11 +119,11 @@ class Protocol:
 def teacher_forced(model, prompt_ids: list[int], response_ids: list[int], k: int, use_cache: bool = False):
     """Top-k tokens at every response position from one forward pass (and its KV cache if asked)."""
     ids = torch.tensor([prompt_ids + response_ids], device=model.device)
-    out = model(input_ids=ids, use_cache=use_cache)  # the cache comes back as `past_key_values`
+    out = model(input_ids=ids, use_cache=use_cache)
     logits = out.logits[0, len(prompt_ids) - 1 : -1].float()
     top = torch.topk(logits, k, dim=-1)
     probs = torch.softmax(logits, dim=-1).gather(-1, top.indices[:, :1]).squeeze(-1)
-    return top.indices.tolist(), probs.tolist(), (out.past_key_values if use_cache else None)
+    return top.indices.tolist(), probs.tolist(), (getattr(out, cache_kwarg(model)) if use_cache else None)
 
 
 def prepare(model, tok, rec: dict, key: str, cfg: IdentifyConfig, proto: Protocol, use_cache: bool):
