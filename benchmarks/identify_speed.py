@@ -26,7 +26,7 @@ import torch
 
 from cft.artifacts import load_records
 from cft.engine import auto_batch_size
-from cft.generate import DecodeConfig, GenerateConfig, generate
+from cft.generate import DecodeConfig, GenerateConfig, generate, left_pad
 from cft.identify import IdentifyConfig, identify
 from cft.models import load_model
 from cft.verify import extract_answer
@@ -102,9 +102,9 @@ def ceiling(model, tok, records: list[dict], batch_size: int, new_tokens: int) -
     """
     prompts = [r["prompt_ids"] + r["response_ids"][: len(r["response_ids"]) // 2] for r in records]
     prompts = (prompts * (batch_size // len(prompts) + 1))[:batch_size]
-    width, pad = max(map(len, prompts)), tok.pad_token_id
-    ids = torch.tensor([[pad] * (width - len(q)) + q for q in prompts], device=model.device)
-    mask = torch.tensor([[0] * (width - len(q)) + [1] * len(q) for q in prompts], device=model.device)
+    pad = tok.pad_token_id
+    ids, mask = left_pad(prompts, pad, model.device)
+    width = ids.shape[1]
     eos = model.generation_config.eos_token_id
     model.generation_config.eos_token_id = None  # otherwise generate stops once every row has ended
     try:

@@ -140,12 +140,19 @@ def decode(model, tok, prompts: list[list[int]], cfg: DecodeConfig,
     return results
 
 
+def left_pad(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input ids and attention mask of prompts padded on the left to the longest (decoding appends on the right)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
+
+
 def _decode_batch(model, tok, prompts: list[list[int]], cfg: DecodeConfig, eos: list[int], trigger) -> list[Output]:
     """One ``model.generate`` call over left-padded prompts: one output per prompt."""
-    width = max(len(p) for p in prompts)
     pad = tok.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    input_ids, mask = left_pad(prompts, pad, model.device)
+    width = input_ids.shape[1]
     answer_stop = _AnswerStop(tok, width, trigger) if trigger is not None else None
     stops = StoppingCriteriaList([answer_stop] if answer_stop else [])
     temp = _Temperature(cfg.temperature) if cfg.temperature > 0 else None

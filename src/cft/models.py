@@ -130,9 +130,12 @@ def default_device() -> str:
 
 
 def load_tokenizer(name: str):
+    return _load_tokenizer(_converted(resolve(name), create=False))
+
+
+def _load_tokenizer(spec: ModelSpec):
     from transformers import AutoTokenizer
 
-    spec = _converted(resolve(name), create=False)
     tok = AutoTokenizer.from_pretrained(spec.path, gguf_file=spec.gguf_file)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -147,7 +150,7 @@ def load_model(name: str, dtype: str = "float32", device: str | None = None):
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     spec = _converted(resolve(name), create=True)
-    tok = load_tokenizer(name)
+    tok = _load_tokenizer(spec)
     model = AutoModelForCausalLM.from_pretrained(spec.path, gguf_file=spec.gguf_file, dtype=DTYPES[dtype])
     model.to(device or default_device()).eval()
     if model.generation_config.pad_token_id is None:
