@@ -179,3 +179,104 @@ def test_read_labels_names_line_and_field(tmp_path, change, field, message):
 def test_read_labels_good(tmp_path):
     recs = read_labels(str(_write(tmp_path / "l.jsonl", [GOOD])), vocab_size=10)
     assert recs == [LabeledResponse("a", [1, 2], [3, 4], [1, 0], [1, 0])]
+
+
+# --- attn: attention received from the final-answer statement ------------------------------------------------
+
+
+class AnswerTok(FakeTok):
+    texts = {**FakeTok.texts, 8: " answer", 9: " is", 10: ".", 11: " \\boxed{", 12: "}", 13: "####"}
+
+
+def _tiny_llama(layers: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+                      num_attention_heads=2, num_key_value_heads=2, pad_token_id=0)
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.mark.parametrize(("response", "start"), [
+    ([3, 8, 9, 3, 10, 6], 1),  # " answer is 1." + EOS: from the token holding "answer"
+    ([8, 9, 3, 11, 5, 12, 6], 3),  # the last marker counts: \boxed after "answer is"
+    ([3, 4, 13, 5, 6], 2),  # ####
+    ([3, 4] * 10, 4),  # no marker: the last ANSWER_TAIL (16) tokens
+    ([3, 4, 6], 0),  # no marker, shorter than the tail: all of it
+])
+def test_answer_start(response, start):
+    from cft.selection import answer_start
+
+    rec = LabeledResponse("a", [1], response, [0] * len(response), [1] * len(response))
+    assert answer_start(rec, AnswerTok(), {}) == start
+
+
+def test_attn_scores_and_mask_on_a_fixed_attention_pattern(monkeypatch):
+    """Every query attends to one fixed key: the scores are counts over the statement's length, known by hand."""
+    from transformers.models.llama import modeling_llama
+
+    from cft.selection import attention_scores
+
+    target = {4: 2, 5: 3, 6: 3, 7: 6, 8: 8, 9: 6}  # sequence index of a query -> the key it attends to
+    original = modeling_llama.eager_attention_forward
+
+    def fixed(module, query, key, value, attention_mask, **kwargs):
+        out, _ = original(module, query, key, value, attention_mask, **kwargs)
+        b, h, n, _ = query.shape
+        weights = torch.zeros(b, h, n, n)
+        for q in range(n):
+            weights[:, :, q, target.get(q, q)] = 1.0
+        return out, weights
+
+    monkeypatch.setattr(modeling_llama, "eager_attention_forward", fixed)
+    # a: prompt [1, 2], statement " answer is 1." + EOS = response tokens 3..7 (sequence 5..9)
+    a = LabeledResponse("a", [1, 2], [3, 4, 5, 8, 9, 3, 10, 6], [1, 1, 0, 0, 0, 0, 0, 0], [1] * 7 + [0])
+    # b: no marker, so all four response tokens (sequence 2..5) are the statement; padded to 10 in the batch
+    b = LabeledResponse("b", [1, 2], [3, 4, 5, 6], [1, 1, 0, 0], [1, 1, 1, 0])
+    model = _tiny_llama(layers=2).train()
+    scores = attention_scores(model, [a, b], AnswerTok(), batch_size=2)
+    # a: key 3 (t=1) from queries 5, 6; key 6 (t=4) from 7 and 9; query 8 attends to itself (not counted);
+    # query 4 (t=0's attention giver) is before the statement
+    assert scores[0] == pytest.approx([0, 2 / 5, 0, 0, 2 / 5, 0, 0, 0], abs=1e-6)
+    assert scores[1] == pytest.approx([1 / 4, 1 / 4, 0, 0], abs=1e-6)  # queries 4 -> t=0 and 5 -> t=1
+    masks = select_masks("attn", [a, b], AnswerTok(), model=model, batch_size=1)
+    assert masks == [[0, 1, 0, 0, 1, 0, 0, 0], [1, 1, 0, 0]]
+    assert model.training and model.config._attn_implementation == "sdpa"  # restored after the pass
+
+
+def test_attn_scores_match_transformers_attention_outputs():
+    """The hooks' reduction equals the same rule computed from ``output_attentions`` (last 4 of 6 layers)."""
+    from cft.selection import ATTN_LAYERS, answer_start, attention_scores
+
+    model = _tiny_llama(layers=6, seed=1)
+    recs = [LabeledResponse("a", [1, 2, 5], [3, 4, 5, 8, 9, 3, 10, 6], [0] * 8, [1] * 8),
+            LabeledResponse("b", [1], [4, 4, 3, 5, 6], [0] * 5, [1] * 5)]
+    got = attention_scores(model, recs, AnswerTok(), batch_size=2)
+    model.set_attn_implementation("eager")
+    for rec, scores in zip(recs, got, strict=True):
+        p, t = len(rec.prompt_ids), len(rec.response_ids)
+        with torch.no_grad():
+            att = model(input_ids=torch.tensor([rec.prompt_ids + rec.response_ids]), output_attentions=True).attentions
+        w = torch.stack(att[-ATTN_LAYERS:])[:, 0].mean(dim=(0, 1))  # (query, key), mean over layers and heads
+        queries = range(p + answer_start(rec, AnswerTok(), {}), p + t)
+        want = [sum(w[q, p + j].item() for q in queries if q > p + j) / len(queries) for j in range(t)]
+        assert scores == pytest.approx(want, abs=1e-6)
+
+
+def test_attn_needs_the_model():
+    with pytest.raises(ValueError, match="attn selection needs the starting model"):
+        select_masks("attn", [REC], FakeTok())
+
+
+def test_cli_train_attn_on_the_testbed(tmp_path, testbed_tokenizer, capsys):
+    from cft.cli import main
+    from tests.test_train import write_labels
+
+    labels = write_labels(tmp_path / "labels.jsonl", testbed_tokenizer, 4)
+    out = tmp_path / "ckpt"
+    assert main(["train", "--model", "testbed", "--input", str(labels), "--method", "attn", "--out", str(out),
+                 "--max-steps", "2", "--batch-size", "2", "--save-steps", "100"]) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["global_step"] == 2 and summary["tokens"]["method"] == "attn"
+    assert summary["tokens"]["trained_tokens"] == summary["tokens"]["critical_tokens"]  # CFT's budget
+    assert "method attn: trains" in capsys.readouterr().out

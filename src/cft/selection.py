@@ -23,6 +23,15 @@ Methods (``METHODS``):
   excess loss, loss under the starting model minus loss under ``reference``. Ties are broken by a seeded
   random order, so with no reference (the default: the starting model itself) every excess loss is 0,
   all scores tie and ``rho1`` reduces exactly to ``random``.
+- ``attn``: per response CFT's budget of eligible positions, those that receive the most attention from the
+  final-answer statement under the starting model (the paper's "Attn" baseline; its exact rule is not public).
+  The statement is the response tokens from the one holding the start of the last ``answer is``, ``\\boxed``,
+  ``\\fbox`` or ``####`` to the end (the EOS included); with no such marker, the last ``ANSWER_TAIL`` tokens.
+  A token's score is the attention weight it receives from the statement's tokens after it (its own
+  self-attention excluded), summed over those queries and divided by the statement's length, then averaged
+  over every head of the last ``ATTN_LAYERS`` layers. Eager attention is switched on for this one scoring
+  pass only (SDPA and flash kernels return no weights) and each layer's weights are reduced as they are
+  produced, so memory holds one layer's attention matrix of one batch at a time.
 - ``numeric``: the response tokens whose decoded text contains a digit (``token_kind`` = ``digit``).
 
 A response with no selected token carries no loss: it is excluded from training and counted, never
@@ -31,8 +40,13 @@ trained as a silent zero.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import random
+import re
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +55,16 @@ import torch
 from cft.artifacts import SCHEMAS, InputError, read_jsonl, record_key
 from cft.identify import token_kind  # one definition of digit/operator/other for identify's and train's statistics
 
-METHODS = ("sft", "cft", "random", "entropy", "numeric", "rho1", "dft")
+METHODS = ("sft", "cft", "random", "entropy", "numeric", "rho1", "dft", "attn")
+ATTN_LAYERS = 4  # attn: the last layers whose attention is averaged (all of them when the model has fewer)
+METHOD_HELP = (
+    "sft: every response token; cft: the critical tokens; random, entropy, rho1, attn: CFT's number of tokens per "
+    "response, chosen at random / by highest next-token entropy / by highest excess loss against --reference / by "
+    "the most attention received from the final-answer statement (from the last 'answer is', \\boxed or #### to "
+    f"the end), averaged over heads and the last {ATTN_LAYERS} layers; numeric: digit tokens; dft: every token, "
+    "weighted by its own detached probability")
+ANSWER_TAIL = 16  # attn: the statement when a response has no answer marker: its last tokens
+ANSWER_MARK = re.compile(r"answer is|\\boxed|\\fbox|####", re.IGNORECASE)
 LOSS_NORMS = ("step", "sequence")
 KINDS = ("digit", "operator", "other")
 
@@ -131,6 +154,36 @@ def token_text(tok, token_id: int, cache: dict[int, str]) -> str:
     return cache[token_id]
 
 
+@contextmanager
+def scoring_mode(model, attn_implementation: str | None = None) -> Iterator[None]:
+    """Eval mode (and, if given, that attention implementation) for one scoring pass; restored afterwards."""
+    was_training = model.training
+    previous = model.config._attn_implementation if attn_implementation else None
+    model.eval()
+    if attn_implementation and previous != attn_implementation:
+        model.set_attn_implementation(attn_implementation)
+    try:
+        yield
+    finally:
+        if attn_implementation and previous != attn_implementation:
+            model.set_attn_implementation(previous)
+        model.train(was_training)
+
+
+def padded_batches(model, records: list[LabeledResponse],
+                   batch_size: int) -> Iterator[tuple[list[LabeledResponse], torch.Tensor, torch.Tensor]]:
+    """``(records, input_ids, attention_mask)`` per batch: prompt + response, right-padded, on the model's device."""
+    device = next(model.parameters()).device
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        seqs = [r.prompt_ids + r.response_ids for r in chunk]
+        width = max(map(len, seqs))
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+        yield chunk, ids, mask
+
+
 @torch.no_grad()
 def response_scores(model, records: list[LabeledResponse],
                     batch_size: int = 4) -> list[tuple[list[float], list[float]]]:
@@ -138,25 +191,79 @@ def response_scores(model, records: list[LabeledResponse],
 
     Response token t sits at sequence index len(prompt)+t and is predicted from the index before it.
     """
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     out: list[tuple[list[float], list[float]]] = []
-    for start in range(0, len(records), batch_size):
-        chunk = records[start : start + batch_size]
-        seqs = [r.prompt_ids + r.response_ids for r in chunk]
-        width = max(map(len, seqs))
-        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        for row, rec in enumerate(chunk):
-            p, t = len(rec.prompt_ids), len(rec.response_ids)
-            logp = torch.log_softmax(logits[row, p - 1 : p + t - 1].float(), dim=-1)
-            entropy = -(logp.exp() * logp).sum(-1)
-            nll = -logp.gather(-1, torch.tensor(rec.response_ids, device=device)[:, None])[:, 0]
-            out.append((entropy.tolist(), nll.tolist()))
-    model.train(was_training)
+    with scoring_mode(model):
+        for chunk, ids, mask in padded_batches(model, records, batch_size):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            for row, rec in enumerate(chunk):
+                p, t = len(rec.prompt_ids), len(rec.response_ids)
+                logp = torch.log_softmax(logits[row, p - 1 : p + t - 1].float(), dim=-1)
+                entropy = -(logp.exp() * logp).sum(-1)
+                nll = -logp.gather(-1, torch.tensor(rec.response_ids, device=ids.device)[:, None])[:, 0]
+                out.append((entropy.tolist(), nll.tolist()))
+    return out
+
+
+def answer_start(rec: LabeledResponse, tok, cache: dict[int, str]) -> int:
+    """The first response token of the final-answer statement (see ``attn`` in the module doc)."""
+    texts = [token_text(tok, t, cache) for t in rec.response_ids]
+    marks = list(ANSWER_MARK.finditer("".join(texts)))
+    if not marks:
+        return max(0, len(texts) - ANSWER_TAIL)
+    ends = list(itertools.accumulate(map(len, texts)))  # token i covers characters [ends[i-1], ends[i])
+    return bisect.bisect_right(ends, marks[-1].start())
+
+
+def attention_modules(model) -> tuple[list[torch.nn.Module], int]:
+    """The attention modules of the last ``ATTN_LAYERS`` layers and where their output holds the weights.
+
+    They are the modules transformers itself hooks for ``output_attentions`` (``_can_record_outputs``).
+    """
+    spec = (getattr(model, "_can_record_outputs", None) or {}).get("attentions")
+    spec = spec[0] if isinstance(spec, list) else spec
+    target, index = (spec, 1) if isinstance(spec, type) else (getattr(spec, "target_class", None),
+                                                             getattr(spec, "index", 1))
+    found = [m for m in model.modules() if target is not None and isinstance(m, target)]
+    if not found:
+        raise ValueError(f"attn selection: {type(model).__name__} declares no attention modules to read weights from")
+    return found[-ATTN_LAYERS:], index
+
+
+@torch.no_grad()
+def attention_scores(model, records: list[LabeledResponse], tok, batch_size: int = 4) -> list[list[float]]:
+    """Per response token: the attention it receives from the final-answer statement (``attn``, module doc)."""
+    modules, index = attention_modules(model)
+    cache: dict[int, str] = {}
+    starts = [answer_start(r, tok, cache) for r in records]
+    out: list[list[float]] = []
+    with scoring_mode(model, "eager"):
+        done = 0
+        for chunk, ids, mask in padded_batches(model, records, batch_size):
+            query = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)  # 1/|statement| on its queries
+            for row, rec in enumerate(chunk):
+                p, t, a = len(rec.prompt_ids), len(rec.response_ids), starts[done + row]
+                query[row, p + a : p + t] = 1.0 / (t - a)
+            received = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
+
+            def reduce(module, args, output, query=query, received=received):
+                weights = output[index] if isinstance(output, tuple) else None
+                if weights is None:
+                    raise ValueError(f"attn selection: {type(module).__name__} returned no attention weights")
+                w = weights.float()  # (batch, heads, query, key)
+                mass = torch.einsum("bhqk,bq->bk", w, query)
+                self_mass = (torch.diagonal(w, dim1=-2, dim2=-1) * query[:, None, :]).sum(1)
+                received.add_((mass - self_mass) / (w.shape[1] * len(modules)))
+
+            hooks = [m.register_forward_hook(reduce) for m in modules]
+            try:
+                model(input_ids=ids, attention_mask=mask)
+            finally:
+                for h in hooks:
+                    h.remove()
+            for row, rec in enumerate(chunk):
+                p = len(rec.prompt_ids)
+                out.append(received[row, p : p + len(rec.response_ids)].tolist())
+            done += len(chunk)
     return out
 
 
@@ -164,7 +271,7 @@ def select_masks(method: str, records: list[LabeledResponse], tok, model=None, r
                  seed: int = 0, batch_size: int = 4) -> list[list[int]]:
     """The 0/1 selection over each response's tokens for ``method``.
 
-    ``model`` is the starting model (needed by ``entropy`` and ``rho1``); ``reference`` is Rho-1's
+    ``model`` is the starting model (needed by ``entropy``, ``attn`` and ``rho1``); ``reference`` is Rho-1's
     reference model (None: the starting model, so excess losses are all zero).
     """
     if method not in METHODS:
@@ -182,6 +289,10 @@ def select_masks(method: str, records: list[LabeledResponse], tok, model=None, r
         if model is None:
             raise ValueError("entropy selection needs the starting model")
         scores = [ent for ent, _ in response_scores(model, records, batch_size)]
+    elif method == "attn":
+        if model is None:
+            raise ValueError("attn selection needs the starting model")
+        scores = attention_scores(model, records, tok, batch_size)
     elif reference is None:
         scores = [[0.0] * len(r.response_ids) for r in records]
     else:

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from cft.selection import LOSS_NORMS, METHODS, check_vocab, format_statistics, read_labels, select
+from cft.selection import LOSS_NORMS, METHOD_HELP, METHODS, check_vocab, format_statistics, read_labels, select
 
 SUMMARY = "train_summary.json"
 
@@ -325,7 +325,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     d = TrainConfig(model="", input="")
     p.add_argument("--model", required=True, help="starting model: testbed, a folder, a .gguf file or a hub id")
     p.add_argument("--input", required=True, help="labels JSONL written by `cft identify`")
-    p.add_argument("--method", choices=METHODS, default=d.method)
+    p.add_argument("--method", choices=METHODS, default=d.method, help=METHOD_HELP)
     p.add_argument("--out", required=True, help="output folder: the checkpoint, train_summary.json, checkpoints")
     p.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps; overrides --epochs when > 0")
     p.add_argument("--epochs", type=float, default=d.epochs)
