@@ -12,6 +12,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from cft import evaluate as ev
+from cft import verify
 from cft.artifacts import InputError, load_records, read_meta
 from cft.generate import DecodeConfig, decode
 from cft.testbed.pretrain import PretrainConfig, build_model
@@ -51,12 +52,74 @@ def test_k_values_are_powers_of_two_then_n():
     assert ev.k_values(16) == [1, 2, 4, 8, 16]
 
 
+def brute_majority(clusters: list[int | None], correct: list[bool], k: int) -> Fraction:
+    """Share of all k-subsets whose plurality cluster (ties: the lowest cluster number) is right."""
+    subsets = list(itertools.combinations(clusters, k))
+    right = 0
+    for s in subsets:
+        votes = [c for c in s if c is not None]
+        if votes:
+            right += correct[max(set(votes), key=lambda c: (votes.count(c), -c))]
+    return Fraction(right, len(subsets))
+
+
+@pytest.mark.parametrize(("clusters", "correct"), [
+    ([0, 1, 0, 1], [False, True]),  # ties at k=2 and k=4 go to cluster 0
+    ([0, 1, 1, 2, 2, 0, None, 1], [True, False, False]),
+    ([None, 0, None, 1, 2, 3, 1, 0], [False, False, True, False]),
+    ([None, None, 0], [True]),  # most subsets hold no answer at all: wrong
+    ([0, 1, 2, 3, 4, 5, 6], [False, False, False, True, False, False, False]),  # all distinct: every k-tie
+    ([0, 0, 0, 1, 1, 2, 2, 2, 3, None], [False, True, True, False]),
+])
+def test_maj_at_k_equals_enumeration_over_all_subsets(clusters, correct):
+    ks = list(range(1, len(clusters) + 1))
+    got = ev.majority_at_k(clusters, correct, ks)
+    assert got == {k: brute_majority(clusters, correct, k) for k in ks}
+
+
+def test_maj_at_k_random_cases_against_enumeration():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(40):
+        n, m = rng.randint(1, 9), rng.randint(1, 4)
+        clusters = [rng.choice([*range(m), None]) for _ in range(n)]
+        order = {c: i for i, c in enumerate(dict.fromkeys(c for c in clusters if c is not None))}
+        clusters = [None if c is None else order[c] for c in clusters]
+        correct = [rng.random() < 0.5 for _ in order]
+        ks = ev.k_values(n)
+        assert ev.majority_at_k(clusters, correct, ks) == {k: brute_majority(clusters, correct, k) for k in ks}
+
+
+def test_maj_at_k_checks_its_arguments():
+    with pytest.raises(ValueError, match="1 <= k <= n"):
+        ev.majority_at_k([0, 0], [True], [3])
+    with pytest.raises(ValueError, match="numbered"):
+        ev.majority_at_k([0, 2], [True, False], [1])
+
+
+def test_answers_are_grouped_by_the_graders_equivalence():
+    preds = ["0.5", "1/2", "2", None, "\\frac{1}{2}", "2.0", "", "x+1", "1+x"]
+    assert ev.answer_clusters(preds) == [0, 0, 1, None, 0, 1, None, 2, 2]
+
+
+def test_problem_majority_votes_equivalent_answers_together():
+    """Three samples say one half in three spellings, two say 3: the half wins, not the most frequent string."""
+    texts = ["\\boxed{0.5}", "\\boxed{1/2}", "\\boxed{\\frac{1}{2}}", "\\boxed{3}", "\\boxed{3}", "no answer",
+             "\\boxed{7}"]
+    recs = [sample("A", "p", "sample", i, t, "1/2", verify.grade(t, "1/2")[1], 1, 0.0) for i, t in enumerate(texts)]
+    clusters, correct = [0, 0, 0, 1, 1, None, 2], [True, False, False]
+    ks = ev.k_values(len(recs))
+    assert ev.problem_majority(recs[::-1], ks) == {k: brute_majority(clusters, correct, k) for k in ks}
+    assert ev.problem_majority(recs, ks)[7] == 1  # string voting would have said "3"
+
+
 def sample(bench: str, pid: str, kind: str, index: int, text: str, gold: str, correct: bool,
            n_tokens: int, entropy: float | None, finish: str = "eos") -> dict:
     return {"schema": "cft.samples/1", "key": f"{bench}-{pid}-{kind}-{index}", "benchmark": bench, "id": pid,
             "question": "q", "gold": gold, "kind": kind, "sample": index, "prompt_ids": [1, 2],
             "response_ids": list(range(n_tokens)), "response": text, "finish": finish,
-            "prediction": None, "correct": correct, "entropy": entropy}
+            "prediction": verify.extract_answer(text), "correct": correct, "entropy": entropy}
 
 
 def hand_made_samples() -> list[dict]:
@@ -79,8 +142,9 @@ def hand_made_samples() -> list[dict]:
 
 EXPECTED = {
     "A": {"accuracy": 0.5, "n": 2, "n_samples": 2, "pass_at_k": {"1": 0.25, "2": 0.5},
+          "maj_at_k": {"1": 0.25, "2": 0.5},  # p1: "3" and "4" tie at k=2, the first ("3", right) wins
           "entropy": (1.0 * 4 + 2.0 * 6 + 0.5 * 2 + 0.25 * 8) / 20, "truncated": 0.5},
-    "B": {"accuracy": 1.0, "n": 1, "n_samples": 2, "pass_at_k": {"1": 1.0, "2": 1.0},
+    "B": {"accuracy": 1.0, "n": 1, "n_samples": 2, "pass_at_k": {"1": 1.0, "2": 1.0}, "maj_at_k": {"1": 1.0, "2": 1.0},
           "entropy": (0.0 * 3 + 3.0 * 1) / 4, "truncated": 0.0},
 }
 
@@ -96,7 +160,7 @@ def test_rescore_regrades_with_the_current_verifier_and_rewrites_metrics(tmp_pat
     metrics = ev.rescore(tmp_path)
     assert metrics == EXPECTED
     assert json.loads((tmp_path / ev.METRICS).read_text()) == EXPECTED
-    assert read_meta(tmp_path / ev.SAMPLES)["rescored"]["verdicts_changed"] == len(records) - 1  # predictions filled
+    assert read_meta(tmp_path / ev.SAMPLES)["rescored"]["verdicts_changed"] == 1
     fixed = load_records(tmp_path / ev.SAMPLES, "samples")
     assert [r["key"] for r in fixed] == [r["key"] for r in records]
     assert fixed[2]["correct"] is False and fixed[2]["prediction"] == "4"
@@ -228,3 +292,34 @@ def test_answer_stop_adds_no_eos_when_padding_is_the_eos_token():
     first, second = decode(model.eval(), tok, [prompt, prompt], cfg)
     assert first[0].ids == answer and first[0].finish == "answer"
     assert second[0].ids == filler[: len(answer) + 4] and second[0].finish == "length"
+
+
+def test_testbed_eval_prints_maj_at_k_beside_pass_at_k_and_rescore_reproduces_it(tmp_path, capsys, monkeypatch):
+    from cft.cli import main
+
+    monkeypatch.setenv("COLUMNS", "200")
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", "testbed", "--benchmarks", "testbed:test_ood", "--limit", "3", "--n-samples", "8",
+                 "--temperature", "1.0", "--max-new-tokens", "64", "--out", str(out)]) == 0
+    first = capsys.readouterr().out
+    metrics = json.loads((out / ev.METRICS).read_text())["testbed:test_ood"]
+    assert list(metrics["maj_at_k"]) == list(metrics["pass_at_k"]) == ["1", "2", "4", "8"]
+    header = next(line for line in first.splitlines() if "pass@8" in line)
+    assert header.index("pass@8") < header.index("maj@2") < header.index("maj@8") < header.index("entropy")
+    # the stored samples alone give the same maj@k by enumeration over all subsets
+    records = [r for r in load_records(out / ev.SAMPLES, "samples") if r["kind"] == "sample"]
+    by_problem = {}
+    for r in sorted(records, key=lambda r: r["sample"]):
+        by_problem.setdefault(r["id"], []).append(r)
+    for k in (2, 4, 8):
+        brute = []
+        for rs in by_problem.values():
+            clusters = ev.answer_clusters([r["prediction"] for r in rs])
+            correct = {c: r["correct"] for c, r in reversed(list(zip(clusters, rs, strict=True))) if c is not None}
+            brute.append(brute_majority(clusters, [correct[c] for c in range(len(correct))], k))
+        assert metrics["maj_at_k"][str(k)] == pytest.approx(float(sum(brute) / len(brute)), abs=1e-12)
+    row = next(line for line in first.splitlines() if "test_ood" in line and "│" in line)
+    assert main(["eval", "--rescore", str(out)]) == 0
+    again = capsys.readouterr().out
+    assert json.loads((out / ev.METRICS).read_text())["testbed:test_ood"] == metrics
+    assert row in again.splitlines()  # the same printed row, maj@k included

@@ -1,8 +1,10 @@
-"""Stage D: greedy accuracy, pass@k under sampling and output entropy on benchmarks (``cft eval``).
+"""Stage D: greedy accuracy, pass@k and maj@k under sampling, and output entropy on benchmarks (``cft eval``).
 
 Per benchmark, every problem gets one greedy response (accuracy, the Qwen2.5-Math toolkit's protocol)
-and ``n_samples`` sampled ones (pass@k with the unbiased estimator of Chen et al. 2021, and the mean
-per-token entropy of the sampling distribution: the paper's diversity claims). Every response is kept
+and ``n_samples`` sampled ones: pass@k with the unbiased estimator of Chen et al. 2021 (coverage: an
+oracle picks), maj@k (self-consistency: the most frequent answer of k samples is graded; see
+``majority_at_k``), both averaged over every k-subset of the n samples, and the mean per-token entropy
+of the sampling distribution (the paper's diversity claims). Every response is kept
 in ``DIR/samples.jsonl`` (``cft.samples/1``), written as it is decoded and resumable, so every metric
 can be recomputed from it alone: ``cft eval --rescore DIR`` re-grades with the current verifier and
 rewrites ``DIR/metrics.json`` without decoding again.
@@ -18,6 +20,7 @@ import argparse
 import math
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from pathlib import Path
@@ -108,6 +111,85 @@ def k_values(n: int) -> list[int]:
     return ks + [n] if n >= 1 else []
 
 
+def answer_clusters(predictions: list[str | None]) -> list[int | None]:
+    """The answer cluster of each sample, clusters numbered in order of first appearance; None: no answer.
+
+    Answers are grouped by the grader's equivalence, not by string ("0.5" and "1/2" are one answer): a
+    sample joins the first cluster whose representative (its first member) it is equivalent to, checked
+    with ``verify.is_equivalent(answer, representative)``, so the grouping is deterministic even where
+    the equivalence is not transitive.
+    """
+    reps: list[str] = []
+    out: list[int | None] = []
+    for pred in predictions:
+        if pred is None or not pred.strip():
+            out.append(None)
+            continue
+        found = next((i for i, rep in enumerate(reps) if pred == rep or verify.is_equivalent(pred, rep)), None)
+        if found is None:
+            reps.append(pred)
+            found = len(reps) - 1
+        out.append(found)
+    return out
+
+
+def _times(a: list[int], b: list[int]) -> list[int]:
+    """Product of two polynomials given by their integer coefficients."""
+    out = [0] * (len(a) + len(b) - 1)
+    for i, x in enumerate(a):
+        if x:
+            for j, y in enumerate(b):
+                out[i + j] += x * y
+    return out
+
+
+def majority_at_k(clusters: list[int | None], correct: list[bool], ks: list[int]) -> dict[int, Fraction]:
+    """maj@k for each k in ``ks``: the share of all k-subsets of the n samples whose majority answer is right.
+
+    ``clusters`` from ``answer_clusters``; ``correct[c]`` is cluster c's verdict (that of its first member).
+    In a subset the answer with the most votes wins; samples without an answer do not vote, and a subset with
+    none is wrong. **Ties go to the cluster that appears first in the n samples** (the lowest sample index),
+    a fixed rule; sampled responses are exchangeable, so it is as good as a random one on average.
+
+    Exact closed form by counting: cluster i (size s_i) wins a k-subset holding v of its samples when every
+    earlier cluster holds fewer than v and every later one at most v, the unanswered samples being free. For
+    each v the number of ways to fill the other k - v places is the coefficient of x^(k-v) in
+    prod_{j<i} sum_{c<v} C(s_j, c) x^c * prod_{j>i} sum_{c<=v} C(s_j, c) x^c * (1 + x)^(n_none), so
+    maj@k = sum over right clusters i and v of C(s_i, v) * that coefficient / C(n, k). Integer arithmetic: exact.
+    """
+    n = len(clusters)
+    if any(not 1 <= k <= n for k in ks):
+        raise ValueError(f"maj@k needs 1 <= k <= n (n={n}, ks={ks})")
+    sizes = Counter(c for c in clusters if c is not None)
+    if sorted(sizes) != list(range(len(correct))):
+        raise ValueError(f"clusters must be numbered 0..{len(correct) - 1}, one verdict each")
+    none = n - sum(sizes.values())
+    wins = dict.fromkeys(ks, 0)
+    for i, right in enumerate(correct):
+        if not right:
+            continue
+        for v in range(1, sizes[i] + 1):
+            poly = [math.comb(none, c) for c in range(none + 1)]
+            for j in range(len(correct)):
+                if j != i:
+                    poly = _times(poly, [math.comb(sizes[j], c) for c in range(min(sizes[j], v - (j < i)) + 1)])
+            for k in ks:
+                if v <= k < v + len(poly):
+                    wins[k] += math.comb(sizes[i], v) * poly[k - v]
+    return {k: Fraction(wins[k], math.comb(n, k)) for k in ks}
+
+
+def problem_majority(samples: list[dict], ks: list[int]) -> dict[int, Fraction]:
+    """maj@k of one problem's sampled records (in sample order), from their stored predictions and verdicts."""
+    samples = sorted(samples, key=lambda r: r["sample"])
+    clusters = answer_clusters([r["prediction"] for r in samples])
+    correct: dict[int, bool] = {}
+    for c, r in zip(clusters, samples, strict=True):
+        if c is not None:
+            correct.setdefault(c, bool(r["correct"]))
+    return majority_at_k(clusters, [correct[c] for c in range(len(correct))], ks)
+
+
 def compute_metrics(records: list[dict]) -> dict[str, dict]:
     """Metrics per benchmark (in order of first appearance) from ``cft.samples/1`` records alone."""
     grouped: dict[str, list[dict]] = {}
@@ -128,7 +210,10 @@ def _benchmark_metrics(records: list[dict]) -> dict:
         raise ValueError(f"{records[0]['benchmark']}: {len(greedy)} greedy responses but {len(samples)} problems "
                          "with samples")
     counts = [(len(rs), sum(r["correct"] for r in rs)) for rs in samples.values()]
-    pass_k = {str(k): math.fsum(pass_at_k(n, c, k) for n, c in counts) / len(counts) for k in k_values(n_samples)}
+    ks = k_values(n_samples)
+    pass_k = {str(k): math.fsum(pass_at_k(n, c, k) for n, c in counts) / len(counts) for k in ks}
+    majority = [problem_majority(rs, ks) for rs in samples.values()]
+    maj_k = {str(k): float(sum(m[k] for m in majority) / len(majority)) for k in ks}
     sampled = [r for rs in samples.values() for r in rs]
     tokens = sum(len(r["response_ids"]) for r in sampled)
     entropy = math.fsum(r["entropy"] * len(r["response_ids"]) for r in sampled) / tokens if tokens else None
@@ -137,6 +222,7 @@ def _benchmark_metrics(records: list[dict]) -> dict:
         "n": len(greedy),
         "n_samples": n_samples,
         "pass_at_k": pass_k,
+        "maj_at_k": maj_k,
         "entropy": entropy,
         "truncated": sum(r["finish"] == "length" for r in greedy) / len(greedy) if greedy else None,
     }
@@ -150,7 +236,8 @@ def print_table(metrics: dict[str, dict], title: str = "") -> None:
     table = Table(title=title or None)
     labels = {b: Path(b).name if "/" in b else b for b in metrics}  # a JSONL path by its file name: keeps the columns
     table.add_column("benchmark", no_wrap=True, min_width=max(map(len, labels.values()), default=9))
-    for col in ["n", "greedy acc", *(f"pass@{k}" for k in ks), "entropy", "truncated"]:
+    maj_ks = [k for k in ks if k > 1]  # maj@1 is pass@1
+    for col in ["n", "greedy acc", *(f"pass@{k}" for k in ks), *(f"maj@{k}" for k in maj_ks), "entropy", "truncated"]:
         table.add_column(col, justify="right")
 
     def pct(x: float | None) -> str:
@@ -158,6 +245,7 @@ def print_table(metrics: dict[str, dict], title: str = "") -> None:
 
     for bench, m in metrics.items():
         table.add_row(labels[bench], str(m["n"]), pct(m["accuracy"]), *(pct(m["pass_at_k"].get(str(k))) for k in ks),
+                      *(pct(m.get("maj_at_k", {}).get(str(k))) for k in maj_ks),
                       "-" if m["entropy"] is None else f"{m['entropy']:.3f}", pct(m["truncated"]))
     Console().print(table)
 
@@ -308,7 +396,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                                         "gsm8k:test or testbed:test, or JSONL files")
     p.add_argument("--out", help="output folder: metrics.json, samples.jsonl and its .meta.json sidecar")
     p.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
-    p.add_argument("--n-samples", type=int, default=4, help="sampled responses per problem for pass@k (0: none)")
+    p.add_argument("--n-samples", type=int, default=4,
+                   help="sampled responses per problem for pass@k and maj@k (0: none)")
     p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (> 0)")
     p.add_argument("--template", default=None,
                    help="chat, qwen25-math-cot, gsm8k or a template file (default: chat for testbed specs, "
