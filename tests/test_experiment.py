@@ -28,7 +28,7 @@ TINY = {
     "model": "testbed",
     "train_data": {"spec": "testbed:train", "limit": 16},
     "benchmarks": ["testbed:test", "testbed:test_ood"],
-    "methods": ["sft", "cft"],
+    "methods": ["sft", "cft", "attn"],
     "seeds": [0, 1],
     "train": {"max_steps": 2, "lr": 3e-4, "batch_size": 4},
     "eval": {"limit": 4, "n_samples": 2, "temperature": 1.0, "max_new_tokens": 96, "batch_size": 16},
@@ -175,23 +175,28 @@ def tiny_run(tmp_path_factory):
 def test_tiny_grid_outputs(tiny_run):
     cfg, result, counts = tiny_run
     out = Path(cfg.out)
-    assert counts == {"trained": 4, "grpo": 2, "evaluated": 7, "skipped": 0}
+    assert counts == {"trained": 6, "grpo": 2, "evaluated": 9, "skipped": 0}
     assert (out / "experiment.yaml").exists() and (out / "aggregate.json").exists()
     assert json.loads((out / "aggregate.json").read_text())["results"] == result["results"]
     rows = result["results"]["testbed"]["testbed:test"]
-    assert set(rows) == {"base", "sft", "cft", "grpo:sft", "grpo:cft"}
-    for method in ("sft", "cft"):
+    assert set(rows) == {"base", "sft", "cft", "attn", "grpo:sft", "grpo:cft"}
+    for method in ("sft", "cft", "attn"):
         assert rows[method]["seeds"] == [0, 1]
         acc = rows[method]["metrics"]["accuracy"]
         assert acc["n"] == 2 and acc["ci95"] is not None and 0 <= acc["mean"] <= 1
-        assert set(rows[method]["metrics"]) >= {"accuracy", "entropy", "pass@1", "pass@2"}
-    assert rows["cft"]["paired"]["accuracy"]["seeds"] == [0, 1]
+        assert set(rows[method]["metrics"]) >= {"accuracy", "entropy", "pass@1", "pass@2", "maj@1", "maj@2"}
+        maj = rows[method]["metrics"]["maj@2"]
+        assert maj["n"] == 2 and maj["ci95"] is not None and 0 <= maj["mean"] <= 1
+        assert rows[method]["metrics"]["maj@1"]["values"] == rows[method]["metrics"]["pass@1"]["values"]
+    assert rows["cft"]["paired"]["accuracy"]["seeds"] == [0, 1] and rows["attn"]["paired"]["maj@2"]["seeds"] == [0, 1]
     assert rows["grpo:cft"]["compared_with"] == "grpo:sft"
     shared = result["shared"]["testbed"]
     assert 0 < shared["critical_fraction"] < 1 and set(shared["critical_by_kind"]) <= {"digit", "operator", "other"}
     cell = json.loads((cell_dir(cfg, "testbed", "cft", 1) / "cell.json").read_text())
     assert cell["status"] == "finished" and cell["train"]["global_step"] == 2 and cell["train"]["loss_curve"]
     assert cell["train"]["tokens"]["method"] == "cft"
+    attn = json.loads((cell_dir(cfg, "testbed", "attn", 0) / "cell.json").read_text())["train"]["tokens"]
+    assert attn["method"] == "attn" and attn["trained_tokens"] == attn["critical_tokens"]  # CFT's budget
     grpo = json.loads((cell_dir(cfg, "testbed", "grpo:sft", 0) / "cell.json").read_text())
     assert [r["step"] for r in grpo["grpo"]["log"]] == [1, 2]
 
@@ -224,7 +229,7 @@ def test_rerun_of_a_finished_grid_does_nothing(tiny_run, monkeypatch):
     calls = _forbid_work(monkeypatch)
     again, counts = run_experiment(cfg, log=lambda msg: None)
     assert calls == {name: 0 for _, name in STAGES}
-    assert counts == {"trained": 0, "grpo": 0, "evaluated": 0, "skipped": 7}
+    assert counts == {"trained": 0, "grpo": 0, "evaluated": 0, "skipped": 9}
     assert again["results"] == result["results"]
     assert _snapshot(Path(cfg.out)) == before  # not a single file rewritten
 
@@ -237,7 +242,7 @@ def test_interrupted_evaluation_resumes_without_training(tiny_run, monkeypatch):
     calls = _forbid_work(monkeypatch)
     again, counts = run_experiment(cfg, log=lambda msg: None)
     assert calls["train"] == 0 and calls["generate"] == 0 and calls["identify"] == 0
-    assert counts["evaluated"] == 1 and counts["skipped"] == 6
+    assert counts["evaluated"] == 1 and counts["skipped"] == 8
     assert again["results"] == result["results"]  # the evaluation reused its samples
 
 
@@ -263,8 +268,8 @@ def test_cli_dry_run_lists_cells(tiny_run, tmp_path, capsys):
     aggregate_path.unlink()
     assert main(["experiment", "--aggregate-only", str(path), "seeds=[0,1,2]"]) == 0  # seed 2: not run, missing
     after = json.loads(aggregate_path.read_text())
-    assert after["results"] == before["results"] and after["finished_cells"] == 7
-    assert ["testbed", "cft", 2] in after["missing_cells"] and after["planned_cells"] == 9
+    assert after["results"] == before["results"] and after["finished_cells"] == 9
+    assert ["testbed", "cft", 2] in after["missing_cells"] and after["planned_cells"] == 12
     assert "cells finished" in capsys.readouterr().out
 
 

@@ -18,7 +18,7 @@ KINDS = {"digit": {"critical": 5, "tokens": 10, "fraction": 0.5},
 def _cell(method: str, seed: int, acc: float, ood: float) -> dict:
     def bench(a: float) -> dict:
         return {"accuracy": a, "n": 10, "entropy": 0.1 + a / 10,
-                "pass_at_k": {"1": a / 2, "2": a, "4": min(1, 1.5 * a)}}
+                "pass_at_k": {"1": a / 2, "2": a, "4": min(1, 1.5 * a)}, "maj_at_k": {"1": a / 2, "2": a / 2, "4": a}}
 
     cell = {"model": "testbed", "method": method, "seed": seed, "status": "finished", "seconds": {"eval": 1.0},
             "metrics": {"testbed:test": bench(acc), "testbed:test_ood": bench(ood)}}
@@ -59,13 +59,18 @@ def test_experiment_report(experiment_dir):
     md, page = report(experiment_dir)
     plots = sorted(p.name for p in (experiment_dir / "report").glob("*.png"))
     assert plots == ["accuracy.png", "accuracy_diff.png", "critical_by_kind.png", "entropy.png", "grpo.png",
-                     "pass_at_k.png", "train_loss.png"]
+                     "maj_at_k.png", "pass_at_k.png", "train_loss.png"]
     text = md.read_text()
     for png in plots:
         assert f"(report/{png})" in text
     assert "## Results on testbed:test_ood" in text and "Δ accuracy vs sft" in text
     # cft: 55, 60, 50 -> sd 5, half-width 4.303 * 5 / sqrt(3) = 12.4; cft - sft: +5, +8, +2 -> sd 3, half-width 7.45
     assert "| cft | 3 | 55.0 ± 12.4 | +5.0 [-2.5, +12.5] |" in text
+    # columns pass@1, pass@4, maj@4 (= accuracy in these cells), Δ pass@4, Δ maj@4 (= Δ accuracy)
+    header = next(line for line in text.splitlines() if line.startswith("| method"))
+    assert header.index("pass@4 (%)") < header.index("maj@4 (%)") < header.index("Δ pass@4") < header.index("Δ maj@4")
+    assert ("| cft | 3 | 55.0 ± 12.4 | +5.0 [-2.5, +12.5] | 27.5 ± 6.2 | 82.5 ± 18.6 | 55.0 ± 12.4 "
+            "| +7.5 [-3.7, +18.7] | +5.0 [-2.5, +12.5] |") in text
     assert "| grpo:cft | 1 | 70.0 | +10.0 |" in text
     assert "Not finished" not in text  # the unfinished cell (seed 3) is outside the grid
     _assert_self_contained(page.read_text(), len(plots))

@@ -18,7 +18,8 @@ so rerunning a finished experiment trains and decodes nothing. A cell interrupte
 from its last checkpoint; one interrupted during evaluation reuses the responses already written. A cell
 trained under another config is refused (never silently mixed), naming the folder to delete.
 
-Aggregation (``OUT/aggregate.json``, also printed): per model, benchmark and method, the mean over seeds,
+Aggregation (``OUT/aggregate.json``, also printed): per model, benchmark and method, and per metric (greedy
+accuracy, pass@k, maj@k, entropy), the mean over seeds,
 the sample standard deviation, a 95% confidence interval from the t distribution, and the paired
 difference against the baseline method (default SFT) of the same seed with its own t interval. GRPO cells
 are compared with ``grpo:<baseline>``.
@@ -290,10 +291,23 @@ def paired(values: dict[int, float], reference: dict[int, float]) -> dict[str, A
 
 
 def metric_values(cell_metrics: dict[str, Any]) -> dict[str, float]:
-    """The scalar metrics of one benchmark of one cell, flattened: accuracy, pass@k, entropy."""
+    """The scalar metrics of one benchmark of one cell, flattened: accuracy, pass@k, maj@k, entropy."""
     out = {"accuracy": cell_metrics.get("accuracy"), "entropy": cell_metrics.get("entropy")}
     out.update({f"pass@{k}": v for k, v in (cell_metrics.get("pass_at_k") or {}).items()})
+    out.update({f"maj@{k}": v for k, v in (cell_metrics.get("maj_at_k") or {}).items()})
     return {k: v for k, v in out.items() if v is not None}
+
+
+def headline_metrics(names) -> tuple[list[str], list[str]]:
+    """The sampled metrics a results table shows, and those it adds a paired-difference column for.
+
+    Shown: pass@k at the smallest and largest k and maj@k at the largest k (maj@1 equals pass@1);
+    differences: pass@k and maj@k at the largest k.
+    """
+    pass_ks = sorted({int(n[5:]) for n in names if n.startswith("pass@")})
+    maj_ks = [k for k in sorted({int(n[4:]) for n in names if n.startswith("maj@")}) if k > 1]
+    top = [f"pass@{k}" for k in pass_ks[-1:]] + [f"maj@{k}" for k in maj_ks[-1:]]
+    return [f"pass@{k}" for k in pass_ks[:1] if len(pass_ks) > 1] + top, top
 
 
 def reference_method(method: str, baseline: str) -> str:
@@ -494,7 +508,8 @@ class Runner:
             greedy = parts.get("greedy", parts.get("all"))
             sampled = parts.get("sampled", parts.get("all"))
             metrics[bench] = {"accuracy": greedy["accuracy"], "n": greedy["n"], "truncated": greedy["truncated"],
-                              "pass_at_k": sampled["pass_at_k"], "entropy": sampled["entropy"],
+                              "pass_at_k": sampled["pass_at_k"], "maj_at_k": sampled["maj_at_k"],
+                              "entropy": sampled["entropy"],
                               "n_sampled": sampled["n"] if sampled["n_samples"] else 0,
                               "n_samples": sampled["n_samples"]}
         self.counts["evaluated"] += 1
@@ -688,17 +703,16 @@ def print_aggregate(result: dict[str, Any]) -> None:
     console = Console(width=200)
     for model, benches in result["results"].items():
         for bench, rows in benches.items():
-            ks = sorted({int(k[5:]) for r in rows.values() for k in r["metrics"] if k.startswith("pass@")})
-            shown = [f"pass@{k}" for k in ks if k in (ks[0], ks[-1])] if ks else []
+            shown, deltas = headline_metrics({k for r in rows.values() for k in r["metrics"]})
             table = Table(title=f"{model} on {bench}: mean ± 95% CI half-width over seeds (%), paired Δ vs "
                                 f"{result['baseline']} [95% CI] (* = CI excludes 0)")
-            for col in ["method", "seeds", "accuracy", "Δ accuracy", *shown, *(f"Δ {k}" for k in shown[-1:]),
+            for col in ["method", "seeds", "accuracy", "Δ accuracy", *shown, *(f"Δ {k}" for k in deltas),
                         "entropy", "Δ entropy"]:
                 table.add_column(col, justify="right" if col != "method" else "left", no_wrap=True)
             for method, r in rows.items():
                 m, d = r["metrics"], r["paired"]
                 table.add_row(method, str(len(r["seeds"])), fmt_stat(m.get("accuracy")), fmt_diff(d.get("accuracy")),
-                              *(fmt_stat(m.get(k)) for k in shown), *(fmt_diff(d.get(k)) for k in shown[-1:]),
+                              *(fmt_stat(m.get(k)) for k in shown), *(fmt_diff(d.get(k)) for k in deltas),
                               fmt_stat(m.get("entropy"), 1.0, 3), fmt_diff(d.get("entropy"), 1.0, 3))
             console.print(table)
 

@@ -2,7 +2,7 @@
 
 Reads an experiment folder (``aggregate.json`` of ``cft experiment``) or a ``cft demo`` folder
 (``summary.json``) and draws, with matplotlib's Agg backend: accuracy by method with 95% intervals over
-seeds (in-distribution and OOD), paired differences against the baseline, pass@k curves, output entropy,
+seeds (in-distribution and OOD), paired differences against the baseline, pass@k and maj@k curves, output entropy,
 critical-token statistics by token kind, training loss curves and, when present, GRPO reward and entropy.
 The PNGs go to ``RUN_DIR/report/``; the HTML embeds them as base64 so it opens offline, anywhere.
 
@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cft.experiment import AGGREGATE, fmt_diff, fmt_stat, summarize
+from cft.experiment import AGGREGATE, fmt_diff, fmt_stat, headline_metrics, summarize
 
 PLOTS = "report"
 SMOOTH = 5  # moving-average window of the GRPO curves (steps)
@@ -78,7 +78,7 @@ def load_experiment(run_dir: Path) -> RunData:
         f"(limit {cfg['train_data']['limit']}); methods: {', '.join(cfg['methods'])}; seeds: {cfg['seeds']}",
         f"training: {', '.join(f'{k}={v}' for k, v in t.items()) or 'TrainConfig defaults'}; "
         f"rho1 reference: {cfg['rho1_reference']}",
-        f"evaluation: greedy accuracy on {e['limit']} problems per benchmark; pass@k and entropy from "
+        f"evaluation: greedy accuracy on {e['limit']} problems per benchmark; pass@k, maj@k and entropy from "
         f"{e['n_samples']} samples at temperature {e['temperature']} on "
         f"{e['sample_limit'] if e['sample_limit'] is not None else e['limit']} problems",
     ]
@@ -146,7 +146,8 @@ def _pyplot():
 
 
 COLORS = {"base": "#7f7f7f", "sft": "#1f77b4", "cft": "#d62728", "random": "#ff7f0e", "entropy": "#2ca02c",
-          "numeric": "#9467bd", "rho1": "#8c564b", "dft": "#e377c2", "grpo:sft": "#17becf", "grpo:cft": "#bcbd22"}
+          "numeric": "#9467bd", "rho1": "#8c564b", "dft": "#e377c2", "attn": "#aec7e8", "grpo:sft": "#17becf",
+          "grpo:cft": "#bcbd22"}
 
 
 def color(method: str, index: int) -> str:
@@ -154,8 +155,9 @@ def color(method: str, index: int) -> str:
     return COLORS.get(method.rsplit("/", 1)[-1], f"C{index % 10}")
 
 
-def _ks(data: RunData, bench: str) -> list[int]:
-    return sorted({int(k[5:]) for row in data.stats[bench].values() for k in row if k.startswith("pass@")})
+def _ks(data: RunData, bench: str, prefix: str = "pass@") -> list[int]:
+    """The k of every ``prefix``-metric (pass@k, maj@k) any method has on ``bench``."""
+    return sorted({int(k[len(prefix):]) for row in data.stats[bench].values() for k in row if k.startswith(prefix)})
 
 
 def _mean_err(stat: dict | None) -> tuple[float, float]:
@@ -220,16 +222,22 @@ def diff_plot(data: RunData, metric: str, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def pass_at_k_plot(data: RunData, path: Path) -> Path | None:
-    if not any(_ks(data, b) for b in data.benchmarks):
+LADDERS = {"pass@": "pass@k (unbiased estimator; error bars: 95% interval over seeds)",
+           "maj@": "maj@k: accuracy of the majority answer of k samples (mean over all k-subsets; error bars: 95% "
+                   "interval over seeds)"}
+
+
+def ladder_plot(data: RunData, prefix: str, path: Path) -> Path | None:
+    """pass@k or maj@k against k, one curve per method, one panel per benchmark."""
+    if not any(_ks(data, b, prefix) for b in data.benchmarks):
         return None
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(data.benchmarks), figsize=(4.6 * len(data.benchmarks), 3.6), squeeze=False)
     for ax, bench in zip(axes[0], data.benchmarks):
-        ks = _ks(data, bench)
+        ks = _ks(data, bench, prefix)
         for i, method in enumerate(data.methods):
             row = data.stats[bench].get(method, {})
-            points = [(k, *_mean_err(row.get(f"pass@{k}"))) for k in ks if f"pass@{k}" in row]
+            points = [(k, *_mean_err(row.get(f"{prefix}{k}"))) for k in ks if f"{prefix}{k}" in row]
             if not points:
                 continue
             k, mean, err = zip(*points)
@@ -238,11 +246,11 @@ def pass_at_k_plot(data: RunData, path: Path) -> Path | None:
         ax.set_xscale("log", base=2)
         ax.set_xticks(ks, [str(k) for k in ks])
         ax.set_xlabel("k")
-        ax.set_ylabel("pass@k (%)")
+        ax.set_ylabel(f"{prefix}k (%)")
         ax.set_title(bench)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.suptitle("pass@k (unbiased estimator; error bars: 95% interval over seeds)", fontsize=10)
+    fig.suptitle(LADDERS[prefix], fontsize=10)
     return _save(fig, path)
 
 
@@ -325,7 +333,8 @@ def make_plots(data: RunData, out_dir: Path) -> dict[str, Path]:
     plots = {
         "accuracy": bar_plot(data, "accuracy", "greedy accuracy (%)", out_dir / "accuracy.png"),
         "accuracy_diff": diff_plot(data, "accuracy", out_dir / "accuracy_diff.png"),
-        "pass_at_k": pass_at_k_plot(data, out_dir / "pass_at_k.png"),
+        "pass_at_k": ladder_plot(data, "pass@", out_dir / "pass_at_k.png"),
+        "maj_at_k": ladder_plot(data, "maj@", out_dir / "maj_at_k.png"),
         "entropy": bar_plot(data, "entropy", "mean token entropy (nats)", out_dir / "entropy.png", scale=1.0),
         "critical": critical_plot(data, out_dir / "critical_by_kind.png"),
         "train_loss": loss_plot(data, out_dir / "train_loss.png"),
@@ -348,11 +357,10 @@ class Block:
 def result_tables(data: RunData) -> list[Block]:
     blocks = []
     for bench in data.benchmarks:
-        ks = _ks(data, bench)
-        shown = [f"pass@{k}" for k in ks if k in (ks[0], ks[-1])] if ks else []
+        shown, deltas = headline_metrics({k for row in data.stats[bench].values() for k in row})
         diff = data.baseline is not None and any(data.paired.get(bench, {}).values())
         header = ["method", "seeds", "accuracy (%)", *([f"Δ accuracy vs {data.baseline}"] if diff else []),
-                  *(f"{k} (%)" for k in shown), *([f"Δ {shown[-1]}"] if diff and shown else []), "entropy",
+                  *(f"{k} (%)" for k in shown), *(f"Δ {k}" for k in (deltas if diff else [])), "entropy",
                   *(["Δ entropy"] if diff else [])]
         rows = [header]
         for method in data.methods:
@@ -363,7 +371,7 @@ def result_tables(data: RunData) -> list[Block]:
             n = max((s.get("n", 0) for s in m.values()), default=0)
             rows.append([method, str(n), fmt_stat(m.get("accuracy")),
                          *([fmt_diff(d.get("accuracy"))] if diff else []), *(fmt_stat(m.get(k)) for k in shown),
-                         *([fmt_diff(d.get(shown[-1]))] if diff and shown else []),
+                         *(fmt_diff(d.get(k)) for k in (deltas if diff else [])),
                          fmt_stat(m.get("entropy"), 1.0, 3), *([fmt_diff(d.get("entropy"), 1.0, 3)] if diff else [])])
         blocks += [Block("h2", f"Results on {bench}"), Block("table", rows=rows)]
     return blocks
@@ -384,6 +392,7 @@ CAPTIONS = {
     "accuracy": "Greedy accuracy by method, in-distribution and OOD.",
     "accuracy_diff": "Paired differences in accuracy against the baseline (same seed).",
     "pass_at_k": "pass@k curves.",
+    "maj_at_k": "maj@k curves (self-consistency: majority vote over k samples).",
     "entropy": "Mean per-token entropy of the sampling distribution (diversity).",
     "critical": "Critical-token share by token kind.",
     "train_loss": "Training loss curves.",
@@ -397,7 +406,8 @@ def build_blocks(data: RunData, plots: dict[str, Path]) -> list[Block]:
         blocks.append(Block("p", "Values are means over seeds ± the half-width of a 95% t interval; Δ columns are "
                                  f"paired differences against {data.baseline} of the same seed (GRPO rows against "
                                  f"grpo:{data.baseline}) with their 95% t interval; * marks an interval that excludes "
-                                 "0. Accuracy and pass@k in percent, entropy in nats."))
+                                 "0. Accuracy, pass@k and maj@k in percent, entropy in nats. maj@k counts equivalent "
+                                 "answers as one and breaks ties toward the answer sampled first."))
     if data.missing:
         blocks.append(Block("p", f"Not finished (not in the statistics): {', '.join(data.missing)}."))
     blocks += result_tables(data) + critical_table(data) + [Block("h2", "Plots")]
