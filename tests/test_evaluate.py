@@ -103,6 +103,13 @@ def test_answers_are_grouped_by_the_graders_equivalence():
     assert ev.answer_clusters(preds) == [0, 0, 1, None, 0, 1, None, 2, 2]
 
 
+def test_right_answers_form_one_cluster_given_the_verdicts():
+    preds = ["7", "0.5", "1/2", "7.0", None, "x", "\\frac{1}{2}"]
+    correct = [False, True, True, False, False, False, True]
+    assert ev.answer_clusters(preds, correct) == [0, 1, 1, 0, None, 2, 1]
+    assert ev.answer_clusters(preds) == [0, 1, 1, 0, None, 2, 1]  # the same grouping by comparison
+
+
 def test_problem_majority_votes_equivalent_answers_together():
     """Three samples say one half in three spellings, two say 3: the half wins, not the most frequent string."""
     texts = ["\\boxed{0.5}", "\\boxed{1/2}", "\\boxed{\\frac{1}{2}}", "\\boxed{3}", "\\boxed{3}", "no answer",

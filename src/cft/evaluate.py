@@ -111,23 +111,30 @@ def k_values(n: int) -> list[int]:
     return ks + [n] if n >= 1 else []
 
 
-def answer_clusters(predictions: list[str | None]) -> list[int | None]:
+def answer_clusters(predictions: list[str | None], correct: list[bool] | None = None) -> list[int | None]:
     """The answer cluster of each sample, clusters numbered in order of first appearance; None: no answer.
 
     Answers are grouped by the grader's equivalence, not by string ("0.5" and "1/2" are one answer): a
     sample joins the first cluster whose representative (its first member) it is equivalent to, checked
     with ``verify.is_equivalent(answer, representative)``, so the grouping is deterministic even where
-    the equivalence is not transitive.
+    the equivalence is not transitive. Given the samples' verdicts (``correct``), the right answers are
+    one cluster (each is equivalent to the gold answer) and only wrong answers are compared with each
+    other: far fewer verifier calls.
     """
-    reps: list[str] = []
+    reps: list[str | None] = []  # None: the cluster of right answers
     out: list[int | None] = []
-    for pred in predictions:
+    for index, pred in enumerate(predictions):
         if pred is None or not pred.strip():
             out.append(None)
             continue
-        found = next((i for i, rep in enumerate(reps) if pred == rep or verify.is_equivalent(pred, rep)), None)
+        right = correct is not None and correct[index]
+        if right:
+            found = reps.index(None) if None in reps else None
+        else:
+            found = next((i for i, rep in enumerate(reps)
+                          if rep is not None and (pred == rep or verify.is_equivalent(pred, rep))), None)
         if found is None:
-            reps.append(pred)
+            reps.append(None if right else pred)
             found = len(reps) - 1
         out.append(found)
     return out
@@ -182,7 +189,7 @@ def majority_at_k(clusters: list[int | None], correct: list[bool], ks: list[int]
 def problem_majority(samples: list[dict], ks: list[int]) -> dict[int, Fraction]:
     """maj@k of one problem's sampled records (in sample order), from their stored predictions and verdicts."""
     samples = sorted(samples, key=lambda r: r["sample"])
-    clusters = answer_clusters([r["prediction"] for r in samples])
+    clusters = answer_clusters([r["prediction"] for r in samples], [bool(r["correct"]) for r in samples])
     correct: dict[int, bool] = {}
     for c, r in zip(clusters, samples, strict=True):
         if c is not None:

@@ -146,7 +146,7 @@ def _pyplot():
 
 
 COLORS = {"base": "#7f7f7f", "sft": "#1f77b4", "cft": "#d62728", "random": "#ff7f0e", "entropy": "#2ca02c",
-          "numeric": "#9467bd", "rho1": "#8c564b", "dft": "#e377c2", "attn": "#aec7e8", "grpo:sft": "#17becf",
+          "numeric": "#9467bd", "rho1": "#8c564b", "dft": "#e377c2", "attn": "#393b79", "grpo:sft": "#17becf",
           "grpo:cft": "#bcbd22"}
 
 
