@@ -263,6 +263,22 @@ def test_attn_scores_match_transformers_attention_outputs():
         assert scores == pytest.approx(want, abs=1e-6)
 
 
+def test_batches_are_cut_to_the_memory_budget(monkeypatch):
+    from cft import selection
+
+    recs = [LabeledResponse(str(i), [1] * p, [3] * r, [0] * r, [1] * r) for i, (p, r) in
+            enumerate([(2, 2), (2, 3), (1, 1), (5, 5), (2, 2), (1, 2)])]  # widths 4, 5, 2, 10, 4, 3
+    model = _tiny_llama(layers=1)
+    sizes = [len(c) for c, _, _ in selection.padded_batches(model, recs, 3)]
+    assert sizes == [3, 3]
+    sizes = [len(c) for c, _, _ in selection.padded_batches(model, recs, 3, lambda w: w * w, budget=60)]
+    assert sizes == [2, 1, 1, 2]  # 3 x 5^2 > 60; 2 x 10^2 > 60 but one row always goes
+    full = selection.attention_scores(model, recs, FakeTok(), batch_size=6)
+    monkeypatch.setattr(selection, "ATTN_MEMORY", 1)  # one row per batch: the same scores
+    one_by_one = selection.attention_scores(model, recs, FakeTok(), batch_size=6)
+    assert all(a == pytest.approx(b, abs=1e-6) for a, b in zip(one_by_one, full, strict=True))
+
+
 def test_attn_needs_the_model():
     with pytest.raises(ValueError, match="attn selection needs the starting model"):
         select_masks("attn", [REC], FakeTok())

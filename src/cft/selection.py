@@ -31,7 +31,8 @@ Methods (``METHODS``):
   self-attention excluded), summed over those queries and divided by the statement's length, then averaged
   over every head of the last ``ATTN_LAYERS`` layers. Eager attention is switched on for this one scoring
   pass only (SDPA and flash kernels return no weights) and each layer's weights are reduced as they are
-  produced, so memory holds one layer's attention matrix of one batch at a time.
+  produced, so memory holds one layer's attention matrix of one batch at a time, and batches are cut so
+  that matrix stays within ``ATTN_MEMORY`` bytes.
 - ``numeric``: the response tokens whose decoded text contains a digit (``token_kind`` = ``digit``).
 
 A response with no selected token carries no loss: it is excluded from training and counted, never
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 import random
 import re
 from collections import Counter
@@ -63,6 +65,7 @@ METHOD_HELP = (
     "the most attention received from the final-answer statement (from the last 'answer is', \\boxed or #### to "
     f"the end), averaged over heads and the last {ATTN_LAYERS} layers; numeric: digit tokens; dft: every token, "
     "weighted by its own detached probability")
+ATTN_MEMORY = 1 << 30  # attn: bytes of one layer's float32 attention weights per batch (fewer rows if needed)
 ANSWER_TAIL = 16  # attn: the statement when a response has no answer marker: its last tokens
 ANSWER_MARK = re.compile(r"answer is|\\boxed|\\fbox|####", re.IGNORECASE)
 LOSS_NORMS = ("step", "sequence")
@@ -170,13 +173,24 @@ def scoring_mode(model, attn_implementation: str | None = None) -> Iterator[None
         model.train(was_training)
 
 
-def padded_batches(model, records: list[LabeledResponse],
-                   batch_size: int) -> Iterator[tuple[list[LabeledResponse], torch.Tensor, torch.Tensor]]:
-    """``(records, input_ids, attention_mask)`` per batch: prompt + response, right-padded, on the model's device."""
+def padded_batches(model, records: list[LabeledResponse], batch_size: int, row_cost=None,
+                   budget: float = math.inf) -> Iterator[tuple[list[LabeledResponse], torch.Tensor, torch.Tensor]]:
+    """``(records, input_ids, attention_mask)`` per batch: prompt + response, right-padded, on the model's device.
+
+    A batch holds at most ``batch_size`` records and, when ``row_cost(width)`` is given, at most as many as keep
+    rows x row_cost(padded width) within ``budget`` (always at least one).
+    """
     device = next(model.parameters()).device
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    for start in range(0, len(records), batch_size):
-        chunk = records[start : start + batch_size]
+    start = 0
+    while start < len(records):
+        end, width = start, 0
+        while end < len(records) and end - start < batch_size:
+            w = max(width, len(records[end].prompt_ids) + len(records[end].response_ids))
+            if end > start and row_cost is not None and (end + 1 - start) * row_cost(w) > budget:
+                break
+            end, width = end + 1, w
+        chunk, start = records[start:end], end
         seqs = [r.prompt_ids + r.response_ids for r in chunk]
         width = max(map(len, seqs))
         ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
@@ -236,9 +250,11 @@ def attention_scores(model, records: list[LabeledResponse], tok, batch_size: int
     cache: dict[int, str] = {}
     starts = [answer_start(r, tok, cache) for r in records]
     out: list[list[float]] = []
+    heads = model.config.num_attention_heads
     with scoring_mode(model, "eager"):
         done = 0
-        for chunk, ids, mask in padded_batches(model, records, batch_size):
+        for chunk, ids, mask in padded_batches(model, records, batch_size, lambda w: 4 * heads * w * w,
+                                               ATTN_MEMORY):
             query = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)  # 1/|statement| on its queries
             for row, rec in enumerate(chunk):
                 p, t, a = len(rec.prompt_ids), len(rec.response_ids), starts[done + row]
