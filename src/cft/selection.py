@@ -272,7 +272,7 @@ def attention_scores(model, records: list[LabeledResponse], tok, batch_size: int
 
             hooks = [m.register_forward_hook(reduce) for m in modules]
             try:
-                model(input_ids=ids, attention_mask=mask)
+                model.base_model(input_ids=ids, attention_mask=mask)  # the transformer only: no logits needed
             finally:
                 for h in hooks:
                     h.remove()
