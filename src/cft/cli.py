@@ -110,9 +110,8 @@ def output_file(text: str) -> str:
     path = Path(text).expanduser()
     if path.is_dir():
         _fail(f"{text} is a folder; expected a file path")
-    if path.exists():
-        if not os.access(path, os.W_OK):
-            _fail(f"{text} is not writable")
+    if path.exists() and not os.access(path, os.W_OK):
+        _fail(f"{text} is not writable")
     _probe_writable(path, "file")
     return text
 
