@@ -89,6 +89,7 @@ def number(kind: type, low: float, low_inclusive: bool = True, high: float = mat
             hi = "" if high == math.inf else f" and {'<=' if high_inclusive else '<'} {high:g}"
             _fail(f"must be {lo}{hi}, got {text}")
         return value
+    parse.bounds = (low, low_inclusive, high, high_inclusive)  # type: ignore[attr-defined] - for the tests
     return parse
 
 
@@ -103,7 +104,7 @@ def _probe_writable(path: Path, what: str, folder: bool = False) -> None:
         with tempfile.TemporaryFile(dir=parent):  # deleted on close: the probe leaves nothing behind
             pass
     except OSError as exc:
-        _fail(f"cannot create {what} {path}: {parent} is not writable ({exc.strerror or exc})")
+        _fail(f"cannot create {what} {path}: cannot write in {parent} ({exc.strerror or exc})")
 
 
 def output_file(text: str) -> str:

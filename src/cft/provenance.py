@@ -263,6 +263,8 @@ def check(command: str, args: Any, explicit: set[str]) -> tuple[list[str], str |
     flag = "--" + spec.argument.replace("_", "-") if spec.argument != "labels" else "LABELS"
     path = Path(getattr(args, spec.argument))
     artifact = path / spec.meta_of if spec.meta_of else path
+    if not artifact.is_file():
+        return [], None  # the stage itself reports the missing file
     meta = read_meta(artifact)
     if not meta:
         return [f"warning: {artifact} has no metadata ({artifact}.meta.json); cannot check it was made with "
