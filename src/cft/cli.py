@@ -11,7 +11,7 @@ exit code 2, before any model loads and without writing anything:
   overrides where a command has that check);
 - bad input lines raise ``InputError`` naming file, line and field; the commands that read user files
   (``READS_INPUT``) also take ``--skip-invalid``: bad lines are then reported one by one, skipped and counted;
-- the other errors a person can fix (``FIXABLE``: a file that cannot be read or written, a YAML that
+- the other errors a person can fix (``_fixable()``: a file that cannot be read or written, a YAML that
   does not parse, a model the hub does not know) are printed as their first line. ``CFT_TRACEBACK=1``
   shows the traceback instead.
 
