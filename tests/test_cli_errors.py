@@ -58,9 +58,9 @@ BAD_PATHS = {
 def bad_numbers(check) -> list[str]:
     """Values just outside a ``cli.number`` validator's range, and a non-number."""
     low, low_inclusive, high, high_inclusive = check.bounds
-    values = [str(int(low) - 1) if low_inclusive else f"{low:g}"]
+    values = [cli._fmt(low - 1) if low_inclusive else cli._fmt(low)]
     if high != float("inf"):
-        values.append(f"{high:g}" if not high_inclusive else f"{high + 1:g}")
+        values.append(cli._fmt(high) if not high_inclusive else cli._fmt(high + 1))
     return [*values, "abc"]
 
 
@@ -195,8 +195,10 @@ def test_unknown_config_key_is_one_line(tmp_path, capsys, no_model_loading):
     assert not (tmp_path / "exp").exists()
 
 
-def test_a_usage_error_is_one_line(capsys):
-    for argv in (["bogus"], ["identify"], ["train", "--model", "testbed"], []):
+def test_a_usage_error_is_one_line(tmp_path, capsys):
+    shard = ["identify", "--input", __file__, "--out", str(tmp_path / "l.jsonl"), "--num-shards", "2",
+             "--shard-index", "2"]
+    for argv in (["bogus"], ["identify"], ["train", "--model", "testbed"], [], shard):
         code, _, err = run_case(argv, capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1 and "error:" in err, (argv, err)
 
@@ -259,31 +261,45 @@ def test_issue_cases_through_the_real_cli(tmp_path):
 
 
 def table(tmp: Path) -> str:
-    """Markdown rows: command, argument, bad value, message (paths shown relative to a work folder)."""
+    """Markdown rows: argument, bad value, the commands swept with it, the message (W: a work folder)."""
     import contextlib
     import io
+    import re
 
-    from huggingface_hub import constants
-
-    constants.HF_HUB_OFFLINE = True
-    rows = ["| command | argument | bad value | message (exit 2) |", "|---|---|---|---|"]
-    for label, argv, shown, value in CASES:
-        case_dir = tmp / f"case{len(rows)}"
+    rows: dict[tuple[str, str, str], list[str]] = {}
+    for i, (label, argv, shown, value) in enumerate(CASES):
+        case_dir = tmp / f"case{i}"
         case_dir.mkdir()
         subs = workspace(case_dir)
         err = io.StringIO()
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             cli.main(fill(argv, subs))
         message = err.getvalue().strip().replace(str(case_dir), "W")
+        message = re.sub(r"^cft [a-z -]+: error: argument [^:]+: | \(see cft [a-z -]+ --help\)$", "", message)
         shown_value = fill([value], {k: v.replace(str(case_dir), "W") for k, v in subs.items()})[0]
-        cell = message.split(": error: ", 1)[-1].replace("|", "\\|")
-        rows.append(f"| {label} | `{shown}` | `{shown_value or '(empty)'}` | {cell} |")
-    return "\n".join(rows)
+        rows.setdefault((shown, shown_value or "(empty)", message), []).append(label)
+    lines = ["| argument | bad value | commands | message after `cft COMMAND: error: argument ARG:` |",
+             "|---|---|---|---|"]
+    for (shown, value, message), labels in rows.items():
+        lines.append(f"| `{shown}` | `{value}` | {', '.join(labels)} | {message.replace('|', chr(92) + '|')} |")
+    return "\n".join(lines)
+
+
+def test_the_docs_table_is_current(tmp_path, monkeypatch, no_model_loading):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    assert table(tmp_path) in (REPO / "docs" / "FORMATS.md").read_text(), \
+        "regenerate the table in docs/FORMATS.md with `python tests/test_cli_errors.py`"
 
 
 if __name__ == "__main__":
     import tempfile
 
+    from huggingface_hub import constants
+
+    constants.HF_HUB_OFFLINE = True
     with tempfile.TemporaryDirectory() as work:
         os.chdir(work)
         print(table(Path(work)))

@@ -72,6 +72,10 @@ def _fail(message: str):
     raise argparse.ArgumentTypeError(message)
 
 
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
 def number(kind: type, low: float, low_inclusive: bool = True, high: float = math.inf,
            high_inclusive: bool = True) -> Callable[[str], Any]:
     """A ``type=`` that parses ``kind`` and requires it inside the given range."""
@@ -85,8 +89,8 @@ def number(kind: type, low: float, low_inclusive: bool = True, high: float = mat
         above = value >= low if low_inclusive else value > low
         below = value <= high if high_inclusive else value < high
         if not (above and below):
-            lo = f"{'>=' if low_inclusive else '>'} {low:g}"
-            hi = "" if high == math.inf else f" and {'<=' if high_inclusive else '<'} {high:g}"
+            lo = f"{'>=' if low_inclusive else '>'} {_fmt(low)}"
+            hi = "" if high == math.inf else f" and {'<=' if high_inclusive else '<'} {_fmt(high)}"
             _fail(f"must be {lo}{hi}, got {text}")
         return value
     parse.bounds = (low, low_inclusive, high, high_inclusive)  # type: ignore[attr-defined] - for the tests
@@ -280,13 +284,20 @@ VALIDATORS: dict[str, Callable[[str], Any]] = {
                      "save_total_limit", "logging_steps", "score_batch_size", "lora_r", "lora_alpha",
                      "train_problems", "eval_problems", "prompts_per_step", "max_completion_length",
                      "continuation_cap"), POSITIVE_INT),
-    "n_samples": number(int, 0), "shard_index": number(int, 0),
+    "n_samples": number(int, 0), "shard_index": number(int, 0), "seed": number(int, 0, high=2**32 - 1),
     "k": number(int, 2), "num_generations": number(int, 2),
     **dict.fromkeys(("epochs", "lr", "temperature"), number(float, 0, low_inclusive=False)),
     **dict.fromkeys(("warmup", "weight_decay", "max_grad_norm", "beta"), number(float, 0)),
     "lora_dropout": number(float, 0, high=1, high_inclusive=False),
     "skip_confident": number(float, 0, low_inclusive=False, high=1),
 }
+
+
+# Arguments checked together after parsing: (dests, condition, message).
+RELATIONS: list[tuple[tuple[str, ...], Callable[[argparse.Namespace], bool], str]] = [
+    (("shard_index", "num_shards"), lambda a: a.shard_index < a.num_shards,
+     "argument --shard-index: must be < --num-shards"),
+]
 
 
 def _validator(command: str, dest: str) -> Callable[[str], Any] | None:
@@ -360,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser(command if command in COMMANDS else None)
         args = parser.parse_args(argv)
+        for dests, holds, message in RELATIONS:
+            if all(hasattr(args, d) for d in dests) and not holds(args):
+                raise CommandLineError(f"cft {args.command}: error: {message} (see cft {args.command} --help)")
     except CommandLineError as exc:
         print(exc, file=sys.stderr)
         return 2
