@@ -42,7 +42,7 @@ BASE = {
 GOOD_POSITIONAL = {"dir": "{tmp}/x", "labels": "{file}", "config": "{config}", "run_dir": "{dir}"}
 
 BAD_PATHS = {
-    cli.model_name: ["/nonexistent/model", "{file}", "{dir}", "org/not a hub id", "nosuchorg/nosuchmodel"],
+    cli.model_name: ["/nonexistent/model", "{file}", "{dir}", "org/not a hub id", "nosuchorg/nosuchmodel", "testbd"],
     cli.input_file: ["{tmp}/missing.jsonl", "{dir}"],
     cli.input_dir: ["{tmp}/missing", "{file}"],
     cli.output_file: ["/proc/forbidden/x", "{dir}", "{file}/x"],
@@ -185,6 +185,25 @@ def test_a_hub_id_fails_in_seconds_without_the_offline_flag(tmp_path, capsys, no
                              "--out", str(tmp_path / "g.jsonl")], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "nosuchorg/nosuchmodel" in err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_cached_hub_id_is_accepted_offline_and_fingerprinted_from_its_snapshot(tmp_path, monkeypatch,
+                                                                                 random_model_dir):
+    import shutil
+
+    from huggingface_hub import constants
+
+    from cft import provenance
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--someorg--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    shutil.copytree(random_model_dir, repo / "snapshots" / "abc123")
+    assert cli.model_name("someorg/tiny") == "someorg/tiny"
+    assert provenance.fingerprint("someorg/tiny").weights == provenance.fingerprint(str(random_model_dir)).weights
+    assert provenance.fingerprint("someorg/other") == provenance.Fingerprint("someorg/other", None, None)
 
 
 def test_unknown_config_key_is_one_line(tmp_path, capsys, no_model_loading):

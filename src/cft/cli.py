@@ -166,7 +166,8 @@ def yaml_config(text: str) -> str:
 
 
 def _looks_like_path(name: str) -> bool:
-    return (name.startswith(("/", ".", "~")) or name.count("/") != 1 or name.endswith(".gguf")
+    """A hub id is ``name`` or ``org/name``; anything else (or anything that exists here) is a path."""
+    return (name.startswith(("/", ".", "~")) or name.count("/") > 1 or name.endswith(".gguf")
             or Path(name).expanduser().exists())
 
 
@@ -195,8 +196,9 @@ def model_name(name: str) -> str:
 
 def _hub_model(name: str) -> str:
     from huggingface_hub import HfApi, constants, try_to_load_from_cache
-    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
 
+    unknown = f"{name}: not a known name ({', '.join(KNOWN_MODELS)}), a local folder or a cached hub model"
     try:
         cached = try_to_load_from_cache(name, "config.json")
     except HFValidationError:
@@ -205,13 +207,15 @@ def _hub_model(name: str) -> str:
     if isinstance(cached, str):
         return name
     if constants.HF_HUB_OFFLINE:
-        _fail(f"{name}: not in the local hub cache, and HF_HUB_OFFLINE is set")
+        _fail(f"{unknown}, and HF_HUB_OFFLINE is set")
     try:
         HfApi().model_info(name, timeout=5)
+    except GatedRepoError:
+        return name  # it exists; loading it asks for access (reported by the stage in one line)
     except RepositoryNotFoundError:
-        _fail(f"{name}: no such model on the hub (or it is private), and no such local folder")
+        _fail(f"{unknown}, and the hub has no such model (or it is private)")
     except Exception as exc:  # noqa: BLE001 - any network failure means the same to the user
-        _fail(f"{name}: not in the local hub cache and the hub cannot be reached ({type(exc).__name__})")
+        _fail(f"{unknown}, and the hub cannot be reached ({type(exc).__name__})")
     return name
 
 

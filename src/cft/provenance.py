@@ -339,7 +339,7 @@ def stamp(meta_path: Path, model: str | None, override: str | None = None, since
     if override is not None:
         prov["override"] = f"{ALLOW_FLAG}: {override}"
     meta["provenance"] = prov
-    tmp = meta_path.with_name(meta_path.name + ".tmp")
+    tmp = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")  # shard processes may stamp at once
     tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False, default=str) + "\n")
     os.replace(tmp, meta_path)
     return True
