@@ -19,8 +19,9 @@ fingerprints, computed without loading the model:
   ``special`` flag and the bos/eos/unk strings; read from ``tokenizer.json`` and ``tokenizer_config.json``
   when the folder has them (fast, no transformers import), else from the loaded tokenizer;
 - **weights**: a hash of the weight files (``*.safetensors``, ``*.bin``, ``*.pt``, ``*.gguf``), each hashed
-  once per process for an unchanged file (path, size and mtime are the cache key); files over 1 GiB are
-  hashed from 64 evenly spaced 1 MiB blocks and their size, which any fine-tuning changes.
+  once per process for an unchanged file (path, size and mtime are the cache key); files over 256 MiB are
+  hashed from 64 evenly spaced 1 MiB blocks and their size (fine-tuning every layer changes them; an
+  update of a few layers inside a big file can go unseen).
 
 An artifact written before fingerprints existed records only its model name (``config.model``); its
 fingerprints are then computed from that name's files. An artifact without metadata is accepted with a
@@ -41,7 +42,7 @@ from cft.artifacts import read_meta
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 NOT_WEIGHTS = {"training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth"}
-FULL_HASH_LIMIT = 1 << 30
+FULL_HASH_LIMIT = 256 << 20
 BLOCK = 1 << 20
 BLOCKS = 64
 ALLOW_FLAG = "--allow-model-mismatch"
@@ -67,7 +68,7 @@ def _file_hash(path: str, size: int, mtime_ns: int) -> str:
         if size <= FULL_HASH_LIMIT:
             for chunk in iter(lambda: fh.read(BLOCK * 8), b""):
                 h.update(chunk)
-        else:  # a multi-GB shard: evenly spaced blocks (any training run changes them all)
+        else:  # a big shard: evenly spaced blocks (training that updates every layer changes them)
             for i in range(BLOCKS):
                 fh.seek((size - BLOCK) * i // (BLOCKS - 1))
                 h.update(fh.read(BLOCK))
