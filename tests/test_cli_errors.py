@@ -214,6 +214,18 @@ def test_unknown_config_key_is_one_line(tmp_path, capsys, no_model_loading):
     assert not (tmp_path / "exp").exists()
 
 
+def test_errors_found_while_running_are_one_line(tmp_path, capsys, no_model_loading):
+    """An experiment output that cannot be created, a YAML override that does not parse."""
+    config = tmp_path / "c.yaml"
+    config.write_text("out: /proc/forbidden/x\nmethods: [sft]\nseeds: [0]\n")
+    for extra, expected in (([], "/proc/forbidden: No such file or directory"),
+                            (["seeds=[0,"], "not valid YAML: expected the node content")):
+        code, out, err = run_case(["experiment", str(config), *extra], capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and expected in lines[0], err
+        assert "Traceback" not in out + err
+
+
 def test_a_usage_error_is_one_line(tmp_path, capsys):
     shard = ["identify", "--input", __file__, "--out", str(tmp_path / "l.jsonl"), "--num-shards", "2",
              "--shard-index", "2"]

@@ -355,6 +355,13 @@ def _explicit(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
 
 
 def _one_line(exc: BaseException) -> str:
+    """The error in one line: an OS error as 'file: reason', a YAML error with its position, else line 1."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    mark = getattr(exc, "problem_mark", None)
+    if mark is not None:
+        where = f"line {mark.line + 1}, column {mark.column + 1}"
+        return f"not valid YAML: {getattr(exc, 'problem', None) or exc} ({where})"
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
 
