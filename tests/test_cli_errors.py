@@ -226,6 +226,16 @@ def test_errors_found_while_running_are_one_line(tmp_path, capsys, no_model_load
         assert "Traceback" not in out + err
 
 
+def test_device_on_a_machine_with_one_gpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert cli.device_name("cuda:0") == "cuda:0" and cli.device_name("cuda") == "cuda"
+    with pytest.raises(argparse.ArgumentTypeError, match=r"has 1 CUDA device\(s\), cuda:0..cuda:0"):
+        cli.device_name("cuda:3")
+
+
 def test_a_usage_error_is_one_line(tmp_path, capsys):
     shard = ["identify", "--input", __file__, "--out", str(tmp_path / "l.jsonl"), "--num-shards", "2",
              "--shard-index", "2"]
