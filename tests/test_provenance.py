@@ -169,3 +169,15 @@ def test_generate_stamps_its_output(tmp_path):
                  "--max-new-tokens", "8", "--out", str(out)]) == 0
     prov = json.loads(Path(str(out) + ".meta.json").read_text())["provenance"]
     assert prov == provenance.fingerprint("testbed").as_dict()
+
+
+def test_every_written_artifact_records_its_fingerprints(tmp_path):
+    """Through ``write_meta``, whichever entry point ran the stage (library callers too)."""
+    from cft.artifacts import write_meta
+
+    path = write_meta(tmp_path / "a.jsonl", {"config": {"model": "testbed"}})
+    assert json.loads(path.read_text())["provenance"] == provenance.fingerprint("testbed").as_dict()
+    for name in ("not-a-model-here", "a/b/c"):  # a name given to an in-process model; an invalid hub id
+        prov = json.loads(write_meta(tmp_path / "b.jsonl", {"config": {"model": name}}).read_text())["provenance"]
+        assert prov == {"model": name, "tokenizer": None, "weights": None}
+    assert "provenance" not in json.loads(write_meta(tmp_path / "m.json", {"gsm8k": {"accuracy": 1}}).read_text())

@@ -12,8 +12,8 @@ that made them, so a stage that reads another stage's artifact checks the artifa
 
 A mismatch raises ``ProvenanceError`` (one line; the CLI exits with code 2) unless
 ``--allow-model-mismatch`` is given; the override is then recorded in the output's metadata
-(``stamp``). Every CLI output's metadata gets a ``provenance`` entry: the model name and two short
-fingerprints, computed without loading the model:
+(``stamp``). Every artifact's metadata gets a ``provenance`` entry: the model name and two short
+fingerprints, computed without loading the model (``with_fingerprints``, called by ``write_meta``):
 
 - **tokenizer**: the vocabulary (token -> id, added tokens included), the added tokens with their
   ``special`` flag and the bos/eos/unk strings; read from ``tokenizer.json`` and ``tokenizer_config.json``
@@ -302,6 +302,22 @@ def check(command: str, args: Any, explicit: set[str]) -> tuple[list[str], str |
 # ---------------------------------------------------------------- stamping outputs
 
 
+def with_fingerprints(meta: dict) -> dict:
+    """``meta`` plus ``provenance`` (the fingerprints of its ``config.model``), for every artifact written.
+
+    Called by ``cft.artifacts.write_meta``; never fails a finished stage: a model that cannot be
+    fingerprinted here (gone, or a name given to an in-process caller's model) is recorded by name only.
+    """
+    model = (meta.get("config") or {}).get("model") if isinstance(meta.get("config"), dict) else None
+    if not isinstance(model, str) or isinstance(meta.get("provenance"), dict):
+        return meta
+    try:
+        prov = fingerprint(model).as_dict()
+    except (OSError, ValueError):
+        prov = Fingerprint(model, None, None).as_dict()
+    return {**meta, "provenance": prov}
+
+
 def output_meta(command: str, args: Any) -> tuple[Path, str | None] | None:
     """(the metadata file a CLI run wrote, the model it was made with or None: the one it records)."""
     if getattr(args, "dry_run", False):
@@ -323,16 +339,18 @@ def output_meta(command: str, args: Any) -> tuple[Path, str | None] | None:
 
 
 def stamp(meta_path: Path, model: str | None, override: str | None = None, since: float = 0.0) -> bool:
-    """Add the model's fingerprints (and an override note) to a metadata file written since ``since``.
-
-    A file that already holds fingerprints keeps them (``eval --rescore`` re-writes the same file; the
-    samples were made by the recorded model, not by ``--model``'s default).
+    """Record the fingerprints (unless the file has them) and an override note in a metadata file written
+    since ``since``. Artifacts get their fingerprints from ``write_meta`` already; this adds them to the
+    files written otherwise (``train_summary.json``) and records ``--allow-model-mismatch``.
     """
     if not meta_path.is_file() or meta_path.stat().st_mtime < since:
         return False
     meta = json.loads(meta_path.read_text())
     prov = meta.get("provenance")
-    if not isinstance(prov, dict) or not prov.get("model"):
+    if isinstance(prov, dict) and prov.get("model"):
+        if override is None:
+            return False
+    else:
         model = model or recorded_model(meta)[0]
         if model is None:
             return False
