@@ -181,3 +181,11 @@ def test_every_written_artifact_records_its_fingerprints(tmp_path):
         prov = json.loads(write_meta(tmp_path / "b.jsonl", {"config": {"model": name}}).read_text())["provenance"]
         assert prov == {"model": name, "tokenizer": None, "weights": None}
     assert "provenance" not in json.loads(write_meta(tmp_path / "m.json", {"gsm8k": {"accuracy": 1}}).read_text())
+
+
+def test_view_checks_the_tokenizer_only_when_a_model_is_given(tmp_path, smollm2_gguf):
+    labels = labels_file(tmp_path, "testbed")
+    args = ns(labels=str(labels), model=None)
+    assert provenance.check("view", args, set()) == ([], None)  # decoded with the sidecar's model
+    with pytest.raises(ProvenanceError, match="LABELS .* was made with model 'testbed' but --model is 'smollm2'"):
+        provenance.check("view", ns(labels=str(labels), model="smollm2"), {"model"})
