@@ -227,8 +227,7 @@ def recorded_model(meta: dict) -> tuple[str | None, dict | None]:
 def _recorded(name: str, prov: dict | None, key: str) -> str | None:
     if prov is not None and prov.get(key):
         return prov[key]
-    value = tokenizer_fingerprint(name) if key == "tokenizer" else weights_fingerprint(name)
-    return value
+    return tokenizer_fingerprint(name) if key == "tokenizer" else weights_fingerprint(name)
 
 
 def compare(artifact_model: str, prov: dict | None, model: str) -> dict[str, bool | None]:
