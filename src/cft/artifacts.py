@@ -183,6 +183,9 @@ def _dump(rec: dict) -> str:
 
 
 def write_meta(out: str | os.PathLike, meta: dict) -> Path:
+    from cft.provenance import with_fingerprints  # every artifact records which model made it
+
+    meta = with_fingerprints(meta)
     path = Path(str(out) + ".meta.json") if not str(out).endswith(".json") else Path(out)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False, default=str) + "\n")
