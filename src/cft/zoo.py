@@ -9,13 +9,15 @@ at a large scale would give huge margins, under which any two decoders agree).
 
 The family facts come from the published configs (see docs/ZOO.md); the token ids are mapped onto the
 testbed tokenizer's special tokens: ``<|endoftext|>`` = 0, ``<|im_start|>`` = 1, ``<|im_end|>`` = 2
-(the token the models learn to end a solution with). Every family is 2 layers, hidden 64.
+(the token the models learn to end a solution with). Every family is 2 layers, hidden 64, head_dim
+16 (Gemma-2: 32), rope θ 1e4 (the real 1e5-1e6 are meant for head_dim 64-128; at 16 they leave too few
+rotating frequencies for a short training run to learn positions).
 
 ============  =================================================================================
 family        features carried
 ============  =================================================================================
 qwen2.5       Qwen2ForCausalLM; GQA 4/2; QKV bias; tied embeddings; 512 embedding rows for 474
-              tokens (padded vocab); rope θ 1e6; sliding_window field present but unused
+              tokens (padded vocab); sliding_window field present but unused
               (use_sliding_window false); generation_config of Qwen2.5-Instruct: do_sample true,
               repetition_penalty 1.1, temperature 0.7, top_p 0.8, top_k 20, eos [2, 0], pad 0 (the
               pad is also an EOS), bos 0.
@@ -24,7 +26,7 @@ llama3.2      LlamaForCausalLM; GQA 4/2; tied; rope "llama3" scaling (factor 32,
               (the saved tokenizer has none either); generation_config do_sample true,
               temperature 0.6, top_p 0.9.
 olmo2         Olmo2ForCausalLM; QK RMSNorm over the whole q/k projections; norm after each sublayer;
-              no GQA; untied; 512 rows for 474 tokens; rope θ 5e5; eos 2, pad 0, no bos.
+              no GQA; untied; 512 rows for 474 tokens; eos 2, pad 0, no bos.
 phi3          Phi3ForCausalLM; fused qkv_proj and gate_up_proj; sliding window 32 on every layer;
               untied; 512 rows for 474 tokens; bos 1, config eos 0, generation_config eos [0, 2],
               pad 0 (the pad is also an EOS).
@@ -34,7 +36,7 @@ gemma2        Gemma2ForCausalLM; alternating sliding (window 32, even layers) / 
               bos 1; generation_config cache_implementation "hybrid".
 mistral       MistralForCausalLM; GQA 4/2; sliding window 32 on every layer; untied; bos 1, eos 2;
               no pad id anywhere (the saved tokenizer has none either).
-smollm2       LlamaForCausalLM; GQA 6/2 (head_dim 16, hidden 96); tied; rope θ 1e5; bos 1, eos 2,
+smollm2       LlamaForCausalLM; GQA 6/2 (hidden 96); tied; bos 1, eos 2,
               pad 2 (pad == eos, in the tokenizer too).
 ============  =================================================================================
 
@@ -60,6 +62,7 @@ PADDED_ROWS = 512  # embedding rows of the padded-vocab families (the tokenizer 
 TRAIN_STEPS = 80
 TRAIN_BATCH = 8
 LR = 1e-2
+ROPE_THETA = 1e4  # the real 1e5-1e6 leave head_dim 16 too few rotating frequencies: the model cannot learn positions
 _SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
           "max_position_embeddings": 512}
 
@@ -67,43 +70,44 @@ _SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "
 _SPECS: dict[str, tuple[str, dict, dict, str | None]] = {
     "qwen2.5": ("Qwen2Config", {
         **_SMALL, "num_key_value_heads": 2, "vocab_size": PADDED_ROWS, "tie_word_embeddings": True,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}, "use_sliding_window": False,
+        "rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA}, "use_sliding_window": False,
         "sliding_window": 32, "max_window_layers": 1, "bos_token_id": PAD, "eos_token_id": EOS},
         {"bos_token_id": PAD, "pad_token_id": PAD, "do_sample": True, "eos_token_id": [EOS, PAD],
          "repetition_penalty": 1.1, "temperature": 0.7, "top_p": 0.8, "top_k": 20}, "pad"),
     "llama3.2": ("LlamaConfig", {
         **_SMALL, "num_key_value_heads": 2, "tie_word_embeddings": True,
-        "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 32.0, "low_freq_factor": 1.0,
+        "rope_parameters": {"rope_type": "llama3", "rope_theta": ROPE_THETA, "factor": 32.0, "low_freq_factor": 1.0,
                             "high_freq_factor": 4.0, "original_max_position_embeddings": 256},
         "bos_token_id": BOS, "eos_token_id": [PAD, EOS]},
         {"bos_token_id": BOS, "do_sample": True, "eos_token_id": [PAD, EOS], "temperature": 0.6, "top_p": 0.9},
         None),
     "olmo2": ("Olmo2Config", {
         **_SMALL, "num_key_value_heads": 4, "vocab_size": PADDED_ROWS, "tie_word_embeddings": False,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 5e5},
+        "rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA},
         "bos_token_id": None, "eos_token_id": EOS, "pad_token_id": PAD},
         {"_from_model_config": True, "eos_token_id": EOS, "pad_token_id": PAD}, "pad"),
     "phi3": ("Phi3Config", {
         **_SMALL, "num_key_value_heads": 4, "vocab_size": PADDED_ROWS, "tie_word_embeddings": False,
         "sliding_window": 32, "original_max_position_embeddings": 512,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1e4},
+        "rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA},
         "bos_token_id": BOS, "eos_token_id": PAD, "pad_token_id": PAD},
         {"_from_model_config": True, "bos_token_id": BOS, "eos_token_id": [PAD, EOS], "pad_token_id": PAD}, "pad"),
     "gemma2": ("Gemma2Config", {
         **_SMALL, "num_key_value_heads": 2, "head_dim": 32, "query_pre_attn_scalar": 32, "tie_word_embeddings": True,
         "sliding_window": 32, "layer_types": ["sliding_attention", "full_attention"],
         "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1e4},
+        "rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA},
         "bos_token_id": BOS, "eos_token_id": [EOS, PAD], "pad_token_id": PAD},
         {"_from_model_config": True, "bos_token_id": BOS, "cache_implementation": "hybrid",
          "eos_token_id": [EOS, PAD], "pad_token_id": PAD}, "pad"),
     "mistral": ("MistralConfig", {
         **_SMALL, "num_key_value_heads": 2, "tie_word_embeddings": False, "sliding_window": 32,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}, "bos_token_id": BOS, "eos_token_id": EOS},
+        "rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA},
+        "bos_token_id": BOS, "eos_token_id": EOS},
         {"_from_model_config": True, "bos_token_id": BOS, "eos_token_id": EOS}, None),
     "smollm2": ("LlamaConfig", {
         **_SMALL, "hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 2, "tie_word_embeddings": True,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1e5},
+        "rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA},
         "bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": EOS},
         {"_from_model_config": True, "bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": EOS}, "eos"),
 }
@@ -125,20 +129,25 @@ def _config(family: str):
     return config
 
 
+@functools.lru_cache(maxsize=2)
+def _batches(seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The training batches (prompt + solution, loss on the solution), shared by every family."""
+    from cft.testbed.pretrain import _batch
+
+    rng = random.Random(seed)
+    return [_batch(_tokenizer(), rng, TRAIN_BATCH) for _ in range(TRAIN_STEPS)]
+
+
 @functools.lru_cache(maxsize=16)
 def _trained(family: str, seed: int) -> dict[str, torch.Tensor]:
     """The family's weights after a short run on testbed solutions; cached per process (tests build often)."""
-    from cft.testbed.pretrain import _batch
-
     tok = _tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = transformers.AutoModelForCausalLM.from_config(_config(family), dtype=torch.float32)
-        rng = random.Random(seed)
         opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01, betas=(0.9, 0.98))
         model.train()
-        for _ in range(TRAIN_STEPS):
-            ids, labels = _batch(tok, rng, TRAIN_BATCH)
+        for ids, labels in _batches(seed):
             loss = model(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long(), labels=labels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
