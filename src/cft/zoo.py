@@ -142,7 +142,7 @@ def _batches(seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def _trained(family: str, seed: int) -> dict[str, torch.Tensor]:
     """The family's weights after a short run on testbed solutions; cached per process (tests build often)."""
     tok = _tokenizer()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():  # callable anywhere
         torch.manual_seed(seed)
         model = transformers.AutoModelForCausalLM.from_config(_config(family), dtype=torch.float32)
         opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01, betas=(0.9, 0.98))
