@@ -178,6 +178,50 @@ def vocab_rows(model) -> int:
     return max(rows)
 
 
+FINGERPRINT_SAMPLE = 4096  # values read per tensor
+
+
+def weights_fingerprint(model) -> str:
+    """A short stable hex id of the loaded weights: every parameter's name, shape and dtype, and an evenly
+    strided sample of its values (exact: read as float32, on any device).
+
+    Cheap for any model size, so it can key resumes and be recorded with every artifact. It tells apart
+    checkpoints, fine-tunes (they change most values of a tensor) and dtypes; an edit of a few single
+    values may escape the sample.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, param in model.named_parameters():  # a tied weight is listed once
+        flat = param.detach().reshape(-1)
+        k = min(flat.numel(), FINGERPRINT_SAMPLE)
+        index = torch.arange(k, dtype=torch.int64) * (flat.numel() - 1) // max(k - 1, 1)
+        h.update(f"{name}|{tuple(param.shape)}|{param.dtype}|".encode())
+        h.update(flat[index.to(flat.device)].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """A short stable hex id of what maps text to ids: the tokenizer model (vocabulary, merges, normalizer,
+    pre-tokenizer, added tokens), the special tokens and the chat template; not the padding/truncation
+    state that encoding calls change.
+    """
+    import hashlib
+    import json
+
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        spec.pop("padding", None)
+        spec.pop("truncation", None)
+    else:
+        spec = sorted(tok.get_vocab().items())
+    special = {name: (getattr(tok, name, None), getattr(tok, f"{name}_id", None))
+               for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    blob = json.dumps([spec, special, tok.chat_template, len(tok)], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def stop_token_ids(tok, model=None) -> list[int]:
     """Every token that ends a response: the tokenizer's EOS plus the generation config's."""
     ids = {tok.eos_token_id}
