@@ -94,3 +94,15 @@ def test_tokenizer_fingerprint(random_model_dir, testbed_tokenizer):
     other = models.load_tokenizer(str(random_model_dir))
     other.pad_token = other.eos_token
     assert models.tokenizer_fingerprint(other) != fp
+
+
+def test_zoo_names_build_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CFT_MODEL_CACHE", str(tmp_path))
+    with pytest.raises(ValueError, match="unknown zoo family 'gpt2' in 'zoo:gpt2'; choose from qwen2.5"):
+        models.resolve("zoo:gpt2")
+    spec = models.resolve("zoo:mistral")
+    assert Path(spec.path).parent == tmp_path / "zoo" and (Path(spec.path) / "config.json").is_file()
+    stamp = (Path(spec.path) / "model.safetensors").stat().st_mtime_ns
+    assert models.resolve("zoo:mistral") == spec
+    assert (Path(spec.path) / "model.safetensors").stat().st_mtime_ns == stamp  # not built again
+    assert [p.name for p in (tmp_path / "zoo").iterdir()] == [Path(spec.path).name]  # no temporary left over

