@@ -37,7 +37,7 @@ from cft.artifacts import (
     read_valid,
     record_key,
 )
-from cft.models import cache_kwarg, load_model, resolve, stop_token_ids
+from cft.models import cache_kwarg, load_model, resolve, stop_token_ids, vocab_rows
 from cft.progress import Progress
 
 
@@ -92,7 +92,7 @@ class Protocol:
 
         self.tok, self.cfg = tok, cfg
         self.eos = set(stop_token_ids(tok, model))
-        self.trigger = trigger_tokens(tok).tolist()
+        self.trigger = trigger_tokens(tok, vocab_rows(model)).tolist()
 
     def budget(self, t: int) -> int:
         """How many tokens may follow the alternative at response position t."""
@@ -201,7 +201,7 @@ def run_reference(model, tok, works_iter, cfg: IdentifyConfig, proto: Protocol, 
 
     from cft.generate import _AnswerStop, trigger_tokens
 
-    trigger = trigger_tokens(tok).to(model.device)
+    trigger = trigger_tokens(tok, vocab_rows(model)).to(model.device)
     for work, _ in works_iter:
         for t, alts in enumerate(work.alternatives):
             for j, a in enumerate(alts):
