@@ -50,3 +50,58 @@ def test_short_grpo_run_logs_reward_accuracy_entropy(tiny_dir, tmp_path):
     assert summary["global_step"] == 2 and summary["final"] == rows[-1]
     model, _ = load_model(str(out), device="cpu")  # the policy is saved as a standard checkpoint
     assert model.config.hidden_size == 32
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_grpo_checkpoints_and_resumes_to_the_same_policy(tiny_dir, tmp_path, monkeypatch):
+    """A run cut right after its step-2 checkpoint, resumed with --resume, ends with the uninterrupted run's weights
+    and log; without --resume the leftover checkpoint is refused.
+
+    The random tiny policy never answers correctly (every reward 0, so no gradient); a reward that varies between
+    completions (their share of digit characters) makes the policy move, so equal weights mean something.
+    """
+    import torch
+    from safetensors.torch import load_file
+    from trl import GRPOTrainer
+
+    import cft.grpo
+    from cft.train import UsageError
+
+    def digits(completions, **kwargs):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return [sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts]
+
+    monkeypatch.setattr(cft.grpo, "accuracy", digits)
+    kw = dict(init=tiny_dir, limit=8, max_steps=4, prompts_per_step=2, num_generations=2, max_completion_length=8,
+              lr=1e-3, save_steps=2)
+    grpo(GRPORunConfig(out=str(tmp_path / "whole"), **kw))
+
+    save = GRPOTrainer._save_checkpoint
+
+    def save_then_die(self, model, trial):
+        save(self, model, trial)
+        raise Interrupted
+
+    with monkeypatch.context() as m:
+        m.setattr(GRPOTrainer, "_save_checkpoint", save_then_die)
+        with pytest.raises(Interrupted):
+            grpo(GRPORunConfig(out=str(tmp_path / "cut"), **kw))
+    assert (tmp_path / "cut" / "checkpoint-2" / "trainer_state.json").is_file()
+    with pytest.raises(UsageError, match="--resume"):
+        grpo(GRPORunConfig(out=str(tmp_path / "cut"), **kw))
+    summary = grpo(GRPORunConfig(out=str(tmp_path / "cut"), resume=True, **kw))
+    assert summary["resumed_from"].endswith("checkpoint-2") and summary["global_step"] == 4
+
+    whole, cut = (load_file(tmp_path / d / "model.safetensors") for d in ("whole", "cut"))
+    start = load_file(f"{tiny_dir}/model.safetensors")
+    assert any(not torch.equal(start[k], whole[k]) for k in start)  # the policy moved
+    for k in whole:
+        torch.testing.assert_close(cut[k], whole[k], rtol=0, atol=1e-6, msg=k)
+    logs = [[json.loads(x) for x in (tmp_path / d / "grpo_log.jsonl").read_text().splitlines()] for d in ("whole",
+                                                                                                          "cut")]
+    assert [r["step"] for r in logs[1]] == [1, 2, 3, 4]
+    for a, b in zip(*logs, strict=True):
+        assert a["reward"] == b["reward"] and a["completion_length"] == b["completion_length"]
