@@ -152,3 +152,70 @@ def test_the_cli_reports_a_full_disk_in_one_line_and_the_rerun_finishes(tmp_path
     monkeypatch.setattr(artifacts, "_raw_write", os.write)
     assert main([*argv, "--out", str(out)]) == 0
     assert out.read_bytes() == (tmp_path / "ref.jsonl").read_bytes()
+
+
+# ---------------------------------------------------------------- SIGKILL during eval and train
+
+
+@pytest.mark.slow
+def test_eval_killed_resumes_to_the_same_records(tmp_path, monkeypatch):
+    """``cft eval`` SIGKILLed three times once it has written samples, then rerun: the same samples and metrics."""
+    from tests.test_reliability import kill_and_resume
+
+    argv = ["eval", "--model", "testbed", "--device", "cpu", "--benchmarks", "testbed:test", "--limit", "12",
+            "--n-samples", "2", "--batch-size", "4", "--max-new-tokens", "48", "--out", "E"]
+    for run in ("killed", "reference"):
+        (tmp_path / run).mkdir()
+    monkeypatch.chdir(tmp_path / "reference")
+    t0 = time.time()
+    assert main(argv) == 0
+    pace = (time.time() - t0) / 6  # 3 greedy chunks of 4 problems + 3 sampled chunks of 2 problems x 2 samples
+    counts = kill_and_resume(argv, tmp_path / "killed", tmp_path / "killed" / "E" / "samples.jsonl.partial",
+                             seed=3, pace=pace)
+    assert counts[0] > 0 and counts[-1] < 36, counts
+    for name in ("samples.jsonl", "metrics.json"):
+        assert (tmp_path / "killed" / "E" / name).read_bytes() == (tmp_path / "reference" / "E" / name).read_bytes()
+    assert not (tmp_path / "killed" / "E" / "samples.jsonl.lock").exists()
+
+
+def test_train_killed_resumes_from_its_last_checkpoint_to_the_same_weights(tmp_path, testbed_tokenizer):
+    """``cft train`` SIGKILLed once its step-2 checkpoint is complete, then ``--resume``: the final weights equal an
+    uninterrupted run's on the same seed. A checkpoint folder cut short by the kill is skipped, not loaded."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.test_train import make_tiny_model, write_labels
+
+    model = make_tiny_model(tmp_path / "model", testbed_tokenizer)
+    labels = write_labels(tmp_path / "labels.jsonl", testbed_tokenizer, 8)
+    argv = [sys.executable, "-m", "cft", "train", "--model", str(model), "--input", str(labels), "--method", "cft",
+            "--max-steps", "8", "--batch-size", "2", "--lr", "1e-3", "--warmup", "0", "--save-steps", "2"]
+    env = cli_env()
+    whole = subprocess.run([*argv, "--out", str(tmp_path / "whole")], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([*argv, "--out", str(cut)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (cut / "checkpoint-2" / "trainer_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (cut / "model.safetensors").exists(), "the run finished before the kill; give it more steps"
+    # whatever the kill interrupted, also leave a checkpoint folder that a save did not finish
+    (cut / "checkpoint-99").mkdir()
+    (cut / "checkpoint-99" / "model.safetensors").write_bytes(b"torn")
+
+    resumed = subprocess.run([*argv, "--out", str(cut), "--resume"], env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "checkpoint-99 is incomplete" in resumed.stderr
+    summary = __import__("json").loads((cut / "train_summary.json").read_text())
+    assert summary["global_step"] == 8 and "checkpoint-" in summary["resumed_from"]
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(cut / "model.safetensors")
+    start = load_file(model / "model.safetensors")
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], start[k]) for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
