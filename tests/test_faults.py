@@ -20,7 +20,7 @@ import pytest
 import cft.artifacts as artifacts
 from cft.artifacts import ArtifactLockedError, DiskFullError, ResumableWriter, load_records
 from cft.cli import main
-from tests.test_reliability import REPO, cli_env, complete_lines
+from tests.test_reliability import cli_env, complete_lines
 
 RECORDS = [{"key": f"k{i}", "value": i} for i in range(6)]
 
@@ -219,3 +219,25 @@ def test_train_killed_resumes_from_its_last_checkpoint_to_the_same_weights(tmp_p
     assert a.keys() == b.keys() and any(not torch.equal(a[k], start[k]) for k in a)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("stage", ["train", "grpo"])
+def test_train_and_grpo_refuse_an_out_another_run_is_writing(tmp_path, testbed_tokenizer, stage):
+    from cft.grpo import GRPORunConfig, grpo
+    from cft.train import TrainConfig, train
+    from tests.test_train import make_tiny_model, write_labels
+
+    model = str(make_tiny_model(tmp_path / "model", testbed_tokenizer))
+    out = tmp_path / "run"
+    holder = hold_lock(out)
+    try:
+        with pytest.raises(ArtifactLockedError, match=rf"pid {holder.pid}\b"):
+            if stage == "train":
+                train(TrainConfig(model=model, input=str(write_labels(tmp_path / "l.jsonl", testbed_tokenizer, 2)),
+                                  out=str(out), max_steps=1))
+            else:
+                grpo(GRPORunConfig(init=model, out=str(out), max_steps=1))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not out.exists()  # refused before anything was written

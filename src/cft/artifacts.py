@@ -259,6 +259,7 @@ class ArtifactLock:
         self.target = Path(target)
         self.path = Path(str(target) + ".lock")
         self.took_over: int | None = None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         key = str(self.path.resolve())
         if key in _held:  # same process: the earlier writer is abandoned
             self._fd = _held.pop(key)._release_fd()

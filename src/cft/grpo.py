@@ -112,7 +112,7 @@ def grpo(cfg: GRPORunConfig, model=None, tok=None) -> dict[str, Any]:
     from transformers import set_seed
     from trl import GRPOConfig, GRPOTrainer
 
-    from cft.artifacts import environment
+    from cft.artifacts import ArtifactLock, environment
     from cft.data import load_problems
     from cft.models import load_model
     from cft.train import UsageError, last_checkpoint, process_state
@@ -120,6 +120,7 @@ def grpo(cfg: GRPORunConfig, model=None, tok=None) -> dict[str, Any]:
     t0 = time.time()
     state, use_cpu = process_state()
     out = Path(cfg.out)
+    lock = ArtifactLock(out) if state.is_main_process else None  # a second run on this --out stops here
     last = last_checkpoint(out)
     if last and not cfg.resume:
         raise UsageError(f"{out} holds checkpoints of an earlier run ({Path(last).name}); pass --resume to continue "
@@ -163,6 +164,8 @@ def grpo(cfg: GRPORunConfig, model=None, tok=None) -> dict[str, Any]:
             print(f"grpo: {result.global_step} steps; last step reward {last.get('reward')}, "
                   f"entropy {last.get('entropy')}; log in {log_path}", flush=True)
     state.wait_for_everyone()
+    if lock is not None:
+        lock.release()
     return summary
 
 
@@ -190,12 +193,13 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cft.artifacts import InputError
     from cft.train import UsageError
 
     names = GRPORunConfig.__dataclass_fields__
     try:
         grpo(GRPORunConfig(**{k: v for k, v in vars(args).items() if k in names}))
-    except UsageError as exc:
+    except (UsageError, InputError) as exc:  # InputError: bad data, or another run on this --out
         print(f"cft grpo: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -243,13 +243,14 @@ def train(cfg: TrainConfig, model=None, tok=None, callbacks: list | None = None)
     from transformers import set_seed
     from trl import SFTConfig
 
-    from cft.artifacts import environment
+    from cft.artifacts import ArtifactLock, environment
     from cft.models import load_model
 
     _check(cfg)
     t0 = time.time()
     state, use_cpu = process_state()
     out = Path(cfg.out)
+    lock = ArtifactLock(out) if state.is_main_process else None  # a second run on this --out stops here
     last = last_checkpoint(out)
     if cfg.resume and not last and state.is_main_process:
         print(f"--resume: no checkpoint in {out}; training from the start", flush=True)
@@ -342,6 +343,8 @@ def train(cfg: TrainConfig, model=None, tok=None, callbacks: list | None = None)
         print(f"saved {summary['saved']} model to {out} after {result.global_step} steps "
               f"(final loss {summary['final_loss']}); summary in {out / SUMMARY}", flush=True)
     state.wait_for_everyone()
+    if lock is not None:
+        lock.release()
     return summary
 
 
@@ -383,6 +386,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cft.artifacts import InputError
+
     names = TrainConfig.__dataclass_fields__
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
     try:
@@ -390,7 +395,7 @@ def run(args: argparse.Namespace) -> int:
     except NonFiniteLossError as exc:
         print(f"cft train: error: {exc}", file=sys.stderr)
         return 1
-    except UsageError as exc:
+    except (UsageError, InputError) as exc:  # InputError: a bad labels file, or another run on this --out
         print(f"cft train: error: {exc}", file=sys.stderr)
         return 2
     return 0
