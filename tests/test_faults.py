@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import cft.artifacts as artifacts
 from cft.artifacts import ArtifactLockedError, DiskFullError, ResumableWriter, load_records
@@ -241,3 +243,20 @@ def test_train_and_grpo_refuse_an_out_another_run_is_writing(tmp_path, testbed_t
         holder.kill()
         holder.wait()
     assert not out.exists()  # refused before anything was written
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(min_value=0, max_value=10_000), st.integers(min_value=1, max_value=6))
+def test_resume_from_any_truncation_point_gives_the_same_bytes(tmp_path_factory, cut, batch):
+    """A kill can stop the partial file at any byte; whatever survives, the resumed artifact is the same."""
+    tmp = tmp_path_factory.mktemp("cut")
+    reference = finish(tmp / "ref.jsonl")
+    out = tmp / "S.jsonl"
+    w = ResumableWriter(out, "samples")
+    for s in range(0, len(RECORDS), batch):
+        w.write([dict(r) for r in RECORDS[s : s + batch]])
+    w.close()
+    partial = Path(str(out) + ".partial")
+    partial.write_bytes(partial.read_bytes()[: cut % (partial.stat().st_size + 1)])
+    assert finish(out) == reference
+    assert not partial.exists()
