@@ -63,7 +63,7 @@ def test_a_second_writer_is_refused_naming_the_holder_then_a_killed_holder_is_ta
     assert (tmp_path / "S.jsonl.lock").exists()  # SIGKILL left the lock file; the kernel dropped the flock
     w = ResumableWriter(out, "samples")
     assert w.lock.took_over == holder.pid
-    assert f"pid {holder.pid}" in capsys.readouterr().out
+    assert f"pid {holder.pid}" in capsys.readouterr().err
     w.write([dict(r) for r in RECORDS])
     w.finalize([r["key"] for r in RECORDS], {})
     assert not (tmp_path / "S.jsonl.lock").exists() and not (tmp_path / "S.jsonl.partial").exists()

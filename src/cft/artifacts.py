@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -350,7 +351,7 @@ class ResumableWriter:
         self.lock = ArtifactLock(self.out)  # before reading the partial: another live run may be appending to it
         if self.lock.took_over is not None:
             print(f"note: took over the lock of a run that is gone (pid {self.lock.took_over}) on {self.out}",
-                  flush=True)
+                  file=sys.stderr, flush=True)
         self._pending: list[dict] = []
         self._last_flush = time.time()
         self.done: dict[str, dict] = {}
