@@ -105,3 +105,22 @@ def test_grpo_checkpoints_and_resumes_to_the_same_policy(tiny_dir, tmp_path, mon
     assert [r["step"] for r in logs[1]] == [1, 2, 3, 4]
     for a, b in zip(*logs, strict=True):
         assert a["reward"] == b["reward"] and a["completion_length"] == b["completion_length"]
+
+
+@pytest.mark.slow
+def test_grpo_from_the_pretrained_testbed_gets_verifier_reward_and_moves_the_policy(tmp_path):
+    """The pretrained testbed solves some problems, so the verifier's reward varies within a group, the advantage is
+    not zero, and one GRPO step changes the weights (a random tiny model earns 0 everywhere and cannot show this)."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "grpo"
+    grpo(GRPORunConfig(init="testbed", out=str(out), limit=8, max_steps=1, prompts_per_step=4, num_generations=4,
+                       max_completion_length=128, lr=1e-4, temperature=0.7))
+    (row,) = [json.loads(line) for line in (out / "grpo_log.jsonl").read_text().splitlines()]
+    assert 0.0 < row["reward"] < 1.0 and row["reward_std"] > 0 and row["frac_reward_zero_std"] < 1.0, row
+    assert row["grad_norm"] > 0, row
+    start, _ = load_model("testbed", device="cpu")
+    after = load_file(out / "model.safetensors")
+    changed = [k for k, v in start.state_dict().items() if k in after and not torch.equal(v, after[k])]
+    assert changed, "GRPO left every weight unchanged"
