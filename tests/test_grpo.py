@@ -124,3 +124,29 @@ def test_grpo_from_the_pretrained_testbed_gets_verifier_reward_and_moves_the_pol
     after = load_file(out / "model.safetensors")
     changed = [k for k, v in start.state_dict().items() if k in after and not torch.equal(v, after[k])]
     assert changed, "GRPO left every weight unchanged"
+
+
+@pytest.mark.slow
+def test_grpo_two_processes_checkpoint_and_save_on_every_rank(tiny_dir, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` (gloo on CPU): every rank enters the checkpoint and final
+    saves (a rank-0-only save would hang under ZeRO-3/FSDP, where the others must take part), each rank's RNG state
+    lands in the checkpoint, the policy is loadable and the output's lock is released."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_train import SRC
+
+    out = tmp_path / "grpo"
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              "29533", "-m", "cft.grpo", "--init", tiny_dir, "--out", str(out), "--limit", "8", "--max-steps", "2",
+              "--prompts-per-step", "1", "--num-generations", "2", "--max-completion-length", "8", "--save-steps", "1"]
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {p.name for p in (out / "checkpoint-2").glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    assert json.loads((out / "grpo_summary.json").read_text())["global_step"] == 2
+    model, _ = load_model(str(out), device="cpu")
+    assert model.config.hidden_size == 32
+    assert not (tmp_path / "grpo.lock").exists()
