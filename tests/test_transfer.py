@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cft.identify import critical_spans
 from cft.prompts import render_ids
@@ -71,3 +73,34 @@ def test_transfer_testbed_to_smollm2_marks_the_hand_checked_target_tokens(testbe
     assert out["critical_spans"] == [[3, 5], [7, 14], [26, 31], [62, 63]]
     assert out["response_ids"][-1] == target.eos_token_id and out["critical"][-1] == 0
     assert out["prompt_ids"] == render_ids(target, "q", "chat")
+
+
+_PIECES = ["Mia", " has", " 12", " apples", ".", " 3", " + ", "7", " = ", "19", " The", " answer", " is", " Zorblax",
+           " bought", " then", "\n", " x", "^2", " (", ")", " 0.5", " ", "!"]
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(smollm2_gguf):
+    from cft.models import load_tokenizer
+
+    return load_tokenizer(str(smollm2_gguf))
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES), min_size=1, max_size=20).map("".join), st.integers(min_value=0))
+def test_transfer_span_coverage_property(testbed_tokenizer, smollm2_tokenizer, text, seed):
+    """For any text and any choice of critical source tokens: every critical character stays covered, and every
+    target token marked critical overlaps a critical source character (nothing is invented)."""
+    import random
+
+    enc = testbed_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    rng = random.Random(seed)
+    critical = [rng.randint(0, 1) for _ in enc["input_ids"]] + [0]
+    ids = list(enc["input_ids"]) + [testbed_tokenizer.eos_token_id]
+    src = {"key": "k", "id": "p", "question": "q", "gold": "1", "response": text, "response_ids": ids,
+           "critical": critical, "critical_spans": critical_spans(testbed_tokenizer, ids, critical)}
+    out = transfer_record(src, smollm2_tokenizer, "chat")
+    source_chars = covered(src["critical_spans"])
+    assert source_chars <= covered(out["critical_spans"])
+    for s, e in out["critical_spans"]:
+        assert source_chars & set(range(s, e)), (text, s, e)
