@@ -148,12 +148,14 @@ def main() -> None:
     p.add_argument("--ceiling-tokens", type=int, default=128)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default=None)
+    p.add_argument("--keep", default=None, help="keep the generations and both engines' labels in this folder")
     args = p.parse_args()
 
     model, tok = load_model(args.model, args.dtype, args.device)
     print(f"model={args.model} device={model.device} dtype={args.dtype} threads={torch.get_num_threads()}")
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+        work = Path(args.keep or tmp)
+        work.mkdir(parents=True, exist_ok=True)
         gen = collect_responses(model, tok, args, work)
         results = {}
         for engine in ("reference", "fast"):

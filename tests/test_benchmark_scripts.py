@@ -9,17 +9,32 @@ from pathlib import Path
 
 import pytest
 
+from cft.artifacts import load_records
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_identify_speed_prints_identical_labels_and_a_full_length_ceiling():
+def test_identify_speed_prints_identical_labels_and_a_full_length_ceiling(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "identify_speed.py"), "--responses", "2", "--problems", "20",
-           "--max-new-tokens", "96", "--ceiling-tokens", "12", "--batch-size", "16"]
+           "--max-new-tokens", "96", "--ceiling-tokens", "12", "--batch-size", "16", "--keep", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
     assert re.fullmatch(r"speedup=\d+\.\d labels_identical=true ceiling_fraction=\d+\.\d\d", lines[-1]), lines[-1]
+    # the script's own verdict is not trusted: the two engines' labels are compared here
+    ref, fast = (load_records(tmp_path / f"labels-{e}.jsonl", "labels") for e in ("reference", "fast"))
+    assert len(ref) == len(fast) == 2
+    assert [r["critical"] for r in ref] == [r["critical"] for r in fast]
+    assert [r["eligible"] for r in ref] == [r["eligible"] for r in fast]
+    assert [r["response_ids"] for r in ref] == [r["response_ids"] for r in fast]
+    for a, b in zip(ref, fast):
+        for t, (xs, ys) in enumerate(zip(a["branches"], b["branches"], strict=True)):
+            for j, (x, y) in enumerate(zip(xs, ys, strict=True)):
+                assert y["ok"] is None or (x["ids"], x["ok"]) == (y["ids"], y["ok"]), (a["id"], t)
+                # the fast engine leaves a branch unrun only after an earlier alternative succeeded; the reference
+                # runs every branch
+                assert x["ok"] is not None and (y["ok"] is not None or any(z["ok"] for z in ys[:j])), (a["id"], t)
     ceiling = next(x for x in lines if x.startswith("ceiling"))
     assert "batch=16 new_tokens=12 " in ceiling  # every row decoded the full length: no early stop
     engines = {x.split()[0]: dict(kv.split("=") for kv in x.split()[1:])

@@ -50,3 +50,103 @@ def test_short_grpo_run_logs_reward_accuracy_entropy(tiny_dir, tmp_path):
     assert summary["global_step"] == 2 and summary["final"] == rows[-1]
     model, _ = load_model(str(out), device="cpu")  # the policy is saved as a standard checkpoint
     assert model.config.hidden_size == 32
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_grpo_checkpoints_and_resumes_to_the_same_policy(tiny_dir, tmp_path, monkeypatch):
+    """A run cut right after its step-2 checkpoint, resumed with --resume, ends with the uninterrupted run's weights
+    and log; without --resume the leftover checkpoint is refused.
+
+    The random tiny policy never answers correctly (every reward 0, so no gradient); a reward that varies between
+    completions (their share of digit characters) makes the policy move, so equal weights mean something.
+    """
+    import torch
+    from safetensors.torch import load_file
+    from trl import GRPOTrainer
+
+    import cft.grpo
+    from cft.train import UsageError
+
+    def digits(completions, **kwargs):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return [sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts]
+
+    monkeypatch.setattr(cft.grpo, "accuracy", digits)
+    kw = dict(init=tiny_dir, limit=8, max_steps=4, prompts_per_step=2, num_generations=2, max_completion_length=8,
+              lr=1e-3, save_steps=2)
+    grpo(GRPORunConfig(out=str(tmp_path / "whole"), **kw))
+
+    save = GRPOTrainer._save_checkpoint
+
+    def save_then_die(self, model, trial):
+        save(self, model, trial)
+        raise Interrupted
+
+    with monkeypatch.context() as m:
+        m.setattr(GRPOTrainer, "_save_checkpoint", save_then_die)
+        with pytest.raises(Interrupted):
+            grpo(GRPORunConfig(out=str(tmp_path / "cut"), **kw))
+    assert (tmp_path / "cut" / "checkpoint-2" / "trainer_state.json").is_file()
+    with pytest.raises(UsageError, match="--resume"):
+        grpo(GRPORunConfig(out=str(tmp_path / "cut"), **kw))
+    summary = grpo(GRPORunConfig(out=str(tmp_path / "cut"), resume=True, **kw))
+    assert summary["resumed_from"].endswith("checkpoint-2") and summary["global_step"] == 4
+
+    whole, cut = (load_file(tmp_path / d / "model.safetensors") for d in ("whole", "cut"))
+    start = load_file(f"{tiny_dir}/model.safetensors")
+    assert any(not torch.equal(start[k], whole[k]) for k in start)  # the policy moved
+    for k in whole:
+        torch.testing.assert_close(cut[k], whole[k], rtol=0, atol=1e-6, msg=k)
+    logs = [[json.loads(x) for x in (tmp_path / d / "grpo_log.jsonl").read_text().splitlines()] for d in ("whole",
+                                                                                                          "cut")]
+    assert [r["step"] for r in logs[1]] == [1, 2, 3, 4]
+    for a, b in zip(*logs, strict=True):
+        assert a["reward"] == b["reward"] and a["completion_length"] == b["completion_length"]
+
+
+@pytest.mark.slow
+def test_grpo_from_the_pretrained_testbed_gets_verifier_reward_and_moves_the_policy(tmp_path):
+    """The pretrained testbed solves some problems, so the verifier's reward varies within a group, the advantage is
+    not zero, and one GRPO step changes the weights (a random tiny model earns 0 everywhere and cannot show this)."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "grpo"
+    grpo(GRPORunConfig(init="testbed", out=str(out), limit=8, max_steps=1, prompts_per_step=4, num_generations=4,
+                       max_completion_length=128, lr=1e-4, temperature=0.7))
+    (row,) = [json.loads(line) for line in (out / "grpo_log.jsonl").read_text().splitlines()]
+    assert 0.0 < row["reward"] < 1.0 and row["reward_std"] > 0 and row["frac_reward_zero_std"] < 1.0, row
+    assert row["grad_norm"] > 0, row
+    start, _ = load_model("testbed", device="cpu")
+    after = load_file(out / "model.safetensors")
+    changed = [k for k, v in start.state_dict().items() if k in after and not torch.equal(v, after[k])]
+    assert changed, "GRPO left every weight unchanged"
+
+
+@pytest.mark.slow
+def test_grpo_two_processes_checkpoint_and_save_on_every_rank(tiny_dir, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` (gloo on CPU): every rank enters the checkpoint and final
+    saves (a rank-0-only save would hang under ZeRO-3/FSDP, where the others must take part), each rank's RNG state
+    lands in the checkpoint, the policy is loadable and the output's lock is released."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_train import SRC
+
+    out = tmp_path / "grpo"
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              "29533", "-m", "cft.grpo", "--init", tiny_dir, "--out", str(out), "--limit", "8", "--max-steps", "2",
+              "--prompts-per-step", "1", "--num-generations", "2", "--max-completion-length", "8", "--save-steps", "1"]
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {p.name for p in (out / "checkpoint-2").glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    assert json.loads((out / "grpo_summary.json").read_text())["global_step"] == 2
+    model, _ = load_model(str(out), device="cpu")
+    assert model.config.hidden_size == 32
+    assert not (tmp_path / "grpo.lock").exists()

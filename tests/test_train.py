@@ -91,6 +91,22 @@ def test_weighted_loss_hand_computed():
     assert math.isclose(halves.item(), 3.0, rel_tol=1e-6)
 
 
+def test_dft_gradient_is_the_detached_weight_formula():
+    """DFT's loss -sg(p_y) log p_y has gradient -(w p_y / N) (onehot(y) - softmax) in the logits; an undetached
+    weight (the gradient of -p_y log p_y) differs, so this fails if the weight is not detached."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 5, requires_grad=True)
+    targets = torch.tensor([[1, 4, 0], [2, 2, 3]])
+    weights = torch.tensor([[1.0, 1.0, 0.0], [0.5, 1.0, 1.0]])
+    log_probs = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1) * (weights > 0)
+    weighted_loss(log_probs, weights, 4.0, dft=True).backward()
+    with torch.no_grad():
+        probs = torch.softmax(logits, -1)
+        p_y = probs.gather(-1, targets[..., None])
+        want = -(weights[..., None] * p_y / 4.0) * (torch.nn.functional.one_hot(targets, 5) - probs)
+    torch.testing.assert_close(logits.grad, want, rtol=1e-6, atol=1e-7)
+
+
 def test_label_alignment_through_fused_head(tiny):
     """Position t-1 predicts labels[t]: TRL's fused head shifts the labels we build exactly once."""
     from trl.trainer.utils import add_fused_lm_head

@@ -219,27 +219,25 @@ def test_math500_solutions_grade_correct_against_answer_field():
 
 def test_fast_paths_never_touch_the_worker():
     before = verify.stats()
-    start = time.perf_counter()
     for i in range(2000):
         assert verify.is_equivalent(f"{i * 1000:,}", str(i * 1000))
         assert verify.is_equivalent(f"\\frac{{{i}}}{{4}}", str(i / 4))
         assert verify.is_equivalent(f"\\text{{choice {i}}}", f"choice {i}")
-    elapsed = time.perf_counter() - start
     after = verify.stats()
     assert after.get("symbolic", 0) == before.get("symbolic", 0)
     assert after.get("worker_starts", 0) == before.get("worker_starts", 0)
-    assert elapsed < 10, f"6000 cheap verdicts took {elapsed:.1f}s"
+    assert after["calls"] - before.get("calls", 0) == 6000  # work bound: one call each, no symbolic fallback
 
 
 def test_verdicts_are_cached():
     verify.clear_cache()
     pair = ("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}")
     assert verify.is_equivalent(*pair)
-    hits = verify.stats().get("cache_hits", 0)
-    start = time.perf_counter()
+    before = verify.stats()
     assert verify.is_equivalent(*pair)
-    assert time.perf_counter() - start < 0.01
-    assert verify.stats()["cache_hits"] == hits + 1
+    after = verify.stats()
+    assert after["cache_hits"] == before.get("cache_hits", 0) + 1
+    assert after.get("symbolic", 0) == before.get("symbolic", 0)  # answered from the cache: no worker round trip
 
 
 def _assert_worker_still_grades():
@@ -307,7 +305,7 @@ def test_huge_inputs_stay_linear():
     start = time.perf_counter()
     verify.extract_answer(text)
     verify.answer_complete(text)
-    assert time.perf_counter() - start < 2
+    assert time.perf_counter() - start < 60  # a generous bound for a pathological input: quadratic takes minutes
 
 
 _TOKENS = list("0123456789+-*/^_=,.()[]{}|$%\\ abcxyzABE!:;<>'\n") + [

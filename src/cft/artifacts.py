@@ -11,6 +11,12 @@ input order to a temporary file that is atomically renamed to ``X.jsonl``. A kil
 partial file; the next run reads it back (dropping a torn last line) and skips the keys it holds, so
 the final artifact equals an uninterrupted run's.
 
+Each artifact being written holds a lock, ``X.jsonl.lock`` (an ``flock`` plus the holder's pid): a second
+run writing the same output refuses at once (``ArtifactLockedError``, naming the holder's pid); the lock
+of a killed run is released by the kernel and the next run takes it over. A write that fails because the
+disk is full raises ``DiskFullError`` after cutting the ``.partial`` back to its last complete record, so
+the same command resumes once space is freed.
+
 Inputs are validated line by line before any model loads (``read_valid``). Under ``skipping_invalid()``
 (the CLI's ``--skip-invalid``) a bad line is reported and skipped instead of stopping the run, and
 ``invalid_count`` tells a stage how many were skipped so it can record that in its summary.
@@ -18,10 +24,14 @@ Inputs are validated line by line before any model loads (``read_valid``). Under
 
 from __future__ import annotations
 
+import atexit
+import errno
 import hashlib
 import json
 import os
 import platform
+import socket
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -45,6 +55,23 @@ class InputError(ValueError):
         self.path, self.line, self.field = str(path), line, field
         where = self.path + (f", line {line}" if line is not None else "") + (f", field '{field}'" if field else "")
         super().__init__(f"{where}: {message}")
+
+
+class ArtifactLockedError(InputError):
+    """Another live run is writing the same artifact (two runs with one ``--out``)."""
+
+
+class DiskFullError(InputError):
+    """The disk filled up while writing an artifact; the ``.partial`` keeps every complete record."""
+
+    def __init__(self, path: str | os.PathLike, kept: int):
+        self.kept = kept
+        super().__init__(path, None, None, f"no space left on device; {kept} finished records are kept in "
+                                           f"{Path(str(path))}.partial - free some space and rerun the same command "
+                                           "to resume")
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class InvalidLines:
@@ -209,12 +236,113 @@ def flush_every() -> int:
     return int(value)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+_held: dict[str, ArtifactLock] = {}  # the locks this process holds, by lock path
+
+
+class ArtifactLock:
+    """An exclusive lock on one artifact: ``flock`` on ``X.lock``, which also records the holder's pid and host.
+
+    The kernel drops an ``flock`` when its process dies, even by SIGKILL, so a killed run's lock is taken
+    over by the next run (``took_over`` then names the dead pid). A lock this process already holds (an
+    earlier writer of the same output that raised before finishing) passes to the new writer.
+    """
+
+    def __init__(self, target: str | os.PathLike):
+        import fcntl
+
+        self.target = Path(target)
+        self.path = Path(str(target) + ".lock")
+        self.took_over: int | None = None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        key = str(self.path.resolve())
+        if key in _held:  # same process: the earlier writer is abandoned
+            self._fd = _held.pop(key)._release_fd()
+        else:
+            self._fd = self._acquire(fcntl)
+        self._key = key
+        _held[key] = self
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, json.dumps(info).encode(), 0)
+
+    def _acquire(self, fcntl) -> int:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._holder(fd)
+                os.close(fd)
+                who = f"pid {holder.get('pid', '?')}" + (f" on {holder['host']}" if holder.get("host") else "")
+                since = f" since {holder['since']}" if holder.get("since") else ""
+                raise ArtifactLockedError(self.target, None, None,
+                                          f"another cft run ({who}{since}) is writing this file; wait for it to "
+                                          "finish or choose another --out") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # not a file its last holder unlinked between our open and our flock
+                pid = self._holder(fd).get("pid")
+                if isinstance(pid, int) and pid != os.getpid() and not _pid_alive(pid):
+                    self.took_over = pid
+                return fd
+            os.close(fd)
+
+    @staticmethod
+    def _holder(fd: int) -> dict:
+        try:
+            info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return {}
+        return info if isinstance(info, dict) else {}
+
+    def _release_fd(self) -> int:
+        fd, self._fd = self._fd, None
+        return fd
+
+    def release(self) -> None:
+        """Unlink the lock file, then drop the lock (in that order, so no one locks a file about to vanish)."""
+        if self._fd is None:
+            return
+        if _held.get(self._key) is self:
+            del _held[self._key]
+        self.path.unlink(missing_ok=True)
+        os.close(self._release_fd())
+
+
+@atexit.register
+def _release_all() -> None:
+    """A run that ends with an error leaves no lock file behind (the kernel drops the flock anyway)."""
+    for lock in list(_held.values()):
+        lock.release()
+
+_raw_write = os.write  # the one call that puts artifact bytes on disk (tests inject ENOSPC here)
+
+
+def _write_fully(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[_raw_write(fd, view):]
+
+
 class ResumableWriter:
     """Append records as they finish; ``finalize`` writes them in input order, atomically.
 
     ``done`` holds the records recovered from an interrupted earlier run of the same output.
     ``write`` makes a batch durable at once; ``add`` buffers single records and flushes every
     ``flush_every()`` records or ``flush_seconds``, so a fast stream does not fsync per record.
+    The writer holds the output's ``ArtifactLock`` from construction until ``finalize`` or ``close``.
     """
 
     def __init__(self, out: str | os.PathLike, kind: str, flush_seconds: float = 5.0):
@@ -223,12 +351,19 @@ class ResumableWriter:
         self.partial = Path(str(self.out) + ".partial")
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.flush_every, self.flush_seconds = flush_every(), flush_seconds
+        self.lock = ArtifactLock(self.out)  # before reading the partial: another live run may be appending to it
+        if self.lock.took_over is not None:
+            print(f"note: took over the lock of a run that is gone (pid {self.lock.took_over}) on {self.out}",
+                  file=sys.stderr, flush=True)
         self._pending: list[dict] = []
         self._last_flush = time.time()
         self.done: dict[str, dict] = {}
+        self._durable: set[str] = set()  # keys whose line is complete in the partial file
         if self.partial.exists():
             self.done = self._recover()
-        self._fh = open(self.partial, "a", encoding="utf-8")  # noqa: SIM115 - open until finalize
+            self._durable = set(self.done)
+        self._fd: int | None = os.open(self.partial, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._size = os.fstat(self._fd).st_size
 
     def _recover(self) -> dict[str, dict]:
         done: dict[str, dict] = {}
@@ -248,15 +383,35 @@ class ResumableWriter:
         return done
 
     def write(self, records: Iterable[dict]) -> None:
-        """Append records (and any buffered ones) and make them durable now."""
-        for rec in [*self._pending, *records]:
+        """Append records (and any buffered ones) and make them durable now.
+
+        On a full disk the partial file is cut back to its last complete record, the writer closes,
+        and ``DiskFullError`` is raised: a rerun resumes from the records that were durable.
+        """
+        batch = [*self._pending, *records]
+        self._pending.clear()
+        for rec in batch:
             rec.setdefault("schema", self.schema)
             self.done[rec["key"]] = rec
-            self._fh.write(_dump(rec))
-        self._pending.clear()
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        data = "".join(_dump(rec) for rec in batch).encode("utf-8")
+        try:
+            _write_fully(self._fd, data)
+            os.fsync(self._fd)
+        except OSError as exc:
+            if exc.errno not in _FULL:
+                raise
+            self._disk_full()
+        self._size += len(data)
+        self._durable.update(rec["key"] for rec in batch)
         self._last_flush = time.time()
+
+    def _disk_full(self):
+        """Drop the torn tail and the records that never reached the disk, release everything, and raise."""
+        os.ftruncate(self._fd, self._size)
+        self.done = {k: v for k, v in self.done.items() if k in self._durable}
+        kept = len(self.done)
+        self.close()
+        raise DiskFullError(self.out, kept) from None
 
     def add(self, record: dict) -> None:
         """Buffer one finished record; flush when enough are buffered or enough time has passed."""
@@ -264,19 +419,38 @@ class ResumableWriter:
         if len(self._pending) >= self.flush_every or time.time() - self._last_flush > self.flush_seconds:
             self.write([])
 
+    def close(self) -> None:
+        """Close the partial file and release the lock, without finalizing (the partial stays for a rerun)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self.lock.release()
+
     def finalize(self, order: list[str], meta: dict) -> Path:
         """Write the records of ``order`` (keys), in that order, to the final path."""
         if self._pending:
             self.write([])
-        self._fh.close()
         missing = [k for k in order if k not in self.done]
         if missing:
+            self.close()
             raise RuntimeError(f"{len(missing)} records missing when finalizing {self.out}")
         tmp = self.out.with_suffix(self.out.suffix + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for k in order:
-                fh.write(_dump(self.done[k]))
-        os.replace(tmp, self.out)
-        write_meta(self.out, meta)
+        try:
+            with open(tmp, "wb") as fh:
+                _write_fully(fh.fileno(), "".join(_dump(self.done[k]) for k in order).encode("utf-8"))
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.out)
+            write_meta(self.out, meta)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno not in _FULL:
+                self.close()
+                raise
+            kept = len(self.done)
+            self.close()
+            raise DiskFullError(self.out, kept) from None
+        os.close(self._fd)
+        self._fd = None
         self.partial.unlink(missing_ok=True)
+        self.lock.release()
         return self.out

@@ -6,6 +6,10 @@ correct final answer, else 0), so it agrees with the labels and the evaluation. 
 to ``DIR/grpo_log.jsonl``: reward (= accuracy of the sampled completions, since the reward is the
 verdict), its spread, policy entropy, KL, completion length. Generation uses transformers (no vLLM), so
 it runs on a CPU with a small model, few generations and short completions.
+
+Checkpoints go to ``DIR/checkpoint-N`` every ``--save-steps``; ``--resume`` continues from the last
+complete one (the log keeps the steps up to it). The final policy is saved through the Trainer's own
+``save_model`` on every process, which gathers ZeRO-3 / FSDP shards before the main process writes.
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ class GRPORunConfig:
     dtype: str = "float32"
     bf16: bool = False
     gradient_checkpointing: bool = False
+    save_steps: int = 50
+    save_total_limit: int = 1
+    resume: bool = False
 
 
 def prompt_for(tok, question: str, template: str) -> str | list[dict[str, str]]:
@@ -91,24 +98,38 @@ def _log_callback(path: Path):
     return JsonlLog()
 
 
+def _keep_log_until(path: Path, step: int) -> None:
+    """Drop the log rows after ``step`` (all of them for a fresh run): a resumed run logs those steps again."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in rows))
+
+
 def grpo(cfg: GRPORunConfig, model=None, tok=None) -> dict[str, Any]:
     """Run GRPO from ``cfg.init``; saves the policy (model + tokenizer) and the per-step log in ``cfg.out``."""
     from datasets import Dataset
     from transformers import set_seed
     from trl import GRPOConfig, GRPOTrainer
 
-    from cft.artifacts import environment
+    from cft.artifacts import ArtifactLock, environment
     from cft.data import load_problems
     from cft.models import load_model
-    from cft.train import process_state
+    from cft.train import UsageError, last_checkpoint, process_state
 
     t0 = time.time()
     state, use_cpu = process_state()
     out = Path(cfg.out)
+    lock = ArtifactLock(out) if state.is_main_process else None  # a second run on this --out stops here
+    last = last_checkpoint(out)
+    if last and not cfg.resume:
+        raise UsageError(f"{out} holds checkpoints of an earlier run ({Path(last).name}); pass --resume to continue "
+                         "it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / LOG
     if state.is_main_process:
-        log_path.unlink(missing_ok=True)
+        _keep_log_until(log_path, json.loads((Path(last) / "trainer_state.json").read_text())["global_step"]
+                        if last else 0)
     set_seed(cfg.seed)
     if model is None or tok is None:
         model, tok = load_model(cfg.init, cfg.dtype, device=str(state.device))
@@ -119,21 +140,23 @@ def grpo(cfg: GRPORunConfig, model=None, tok=None) -> dict[str, Any]:
         output_dir=str(out), max_steps=cfg.max_steps, learning_rate=cfg.lr, seed=cfg.seed,
         per_device_train_batch_size=cfg.prompts_per_step * cfg.num_generations, num_generations=cfg.num_generations,
         max_completion_length=cfg.max_completion_length, temperature=cfg.temperature, beta=cfg.beta,
-        logging_steps=1, save_strategy="no", report_to="none", use_cpu=use_cpu, bf16=cfg.bf16, use_vllm=False,
+        logging_steps=1, save_strategy="steps", save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit, report_to="none", use_cpu=use_cpu, bf16=cfg.bf16, use_vllm=False,
         activation_checkpointing=cfg.gradient_checkpointing,
         disable_tqdm=not sys.stderr.isatty(), dataloader_pin_memory=not use_cpu,
     )
     trainer = GRPOTrainer(model=model, reward_funcs=[accuracy], args=args, train_dataset=dataset,
                           processing_class=tok, callbacks=[_log_callback(log_path)])
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=last)
+    trainer.save_model(str(out))  # on every process: ZeRO-3 and FSDP gather the shards here
     summary: dict[str, Any] = {}
     if trainer.is_world_process_zero():
-        trainer.save_model(str(out))
         tok.save_pretrained(out)
         rows = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
         summary = {
             "config": asdict(cfg), "environment": environment(model), "global_step": result.global_step,
             "problems": len(problems), "final": rows[-1] if rows else None, "seconds": round(time.time() - t0, 1),
+            "resumed_from": last,
         }
         (out / SUMMARY).write_text(json.dumps(summary, indent=2, default=str) + "\n")
         if rows:
@@ -141,6 +164,8 @@ def grpo(cfg: GRPORunConfig, model=None, tok=None) -> dict[str, Any]:
             print(f"grpo: {result.global_step} steps; last step reward {last.get('reward')}, "
                   f"entropy {last.get('entropy')}; log in {log_path}", flush=True)
     state.wait_for_everyone()
+    if lock is not None:
+        lock.release()
     return summary
 
 
@@ -162,11 +187,21 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--save-steps", type=int, default=d.save_steps, help="checkpoint every N steps")
+    p.add_argument("--save-total-limit", type=int, default=d.save_total_limit, help="checkpoints kept")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
 
 
 def run(args: argparse.Namespace) -> int:
+    from cft.artifacts import InputError
+    from cft.train import UsageError
+
     names = GRPORunConfig.__dataclass_fields__
-    grpo(GRPORunConfig(**{k: v for k, v in vars(args).items() if k in names}))
+    try:
+        grpo(GRPORunConfig(**{k: v for k, v in vars(args).items() if k in names}))
+    except (UsageError, InputError) as exc:  # InputError: bad data, or another run on this --out
+        print(f"cft grpo: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

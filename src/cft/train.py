@@ -96,9 +96,34 @@ def weighted_loss(log_probs: torch.Tensor, weights: torch.Tensor, normalizer: to
         min=1e-12)
 
 
+def last_checkpoint(out: str | os.PathLike) -> str | None:
+    """The newest COMPLETE ``checkpoint-N`` folder in ``out``, or None.
+
+    The Trainer writes ``trainer_state.json`` last (after weights, optimizer, scheduler and RNG states), so
+    a folder without it is a save cut short by a kill; transformers' ``get_last_checkpoint`` would pick it
+    and the resume would fail or load half-written weights. Such folders are reported and skipped.
+    """
+    from transformers.trainer import TRAINER_STATE_NAME
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    out = Path(out)
+    if not out.is_dir():
+        return None
+    found = []
+    for d in out.iterdir():
+        step = d.name.removeprefix(PREFIX_CHECKPOINT_DIR + "-")
+        if d.is_dir() and d.name.startswith(PREFIX_CHECKPOINT_DIR + "-") and step.isdigit():
+            found.append((int(step), d))
+    for _, d in sorted(found, reverse=True):
+        if (d / TRAINER_STATE_NAME).is_file():
+            return str(d)
+        print(f"warning: {d} is incomplete (a save cut short); resuming from an earlier checkpoint", file=sys.stderr,
+              flush=True)
+    return None
+
+
 def _trainer_class():
     """Built lazily so that importing cft.train (e.g. for the CLI's --help) does not import TRL."""
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTTrainer
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
     from trl.trainer.utils import pad
@@ -157,7 +182,7 @@ def _trainer_class():
             loss = super().training_step(model, inputs, num_items_in_batch)
             if not bool(self.accelerator.gather(torch.isfinite(loss).float().reshape(1)).all()):
                 raise NonFiniteLossError(self.state.global_step + 1, "non-finite loss",
-                                         get_last_checkpoint(self.args.output_dir))
+                                         last_checkpoint(self.args.output_dir))
             return loss
 
         def _save_checkpoint(self, model, trial):
@@ -166,7 +191,7 @@ def _trainer_class():
             bad = torch.tensor([float(not all(bool(torch.isfinite(p).all()) for p in local))], device=self.args.device)
             if bool(self.accelerator.gather(bad).sum() > 0):
                 raise NonFiniteLossError(self.state.global_step, "non-finite weights",
-                                         get_last_checkpoint(self.args.output_dir))
+                                         last_checkpoint(self.args.output_dir))
             super()._save_checkpoint(model, trial)
 
     return SelectiveTrainer, WeightedCollator
@@ -216,17 +241,17 @@ def train(cfg: TrainConfig, model=None, tok=None, callbacks: list | None = None)
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig
 
-    from cft.artifacts import environment
+    from cft.artifacts import ArtifactLock, environment
     from cft.models import load_model
 
     _check(cfg)
     t0 = time.time()
     state, use_cpu = process_state()
     out = Path(cfg.out)
-    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    lock = ArtifactLock(out) if state.is_main_process else None  # a second run on this --out stops here
+    last = last_checkpoint(out)
     if cfg.resume and not last and state.is_main_process:
         print(f"--resume: no checkpoint in {out}; training from the start", flush=True)
     if last and not cfg.resume:
@@ -318,6 +343,8 @@ def train(cfg: TrainConfig, model=None, tok=None, callbacks: list | None = None)
         print(f"saved {summary['saved']} model to {out} after {result.global_step} steps "
               f"(final loss {summary['final_loss']}); summary in {out / SUMMARY}", flush=True)
     state.wait_for_everyone()
+    if lock is not None:
+        lock.release()
     return summary
 
 
@@ -359,6 +386,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cft.artifacts import InputError
+
     names = TrainConfig.__dataclass_fields__
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
     try:
@@ -366,7 +395,7 @@ def run(args: argparse.Namespace) -> int:
     except NonFiniteLossError as exc:
         print(f"cft train: error: {exc}", file=sys.stderr)
         return 1
-    except UsageError as exc:
+    except (UsageError, InputError) as exc:  # InputError: a bad labels file, or another run on this --out
         print(f"cft train: error: {exc}", file=sys.stderr)
         return 2
     return 0

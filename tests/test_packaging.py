@@ -1,0 +1,96 @@
+"""Packaging: installed versions inside the declared ranges, test dependencies declared, CI requiring every asset."""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata as md
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: pytest's own dependency
+    import tomli as tomllib
+
+REPO = Path(__file__).resolve().parent.parent
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+CHECKED = ("torch", "transformers", "trl", "peft", "accelerate", "math-verify")
+
+
+def declared(extra: str | None = None) -> dict[str, Requirement]:
+    reqs = PYPROJECT["project"]["dependencies"] if extra is None else PYPROJECT["project"]["optional-dependencies"][
+        extra]
+    return {Requirement(r).name.lower(): Requirement(r) for r in reqs}
+
+
+def base_version(name: str) -> Version:
+    return Version(Version(md.version(name)).base_version)  # 2.13.0+cpu -> 2.13.0
+
+
+@pytest.mark.parametrize("name", CHECKED)
+def test_installed_version_lies_inside_the_declared_range(name):
+    req = declared()[name]
+    assert req.specifier, f"pyproject.toml declares no version range for {name}"
+    assert req.specifier.contains(base_version(name)), f"{name} {md.version(name)} is outside {req}"
+
+
+def test_constraints_pin_versions_inside_the_declared_ranges():
+    ranges = {**declared(), **declared("dev")}
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            req = Requirement(line)
+            pins[req.name.lower()] = Version(next(iter(req.specifier)).version)
+    for name in CHECKED:
+        assert name in pins, f"constraints.txt pins no version of {name}"
+        assert pins[name] == base_version(name), (name, pins[name], md.version(name))
+    for name, version in pins.items():
+        if name in ranges:
+            assert ranges[name].specifier.contains(version), (name, version, str(ranges[name]))
+
+
+def test_every_third_party_import_is_declared():
+    """A module imported by the package or the tests that pyproject does not declare breaks a clean install."""
+    distribution = {"yaml": "pyyaml", "math_verify": "math-verify", "tomli": "pytest"}
+    stdlib = set(sys.stdlib_module_names) | {"cft", "tests", "__future__"}
+    imported = set()
+    for path in [*(REPO / "src").rglob("*.py"), *(REPO / "tests").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    names = {**declared(), **declared("dev")}
+    missing = sorted(distribution.get(m, m) for m in imported - stdlib
+                     if distribution.get(m, m).replace("_", "-") not in names)
+    assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+
+
+def test_ci_and_readme_install_the_same_way():
+    ci = (REPO / ".ci" / "run").read_text()
+    install = 'pip install -e ".[dev]" -c constraints.txt'
+    assert install in ci and install in (REPO / "README.md").read_text()
+    assert "CFT_REQUIRE_ASSETS=1 python -m pytest" in ci and "cft fetch-model smollm2" in ci
+
+
+@pytest.mark.parametrize("required", [False, True])
+def test_required_assets_turn_a_skip_into_a_failure_naming_the_asset(tmp_path, required):
+    (tmp_path / "test_asset.py").write_text(
+        "import pytest\n\ndef test_needs_data():\n"
+        "    pytest.skip('benchmark data absent: /nowhere/gsm8k/test.jsonl')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "src")]),
+           "CFT_REQUIRE_ASSETS": "1" if required else "0"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider",
+                           "--rootdir", str(tmp_path), "-c", os.devnull, str(tmp_path / "test_asset.py")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    if required:
+        assert done.returncode == 1, done.stdout
+        assert "required asset is missing: benchmark data absent: /nowhere/gsm8k/test.jsonl" in done.stdout
+    else:
+        assert done.returncode == 0 and "1 skipped" in done.stdout, done.stdout
