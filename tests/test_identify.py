@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from cft.artifacts import load_records, read_meta
 from cft.generate import DecodeConfig, decode
-from cft.identify import IdentifyConfig, identify, merge_shards, token_kind
+from cft.identify import IdentifyConfig, identify, merge_shards, token_kind, without_margins
 from cft.prompts import render_ids
 from tests.conftest import generation, write_jsonl
 
@@ -170,7 +170,9 @@ def test_shards_merge_to_single_process_labels(tmp_path, random_model_dir, testb
         identify(IdentifyConfig(model=str(random_model_dir), input=str(gen), out=str(sharded), max_new_tokens=12,
                                 num_shards=2, shard_index=i), model=model, tok=tok)
     merge_shards(str(sharded), 2)
-    assert sharded.read_text() == single.read_text()
+    got, want = load_records(sharded, "labels"), load_records(single, "labels")
+    assert [without_margins(r) for r in got] == [without_margins(r) for r in want]
+    assert_margins_close(got, want)
     assert read_meta(sharded)["summary"]["responses"] == len(records)
 
 
@@ -210,4 +212,14 @@ def test_fast_engine_out_of_memory_halves_the_batch_same_labels(tmp_path, random
         model.forward = forward
     assert failures == [16, 8]  # halved twice, then the batch of 4 fits
     assert [r["critical"] for r in got] == [r["critical"] for r in want]
-    assert [r["branches"] for r in got] == [r["branches"] for r in want]
+    assert [without_margins(r) for r in got] == [without_margins(r) for r in want]
+    assert_margins_close(got, want)
+
+
+def assert_margins_close(got: list[dict], want: list[dict]) -> None:
+    """Branch margins from differently batched steps agree to float32 rounding."""
+    pairs = [(a["margin"], b["margin"]) for r, w in zip(got, want) for br, bw in zip(r["branches"], w["branches"])
+             for a, b in zip(br, bw)]
+    assert any(a is not None for a, _ in pairs)
+    for a, b in pairs:
+        assert (a is None) == (b is None) and (a is None or a == pytest.approx(b, abs=1e-4))

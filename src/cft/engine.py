@@ -16,6 +16,7 @@ row uses moves it right; only when the window reaches the buffer's end is it cop
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from cft.artifacts import InputError
 from cft.generate import is_out_of_memory
 from cft.identify import IdentifyConfig, Protocol, Work, finish_branch
 from cft.models import cache_kwarg
@@ -38,6 +40,33 @@ class Row:
     j: int
     response: list[int]  # y_<t + [a] + continuation so far
     n_new: int = 0
+    margin: float = math.inf  # smallest top-1 minus top-2 logit gap over the decoded tokens
+
+
+def check_supported(model, name: str, longest: int) -> None:
+    """Refuse a model whose attention the engine's shared full-attention cache would get wrong.
+
+    The engine keeps every layer's keys for a row's whole sequence and masks only left padding.
+    That equals sliding-window attention while every row fits in the window (longest prompt +
+    response < window), so such models are supported up to that length and refused beyond it;
+    layer kinds with no key/value cache (linear attention, state-space, chunked) are refused.
+    """
+    c = model.config
+    c = getattr(c, "get_text_config", lambda: c)()
+    fallback = "use --engine reference (one generate per branch, exact for any architecture)"
+    kinds = set(getattr(c, "layer_types", None) or [])
+    other = sorted(kinds - {"full_attention", "sliding_attention"})
+    if other:
+        raise InputError(name, None, None, f"the fast engine does not support layer type(s) {', '.join(other)} "
+                                           f"(it assumes a key/value cache in every layer); {fallback}")
+    if getattr(c, "attention_chunk_size", None):
+        raise InputError(name, None, None, f"the fast engine does not support chunked attention; {fallback}")
+    window = getattr(c, "sliding_window", None)
+    used = "sliding_attention" in kinds if kinds else getattr(c, "use_sliding_window", True) is not False
+    if window and used and longest >= window:
+        raise InputError(name, None, None,
+                         f"sliding-window attention (window {window} tokens) with rows of up to {longest} tokens: "
+                         f"the fast engine is exact only below the window; {fallback}")
 
 
 def kv_bytes_per_token(model) -> int:
@@ -136,14 +165,14 @@ class BranchDecoder:
     def _enqueue(self, work: Work, t: int, j: int, front: bool) -> None:
         response = work.response_ids[:t] + [work.alternatives[t][j]]
         if self.proto.stopped(response, 0, t):
-            self._settle(work, t, j, [])
+            self._settle(work, t, j, [], None)
         elif front:
             self.queue.appendleft((work, t, j))
         else:
             self.queue.append((work, t, j))
 
-    def _settle(self, work: Work, t: int, j: int, cont: list[int]) -> None:
-        ok = finish_branch(work, t, j, cont, self.proto)
+    def _settle(self, work: Work, t: int, j: int, cont: list[int], margin: float | None) -> None:
+        ok = finish_branch(work, t, j, cont, self.proto, margin)
         if not ok and j + 1 < len(work.alternatives[t]):
             self._enqueue(work, t, j + 1, front=True)
             return
@@ -281,13 +310,16 @@ class BranchDecoder:
                 self._halve()
                 continue
             self.window.w = w + 1
-            nxt = logits.argmax(-1).tolist()
+            nxt = logits.argmax(-1).tolist()  # the first maximum: ties go to the lowest id, as in generate
+            top2 = torch.topk(logits.float(), 2, dim=-1).values
+            gaps = (top2[:, 0] - top2[:, 1]).tolist()
             active = [(i, row) for i, row in enumerate(self.rows) if row is not None]
             progress.advance(0, tokens=len(active))
             for i, row in active:
                 row.response.append(nxt[i])
                 row.n_new += 1
+                row.margin = min(row.margin, gaps[i])
                 if self.proto.stopped(row.response, row.n_new, row.t):
                     self.rows[i] = None
                     self.mbuf[i] = 0
-                    self._settle(row.work, row.t, row.j, row.response[row.t + 1 :])
+                    self._settle(row.work, row.t, row.j, row.response[row.t + 1 :], row.margin)
