@@ -447,7 +447,8 @@ _fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def weights_fingerprint(model) -> str:
-    """A cheap hash of a model's weights: names, shapes, dtypes and a few strided values of each tensor.
+    """A cheap hash of a model's weights: names, shapes, dtypes, a few strided values and the sum of
+    each tensor (one pass over the weights, so a change to any single weight shows).
 
     Cached per model object: the resume key needs it once per run, not once per record.
     """
@@ -464,6 +465,7 @@ def weights_fingerprint(model) -> str:
             sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu()
             h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
             h.update(sample.numpy().tobytes())
+            h.update(repr(float(p.detach().double().sum())).encode())
     _fingerprints[model] = h.hexdigest()[:16]
     return _fingerprints[model]
 
