@@ -43,6 +43,22 @@ def random_model_dir(tmp_path_factory, testbed_tokenizer):
     return path
 
 
+@pytest.fixture(scope="session")
+def zoo_model(tmp_path_factory):
+    """``zoo_model(family, generation_config=None)``: the folder of a ``cft.zoo`` model, built once per session."""
+    from cft import zoo
+
+    built: dict[str, Path] = {}
+
+    def get(family: str, generation_config: dict | None = None) -> Path:
+        key = json.dumps([family, generation_config], sort_keys=True)
+        if key not in built:
+            built[key] = zoo.build(family, tmp_path_factory.mktemp("zoo"), generation_config=generation_config)
+        return built[key]
+
+    return get
+
+
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path

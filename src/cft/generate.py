@@ -4,6 +4,13 @@
 prompts with left padding, stopping a row at EOS or once its final answer is complete. A batch that
 runs out of memory is retried in halves, so one long batch does not end a long run.
 
+Decoding is pinned (``pinned_generation_config`` / ``pinned_generate``): transformers fills every
+setting a call leaves unset from the checkpoint's ``generation_config.json``, and several of those act
+even under greedy decoding (Qwen2.5-Instruct's ``repetition_penalty``, ``no_repeat_ngram_size``,
+``min_new_tokens``, ``bad_words_ids``, ...). Then stage A's response would not be the model's argmax
+path that stage B's teacher-forced pass and fast engine assume. Here nothing comes from the checkpoint
+but its EOS ids; the resolved settings are recorded in the metadata (``meta["decoding"]``).
+
 Problems whose prompt leaves no room for ``max_new_tokens`` in the model's context are skipped and
 counted, never truncated; a verifier failure on one response marks that record (``verify_error``)
 and the others are graded as usual.
@@ -11,18 +18,19 @@ and the others are graded as usual.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from cft import verify
 from cft.artifacts import ResumableWriter, environment, invalid_count, record_key
 from cft.data import Problem, load_problems
-from cft.models import load_model, stop_token_ids
+from cft.models import load_model, stop_token_ids, vocab_rows
 from cft.progress import Progress
 from cft.prompts import render_ids, template_text
 
@@ -83,14 +91,68 @@ class _Temperature(LogitsProcessor):
 
 
 @functools.lru_cache(maxsize=8)
-def trigger_tokens(tok) -> torch.Tensor:
-    """Tokens whose text can complete an answer ('.', '}', newline); only these trigger a check.
+def trigger_tokens(tok, size: int) -> torch.Tensor:
+    """Per token id below ``size``: can its text complete an answer ('.', '}', newline)? Only these trigger a check.
 
+    ``size`` is the model's vocabulary (``models.vocab_rows``), which can exceed the tokenizer's
+    (Qwen2.5: 151936 rows for 151665 tokens); a sampled id past the tokenizer has no text and is False.
     Cached per tokenizer: a scan of a large vocabulary costs about a second, and every decode call,
     engine and evaluation chunk needs the same flags.
     """
-    texts = tok.batch_decode([[i] for i in range(len(tok))])
-    return torch.tensor([any(c in text for c in ".}\n") for text in texts], dtype=torch.bool)
+    known = min(len(tok), size)
+    texts = tok.batch_decode([[i] for i in range(known)])
+    flags = [any(c in text for c in ".}\n") for text in texts] + [False] * (size - known)
+    return torch.tensor(flags, dtype=torch.bool)
+
+
+def pinned_generation_config(eos: list[int], pad: int, max_new_tokens: int,
+                             do_sample: bool = False) -> GenerationConfig:
+    """The one generation setup of every cft decoder: ours, and neutral in everything else.
+
+    Temperature is not here: sampling applies it in ``_Temperature`` (which also records entropy), so
+    the config's own stays 1.0. Use it through ``pinned_generate``, which also keeps the checkpoint's
+    settings from filling the fields whose neutral value is None.
+    """
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=do_sample, num_beams=1,
+        num_return_sequences=1, temperature=1.0, top_k=0 if do_sample else None, top_p=1.0 if do_sample else None,
+        typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
+        no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, length_penalty=1.0, bad_words_ids=None,
+        eos_token_id=list(eos), pad_token_id=pad, use_cache=True, renormalize_logits=False,
+        remove_invalid_values=False, output_scores=False, return_dict_in_generate=False,
+    )
+
+
+@contextlib.contextmanager
+def _only(model, gen_config: GenerationConfig):
+    """``model.generation_config`` is ``gen_config`` for the duration: generate fills every field a
+    config leaves None from the model's (bad_words_ids, suppress_tokens, forced_*_token_id,
+    sequence_bias, stop_strings, max_time, watermarking, ...), so only this leaves nothing to inherit.
+    """
+    saved = model.generation_config
+    model.generation_config = gen_config
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
+def pinned_generate(model, gen_config: GenerationConfig, **inputs) -> torch.Tensor:
+    """``model.generate(**inputs)`` under ``gen_config`` alone, nothing taken from the checkpoint."""
+    with _only(model, gen_config):
+        return model.generate(**inputs, generation_config=gen_config)
+
+
+def decoding_settings(model, tok, cfg: DecodeConfig) -> dict:
+    """What decides the tokens, for the metadata: the pinned config, cft's temperature and stop rule."""
+    gen = pinned_generation_config(stop_token_ids(tok, model), tok.pad_token_id, cfg.max_new_tokens,
+                                   cfg.temperature > 0)
+    settings = {k: v for k, v in gen.to_dict().items()
+                if v is not None and not k.startswith("_") and k != "transformers_version"}
+    return {"generation_config": settings, "temperature": cfg.temperature,
+            "temperature_applied_by": "cft" if cfg.temperature > 0 else None,
+            "stop_at_answer": cfg.stop_at_answer, "stop_rule": "verify.answer_complete",
+            "inherited_from_checkpoint": ["eos_token_id"]}
 
 
 def finish_reason(ids: list[int], eos: set[int], text: str, cfg: DecodeConfig) -> str:
@@ -112,7 +174,7 @@ def decode(model, tok, prompts: list[list[int]], cfg: DecodeConfig,
            progress: Progress | None = None) -> list[list[Output]]:
     """``cfg.n`` outputs per prompt, in prompt order; a batch that runs out of memory is retried in halves."""
     eos = stop_token_ids(tok, model)
-    trigger = trigger_tokens(tok).to(model.device) if cfg.stop_at_answer else None
+    trigger = trigger_tokens(tok, vocab_rows(model)).to(model.device) if cfg.stop_at_answer else None
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: list[list[Output]] = [[] for _ in prompts]
     jobs = [i for i in order for _ in range(cfg.n)]
@@ -156,18 +218,10 @@ def _decode_batch(model, tok, prompts: list[list[int]], cfg: DecodeConfig, eos: 
     answer_stop = _AnswerStop(tok, width, trigger) if trigger is not None else None
     stops = StoppingCriteriaList([answer_stop] if answer_stop else [])
     temp = _Temperature(cfg.temperature) if cfg.temperature > 0 else None
-    out = model.generate(
-        input_ids=input_ids,
-        attention_mask=mask,
-        max_new_tokens=cfg.max_new_tokens,
-        do_sample=temp is not None,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-        logits_processor=LogitsProcessorList([temp] if temp else []),
-        stopping_criteria=stops,
-        eos_token_id=eos,
-        pad_token_id=pad,
+    out = pinned_generate(
+        model, pinned_generation_config(eos, pad, cfg.max_new_tokens, temp is not None),
+        input_ids=input_ids, attention_mask=mask,
+        logits_processor=LogitsProcessorList([temp] if temp else []), stopping_criteria=stops,
     )
     new = out[:, width:].tolist()
     ent = torch.stack(temp.entropies, dim=1).tolist() if temp else None
@@ -278,6 +332,7 @@ def generate(cfg: GenerateConfig, model=None, tok=None) -> dict:
     }
     meta = {"stage": "generate", "config": asdict(cfg), "seed": cfg.seed,
             "prompt_template": template_text(cfg.template) or cfg.template,
+            "decoding": decoding_settings(model, tok, cfg.decode),
             "environment": environment(model), "summary": summary,
             "skipped_too_long_ids": [problems[i].id for i in too_long]}
     writer.finalize([keys[i] for i in kept], meta)

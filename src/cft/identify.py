@@ -26,7 +26,6 @@ import os
 import random
 import time
 import weakref
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -43,7 +42,7 @@ from cft.artifacts import (
     read_valid,
     record_key,
 )
-from cft.models import cache_kwarg, load_model, resolve, stop_token_ids
+from cft.models import cache_kwarg, load_model, resolve, stop_token_ids, vocab_rows
 from cft.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -134,7 +133,7 @@ class Protocol:
 
         self.tok, self.cfg = tok, cfg
         self.eos = set(stop_token_ids(tok, model))
-        self.trigger = trigger_tokens(tok).tolist()
+        self.trigger = trigger_tokens(tok, vocab_rows(model)).tolist()
 
     def budget(self, t: int) -> int:
         """How many tokens may follow the alternative at response position t."""
@@ -148,7 +147,7 @@ class Protocol:
         last = response[-1]
         if last in self.eos or n_new >= self.budget(t):
             return True
-        if self.cfg.stop_at_answer and last < len(self.trigger) and self.trigger[last]:
+        if self.cfg.stop_at_answer and self.trigger[last]:
             return verify.answer_complete(self.tok.decode(response, skip_special_tokens=True))
         return False
 
@@ -323,42 +322,22 @@ def reference_branch(model, tok, proto: Protocol, prompt_ids: list[int], respons
     """
     from transformers import StoppingCriteriaList
 
-    from cft.generate import _AnswerStop, trigger_tokens
+    from cft.generate import _AnswerStop, pinned_generate, pinned_generation_config
 
     if proto.stopped(response, 0, t):
         return [], None
     prefix = torch.tensor([prompt_ids + response], device=model.device)
     stops = []
     if proto.cfg.stop_at_answer:
-        stops = [_AnswerStop(tok, len(prompt_ids), trigger_tokens(tok).to(model.device))]
-    with pinned_generation(model):
-        out = model.generate(
-            input_ids=prefix, attention_mask=torch.ones_like(prefix), stopping_criteria=StoppingCriteriaList(stops),
-            do_sample=False, max_new_tokens=proto.budget(t), eos_token_id=sorted(proto.eos),
-            pad_token_id=tok.pad_token_id, output_logits=True, return_dict_in_generate=True,
-        )
+        stops = [_AnswerStop(tok, len(prompt_ids), torch.tensor(proto.trigger, device=model.device))]
+    # pinned: no repetition penalty, n-gram ban or minimum length from the checkpoint, as in the fast engine
+    gen = pinned_generation_config(sorted(proto.eos), tok.pad_token_id, proto.budget(t))
+    gen.output_logits = gen.return_dict_in_generate = True
+    out = pinned_generate(model, gen, input_ids=prefix, attention_mask=torch.ones_like(prefix),
+                          stopping_criteria=StoppingCriteriaList(stops))
     cont = out.sequences[0, prefix.shape[1] :].tolist()
     gaps = [_gap(step[0]) for step in out.logits[: len(cont)]]
     return cont, (min(gaps) if gaps else None)
-
-
-@contextmanager
-def pinned_generation(model):
-    """Greedy ``generate`` with nothing inherited from the checkpoint's ``generation_config``.
-
-    ``generate`` fills every setting left unset from the model's config, so a checkpoint's
-    ``repetition_penalty``, ``no_repeat_ngram_size``, ``bad_words_ids`` or ``min_new_tokens`` would
-    apply; the fast engine and the teacher-forced top-k apply none of them. A plain config while
-    decoding keeps the reference path the model's argmax path.
-    """
-    from transformers import GenerationConfig
-
-    saved = model.generation_config
-    model.generation_config = GenerationConfig()
-    try:
-        yield
-    finally:
-        model.generation_config = saved
 
 
 def _gap(logits: torch.Tensor) -> float:

@@ -165,6 +165,19 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def vocab_rows(model) -> int:
+    """How many token ids the model can emit: its embedding rows, or ``config.vocab_size`` if larger.
+
+    Often more than ``len(tokenizer)`` (Qwen2.5: 151936 rows for 151665 tokens; OLMo-2, Phi-3 too), so
+    per-token tables are sized by this, never by the tokenizer.
+    """
+    rows = [model.get_input_embeddings().num_embeddings, getattr(model.config, "vocab_size", None) or 0]
+    head = model.get_output_embeddings()
+    if head is not None and hasattr(head, "out_features"):
+        rows.append(head.out_features)
+    return max(rows)
+
+
 def stop_token_ids(tok, model=None) -> list[int]:
     """Every token that ends a response: the tokenizer's EOS plus the generation config's."""
     ids = {tok.eos_token_id}

@@ -135,12 +135,9 @@ def _after_answer_is(text: str) -> str | None:
         return None
     start = last[0].end()
     line_end = text.find("\n", start)
-    tail = text[start : line_end if line_end >= 0 else len(text)].lstrip(" \t:")
+    tail = text[start : line_end if line_end >= 0 else len(text)]
     stop = _PERIOD_SPACE.search(tail)
-    if stop:
-        tail = tail[: stop.start()]
-    tail = tail.strip().rstrip(".").strip().strip("$").strip()
-    return tail or None
+    return _stated(tail[: stop.start()] if stop else tail) or None
 
 
 def extract_answer(text: str) -> str | None:
@@ -163,30 +160,59 @@ def extract_answer(text: str) -> str | None:
 
 
 def answer_complete(text: str) -> bool:
-    """True once the text holds a final answer that further tokens cannot extend.
+    """True once the text holds a final answer that parses (``answer_parses``) and tokens cannot extend.
 
-    A closed ``\\boxed{}``, "the answer is X." followed by whitespace, or a ``#### N`` line ended by a
-    newline. Decoders stop a continuation here (the same rule in every engine, so labels agree).
+    A closed ``\\boxed{X}``, "the answer is X." followed by whitespace, or a ``#### X`` line ended by a
+    newline, where X parses as an answer; "the answer is not obvious." never stops a response. Decoders
+    stop a continuation here (the same rule in every engine, so labels agree). The rule looks at the
+    first complete answer only: a response that boxes 5 and later corrects itself to 7 stops at 5 (and
+    is graded 5); ``benchmarks/stop_rule.py`` measures how often labels differ from decoding to EOS.
     """
-    if ("\\boxed" in text or "\\fbox" in text) and _last_boxed(text, bare=False) is not None:
+    if ("\\boxed" in text or "\\fbox" in text) and answer_parses(_last_boxed(text, bare=False)):
         return True
-    line_end = -1
-    for match in _ANSWER_IS.finditer(text):  # "answer is ... ." then whitespace, on one line
-        if match.start() < line_end:
-            continue  # this line was already searched from an earlier "answer is"
-        newline = text.find("\n", match.end())
-        line_end = len(text) if newline < 0 else newline + 1
-        if _PERIOD_SPACE.search(text, match.end(), line_end):
+    line_end = stop = -1
+    for match in _ANSWER_IS.finditer(text):  # "answer is X." then whitespace, on one line
+        if match.start() >= line_end:  # a new line: where it ends and its first sentence end
+            newline = text.find("\n", match.end())
+            line_end = len(text) if newline < 0 else newline + 1
+            stop = -1
+        if stop < match.end():  # each stretch of the line is searched once (linear in the line's length)
+            found = _PERIOD_SPACE.search(text, match.end(), line_end)
+            stop = found.start() if found else line_end
+        if stop < line_end and answer_parses(_stated(text[match.end() : stop])):
             return True
     start = text.find("####")
-    while start >= 0:  # "#### N" then a newline
+    while start >= 0:  # "#### X" then a newline
         newline = text.find("\n", start)
         if newline < 0:
             return False
-        if text[start + 4 : newline].strip():
+        if answer_parses(text[start + 4 : newline].strip()):
             return True
         start = text.find("####", newline)
     return False
+
+
+def _stated(tail: str) -> str:
+    """The answer in "answer is: $X$" as extraction reads it (``_after_answer_is``)."""
+    return tail.lstrip(" \t:").strip().rstrip(".").strip().strip("$").strip()
+
+
+_FORMULA = re.compile(r"[\d\\=+\-*/^(){}\[\]<>|]")
+_LONE_LETTER = re.compile(r"\(?[A-Za-z]\)?")
+
+
+def answer_parses(answer: str | None) -> bool:
+    """Whether a stated final answer is one: a number (units allowed), a choice letter, a clock time or a
+    formula without prose. "not obvious", "a bit more complex" or "" are not: the early stop waits for them.
+    """
+    if not answer or len(answer) > MAX_SYMBOLIC_CHARS:
+        return False
+    s = _split_assignment(_clean(answer))[1]
+    if not s or not _balanced(s):
+        return False
+    if _number(s) is not None or _TIME.fullmatch(s) or _LONE_LETTER.fullmatch(s):
+        return True
+    return _FORMULA.search(s) is not None and not _is_prose(s)
 
 
 # --------------------------------------------------------------------------- normalisation
