@@ -43,30 +43,33 @@ class Row:
     margin: float = math.inf  # smallest top-1 minus top-2 logit gap over the decoded tokens
 
 
-def check_supported(model, name: str, longest: int) -> None:
-    """Refuse a model whose attention the engine's shared full-attention cache would get wrong.
+def sliding_window_of(model) -> int | None:
+    """The attention window of the model's sliding layers, or None when no layer uses one."""
+    c = model.config.get_text_config()
+    window = getattr(c, "sliding_window", None)
+    kinds = getattr(c, "layer_types", None)
+    used = "sliding_attention" in kinds if kinds else getattr(c, "use_sliding_window", True) is not False
+    return window if window and used else None
 
-    The engine keeps every layer's keys for a row's whole sequence and masks only left padding.
-    That equals sliding-window attention while every row fits in the window (longest prompt +
-    response < window), so such models are supported up to that length and refused beyond it;
-    layer kinds with no key/value cache (linear attention, state-space, chunked) are refused.
+
+def check_supported(model, name: str) -> None:
+    """Refuse a model whose layers the engine's shared key/value cache cannot represent.
+
+    Full and sliding-window attention are supported: every layer keeps a row's whole sequence
+    (the teacher-forced pass uses a plain cache, see ``identify.teacher_forced``), and the model
+    builds its sliding mask from cache positions (``kv_idx > q_idx - window``); since every row's
+    tokens are contiguous and end at the step's column, column differences are position differences.
+    Layer kinds with no key/value cache (linear attention, state-space) and chunked attention are
+    refused, naming the feature and the fallback.
     """
-    c = model.config
-    c = getattr(c, "get_text_config", lambda: c)()
+    c = model.config.get_text_config()
     fallback = "use --engine reference (one generate per branch, exact for any architecture)"
-    kinds = set(getattr(c, "layer_types", None) or [])
-    other = sorted(kinds - {"full_attention", "sliding_attention"})
+    other = sorted(set(getattr(c, "layer_types", None) or []) - {"full_attention", "sliding_attention"})
     if other:
         raise InputError(name, None, None, f"the fast engine does not support layer type(s) {', '.join(other)} "
                                            f"(it assumes a key/value cache in every layer); {fallback}")
     if getattr(c, "attention_chunk_size", None):
         raise InputError(name, None, None, f"the fast engine does not support chunked attention; {fallback}")
-    window = getattr(c, "sliding_window", None)
-    used = "sliding_attention" in kinds if kinds else getattr(c, "use_sliding_window", True) is not False
-    if window and used and longest >= window:
-        raise InputError(name, None, None,
-                         f"sliding-window attention (window {window} tokens) with rows of up to {longest} tokens: "
-                         f"the fast engine is exact only below the window; {fallback}")
 
 
 def kv_bytes_per_token(model) -> int:

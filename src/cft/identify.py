@@ -210,8 +210,13 @@ class Forced:
 @torch.inference_mode()
 def teacher_forced(model, prompt_ids: list[int], response_ids: list[int], k: int, use_cache: bool = False) -> Forced:
     """The top k+1 tokens at every response position (order (-logit, id)) from one forward pass."""
+    from transformers import DynamicCache
+
     ids = torch.tensor([prompt_ids + response_ids], device=model.device)
-    out = model(input_ids=ids, use_cache=use_cache)
+    # a plain DynamicCache keeps every layer's keys (a config-built one would drop a sliding layer's
+    # older keys, which the branches of later positions still need)
+    cache = {cache_kwarg(model): DynamicCache()} if use_cache else {}
+    out = model(input_ids=ids, use_cache=use_cache, **cache)
     logits = out.logits[0, len(prompt_ids) - 1 : -1].float()
     vals, top = ranked(logits, k + 1)
     y = torch.tensor(response_ids, device=logits.device)
@@ -594,11 +599,10 @@ def identify(cfg: IdentifyConfig, model=None, tok=None) -> dict:
     out = shard_path(cfg.out, index, count)
     writer = ResumableWriter(out, "labels")
     todo = [(r, k) for r, k in zip(records, keys) if k not in writer.done]
-    if cfg.engine == "fast" and todo:
+    if cfg.engine == "fast":
         from cft.engine import check_supported
 
-        longest = max(len(r["prompt_ids"]) + max(cfg.max_new_tokens, len(r["response_ids"])) for r, _ in todo)
-        check_supported(model, cfg.model, longest)
+        check_supported(model, cfg.model)
 
     def on_done(work: Work) -> None:
         writer.add(label_record(work, tok, cfg))
