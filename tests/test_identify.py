@@ -440,3 +440,16 @@ def test_resume_key_covers_settings_and_weights(testbed_tokenizer, bigram):
         assert ident.label_key(rec, ident.label_params(changed, model)) != key, change
     for same in ({"engine": "reference"}, {"batch_size": 3}, {"crosscheck": 5}, {"out": "p"}):
         assert ident.label_key(rec, ident.label_params(IdentifyConfig(**{**base.__dict__, **same}), model)) == key
+
+
+def test_cli_crosscheck_prints_agreement(tmp_path, random_model_dir, testbed_tokenizer, capsys):
+    model, tok, records = _fake_correct(testbed_tokenizer, random_model_dir, tmp_path, n=3, max_new_tokens=12)
+    gen = write_jsonl(tmp_path / "gen.jsonl", records)
+    out = tmp_path / "L.jsonl"
+    code = main(["identify", "--model", str(random_model_dir), "--device", "cpu", "--input", str(gen), "--out",
+                 str(out), "--max-new-tokens", "12", "--crosscheck", "7"])
+    printed = capsys.readouterr().out
+    s = read_meta(out)["summary"]
+    assert code == 0 and s["crosschecked"] == 7 + s["crosschecked_near_ties"] and s["disagreements"] == 0
+    assert f"crosschecked {s['crosschecked']} branches with the reference engine: 0 disagreements" in printed
+    assert "near ties (margin < 0.001)" in printed and "unknown positions (verifier failed twice): 0" in printed

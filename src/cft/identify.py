@@ -495,6 +495,9 @@ def resolve_protocol(cfg: IdentifyConfig, model=None) -> IdentifyConfig:
     decode = gen_cfg.get("decode") or {}
     stage_a = {"max_new_tokens": decode.get("max_new_tokens"), "stop_at_answer": decode.get("stop_at_answer"),
                "dtype": gen_cfg.get("dtype"), "template": gen_cfg.get("template")}
+    if (decode.get("temperature") or 0) > 0 and not cfg.protocol:
+        log.warning("%s was sampled (temperature %s): its responses are not the greedy path, and every "
+                    "mismatch is counted as not greedy", cfg.input, decode["temperature"])
     if not meta:
         if not cfg.protocol:
             log.warning("%s has no metadata (%s.meta.json): Stage A's protocol is unknown; using identify's "
