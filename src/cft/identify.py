@@ -1,20 +1,31 @@
 """Stage B: label critical tokens by counterfactual decoding.
 
-For each correct response Y and each position t, the alternatives are the model's rank-2..k tokens
-at t (from one teacher-forced pass over prompt + Y). Each alternative a is continued greedily from
-prompt + y_<t + a at the token-id level and its final answer verified; y_t is critical iff every
-alternative fails.
+For each correct response Y and each position t, the candidates are the model's tokens at t in the
+order (-logit, then token id) from one teacher-forced pass over prompt + Y; the alternatives are the
+first k-1 of that order other than y_t, each stored with its true rank (rank 1 when y_t was not the
+argmax). Each alternative a is continued greedily from prompt + y_<t + a at the token-id level and
+its final answer verified; y_t is critical iff every alternative was graded and failed. A verifier
+timeout or crash is retried once, then the branch is unknown (``ok`` None, ``verify_error`` set):
+an unknown never makes a token critical.
 
-A branch is a response decoded under the generation protocol: it stops at EOS, once its final answer
-is complete (``verify.answer_complete`` on the whole response text, checked after every token
+A branch is a response decoded under Stage A's protocol (max_new_tokens, stop rule, dtype are
+inherited from the generations' metadata, see ``resolve_protocol``): it stops at EOS, once its final
+answer is complete (``verify.answer_complete`` on the whole response text, checked after every token
 including a itself), or when the response reaches ``max_new_tokens`` tokens. Both engines apply
 exactly this rule:
 
-- ``reference``: one ``model.generate`` per branch from the full token prefix, every alternative.
+- ``reference``: one pinned greedy ``generate`` per branch from the full token prefix, every alternative.
 - ``fast`` (default, ``cft.engine``): the prompt + response KV cache is computed once and shared by
   every branch; branches of many positions and responses decode together with continuous batching;
-  the rank-r+1 branch runs only if the rank-r branch failed (exact: one success already makes the
-  token non-critical).
+  the rank-r+1 branch runs only if the rank-r branch did not succeed (exact: one success already
+  makes the token non-critical).
+
+What is guaranteed: the same protocol and rules in both engines, and identical labels up to
+floating-point near-ties. A cached one-token step and a full forward differ in the last bits, so an
+argmax can flip where the top-1/top-2 logit gap is that small. Both engines record each branch's
+smallest gap (``margin``) and each position's gap between its last alternative and the next token
+(``alt_margin``); the summary counts the near-ties (below ``--tolerance``), and ``--crosscheck N``
+re-decodes N random branches plus every near-tie with the reference path and reports disagreements.
 """
 
 from __future__ import annotations
