@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import random
 import time
@@ -253,8 +252,7 @@ def prepare(model, tok, rec: dict, key: str, cfg: IdentifyConfig, proto: Protoco
             continue
         alternatives.append([a for _, a, _ in tested])
         ranks.append([r for r, _, _ in tested])
-        nxt = others[cfg.k - 1][2] if len(others) >= cfg.k else -math.inf
-        margins.append(tested[-1][2] - nxt)
+        margins.append(tested[-1][2] - others[cfg.k - 1][2] if len(others) >= cfg.k else None)
     mismatches = [t for t, r in enumerate(forced.y_rank) if r != 1]
     work = Work(key, rec, prompt, response, rec["gold"], alternatives, mismatches,
                 [[None] * len(a) for a in alternatives], ranks=ranks, alt_margin=margins)
