@@ -6,7 +6,10 @@ batch of rows decodes greedily one token per step; each row is a branch, right-a
 cache (left columns it does not use are masked out, its own positions given explicitly). When a
 branch ends its row is refilled at once from the queue (continuous batching); a failed rank-r branch
 queues rank r+1 at the front, a succeeded one settles its position. The stop rule and verdicts are
-``identify.Protocol``'s, the same as the reference engine's.
+``identify.Protocol``'s, the same as the reference engine's. Each step also records every row's
+top-1 minus top-2 logit gap; a branch's smallest gap is its ``margin`` (see ``identify``'s near-ties).
+Sliding-window layers need nothing special: every row ends at the step's column, so the model's own
+mask from cache positions is the row's window (``check_supported`` names what is refused).
 
 The shared cache is a window ``[s, w)`` over preallocated buffers: a step writes column ``w`` in
 place (no per-step concatenation), placing a longer prefix moves ``s`` left, and trimming columns no
@@ -41,15 +44,6 @@ class Row:
     response: list[int]  # y_<t + [a] + continuation so far
     n_new: int = 0
     margin: float = math.inf  # smallest top-1 minus top-2 logit gap over the decoded tokens
-
-
-def sliding_window_of(model) -> int | None:
-    """The attention window of the model's sliding layers, or None when no layer uses one."""
-    c = model.config.get_text_config()
-    window = getattr(c, "sliding_window", None)
-    kinds = getattr(c, "layer_types", None)
-    used = "sliding_attention" in kinds if kinds else getattr(c, "use_sliding_window", True) is not False
-    return window if window and used else None
 
 
 def check_supported(model, name: str) -> None:
