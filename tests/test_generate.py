@@ -13,6 +13,7 @@ from cft.prompts import render_ids
 from cft.testbed.problems import generate_split
 
 NEAR_TIE = 1e-4  # top-1/top-2 logit gap under which a cached step and a full forward may pick differently (fp32)
+HAS = 264  # " has" in the testbed tokenizer
 NEUTRAL = {"repetition_penalty": None, "do_sample": None, "temperature": None, "top_p": None, "top_k": None}
 
 
@@ -27,10 +28,14 @@ def test_checkpoint_generation_config_does_not_change_stage_a(tmp_path, zoo_mode
     """Qwen2.5-Instruct ships repetition_penalty 1.1 (here with no_repeat_ngram_size 3 too): stage A ignores both."""
     penalized = zoo_model("qwen2.5", {"repetition_penalty": 1.1, "no_repeat_ngram_size": 3})
     plain = zoo_model("qwen2.5", NEUTRAL)
+    # Fields whose neutral value is None are filled from the checkpoint unless generate sees only ours.
+    hostile = zoo_model("qwen2.5", {"min_new_tokens": 40, "suppress_tokens": [2], "bad_words_ids": [[HAS]],
+                                    "stop_strings": ["has"]})
     with_penalty, meta = _stage_a(tmp_path, penalized, "penalized")
     without, meta_plain = _stage_a(tmp_path, plain, "plain")
-    assert with_penalty == without
+    assert with_penalty == without == _stage_a(tmp_path, hostile, "hostile")[0]
     assert meta["decoding"] == meta_plain["decoding"]
+    assert any(HAS in ids for ids in without)  # which bad_words_ids and stop_strings forbid
     settings = meta["decoding"]["generation_config"]
     assert settings["repetition_penalty"] == 1.0 and settings["no_repeat_ngram_size"] == 0
     assert settings["do_sample"] is False and settings["eos_token_id"] == [0, 2]

@@ -1,10 +1,11 @@
-"""Model resolution and the GGUF conversion cache."""
+"""Model resolution, the GGUF conversion cache, vocabulary size and the weights/tokenizer fingerprints."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 
 from cft import models
 
@@ -62,3 +63,46 @@ def test_gguf_folder_conversion_is_exact(monkeypatch, smollm2_gguf):
     for template in ("chat", "qwen25-math-cot"):
         assert render_ids(direct_tok, texts[0], template) == render_ids(cached_tok, texts[0], template)
     assert (direct_tok.pad_token_id, direct_tok.eos_token_id) == (cached_tok.pad_token_id, cached_tok.eos_token_id)
+
+
+def test_vocab_rows_counts_padded_embedding_rows(random_model_dir, testbed_tokenizer):
+    model, _ = models.load_model(str(random_model_dir), device="cpu")
+    assert models.vocab_rows(model) == len(testbed_tokenizer)
+    model.resize_token_embeddings(len(testbed_tokenizer) + 38)
+    assert models.vocab_rows(model) == len(testbed_tokenizer) + 38
+
+
+def test_weights_fingerprint(random_model_dir):
+    model, _ = models.load_model(str(random_model_dir), device="cpu")
+    again, _ = models.load_model(str(random_model_dir), device="cpu")
+    bf16, _ = models.load_model(str(random_model_dir), dtype="bfloat16", device="cpu")
+    fp = models.weights_fingerprint(model)
+    assert len(fp) == 16 and fp == models.weights_fingerprint(again) != models.weights_fingerprint(bf16)
+    with torch.no_grad():
+        again.model.layers[1].mlp.down_proj.weight.mul_(1.001)  # a fine-tune touches most values of a tensor
+    assert models.weights_fingerprint(again) != fp
+
+
+def test_tokenizer_fingerprint(random_model_dir, testbed_tokenizer):
+    tok = models.load_tokenizer(str(random_model_dir))
+    fp = models.tokenizer_fingerprint(tok)
+    tok(["a b", "a"], padding=True, truncation=True, max_length=4)  # encoding state is not the tokenizer
+    assert len(fp) == 16 and models.tokenizer_fingerprint(tok) == fp
+    assert models.tokenizer_fingerprint(models.load_tokenizer(str(random_model_dir))) == fp
+    tok.chat_template = tok.chat_template.replace("assistant", "bot")
+    assert models.tokenizer_fingerprint(tok) != fp
+    other = models.load_tokenizer(str(random_model_dir))
+    other.pad_token = other.eos_token
+    assert models.tokenizer_fingerprint(other) != fp
+
+
+def test_zoo_names_build_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CFT_MODEL_CACHE", str(tmp_path))
+    with pytest.raises(ValueError, match="unknown zoo family 'gpt2' in 'zoo:gpt2'; choose from qwen2.5"):
+        models.resolve("zoo:gpt2")
+    spec = models.resolve("zoo:mistral")
+    assert Path(spec.path).parent == tmp_path / "zoo" and (Path(spec.path) / "config.json").is_file()
+    stamp = (Path(spec.path) / "model.safetensors").stat().st_mtime_ns
+    assert models.resolve("zoo:mistral") == spec
+    assert (Path(spec.path) / "model.safetensors").stat().st_mtime_ns == stamp  # not built again
+    assert [p.name for p in (tmp_path / "zoo").iterdir()] == [Path(spec.path).name]  # no temporary left over

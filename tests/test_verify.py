@@ -153,9 +153,42 @@ def test_extract_answer(text, expected):
     ("The answer is 5", False),
     ("#### 72\n", True),
     ("#### 72", False),
+    # Only an answer that parses stops a response.
+    ("First, the answer is not obvious. We add 2 and 3", False),
+    ("First, the answer is not obvious. So the answer is 5. ", True),
+    ("the answer is not obvious. Then the answer is 5", False),  # the 5 is not closed yet
+    ("Thus the answer is: 3.5 apples. ", True),
+    ("The answer is $\\frac{3}{4}$. Done", True),
+    ("The answer is (B). ", True),
+    ("the answer is a bit more complex. ", False),
+    ("the answer is x = 3.\n", True),
+    ("so \\boxed{\\text{unclear}}", False),
+    ("so \\boxed{}", False),
+    ("so \\boxed{x^2+1}", True),
+    ("#### many\n", False),
+    ("#### many\n#### 12\n", True),
 ])
 def test_answer_complete(text, complete):
     assert verify.answer_complete(text) is complete
+
+
+def test_corrected_box_stops_at_the_first_answer():
+    """The rule looks at the first complete answer: a later correction is not waited for (the trade-off
+    ``benchmarks/stop_rule.py`` measures against decoding to EOS)."""
+    text = "so \\boxed{5}. Wait, 2 + 3 is wrong here: it is \\boxed{7}."
+    stop = next(i for i in range(len(text) + 1) if verify.answer_complete(text[:i]))
+    assert text[:stop].endswith("\\boxed{5}")
+    assert verify.extract_answer(text[:stop]) == "5" and verify.extract_answer(text) == "7"
+
+
+@pytest.mark.parametrize(("answer", "parses"), [
+    ("5", True), ("-3.5 apples", True), ("\\frac{1}{2}", True), ("x = 3", True), ("(B)", True), ("5:45", True),
+    ("(1, 2)", True), ("\\{1,2\\}", True), ("50\\%", True),
+    ("not obvious", False), ("a bit more complex", False), ("", False), (None, False), ("{5", False),
+    ("\\text{hmm}", False), ("1" * 2000, False),
+])
+def test_answer_parses(answer, parses):
+    assert verify.answer_parses(answer) is parses
 
 
 def test_grade_returns_prediction_and_verdict():

