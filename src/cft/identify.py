@@ -30,7 +30,6 @@ re-decodes N random branches plus every near-tie with the reference path and rep
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import random
@@ -440,26 +439,11 @@ _fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def weights_fingerprint(model) -> str:
-    """A cheap hash of a model's weights: names, shapes, dtypes, a few strided values and the sum of
-    each tensor (one pass over the weights, so a change to any single weight shows).
-
-    Cached per model object: the resume key needs it once per run, not once per record.
-    """
+    """``models.weights_fingerprint``, cached per model object (the resume key needs it once per run)."""
     from cft import models
 
-    if hasattr(models, "weights_fingerprint"):
-        return models.weights_fingerprint(model)
-    if model in _fingerprints:
-        return _fingerprints[model]
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            flat = p.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu()
-            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-            h.update(sample.numpy().tobytes())
-            h.update(repr(float(p.detach().double().sum())).encode())
-    _fingerprints[model] = h.hexdigest()[:16]
+    if model not in _fingerprints:
+        _fingerprints[model] = models.weights_fingerprint(model)
     return _fingerprints[model]
 
 
