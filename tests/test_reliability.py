@@ -103,7 +103,11 @@ def assert_same_artifact(resumed: Path, reference: Path, kind: str) -> None:
     keys = [r["key"] for r in records]
     assert len(keys) == len(set(keys)), "duplicate records"
     assert keys == [r["key"] for r in load_records(reference, kind)], "missing or reordered records"
-    assert resumed.read_bytes() == reference.read_bytes()
+    if kind == "labels":  # branch margins come from batched steps: equal to the last bits only in one batching
+        assert [ident.without_margins(r) for r in records] == [
+            ident.without_margins(r) for r in load_records(reference, kind)]
+    else:
+        assert resumed.read_bytes() == reference.read_bytes()
     assert without_timing(read_meta(resumed)) == without_timing(read_meta(reference))
 
 

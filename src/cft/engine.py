@@ -6,7 +6,10 @@ batch of rows decodes greedily one token per step; each row is a branch, right-a
 cache (left columns it does not use are masked out, its own positions given explicitly). When a
 branch ends its row is refilled at once from the queue (continuous batching); a failed rank-r branch
 queues rank r+1 at the front, a succeeded one settles its position. The stop rule and verdicts are
-``identify.Protocol``'s, the same as the reference engine's.
+``identify.Protocol``'s, the same as the reference engine's. Each step also records every row's
+top-1 minus top-2 logit gap; a branch's smallest gap is its ``margin`` (see ``identify``'s near-ties).
+Sliding-window layers need nothing special: every row ends at the step's column, so the model's own
+mask from cache positions is the row's window (``check_supported`` names what is refused).
 
 The shared cache is a window ``[s, w)`` over preallocated buffers: a step writes column ``w`` in
 place (no per-step concatenation), placing a longer prefix moves ``s`` left, and trimming columns no
@@ -16,6 +19,7 @@ row uses moves it right; only when the window reaches the buffer's end is it cop
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -24,6 +28,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from cft.artifacts import InputError
 from cft.generate import is_out_of_memory
 from cft.identify import IdentifyConfig, Protocol, Work, finish_branch
 from cft.models import cache_kwarg
@@ -38,6 +43,27 @@ class Row:
     j: int
     response: list[int]  # y_<t + [a] + continuation so far
     n_new: int = 0
+    margin: float = math.inf  # smallest top-1 minus top-2 logit gap over the decoded tokens
+
+
+def check_supported(model, name: str) -> None:
+    """Refuse a model whose layers the engine's shared key/value cache cannot represent.
+
+    Full and sliding-window attention are supported: every layer keeps a row's whole sequence
+    (the teacher-forced pass uses a plain cache, see ``identify.teacher_forced``), and the model
+    builds its sliding mask from cache positions (``kv_idx > q_idx - window``); since every row's
+    tokens are contiguous and end at the step's column, column differences are position differences.
+    Layer kinds with no key/value cache (linear attention, state-space) and chunked attention are
+    refused, naming the feature and the fallback.
+    """
+    c = model.config.get_text_config()
+    fallback = "use --engine reference (one generate per branch, exact for any architecture)"
+    other = sorted(set(getattr(c, "layer_types", None) or []) - {"full_attention", "sliding_attention"})
+    if other:
+        raise InputError(name, None, None, f"the fast engine does not support layer type(s) {', '.join(other)} "
+                                           f"(it assumes a key/value cache in every layer); {fallback}")
+    if getattr(c, "attention_chunk_size", None):
+        raise InputError(name, None, None, f"the fast engine does not support chunked attention; {fallback}")
 
 
 def kv_bytes_per_token(model) -> int:
@@ -136,14 +162,14 @@ class BranchDecoder:
     def _enqueue(self, work: Work, t: int, j: int, front: bool) -> None:
         response = work.response_ids[:t] + [work.alternatives[t][j]]
         if self.proto.stopped(response, 0, t):
-            self._settle(work, t, j, [])
+            self._settle(work, t, j, [], None)
         elif front:
             self.queue.appendleft((work, t, j))
         else:
             self.queue.append((work, t, j))
 
-    def _settle(self, work: Work, t: int, j: int, cont: list[int]) -> None:
-        ok = finish_branch(work, t, j, cont, self.proto)
+    def _settle(self, work: Work, t: int, j: int, cont: list[int], margin: float | None) -> None:
+        ok = finish_branch(work, t, j, cont, self.proto, margin)
         if not ok and j + 1 < len(work.alternatives[t]):
             self._enqueue(work, t, j + 1, front=True)
             return
@@ -281,13 +307,16 @@ class BranchDecoder:
                 self._halve()
                 continue
             self.window.w = w + 1
-            nxt = logits.argmax(-1).tolist()
+            nxt = logits.argmax(-1).tolist()  # the first maximum: ties go to the lowest id, as in generate
+            top2 = torch.topk(logits.float(), 2, dim=-1).values
+            gaps = (top2[:, 0] - top2[:, 1]).tolist()
             active = [(i, row) for i, row in enumerate(self.rows) if row is not None]
             progress.advance(0, tokens=len(active))
             for i, row in active:
                 row.response.append(nxt[i])
                 row.n_new += 1
+                row.margin = min(row.margin, gaps[i])
                 if self.proto.stopped(row.response, row.n_new, row.t):
                     self.rows[i] = None
                     self.mbuf[i] = 0
-                    self._settle(row.work, row.t, row.j, row.response[row.t + 1 :])
+                    self._settle(row.work, row.t, row.j, row.response[row.t + 1 :], row.margin)

@@ -1,26 +1,40 @@
 """Stage B: label critical tokens by counterfactual decoding.
 
-For each correct response Y and each position t, the alternatives are the model's rank-2..k tokens
-at t (from one teacher-forced pass over prompt + Y). Each alternative a is continued greedily from
-prompt + y_<t + a at the token-id level and its final answer verified; y_t is critical iff every
-alternative fails.
+For each correct response Y and each position t, the candidates are the model's tokens at t in the
+order (-logit, then token id) from one teacher-forced pass over prompt + Y; the alternatives are the
+first k-1 of that order other than y_t, each stored with its true rank (rank 1 when y_t was not the
+argmax). Each alternative a is continued greedily from prompt + y_<t + a at the token-id level and
+its final answer verified; y_t is critical iff every alternative was graded and failed. A verifier
+timeout or crash is retried once, then the branch is unknown (``ok`` None, ``verify_error`` set):
+an unknown never makes a token critical.
 
-A branch is a response decoded under the generation protocol: it stops at EOS, once its final answer
-is complete (``verify.answer_complete`` on the whole response text, checked after every token
+A branch is a response decoded under Stage A's protocol (max_new_tokens, stop rule, dtype are
+inherited from the generations' metadata, see ``resolve_protocol``): it stops at EOS, once its final
+answer is complete (``verify.answer_complete`` on the whole response text, checked after every token
 including a itself), or when the response reaches ``max_new_tokens`` tokens. Both engines apply
 exactly this rule:
 
-- ``reference``: one ``model.generate`` per branch from the full token prefix, every alternative.
+- ``reference``: one pinned greedy ``generate`` per branch from the full token prefix, every alternative.
 - ``fast`` (default, ``cft.engine``): the prompt + response KV cache is computed once and shared by
   every branch; branches of many positions and responses decode together with continuous batching;
-  the rank-r+1 branch runs only if the rank-r branch failed (exact: one success already makes the
-  token non-critical).
+  the rank-r+1 branch runs only if the rank-r branch did not succeed (exact: one success already
+  makes the token non-critical).
+
+What is guaranteed: the same protocol and rules in both engines, and identical labels up to
+floating-point near-ties. A cached one-token step and a full forward differ in the last bits, so an
+argmax can flip where the top-1/top-2 logit gap is that small. Both engines record each branch's
+smallest gap (``margin``) and each position's gap between its last alternative and the next token
+(``alt_margin``); the summary counts the near-ties (below ``--tolerance``), and ``--crosscheck N``
+re-decodes N random branches plus every near-tie with the reference path and reports disagreements.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import random
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -40,29 +54,54 @@ from cft.artifacts import (
 from cft.models import cache_kwarg, load_model, resolve, stop_token_ids, vocab_rows
 from cft.progress import Progress
 
+log = logging.getLogger(__name__)
+
+# Bumped when a rule that changes labels changes (tie order, unknown verdicts), so a resume never
+# mixes records made under two rules.
+LABEL_RULES = "cft.identify/2: order (-logit, id); verifier failure = unknown"
+PROTOCOL_DEFAULTS = {"max_new_tokens": 256, "stop_at_answer": True, "dtype": "float32", "template": None}
+# A branch whose smallest top-1/top-2 logit gap is below this is a near-tie: another batch shape or
+# kernel may flip its argmax. Per dtype, overridable with --tolerance.
+DEFAULT_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.1}
+
 
 @dataclass
 class IdentifyConfig:
-    """Resolved config of ``cft identify``; every field that changes labels is recorded."""
+    """Resolved config of ``cft identify``; every field that changes labels is recorded.
+
+    ``max_new_tokens``, ``stop_at_answer``, ``dtype`` and ``template`` default to None: they are then
+    inherited from the generations' metadata (Stage A's protocol), see ``resolve_protocol``.
+    """
 
     model: str
     input: str
     out: str
     engine: str = "fast"  # fast | reference
     k: int = 3
-    max_new_tokens: int = 256  # a branch is a whole response of at most this many tokens
-    stop_at_answer: bool = True
+    max_new_tokens: int | None = None  # a branch is a whole response of at most this many tokens
+    stop_at_answer: bool | None = None
     include_eos: bool = False
     batch_size: int | None = None  # fast engine rows; None = chosen from available memory
-    dtype: str = "float32"
+    dtype: str | None = None
     device: str | None = None
     store_continuations: bool = True
     num_shards: int = 1
     shard_index: int = 0
+    template: str | None = None  # recorded only: the prompt ids already hold the template
+    force_protocol: bool = False  # accept settings that differ from Stage A's (recorded)
+    keep_truncated: bool = False  # keep responses that hit Stage A's length cap (finish == "length")
+    crosscheck: int | None = None  # re-decode this many random branches plus every near-tie (None: off)
+    tolerance: float | None = None  # near-tie threshold on logit margins; None = DEFAULT_TOLERANCE[dtype]
+    crosscheck_seed: int = 0
     # Opt-in approximations (off by default; recorded in the metadata).
     skip_confident: float | None = None  # skip positions whose top-1 probability >= this
     continuation_cap: int | None = None  # decode at most this many tokens after the alternative
     approximations: list[str] = field(default_factory=list)
+    protocol: dict = field(default_factory=dict)  # where the protocol came from (filled by resolve_protocol)
+
+    @property
+    def near_tie_tolerance(self) -> float:
+        return self.tolerance if self.tolerance is not None else DEFAULT_TOLERANCE.get(self.dtype or "float32", 1e-3)
 
 
 @dataclass
@@ -78,10 +117,21 @@ class Work:
     greedy_mismatches: list[int]
     results: list[list[dict | None]]  # per position, per alternative: branch outcome
     open_branches: int = 0
+    ranks: list[list[int]] = field(default_factory=list)  # per position, each alternative's true rank
+    alt_margin: list[float | None] = field(default_factory=list)  # last alternative's logit minus the next one's
 
     @property
     def done(self) -> bool:
         return self.open_branches == 0
+
+
+@dataclass
+class Verdict:
+    """A branch's grade: ``ok`` is None when the verifier failed twice (unknown, never wrong)."""
+
+    ok: bool | None
+    answer: str | None
+    error: str | None
 
 
 class Protocol:
@@ -110,67 +160,149 @@ class Protocol:
             return verify.answer_complete(self.tok.decode(response, skip_special_tokens=True))
         return False
 
-    def verdict(self, response: list[int], gold: str) -> verify.GradeResult:
-        """Never raises: a verifier crash or timeout grades this branch wrong and is recorded on it."""
-        return verify.grade_detailed(self.tok.decode(response, skip_special_tokens=True), gold)
+    def verdict(self, response: list[int], gold: str) -> Verdict:
+        """Grade a branch; a verifier timeout or crash is retried once, then the verdict is unknown.
+
+        The retry bypasses the verdict cache (which keeps timeouts), so machine load at one moment
+        cannot make a token critical.
+        """
+        text = self.tok.decode(response, skip_special_tokens=True)
+        result = verify.grade_detailed(text, gold)
+        if result.timed_out or result.error:
+            verify.clear_cache()
+            result = verify.grade_detailed(text, gold)
+        if result.timed_out or result.error:
+            return Verdict(None, result.prediction, "timeout" if result.timed_out else result.error)
+        return Verdict(result.correct, result.prediction, None)
+
+
+def ranked(logits: torch.Tensor, n: int, extra: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` (values, ids) of every row in the stable order (-logit, then token id).
+
+    ``torch.topk`` leaves the order of exact ties unspecified (common in bf16); this sorts a few more
+    candidates by id and value, and sorts the whole row only when a tie reaches past them.
+    """
+    vocab = logits.shape[-1]
+    n = min(n, vocab)
+    m = min(n + extra, vocab)
+    vals, ids = torch.topk(logits, m, dim=-1)
+    ids, perm = torch.sort(ids, dim=-1)
+    vals = vals.gather(-1, perm)
+    order = torch.sort(vals, dim=-1, descending=True, stable=True).indices
+    vals, ids = vals.gather(-1, order), ids.gather(-1, order)
+    if m < vocab:
+        for row in torch.nonzero(vals[:, n - 1] == vals[:, m - 1]).flatten().tolist():
+            v, i = torch.sort(logits[row], descending=True, stable=True)
+            vals[row], ids[row] = v[:m], i[:m]
+    return vals[:, :n], ids[:, :n]
+
+
+def true_ranks(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Rank (1 = first) of ``tokens[t]`` in row t of ``logits`` under the order (-logit, then id)."""
+    own = logits.gather(-1, tokens[:, None])
+    ids = torch.arange(logits.shape[-1], device=logits.device)
+    ahead = (logits > own) | ((logits == own) & (ids[None, :] < tokens[:, None]))
+    return ahead.sum(-1) + 1
+
+
+@dataclass
+class Forced:
+    """The teacher-forced pass over prompt + Y: ranked candidates per position and Y's own ranks."""
+
+    values: list[list[float]]  # per position, the top k+1 logits in order
+    ids: list[list[int]]  # their token ids
+    y_rank: list[int]
+    top1_prob: list[float]
+    cache: object = None
 
 
 @torch.inference_mode()
-def teacher_forced(model, prompt_ids: list[int], response_ids: list[int], k: int, use_cache: bool = False):
-    """Top-k tokens at every response position from one forward pass (and its KV cache if asked)."""
+def teacher_forced(model, prompt_ids: list[int], response_ids: list[int], k: int, use_cache: bool = False) -> Forced:
+    """The top k+1 tokens at every response position (order (-logit, id)) from one forward pass."""
+    from transformers import DynamicCache
+
     ids = torch.tensor([prompt_ids + response_ids], device=model.device)
-    out = model(input_ids=ids, use_cache=use_cache)
+    # a plain DynamicCache keeps every layer's keys (a config-built one would drop a sliding layer's
+    # older keys, which the branches of later positions still need)
+    cache = {cache_kwarg(model): DynamicCache()} if use_cache else {}
+    out = model(input_ids=ids, use_cache=use_cache, **cache)
     logits = out.logits[0, len(prompt_ids) - 1 : -1].float()
-    top = torch.topk(logits, k, dim=-1)
-    probs = torch.softmax(logits, dim=-1).gather(-1, top.indices[:, :1]).squeeze(-1)
-    return top.indices.tolist(), probs.tolist(), (getattr(out, cache_kwarg(model)) if use_cache else None)
+    vals, top = ranked(logits, k + 1)
+    y = torch.tensor(response_ids, device=logits.device)
+    top1_prob = torch.exp(vals[:, 0] - torch.logsumexp(logits, dim=-1))
+    return Forced(vals.tolist(), top.tolist(), true_ranks(logits, y).tolist(), top1_prob.tolist(),
+                  getattr(out, cache_kwarg(model)) if use_cache else None)
 
 
 def prepare(model, tok, rec: dict, key: str, cfg: IdentifyConfig, proto: Protocol, use_cache: bool):
-    """Alternatives per position ("top-k minus y_t"), greedy check and the opt-in position filters."""
+    """Alternatives per position (the order minus y_t, first k-1), their true ranks, the greedy check."""
     prompt, response = rec["prompt_ids"], rec["response_ids"]
-    top, top1_prob, cache = teacher_forced(model, prompt, response, cfg.k, use_cache)
-    alternatives, mismatches = [], []
-    for t, (y, cand) in enumerate(zip(response, top)):
-        if cand[0] != y:
-            mismatches.append(t)
-        alts = [a for a in cand if a != y][: cfg.k - 1]
-        if (y in proto.eos and not cfg.include_eos) or (
-            cfg.skip_confident is not None and top1_prob[t] >= cfg.skip_confident
-        ):
-            alts = []
-        alternatives.append(alts)
+    forced = teacher_forced(model, prompt, response, cfg.k, use_cache)
+    alternatives, ranks, margins = [], [], []
+    for t, (y, cand, vals) in enumerate(zip(response, forced.ids, forced.values)):
+        others = [(r + 1, a, v) for r, (a, v) in enumerate(zip(cand, vals)) if a != y]
+        tested = others[: cfg.k - 1]
+        skip = (y in proto.eos and not cfg.include_eos) or (
+            cfg.skip_confident is not None and forced.top1_prob[t] >= cfg.skip_confident)
+        if skip or not tested:
+            alternatives.append([])
+            ranks.append([])
+            margins.append(None)
+            continue
+        alternatives.append([a for _, a, _ in tested])
+        ranks.append([r for r, _, _ in tested])
+        margins.append(tested[-1][2] - others[cfg.k - 1][2] if len(others) >= cfg.k else None)
+    mismatches = [t for t, r in enumerate(forced.y_rank) if r != 1]
     work = Work(key, rec, prompt, response, rec["gold"], alternatives, mismatches,
-                [[None] * len(a) for a in alternatives])
-    return work, cache
+                [[None] * len(a) for a in alternatives], ranks=ranks, alt_margin=margins)
+    return work, forced.cache
 
 
-def finish_branch(work: Work, t: int, j: int, cont: list[int], proto: Protocol) -> bool:
-    """Record branch (t, j)'s outcome; True when it succeeded (the token is then replaceable)."""
+def finish_branch(work: Work, t: int, j: int, cont: list[int], proto: Protocol, margin: float | None = None) -> bool:
+    """Record branch (t, j)'s outcome; True when it succeeded (the token is then replaceable).
+
+    ``margin`` is the smallest top-1 minus top-2 logit gap over the decoded continuation (None: nothing
+    decoded). An unknown verdict is not a success: the next rank still runs.
+    """
     response = work.response_ids[:t] + [work.alternatives[t][j]] + cont
-    result = proto.verdict(response, work.gold)
-    work.results[t][j] = {"token": work.alternatives[t][j], "rank": j + 2, "ok": result.correct,
-                          "answer": result.prediction, "ids": cont if proto.cfg.store_continuations else None}
-    if result.timed_out or result.error:
-        work.results[t][j]["verify_error"] = "timeout" if result.timed_out else result.error
-    return result.correct
+    v = proto.verdict(response, work.gold)
+    work.results[t][j] = branch_record(work, t, j, ok=v.ok, answer=v.answer,
+                                       ids=cont if proto.cfg.store_continuations else None,
+                                       margin=margin, verify_error=v.error)
+    return v.ok is True
+
+
+def branch_record(work: Work, t: int, j: int, ok=None, answer=None, ids=None, margin=None, verify_error=None) -> dict:
+    """One branch of the labels file; every key present on every branch (``datasets`` needs one schema)."""
+    return {"token": work.alternatives[t][j], "rank": work.ranks[t][j], "ok": ok, "answer": answer, "ids": ids,
+            "margin": margin, "verify_error": verify_error}
 
 
 def label_record(work: Work, tok, cfg: IdentifyConfig) -> dict:
-    critical = [int(bool(res) and all(r is not None and not r["ok"] for r in res)) for res in work.results]
-    branches = [
-        [r if r is not None else {"token": a, "rank": j + 2, "ok": None, "answer": None, "ids": None}
-         for j, (a, r) in enumerate(zip(alts, res))]
-        for alts, res in zip(work.alternatives, work.results)
-    ]
+    """Critical iff every alternative was graded and failed; an unknown verdict never makes a token critical."""
+    critical = [int(bool(res) and all(r is not None and r["ok"] is False for r in res)) for res in work.results]
+    branches = [[r if r is not None else branch_record(work, t, j) for j, r in enumerate(res)]
+                for t, res in enumerate(work.results)]
     rec = work.record
     return {
         "key": work.key, "id": rec["id"], "question": rec.get("question"), "gold": rec["gold"],
         "prompt_ids": work.prompt_ids, "response_ids": work.response_ids, "response": rec.get("response"),
         "critical": critical, "eligible": [int(bool(a)) for a in work.alternatives],
         "greedy": not work.greedy_mismatches, "greedy_mismatches": work.greedy_mismatches,
+        "alt_margin": work.alt_margin,
         "branches": branches, "critical_spans": critical_spans(tok, work.response_ids, critical),
     }
+
+
+def without_margins(rec: dict) -> dict:
+    """A labels record without its branch margins: what must be equal across batch shapes and resumes.
+
+    A margin comes from batched step logits, which differ in the last bits with the batch's
+    composition (a resumed or sharded run batches other branches together); labels, continuations
+    and verdicts do not, short of a near-tie.
+    """
+    return {**rec, "branches": [[{k: v for k, v in b.items() if k != "margin"} for b in br]
+                                for br in rec["branches"]]}
 
 
 def critical_spans(tok, response_ids: list[int], critical: list[int]) -> list[list[int]]:
@@ -195,31 +327,82 @@ def token_kind(text: str) -> str:
     return "other"
 
 
-def run_reference(model, tok, works_iter, cfg: IdentifyConfig, proto: Protocol, on_done, progress):
-    """The plain way: one greedy ``generate`` per branch, re-encoding prompt and prefix each time."""
+@torch.inference_mode()
+def reference_branch(model, tok, proto: Protocol, prompt_ids: list[int], response: list[int], t: int):
+    """One branch the plain way: greedy ``generate`` from the full token prefix ``prompt + y_<t + a``.
+
+    Returns the continuation and its smallest top-1 minus top-2 logit gap (None when nothing was decoded).
+    """
     from transformers import StoppingCriteriaList
 
-    from cft.generate import _AnswerStop, trigger_tokens
+    from cft.generate import _AnswerStop, pinned_generate, pinned_generation_config
 
-    trigger = trigger_tokens(tok, vocab_rows(model)).to(model.device)
+    if proto.stopped(response, 0, t):
+        return [], None
+    prefix = torch.tensor([prompt_ids + response], device=model.device)
+    stops = []
+    if proto.cfg.stop_at_answer:
+        stops = [_AnswerStop(tok, len(prompt_ids), torch.tensor(proto.trigger, device=model.device))]
+    # pinned: no repetition penalty, n-gram ban or minimum length from the checkpoint, as in the fast engine
+    gen = pinned_generation_config(sorted(proto.eos), tok.pad_token_id, proto.budget(t))
+    gen.output_logits = gen.return_dict_in_generate = True
+    out = pinned_generate(model, gen, input_ids=prefix, attention_mask=torch.ones_like(prefix),
+                          stopping_criteria=StoppingCriteriaList(stops))
+    cont = out.sequences[0, prefix.shape[1] :].tolist()
+    gaps = [_gap(step[0]) for step in out.logits[: len(cont)]]
+    return cont, (min(gaps) if gaps else None)
+
+
+def _gap(logits: torch.Tensor) -> float:
+    top = torch.topk(logits.float(), 2).values
+    return float(top[0] - top[1])
+
+
+def run_reference(model, tok, works_iter, cfg: IdentifyConfig, proto: Protocol, on_done, progress):
+    """The plain way: one greedy ``generate`` per branch, re-encoding prompt and prefix each time."""
     for work, _ in works_iter:
         for t, alts in enumerate(work.alternatives):
             for j, a in enumerate(alts):
-                response = work.response_ids[:t] + [a]
-                cont: list[int] = []
-                if not proto.stopped(response, 0, t):
-                    prefix = torch.tensor([work.prompt_ids + response], device=model.device)
-                    stops = [_AnswerStop(tok, len(work.prompt_ids), trigger)] if cfg.stop_at_answer else []
-                    out = model.generate(
-                        input_ids=prefix, attention_mask=torch.ones_like(prefix), do_sample=False,
-                        max_new_tokens=proto.budget(t), eos_token_id=sorted(proto.eos),
-                        pad_token_id=tok.pad_token_id, stopping_criteria=StoppingCriteriaList(stops),
-                        temperature=None, top_p=None, top_k=None,
-                    )
-                    cont = out[0, prefix.shape[1] :].tolist()
-                finish_branch(work, t, j, cont, proto)
+                cont, margin = reference_branch(model, tok, proto, work.prompt_ids, work.response_ids[:t] + [a], t)
+                finish_branch(work, t, j, cont, proto, margin)
                 progress.advance(0, tokens=len(cont) + 1)
         on_done(work)
+
+
+def crosscheck(model, tok, labels: list[dict], cfg: IdentifyConfig, proto: Protocol) -> dict:
+    """Re-decode ``cfg.crosscheck`` random branches plus every near-tie branch with the reference path.
+
+    Compares continuation ids (when stored) and verdicts. A disagreement on a branch whose margin is
+    below the tolerance is a floating-point near-tie (two kernels may pick either token); any other
+    disagreement means the engines differ and is reported as unexplained.
+    """
+    tol = cfg.near_tie_tolerance
+    decoded = [(i, t, j) for i, rec in enumerate(labels) for t, br in enumerate(rec["branches"])
+               for j, b in enumerate(br) if b["ok"] is not None]
+    near = {x for x in decoded if _near(labels[x[0]]["branches"][x[1]][x[2]], tol)}
+    rest = [x for x in decoded if x not in near]
+    chosen = sorted(near | set(random.Random(cfg.crosscheck_seed).sample(rest, min(cfg.crosscheck, len(rest)))))
+    disagreements = []
+    for i, t, j in chosen:
+        rec, b = labels[i], labels[i]["branches"][t][j]
+        response = rec["response_ids"][:t] + [b["token"]]
+        cont, margin = reference_branch(model, tok, proto, rec["prompt_ids"], response, t)
+        v = proto.verdict(response + cont, rec["gold"])
+        ids_differ = b["ids"] is not None and b["ids"] != cont
+        if ids_differ or v.ok != b["ok"]:
+            disagreements.append({"key": rec["key"], "id": rec["id"], "position": t, "rank": b["rank"],
+                                  "near_tie": _near(b, tol) or (margin is not None and margin < tol),
+                                  "margin": b["margin"], "reference_margin": margin, "ids_differ": ids_differ,
+                                  "fast": {"ok": b["ok"], "answer": b["answer"]},
+                                  "reference": {"ok": v.ok, "answer": v.answer}})
+    return {"crosschecked": len(chosen), "crosschecked_near_ties": len(near),
+            "disagreements": len(disagreements),
+            "disagreements_near_tie": sum(d["near_tie"] for d in disagreements),
+            "disagreement_details": disagreements[:100]}
+
+
+def _near(branch: dict, tol: float) -> bool:
+    return branch.get("margin") is not None and branch["margin"] < tol
 
 
 def _works(model, tok, records, keys, cfg, proto, use_cache):
@@ -229,21 +412,55 @@ def _works(model, tok, records, keys, cfg, proto, use_cache):
 
 def shard_of(cfg: IdentifyConfig) -> tuple[int, int]:
     """(index, count): explicit ``--num-shards``/``--shard-index``, else the launcher's RANK/WORLD_SIZE."""
+    if cfg.num_shards < 1:
+        raise InputError("--num-shards", None, None, f"must be at least 1, not {cfg.num_shards}")
+    if not 0 <= cfg.shard_index < cfg.num_shards:
+        raise InputError("--shard-index", None, None,
+                         f"{cfg.shard_index} is out of range for --num-shards {cfg.num_shards} "
+                         f"(0..{cfg.num_shards - 1})")
     if cfg.num_shards > 1:
         return cfg.shard_index, cfg.num_shards
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
 
 
+def rank_device() -> str | None:
+    """``cuda:LOCAL_RANK`` under a multi-process launcher with CUDA present (each rank its own GPU), else None."""
+    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return None
+
+
 def shard_path(out: str, index: int, count: int) -> str:
     return out if count == 1 else f"{out}.shard{index}of{count}.jsonl"
 
 
-def label_key(rec: dict, cfg: IdentifyConfig) -> str:
-    """Everything that determines a labels record; the id too, so two problems with the same text stay two."""
+_fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def weights_fingerprint(model) -> str:
+    """``models.weights_fingerprint``, cached per model object (the resume key needs it once per run)."""
+    from cft import models
+
+    if model not in _fingerprints:
+        _fingerprints[model] = models.weights_fingerprint(model)
+    return _fingerprints[model]
+
+
+def label_params(cfg: IdentifyConfig, model) -> dict:
+    """Every setting that can change a labels record (the engine is not one: both give the same labels)."""
     params = {k: v for k, v in asdict(cfg).items()
-              if k in ("k", "max_new_tokens", "stop_at_answer", "include_eos", "skip_confident", "continuation_cap")}
-    return record_key(cfg.model, str(rec["id"]), rec["prompt_ids"], rec["response_ids"], rec["gold"], params)
+              if k in ("model", "k", "max_new_tokens", "stop_at_answer", "include_eos", "dtype",
+                       "skip_confident", "continuation_cap")}
+    params["rules"] = LABEL_RULES
+    params["weights"] = weights_fingerprint(model)
+    params["model_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    return params
+
+
+def label_key(rec: dict, params: dict) -> str:
+    """Everything that determines a labels record; the id too, so two problems with the same text stay two."""
+    return record_key(str(rec["id"]), rec["prompt_ids"], rec["response_ids"], rec["gold"], params)
 
 
 def vocab_size_of(name: str, model=None) -> int | None:
@@ -259,10 +476,62 @@ def vocab_size_of(name: str, model=None) -> int | None:
         return None
 
 
-def select_inputs(cfg: IdentifyConfig, vocab_size: int | None = None) -> tuple[list[dict], int]:
-    """The correct generations of this shard, validated before any model loads.
+def resolve_protocol(cfg: IdentifyConfig, model=None) -> IdentifyConfig:
+    """Fill the protocol settings left unset from Stage A's metadata; refuse a conflicting explicit one.
 
-    Returns them and the number of valid input records (correct or not).
+    A shorter ``max_new_tokens`` than Stage A's makes late positions spuriously critical, another dtype
+    makes the responses not greedy: such a flag is an error unless ``force_protocol`` (recorded).
+    Idempotent: a second call sees the resolved values, which agree.
+    """
+    meta = read_meta(cfg.input)
+    gen_cfg = meta.get("config") or {}
+    decode = gen_cfg.get("decode") or {}
+    stage_a = {"max_new_tokens": decode.get("max_new_tokens"), "stop_at_answer": decode.get("stop_at_answer"),
+               "dtype": gen_cfg.get("dtype"), "template": gen_cfg.get("template")}
+    if (decode.get("temperature") or 0) > 0 and not cfg.protocol:
+        log.warning("%s was sampled (temperature %s): its responses are not the greedy path, and every "
+                    "mismatch is counted as not greedy", cfg.input, decode["temperature"])
+    if not meta:
+        if not cfg.protocol:
+            log.warning("%s has no metadata (%s.meta.json): Stage A's protocol is unknown; using identify's "
+                        "settings as given", cfg.input, cfg.input)
+        stage_a = {}
+    conflicts = [name for name, value in stage_a.items()
+                 if value is not None and getattr(cfg, name) is not None and getattr(cfg, name) != value]
+    if conflicts and not cfg.force_protocol:
+        what = "; ".join(f"{name} {getattr(cfg, name)!r} (Stage A: {stage_a[name]!r})" for name in conflicts)
+        raise InputError(f"{cfg.input}.meta.json", None, conflicts[0],
+                         f"identify settings differ from the protocol that produced these responses: {what}; "
+                         "drop the flag to inherit it, or pass --force-protocol")
+    inherited = []
+    for name, default in PROTOCOL_DEFAULTS.items():
+        if getattr(cfg, name) is None:
+            value = stage_a.get(name)
+            if value is None and name == "dtype" and model is not None:
+                value = str(next(model.parameters()).dtype).replace("torch.", "")
+            setattr(cfg, name, default if value is None else value)
+            if value is not None:
+                inherited.append(name)
+    if not cfg.protocol:
+        cfg.protocol = {"source": "generations metadata" if meta else "defaults (no generations metadata)",
+                        "inherited": inherited, "forced": conflicts if cfg.force_protocol else []}
+    return cfg
+
+
+@dataclass
+class Inputs:
+    """The responses to label (all shards, in order) and what was left out."""
+
+    records: list[dict]
+    n_input: int
+    excluded_truncated: int
+
+
+def select_inputs(cfg: IdentifyConfig, vocab_size: int | None = None) -> Inputs:
+    """The correct generations (every shard's), validated before any model loads.
+
+    A response that hit Stage A's length cap (``finish == "length"``) is left out unless
+    ``keep_truncated``: its answer may come from the last-number fallback of an unfinished solution.
     """
     seen: dict[str, int] = {}
 
@@ -290,7 +559,7 @@ def select_inputs(cfg: IdentifyConfig, vocab_size: int | None = None) -> tuple[l
             raise bad("gold", "missing or not a non-empty string")
         if not isinstance(rec.get("correct"), bool):
             raise bad("correct", "missing or not a boolean")
-        for name in ("question", "response"):
+        for name in ("question", "response", "finish"):
             if rec.get(name) is not None and not isinstance(rec[name], str):
                 raise bad(name, "not a string")
         if rec["correct"] and not rec["response_ids"]:
@@ -300,8 +569,8 @@ def select_inputs(cfg: IdentifyConfig, vocab_size: int | None = None) -> tuple[l
 
     records = read_valid(cfg.input, parse, SCHEMAS["generations"])
     correct = [r for r in records if r["correct"]]
-    index, count = shard_of(cfg)
-    return [r for i, r in enumerate(correct) if i % count == index], len(records)
+    kept = [r for r in correct if cfg.keep_truncated or r.get("finish") != "length"]
+    return Inputs(kept, len(records), len(correct) - len(kept))
 
 
 def identify(cfg: IdentifyConfig, model=None, tok=None) -> dict:
@@ -310,17 +579,26 @@ def identify(cfg: IdentifyConfig, model=None, tok=None) -> dict:
     Finished responses are appended to ``OUT.partial`` as they complete (see ``ResumableWriter.add``);
     a rerun after a kill labels only the responses missing there.
     """
-    records, n_input = select_inputs(cfg, vocab_size_of(cfg.model, model))
+    if cfg.k < 2:
+        raise InputError("-k", None, None, f"k must be at least 2 (one alternative), not {cfg.k}")
+    index, count = shard_of(cfg)
+    resolve_protocol(cfg, model)
+    inputs = select_inputs(cfg, vocab_size_of(cfg.model, model))
     if model is None:
-        model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
+        model, tok = load_model(cfg.model, cfg.dtype, cfg.device or rank_device())
     cfg.approximations = [name for name, v in (("skip_confident", cfg.skip_confident),
                                                ("continuation_cap", cfg.continuation_cap)) if v is not None]
     proto = Protocol(tok, model, cfg)
-    index, count = shard_of(cfg)
+    params = label_params(cfg, model)
+    all_keys = [label_key(r, params) for r in inputs.records]
+    records, keys = inputs.records[index::count], all_keys[index::count]
     out = shard_path(cfg.out, index, count)
-    keys = [label_key(r, cfg) for r in records]
     writer = ResumableWriter(out, "labels")
     todo = [(r, k) for r, k in zip(records, keys) if k not in writer.done]
+    if cfg.engine == "fast":
+        from cft.engine import check_supported
+
+        check_supported(model, cfg.model)
 
     def on_done(work: Work) -> None:
         writer.add(label_record(work, tok, cfg))
@@ -343,29 +621,50 @@ def identify(cfg: IdentifyConfig, model=None, tok=None) -> dict:
         decoded = progress.tokens
     seconds = time.time() - t0
     labels = [writer.done[k] for k in keys]
-    summary = summarize(labels, tok)
-    summary.update(n_input=n_input, responses=len(labels), invalid_skipped=invalid_count(cfg.input),
+    summary = summarize(labels, tok, cfg.near_tie_tolerance)
+    check = {"crosschecked": 0, "crosschecked_near_ties": 0, "disagreements": 0, "disagreements_near_tie": 0,
+             "disagreement_details": []}
+    if cfg.crosscheck is not None and cfg.engine == "fast":  # the reference engine is its own crosscheck
+        check = crosscheck(model, tok, labels, cfg, proto)
+    summary.update(check)
+    summary.update(n_input=inputs.n_input, responses=len(labels), invalid_skipped=invalid_count(cfg.input),
+                   excluded_truncated=inputs.excluded_truncated,
                    seconds=seconds, decoded_tokens=decoded,
                    tokens_per_second=decoded / max(seconds, 1e-9), shard=[index, count])
     meta = {"stage": "identify", "config": asdict(cfg), "seed": None,  # greedy throughout: nothing is random
+            "label_params": params, "all_keys_digest": record_key(all_keys), "responses_total": len(all_keys),
             "generation_meta": read_meta(cfg.input), "environment": environment(model), "summary": summary}
     writer.finalize(keys, meta)
     return summary
 
 
-def summarize(labels: list[dict], tok) -> dict:
-    """Critical fraction over tested positions, its split by token kind, and the greedy check."""
+def summarize(labels: list[dict], tok, tolerance: float | None = None) -> dict:
+    """Critical fraction over tested positions, its split by token kind, the greedy check and the unknowns.
+
+    With a ``tolerance``, also the near-ties: decoded branches whose smallest logit margin is below it,
+    and positions whose last alternative is within it of the next-ranked token.
+    """
     by_kind: dict[str, list[int]] = {}
-    branches = 0
+    branches = unknown_positions = unknown_branches = near_ties = near_tie_positions = 0
     for rec in labels:
-        for y, crit, elig, br in zip(rec["response_ids"], rec["critical"], rec["eligible"], rec["branches"]):
-            if elig:
-                kind = by_kind.setdefault(token_kind(tok.decode([y])), [0, 0])
-                kind[0] += crit
-                kind[1] += 1
-                branches += sum(b["ok"] is not None for b in br)
+        margins = rec.get("alt_margin") or [None] * len(rec["response_ids"])
+        for y, crit, elig, br, am in zip(rec["response_ids"], rec["critical"], rec["eligible"], rec["branches"],
+                                         margins):
+            if not elig:
+                continue
+            kind = by_kind.setdefault(token_kind(tok.decode([y])), [0, 0])
+            kind[0] += crit
+            kind[1] += 1
+            ran = [b for b in br if b["ok"] is not None or b.get("verify_error") is not None]
+            branches += len(ran)
+            unknown = sum(b["ok"] is None for b in ran)
+            unknown_branches += unknown
+            unknown_positions += bool(unknown) and not any(b["ok"] for b in ran)
+            if tolerance is not None:
+                near_ties += sum(_near(b, tolerance) for b in ran)
+                near_tie_positions += am is not None and am < tolerance
     tested = sum(v[1] for v in by_kind.values())
-    return {
+    summary = {
         "critical_fraction": sum(v[0] for v in by_kind.values()) / max(tested, 1),
         "critical_by_kind": {k: {"critical": v[0], "tokens": v[1], "fraction": v[0] / max(v[1], 1)}
                              for k, v in sorted(by_kind.items())},
@@ -373,25 +672,47 @@ def summarize(labels: list[dict], tok) -> dict:
         "branches": branches,
         "not_greedy": sum(not r["greedy"] for r in labels),
         "no_critical_token": sum(not any(r["critical"]) for r in labels),
+        "unknown_positions": unknown_positions,
+        "unknown_branches": unknown_branches,
     }
+    if tolerance is not None:
+        summary.update(tolerance=tolerance, near_ties=near_ties, near_tie_positions=near_tie_positions)
+    return summary
 
 
 def configure_parser(p) -> None:
+    import argparse
+
     from cft.generate import add_model_arguments
 
     add_model_arguments(p)
+    p.set_defaults(dtype=None)  # inherited from the generations' metadata unless given
     p.add_argument("--input", required=True, help="generations JSONL from `cft generate`")
     p.add_argument("--out", required=True, help="output labels JSONL (cft.labels/1)")
     p.add_argument("--engine", default="fast", choices=["fast", "reference"])
     p.add_argument("-k", "--k", type=int, default=3, help="alternatives are the rank-2..k tokens (default: 3)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="response length cap of a branch")
-    p.add_argument("--no-stop-at-answer", action="store_true")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="response length cap of a branch (default: Stage A's, from the generations' metadata)")
+    p.add_argument("--stop-at-answer", action=argparse.BooleanOptionalAction, default=None,
+                   help="end a branch once its answer is complete (default: as Stage A did)")
+    p.add_argument("--force-protocol", action="store_true",
+                   help="accept --max-new-tokens/--stop-at-answer/--dtype that differ from Stage A's (recorded)")
+    p.add_argument("--keep-truncated", action="store_true",
+                   help="also label correct responses that hit Stage A's length cap (finish == length)")
     p.add_argument("--include-eos", action="store_true", help="also test the final EOS position")
     p.add_argument("--batch-size", type=int, default=None, help="fast engine rows (default: from free memory)")
     p.add_argument("--no-continuations", action="store_true", help="do not store branch token ids")
+    p.add_argument("--crosscheck", type=int, default=None, metavar="N",
+                   help="re-decode N random branches plus every near-tie with the reference engine and compare "
+                        "(0: the near-ties only)")
+    p.add_argument("--tolerance", type=float, default=None, metavar="T",
+                   help="a branch whose smallest top-1/top-2 logit gap is below T is a near-tie "
+                        f"(default per dtype: {DEFAULT_TOLERANCE})")
     p.add_argument("--num-shards", type=int, default=1)
     p.add_argument("--shard-index", type=int, default=0)
     p.add_argument("--merge", action="store_true", help="merge the shard files of --out into --out")
+    p.add_argument("--merge-timeout", type=float, default=None, metavar="SECONDS",
+                   help="under a launcher, how long rank 0 waits for the other ranks' shards (default: forever)")
     p.add_argument("--dry-run", action="store_true", help="count the work and estimate time; decode nothing")
     p.add_argument("--skip-confident", type=float, default=None, metavar="TAU",
                    help="APPROXIMATION: skip positions whose top-1 probability >= TAU")
@@ -402,10 +723,11 @@ def configure_parser(p) -> None:
 def config_from_args(args) -> IdentifyConfig:
     return IdentifyConfig(
         model=args.model, input=args.input, out=args.out, engine=args.engine, k=args.k,
-        max_new_tokens=args.max_new_tokens, stop_at_answer=not args.no_stop_at_answer,
-        include_eos=args.include_eos, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
-        store_continuations=not args.no_continuations, num_shards=args.num_shards, shard_index=args.shard_index,
-        skip_confident=args.skip_confident, continuation_cap=args.continuation_cap,
+        max_new_tokens=args.max_new_tokens, stop_at_answer=args.stop_at_answer, force_protocol=args.force_protocol,
+        keep_truncated=args.keep_truncated, include_eos=args.include_eos, batch_size=args.batch_size,
+        dtype=args.dtype, device=args.device, store_continuations=not args.no_continuations,
+        num_shards=args.num_shards, shard_index=args.shard_index, crosscheck=args.crosscheck,
+        tolerance=args.tolerance, skip_confident=args.skip_confident, continuation_cap=args.continuation_cap,
     )
 
 
@@ -415,12 +737,22 @@ def print_summary(s: dict) -> None:
           f"{s['decoded_tokens']} decoded tokens in {s['seconds']:.1f}s ({s['tokens_per_second']:.0f} tok/s)")
     print(f"critical fraction {s['critical_fraction']:.1%} ({kinds}); not greedy: {s['not_greedy']}; "
           f"no critical token: {s['no_critical_token']}")
+    print(f"excluded truncated: {s.get('excluded_truncated', 0)}; unknown positions (verifier failed twice): "
+          f"{s.get('unknown_positions', 0)}")
+    if "near_ties" in s:
+        print(f"near ties (margin < {s['tolerance']:g}): {s['near_ties']} branches, {s['near_tie_positions']} "
+              f"positions; crosschecked {s.get('crosschecked', 0)} branches with the reference engine: "
+              f"{s.get('disagreements', 0)} disagreements ({s.get('disagreements_near_tie', 0)} on near ties)")
+    unexplained = s.get("disagreements", 0) - s.get("disagreements_near_tie", 0)
+    if unexplained:
+        print(f"WARNING: {unexplained} disagreements between the engines are not near ties; see "
+              "summary.disagreement_details in the metadata")
 
 
 def run(args) -> int:
     cfg = config_from_args(args)
     if args.merge:
-        path = merge_shards(cfg.out, cfg.num_shards)
+        path = merge_shards(cfg.out, cfg.num_shards, timeout=args.merge_timeout)
         print(f"merged {cfg.num_shards} shards -> {path}")
         return 0
     if args.dry_run:
@@ -430,40 +762,92 @@ def run(args) -> int:
     print_summary(s)
     index, count = s["shard"]
     if count > 1 and "WORLD_SIZE" in os.environ and index == 0:
-        print(f"merged {count} shards -> {merge_shards(cfg.out, count, wait=True)}")
+        print(f"merged {count} shards -> {merge_shards(cfg.out, count, wait=True, timeout=args.merge_timeout)}")
     return 0
 
 
-def merge_shards(out: str, count: int, wait: bool = False, poll_seconds: float = 5.0) -> str:
-    """Interleave shard files back into single-process order (shard i holds responses i, i+N, ...)."""
+MERGE_FIELDS = ("label_params", "all_keys_digest", "responses_total")
+
+
+def _shard_problem(path: str, meta: dict, first: dict | None, index: int, count: int) -> str | None:
+    """Why shard file ``path`` cannot be merged (None: it can), given shard 0's metadata ``first``."""
+    if not os.path.exists(path) or not meta:
+        return "missing" if not os.path.exists(path) else "has no metadata (unfinished?)"
+    if meta.get("summary", {}).get("shard") != [index, count]:
+        return f"was written as shard {meta.get('summary', {}).get('shard')}, not [{index}, {count}] (stale file?)"
+    if any(f not in meta for f in MERGE_FIELDS):
+        return "was written by an older cft (no merge fields); rerun it"
+    if first is not None:
+        differ = [f for f in MERGE_FIELDS if meta[f] != first[f]]
+        if differ:
+            names = sorted(k for k in set(meta["label_params"]) | set(first["label_params"])
+                           if meta["label_params"].get(k) != first["label_params"].get(k))
+            return f"is from another run than shard 0 ({', '.join(names) or ', '.join(differ)} differ; stale file?)"
+    return None
+
+
+def merge_shards(out: str, count: int, wait: bool = False, poll_seconds: float = 2.0,
+                 timeout: float | None = None) -> str:
+    """Interleave shard files back into single-process order (shard i holds responses i, i+N, ...).
+
+    Each shard must come from the same run: same label settings and weights, same input (the digest
+    of every response key, which each rank computes) and exactly the keys its index implies. With
+    ``wait`` (rank 0 under a launcher) shards still missing or stale are waited for, up to ``timeout``.
+    """
     from cft.models import load_tokenizer
 
+    if count < 2:
+        raise InputError("--num-shards", None, None, f"merging needs --num-shards >= 2, not {count}")
     paths = [shard_path(out, i, count) for i in range(count)]
-    while wait and not all(os.path.exists(p) and os.path.exists(p + ".meta.json") for p in paths):
+    start = time.time()
+    while True:
+        metas = [read_meta(p) if os.path.exists(p) else {} for p in paths]
+        problems = [(p, _shard_problem(p, m, metas[0] if i else None, i, count))
+                    for i, (p, m) in enumerate(zip(paths, metas))]
+        problems = [(p, why) for p, why in problems if why]
+        if not problems:
+            break
+        if not wait or (timeout is not None and time.time() - start > timeout):
+            path, why = problems[0]
+            waited = f" after waiting {time.time() - start:.0f}s (--merge-timeout)" if wait else ""
+            raise InputError(path, None, None, f"cannot merge: shard file {why}{waited}; "
+                             f"{len(problems)} of {count} shards not ready; rerun that shard, then --merge")
         time.sleep(poll_seconds)
     shards = [load_records(p, "labels") for p in paths]
-    metas = [read_meta(p) for p in paths]
     merged = [shards[i % count][i // count] for i in range(sum(map(len, shards)))]
+    digest = record_key([r["key"] for r in merged])
+    if digest != metas[0]["all_keys_digest"] or any(len(s) != len(range(i, metas[0]["responses_total"], count))
+                                                     for i, s in enumerate(shards)):
+        raise InputError(paths[0], None, None, "cannot merge: the shard files do not hold exactly the responses "
+                                               "their indices imply (edited or mixed files?)")
     writer = ResumableWriter(out, "labels")
     writer.write(merged)
     cfg = metas[0]["config"]
-    summary = summarize(merged, load_tokenizer(cfg["model"]))
-    summary.update(responses=len(merged), decoded_tokens=sum(m["summary"]["decoded_tokens"] for m in metas),
-                   seconds=max(m["summary"]["seconds"] for m in metas))
+    tol = cfg.get("tolerance") or DEFAULT_TOLERANCE.get(cfg.get("dtype") or "float32", 1e-3)
+    summary = summarize(merged, load_tokenizer(cfg["model"]), tol)
+    summed = ("decoded_tokens", "excluded_truncated", "crosschecked", "crosschecked_near_ties", "disagreements",
+              "disagreements_near_tie")
+    summary.update({f: sum(m["summary"].get(f, 0) for m in metas) for f in summed})
+    summary.update(responses=len(merged), n_input=metas[0]["summary"].get("n_input"),
+                   seconds=max(m["summary"]["seconds"] for m in metas),
+                   disagreement_details=[d for m in metas for d in m["summary"].get("disagreement_details", [])])
     writer.finalize([r["key"] for r in merged], {**metas[0], "merged_from": paths, "summary": summary})
     return out
 
 
 def plan(cfg: IdentifyConfig) -> dict:
     """What identification would do: counts from the input, time from a short synthetic decode benchmark."""
-    records, n_input = select_inputs(cfg)
+    resolve_protocol(cfg)
+    index, count = shard_of(cfg)
+    inputs = select_inputs(cfg)
+    records = inputs.records[index::count]
     positions = sum(len(r["response_ids"]) - (0 if cfg.include_eos else 1) for r in records)
     per_branch = [len(r["response_ids"]) - t for r in records for t in range(len(r["response_ids"]))]
     est_tokens = sum(min(n, cfg.max_new_tokens) for n in per_branch)
-    model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
+    model, tok = load_model(cfg.model, cfg.dtype, cfg.device or rank_device())
     width = int(sum(len(r["prompt_ids"]) + len(r["response_ids"]) // 2 for r in records) / max(len(records), 1))
     rate = decode_rate(model, cfg.batch_size, max(width, 1))
-    return {"input_records": n_input, "responses": len(records), "positions": positions,
+    return {"input_records": inputs.n_input, "responses": len(records), "positions": positions,
             "max_branches": positions * (cfg.k - 1), "min_branches": positions,
             "estimated_tokens_min": est_tokens, "estimated_tokens_max": est_tokens * (cfg.k - 1),
             "decode_tokens_per_second": rate, "estimated_seconds_min": est_tokens / rate,
