@@ -145,12 +145,13 @@ def prepare(model, tok, rec: dict, key: str, cfg: IdentifyConfig, proto: Protoco
     return work, cache
 
 
-def finish_branch(work: Work, t: int, j: int, cont: list[int], proto: Protocol) -> bool:
+def finish_branch(work: Work, t: int, j: int, cont: list[int], proto: Protocol, margin: float | None = None) -> bool:
     """Record branch (t, j)'s outcome; True when it succeeded (the token is then replaceable)."""
     response = work.response_ids[:t] + [work.alternatives[t][j]] + cont
     result = proto.verdict(response, work.gold)
     work.results[t][j] = {"token": work.alternatives[t][j], "rank": j + 2, "ok": result.correct,
-                          "answer": result.prediction, "ids": cont if proto.cfg.store_continuations else None}
+                          "answer": result.prediction, "ids": cont if proto.cfg.store_continuations else None,
+                          "margin": margin}
     if result.timed_out or result.error:
         work.results[t][j]["verify_error"] = "timeout" if result.timed_out else result.error
     return result.correct
