@@ -19,7 +19,9 @@ def test_identify_speed_prints_identical_labels_and_a_full_length_ceiling():
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
-    assert re.fullmatch(r"speedup=\d+\.\d labels_identical=true ceiling_fraction=\d+\.\d\d", lines[-1]), lines[-1]
+    last = (r"speedup=\d+\.\d labels_identical=true ceiling_fraction=\d+\.\d\d forward_ceiling_tok_s=\d+ "
+            r"vs_bare=\d+\.\d\d step_efficiency=\d+\.\d\d tokens_per_forward=\d+\.\d\d")
+    assert re.fullmatch(last, lines[-1]), lines[-1]
     ceiling = next(x for x in lines if x.startswith("ceiling"))
     assert "batch=16 new_tokens=12 " in ceiling  # every row decoded the full length: no early stop
     engines = {x.split()[0]: dict(kv.split("=") for kv in x.split()[1:])

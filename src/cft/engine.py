@@ -74,9 +74,12 @@ class EngineStats:
 
     forwards: int = 0
     row_steps: int = 0  # sum over forwards of the rows holding a branch
+    batch_rows: int = 0  # sum over forwards of the rows computed (empty ones included, until dropped)
     tokens: int = 0  # decoded (appended) tokens
     query_columns: int = 0  # sum over forwards of the query width q
     rebases: int = 0  # window copies (each squeezes out the holes of rejected drafts)
+    width_sum: int = 0  # sum over forwards of the cache window's width before the step
+    batch_size: int = 0  # rows of the first step (the batch the engine chose or was given)
     widths: dict[int, int] = field(default_factory=dict)  # forwards per query width
 
     @property
@@ -391,7 +394,10 @@ class BranchDecoder:
         self.mbuf[:, w : w + q] = ((cols <= accepted[:, None]) & live[:, None]).long()
         self.window.w = w + q
         self.stats.forwards += 1
+        self.stats.width_sum += w - s
+        self.stats.batch_size = self.stats.batch_size or len(self.rows)
         self.stats.row_steps += sum(r is not None for r in self.rows)
+        self.stats.batch_rows += len(self.rows)
         self.stats.query_columns += q
         self.stats.widths[q] = self.stats.widths.get(q, 0) + 1
         return greedy.tolist(), accepted.tolist(), gaps.tolist()
