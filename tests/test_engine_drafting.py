@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from cft import engine
 from cft.artifacts import load_records
@@ -127,3 +129,24 @@ def test_bad_draft_settings_are_refused(random_model_dir, draft, ngram):
     cfg = IdentifyConfig(model="m", input="i", out="o")
     with pytest.raises(ValueError, match="draft="):
         engine.BranchDecoder(model, tok, cfg, proto=None, draft=draft, ngram=ngram)
+
+
+def test_rebase_right_aligns_every_rows_valid_columns_in_order():
+    """Holes (mask 0) are squeezed out; each row's valid columns keep their order and end at max_len."""
+    decoder = engine.BranchDecoder.__new__(engine.BranchDecoder)
+    decoder.max_len, decoder.stats = 6, engine.EngineStats()
+    decoder.window = engine.Window(3, 10)
+    mask = torch.zeros(2, 16, dtype=torch.long)
+    mask[0, [3, 5, 6, 9]] = 1
+    mask[1, [4, 8]] = 1
+    keys = torch.arange(16.0).repeat(2, 1, 1)[..., None].expand(2, 1, 16, 2).clone()  # key value = column index
+    decoder.cache = SimpleNamespace(layers=[engine.WindowLayer(keys, keys + 100, decoder.window)])
+    decoder.mbuf = mask
+    decoder._rebase(0)
+    assert (decoder.window.s, decoder.window.w) == (2, 6)
+    assert decoder.mbuf.tolist() == [[0, 0, 1, 1, 1, 1] + [0] * 10, [0, 0, 0, 0, 1, 1] + [0] * 10]
+    layer = decoder.cache.layers[0]
+    assert layer.keys[0, 0, :, 0].tolist() == [3, 5, 6, 9]
+    assert layer.keys[1, 0, 2:, 0].tolist() == [4, 8]
+    assert layer.values[0, 0, :, 1].tolist() == [103, 105, 106, 109]
+    assert decoder.stats.rebases == 1
