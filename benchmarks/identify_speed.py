@@ -1,9 +1,18 @@
 """Stage B speed: the reference engine vs the fast engine on the same responses, in one process.
 
-Prints, for each engine, branches, decoded tokens, tokens/s, wall time and peak memory; the
-throughput of plain batched greedy decoding of the same model (``model.generate`` on a full batch,
-no early stop: the practical ceiling); and as its last line
-``speedup=<fast vs reference> labels_identical=<true|false> ceiling_fraction=<fast tok/s / ceiling tok/s>``.
+The responses are split into ``--chunks`` chunks and the two engines alternate chunk by chunk (in
+turn first), so machine noise hits both alike. Prints, for each engine, branches, decoded tokens,
+tokens/s, wall time and peak memory (the fast engine also its forwards and decoded tokens per row and
+forward); the bare-forward ceiling: a loop of the model's forward alone at the engine's batch size and
+mean cache width over a preallocated ``StaticCache``, argmax only, for one-token steps and for the
+engine's most common query width; the throughput of plain batched greedy ``model.generate`` (a
+concatenating cache: a reference point, not a bound); and as its last line
+
+    speedup=<reference wall / fast wall> labels_identical=<true|false> ceiling_fraction=<fast / generate tok/s>
+    forward_ceiling_tok_s=<bare one-token tok/s> vs_bare=<fast tok/s / bare one-token tok/s>
+    step_efficiency=<fast forwards/s / bare forwards/s of the same query width> tokens_per_forward=<...>
+
+(one line). ``vs_bare`` above 1 is possible only by verifying drafts: several tokens per row and forward.
 
     python benchmarks/identify_speed.py                      # testbed model, 200 correct responses
     python benchmarks/identify_speed.py --model smollm2 --responses 10 --gold self --max-new-tokens 64
@@ -19,16 +28,18 @@ import json
 import tempfile
 import threading
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import psutil
 import torch
 
+from cft import engine
 from cft.artifacts import load_records
-from cft.engine import auto_batch_size
+from cft.engine import EngineStats
 from cft.generate import DecodeConfig, GenerateConfig, generate, left_pad
-from cft.identify import IdentifyConfig, identify
-from cft.models import load_model
+from cft.identify import IdentifyConfig, identify, summarize
+from cft.models import cache_kwarg, load_model
 from cft.verify import extract_answer
 
 
@@ -82,14 +93,76 @@ def collect_responses(model, tok, args, work: Path) -> Path:
     return out
 
 
-def run_engine(model, tok, args, gen: Path, work: Path, engine: str) -> tuple[dict, list[dict]]:
-    out = work / f"labels-{engine}.jsonl"
-    cfg = IdentifyConfig(model=args.model, input=str(gen), out=str(out), engine=engine, k=args.k,
+def run_engine(model, tok, args, gen: Path, work: Path, engine_name: str) -> tuple[dict, list[dict]]:
+    out = work / f"labels-{engine_name}-{gen.stem}.jsonl"
+    cfg = IdentifyConfig(model=args.model, input=str(gen), out=str(out), engine=engine_name, k=args.k,
                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     with PeakMemory(model.device) as mem:
         s = identify(cfg, model=model, tok=tok)
     s["peak_memory_mb"] = mem.peak / 2**20
     return s, load_records(out, "labels")
+
+
+def alternate(model, tok, args, chosen: Path, work: Path) -> tuple[dict, EngineStats]:
+    """Both engines on every chunk of the responses, taking turns to go first; totals per engine.
+
+    Returns {engine: totals with its labels} and the fast engine's summed counts.
+    """
+    records = load_records(chosen, "generations")
+    n = max(1, min(args.chunks, len(records)))
+    totals = {e: {"labels": [], "seconds": 0.0, "decoded_tokens": 0, "branches": 0, "peak_memory_mb": 0.0}
+              for e in ("reference", "fast")}
+    stats = EngineStats()
+    for c in range(n):
+        part = work / f"chunk{c}.jsonl"
+        part.write_text("".join(json.dumps(r) + "\n" for r in records[c::n]))
+        for name in ("reference", "fast") if c % 2 == 0 else ("fast", "reference"):
+            s, labels = run_engine(model, tok, args, part, work, name)
+            t = totals[name]
+            t["labels"] += labels
+            t["seconds"] += s["seconds"]
+            t["decoded_tokens"] += s["decoded_tokens"]
+            t["branches"] += s["branches"]
+            t["peak_memory_mb"] = max(t["peak_memory_mb"], s["peak_memory_mb"])
+            if name == "fast":
+                for f in fields(EngineStats):
+                    a, b = getattr(stats, f.name), getattr(engine.last_stats, f.name)
+                    merged = ({k: a.get(k, 0) + b.get(k, 0) for k in {*a, *b}} if isinstance(a, dict)
+                              else max(a, b) if f.name == "batch_size" else a + b)
+                    setattr(stats, f.name, merged)
+    order = {str(r["id"]): i for i, r in enumerate(records)}
+    for t in totals.values():  # back into input order (chunk c holds responses c, c+n, ...)
+        t["labels"].sort(key=lambda r: order[str(r["id"])])
+        t["responses"] = len(t["labels"])
+        t["tokens_per_second"] = t["decoded_tokens"] / max(t["seconds"], 1e-9)
+        t["critical_fraction"] = summarize(t["labels"], tok)["critical_fraction"]
+    return totals, stats
+
+
+@torch.inference_mode()
+def bare_forward(model, batch: int, width: int, q: int, steps: int = 16) -> tuple[float, float]:
+    """(forwards/s, tokens/s) of the model's forward alone: ``batch`` rows, a preallocated cache of
+    ``width`` tokens plus the steps, ``q`` query tokens a row, argmax only (B*q tokens a forward)."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=width + (steps + 2) * q)
+    arg = {cache_kwarg(model): cache}
+    ids = torch.randint(0, model.config.vocab_size, (batch, width), device=model.device)
+    model(input_ids=ids, use_cache=True, **arg)
+    step = ids[:, -q:]
+    for i in range(steps + 1):  # the first step warms up
+        if i == 1:
+            sync(model)
+            t0 = time.perf_counter()
+        step = model(input_ids=step, use_cache=True, **arg).logits.argmax(-1)
+    sync(model)
+    seconds = time.perf_counter() - t0
+    return steps / seconds, batch * q * steps / seconds
+
+
+def sync(model) -> None:
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
 
 
 @torch.inference_mode()
@@ -146,35 +219,49 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=None, help="fast engine rows (default: auto)")
     p.add_argument("--gen-batch-size", type=int, default=64)
     p.add_argument("--ceiling-tokens", type=int, default=128)
+    p.add_argument("--chunks", type=int, default=4, help="alternate the engines over this many chunks")
+    p.add_argument("--draft", type=int, default=None, help="fast engine draft tokens (default: the engine's)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default=None)
     p.add_argument("--keep", default=None, help="keep the generations and both engines' labels in this folder")
     args = p.parse_args()
 
     model, tok = load_model(args.model, args.dtype, args.device)
-    print(f"model={args.model} device={model.device} dtype={args.dtype} threads={torch.get_num_threads()}")
+    if args.draft is not None:
+        engine.DRAFT_TOKENS[model.device.type] = args.draft
+    print(f"model={args.model} device={model.device} dtype={args.dtype} threads={torch.get_num_threads()} "
+          f"draft={engine.default_draft(model.device)} ngram={engine.DRAFT_NGRAM}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.keep or tmp)
         work.mkdir(parents=True, exist_ok=True)
         gen = collect_responses(model, tok, args, work)
-        results = {}
-        for engine in ("reference", "fast"):
-            results[engine], labels = run_engine(model, tok, args, gen, work, engine)
-            results[engine]["labels"] = labels
-            s = results[engine]
-            print(f"{engine:9s} responses={s['responses']} branches={s['branches']} "
+        results, stats = alternate(model, tok, args, gen, work)
+        for name, s in results.items():
+            extra = (f" forwards={stats.forwards} mean_rows={stats.batch_rows / max(stats.forwards, 1):.1f} "
+                     f"mean_q={stats.query_columns / max(stats.forwards, 1):.2f} "
+                     f"tokens_per_forward={stats.tokens_per_forward:.2f}" if name == "fast" else "")
+            print(f"{name:9s} responses={s['responses']} branches={s['branches']} "
                   f"decoded_tokens={s['decoded_tokens']} tok/s={s['tokens_per_second']:.0f} "
                   f"wall={s['seconds']:.1f}s peak_mem={s['peak_memory_mb']:.0f}MB "
-                  f"critical_fraction={s['critical_fraction']:.4f}")
-        batch = args.batch_size or auto_batch_size(
-            model, max(len(r["prompt_ids"]) for r in results["fast"]["labels"]) + args.max_new_tokens)
-        ceil, steps = ceiling(model, tok, results["fast"]["labels"], batch, args.ceiling_tokens)
+                  f"critical_fraction={s['critical_fraction']:.4f}{extra}")
+        fast = results["fast"]
+        batch = stats.batch_size
+        width = round(stats.width_sum / max(stats.forwards, 1))
+        q = max(stats.widths, key=stats.widths.get)
+        bare = {w: bare_forward(model, batch, width, w) for w in sorted({1, q})}
+        for w, (fps, tps) in bare.items():
+            print(f"bare      forward loop (StaticCache, argmax only): batch={batch} width={width} q={w} "
+                  f"forwards/s={fps:.1f} tok/s={tps:.0f}")
+        ceil, steps = ceiling(model, tok, fast["labels"], batch, args.ceiling_tokens)
         print(f"ceiling   plain batched greedy generate: batch={batch} new_tokens={steps} tok/s={ceil:.0f}")
-        identical, shared, differ = compare(results["reference"]["labels"], results["fast"]["labels"])
+        identical, shared, differ = compare(results["reference"]["labels"], fast["labels"])
         print(f"branches run by both engines: {shared}, with different continuation ids or verdicts: {differ}")
-        speedup = results["reference"]["seconds"] / results["fast"]["seconds"]
+        speedup = results["reference"]["seconds"] / fast["seconds"]
         print(f"speedup={speedup:.1f} labels_identical={str(identical and differ == 0).lower()} "
-              f"ceiling_fraction={results['fast']['tokens_per_second'] / ceil:.2f}")
+              f"ceiling_fraction={fast['tokens_per_second'] / ceil:.2f} "
+              f"forward_ceiling_tok_s={bare[1][1]:.0f} vs_bare={fast['tokens_per_second'] / bare[1][1]:.2f} "
+              f"step_efficiency={stats.forwards / fast['seconds'] / bare[q][0]:.2f} "
+              f"tokens_per_forward={stats.tokens_per_forward:.2f}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ def test_identify_speed_prints_identical_labels_and_a_full_length_ceiling(tmp_pa
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
-    assert re.fullmatch(r"speedup=\d+\.\d labels_identical=true ceiling_fraction=\d+\.\d\d", lines[-1]), lines[-1]
+    last = (r"speedup=\d+\.\d labels_identical=true ceiling_fraction=\d+\.\d\d forward_ceiling_tok_s=\d+ "
+            r"vs_bare=\d+\.\d\d step_efficiency=\d+\.\d\d tokens_per_forward=\d+\.\d\d")
+    assert re.fullmatch(last, lines[-1]), lines[-1]
     # the script's own verdict is not trusted: the two engines' labels are compared here
     ref, fast = (load_records(tmp_path / f"labels-{e}.jsonl", "labels") for e in ("reference", "fast"))
     assert len(ref) == len(fast) == 2

@@ -11,17 +11,28 @@ top-1 minus top-2 logit gap; a branch's smallest gap is its ``margin`` (see ``id
 Sliding-window layers need nothing special: every row ends at the step's column, so the model's own
 mask from cache positions is the row's window (``check_supported`` names what is refused).
 
-The shared cache is a window ``[s, w)`` over preallocated buffers: a step writes column ``w`` in
-place (no per-step concatenation), placing a longer prefix moves ``s`` left, and trimming columns no
-row uses moves it right; only when the window reaches the buffer's end is it copied back (rarely).
+Re-convergence drafting: a branch usually rejoins the original solution a few tokens after its
+substituted token. Each row proposes up to ``draft`` tokens from its own original prompt + response
+(the tokens that followed the last ``ngram`` tokens of the branch there) and the step verifies them:
+the query holds the last accepted token plus the drafts, and a row keeps the longest draft prefix that
+greedy decoding reproduces plus the model's next token (standard greedy speculative acceptance), so the
+output is greedy decoding token for token, only fewer forwards. Rows with fewer drafts share the step;
+their extra query columns are junk, discarded and masked out afterwards.
+
+The shared cache is a window ``[s, w)`` over preallocated buffers: a step writes columns ``[w, w+q)``
+in place (no per-step concatenation), placing a longer prefix moves ``s`` left, and trimming columns no
+row uses moves it right. Rejected draft columns stay as holes (mask 0) in their row; positions are given
+per row (its count of valid columns), so holes cost width only. When the window reaches the buffer's end
+it is copied back with every row's holes squeezed out (rarely).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from bisect import bisect_left
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psutil
 import torch
@@ -36,6 +47,25 @@ from cft.models import cache_kwarg
 log = logging.getLogger(__name__)
 
 
+# Draft tokens verified per row and step, by device type (0: one-token decoding). Counted on 20
+# testbed responses (ngram 3): decoded tokens per row-step 2.13 / 2.71 / 3.10 / 3.28 for 2 / 4 / 6 / 8
+# drafts, all with output identical to one-token decoding. A CPU pays for every query column (four
+# cost 1.4x one on the testbed), so 4 drafts buy the most tokens per second there; a GPU step is
+# bound by reading weights and cache, nearly free in extra columns, so it takes 8.
+DRAFT_TOKENS = {"cpu": 4, "cuda": 8}
+DRAFT_NGRAM = 3  # the longest branch suffix looked up in the original (shorter ones are tried next;
+# 1..4 differ by under 2% in forwards)
+
+
+SQUEEZE_WIDTH = 1.5  # squeeze holes out once the window is this many times its fullest row, plus 4 steps
+# (counted on 8 testbed responses, 4 drafts: 1.5 keeps 3 rebases in 147 forwards at mean width 175; 1.2 takes
+# 12 for width 146; each rebase copies the cache once; which pays is for a timing on a quiet machine)
+
+
+def default_draft(device: torch.device) -> int:
+    return DRAFT_TOKENS.get(device.type, DRAFT_TOKENS["cpu"])
+
+
 @dataclass
 class Row:
     work: Work
@@ -43,7 +73,8 @@ class Row:
     j: int
     response: list[int]  # y_<t + [a] + continuation so far
     n_new: int = 0
-    margin: float = math.inf  # smallest top-1 minus top-2 logit gap over the decoded tokens
+    margin: float = math.inf  # smallest top-1 minus top-2 logit gap over the tokens decoded so far
+    cursor: int = 0  # where in the original prompt + response this branch is believed to be
 
 
 def check_supported(model, name: str) -> None:
@@ -52,7 +83,8 @@ def check_supported(model, name: str) -> None:
     Full and sliding-window attention are supported: every layer keeps a row's whole sequence
     (the teacher-forced pass uses a plain cache, see ``identify.teacher_forced``), and the model
     builds its sliding mask from cache positions (``kv_idx > q_idx - window``); since every row's
-    tokens are contiguous and end at the step's column, column differences are position differences.
+    tokens are contiguous and end at the step's column, column differences are position differences
+    (which is why drafting, whose rejected columns leave holes, is off for such models).
     Layer kinds with no key/value cache (linear attention, state-space) and chunked attention are
     refused, naming the feature and the fallback.
     """
@@ -64,6 +96,62 @@ def check_supported(model, name: str) -> None:
                                            f"(it assumes a key/value cache in every layer); {fallback}")
     if getattr(c, "attention_chunk_size", None):
         raise InputError(name, None, None, f"the fast engine does not support chunked attention; {fallback}")
+
+
+def has_sliding_window(model) -> bool:
+    """Whether any layer attends over a sliding window (its mask is built from column differences)."""
+    c = model.config.get_text_config()
+    types = getattr(c, "layer_types", None) or []
+    return "sliding_attention" in types or (not types and getattr(c, "sliding_window", None) is not None)
+
+
+@dataclass
+class EngineStats:
+    """Counts of one run: decoded tokens per forward is what drafting buys."""
+
+    forwards: int = 0
+    row_steps: int = 0  # sum over forwards of the rows holding a branch
+    batch_rows: int = 0  # sum over forwards of the rows computed (empty ones included, until dropped)
+    tokens: int = 0  # decoded (appended) tokens
+    query_columns: int = 0  # sum over forwards of the query width q
+    rebases: int = 0  # window copies (each squeezes out the holes of rejected drafts)
+    width_sum: int = 0  # sum over forwards of the cache window's width before the step
+    batch_size: int = 0  # rows of the first step (the batch the engine chose or was given)
+    widths: dict[int, int] = field(default_factory=dict)  # forwards per query width
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Decoded tokens per row and forward: 1.0 for one-token decoding, more as drafts are accepted."""
+        return self.tokens / max(self.row_steps, 1)
+
+
+last_stats: EngineStats | None = None  # the stats of the latest ``BranchDecoder.run`` (read by benchmarks)
+
+
+class DraftIndex:
+    """Where every n-gram (n <= ``ngram``) of a response's prompt + response occurs, for draft lookups."""
+
+    def __init__(self, seq: list[int], ngram: int):
+        self.seq = seq
+        self.table: list[dict[tuple[int, ...], list[int]]] = [{} for _ in range(ngram + 1)]
+        for n in range(1, ngram + 1):
+            table = self.table[n]
+            for p in range(n, len(seq)):  # p: the position that follows the n-gram seq[p-n:p]
+                table.setdefault(tuple(seq[p - n : p]), []).append(p)
+
+    def propose(self, response: list[int], cursor: int, size: int) -> tuple[int, list[int]]:
+        """Up to ``size`` tokens that followed the longest matching suffix of ``response``.
+
+        Of several occurrences the first at or after ``cursor`` wins (else the last): a branch rejoins
+        the original near where it left it. Returns (source position, drafts).
+        """
+        for n in range(min(len(self.table) - 1, len(response)), 0, -1):
+            hits = self.table[n].get(tuple(response[-n:]))
+            if hits:
+                k = bisect_left(hits, cursor)
+                p = hits[k] if k < len(hits) else hits[-1]
+                return p, self.seq[p : p + size]
+        return cursor, []
 
 
 def kv_bytes_per_token(model) -> int:
@@ -124,30 +212,45 @@ class WindowLayer(DynamicLayer):
         pass
 
     def update(self, key_states, value_states, *args, **kwargs):
-        w = self.window.w
-        self.kbuf[:, :, w : w + 1] = key_states
-        self.vbuf[:, :, w : w + 1] = value_states
-        return self.kbuf[:, :, self.window.s : w + 1], self.vbuf[:, :, self.window.s : w + 1]
+        w, q = self.window.w, key_states.shape[2]
+        self.kbuf[:, :, w : w + q] = key_states
+        self.vbuf[:, :, w : w + q] = value_states
+        return self.kbuf[:, :, self.window.s : w + q], self.vbuf[:, :, self.window.s : w + q]
 
     def get_seq_length(self) -> int:
         return self.window.w - self.window.s
 
 
 class BranchDecoder:
-    """Decode every branch of a stream of responses, ``batch_size`` rows at a time."""
+    """Decode every branch of a stream of responses, ``batch_size`` rows at a time.
 
-    def __init__(self, model, tok, cfg: IdentifyConfig, proto: Protocol):
+    ``draft`` tokens per row and step are proposed from the row's original response by the longest
+    matching suffix of at most ``ngram`` tokens (``draft=0``: plain one-token steps).
+    """
+
+    def __init__(self, model, tok, cfg: IdentifyConfig, proto: Protocol, draft: int | None = None,
+                 ngram: int | None = None):
         self.model, self.tok, self.cfg, self.proto = model, tok, cfg, proto
+        self.draft = default_draft(model.device) if draft is None else draft
+        self.ngram = DRAFT_NGRAM if ngram is None else ngram
+        if self.draft < 0 or (self.draft and self.ngram < 1):
+            raise ValueError(f"draft={self.draft} ngram={self.ngram}: need draft >= 0 and ngram >= 1")
+        if has_sliding_window(model):
+            self.draft = 0  # holes of rejected drafts would count against a column-based sliding window
         self.batch_size = cfg.batch_size
         self.cache_arg = cache_kwarg(model)
         self.rows: list[Row | None] = []
         self.queue: deque[tuple[Work, int, int]] = deque()
         self.prefix_kv: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.index: dict[str, DraftIndex] = {}
+        self.stats = EngineStats()
 
     # -- queue -------------------------------------------------------------------------------
     def _admit(self, work: Work, cache) -> None:
         """Queue the first alternative of every tested position, longest continuations first."""
         self.prefix_kv[work.key] = [(layer.keys, layer.values) for layer in cache.layers]
+        if self.draft:
+            self.index[work.key] = DraftIndex(work.prompt_ids + work.response_ids, self.ngram)
         positions = [t for t, alts in enumerate(work.alternatives) if alts]
         work.open_branches = len(positions)
         if not positions:
@@ -157,6 +260,7 @@ class BranchDecoder:
 
     def _finish(self, work: Work) -> None:
         self.prefix_kv.pop(work.key, None)
+        self.index.pop(work.key, None)
         self.on_done(work)
 
     def _enqueue(self, work: Work, t: int, j: int, front: bool) -> None:
@@ -169,7 +273,7 @@ class BranchDecoder:
             self.queue.append((work, t, j))
 
     def _settle(self, work: Work, t: int, j: int, cont: list[int], margin: float | None) -> None:
-        ok = finish_branch(work, t, j, cont, self.proto, margin)
+        ok = finish_branch(work, t, j, cont, self.proto, margin=margin)
         if not ok and j + 1 < len(work.alternatives[t]):
             self._enqueue(work, t, j + 1, front=True)
             return
@@ -183,7 +287,7 @@ class BranchDecoder:
         n = self.batch_size or auto_batch_size(self.model, self.max_len)
         self.batch_size = n
         self.window = Window(self.max_len, self.max_len)
-        cap = 2 * self.max_len
+        cap = 2 * self.max_len + self.draft + 1
         layers = [WindowLayer(k.new_zeros(n, k.shape[1], cap, k.shape[3]), v.new_zeros(n, v.shape[1], cap, v.shape[3]),
                               self.window) for k, v in self.prefix_kv[work.key]]
         self.cache = DynamicCache()
@@ -192,18 +296,28 @@ class BranchDecoder:
         self.rows = [None] * n
 
     def _rebase(self, need: int) -> None:
-        """Copy the live window so that it ends at ``max_len`` (room for ``need`` prefix, and steps)."""
-        s, w = self.window.s, self.window.w
-        span = w - s
-        new_s = self.max_len - span
+        """Copy the live window so that it ends at ``max_len``, squeezing out every row's holes.
+
+        Each row's valid columns keep their order and end at ``max_len`` (a stable sort of the mask
+        puts them last), so the window shrinks to the most valid columns of any row: room for a
+        prefix of ``need`` tokens on the left, and for at least ``max_len`` columns of steps.
+        """
         if need > self.max_len:
             raise ValueError(f"a branch prefix of {need} tokens exceeds the engine's row length {self.max_len}")
+        s, w = self.window.s, self.window.w
+        mask = self.mbuf[:, s:w]
+        span = int(mask.sum(1).max()) if mask.numel() else 0
+        order = torch.sort(mask, dim=1, stable=True).indices[:, w - s - span :]
+        new_s = self.max_len - span
         for layer in self.cache.layers:
-            layer.kbuf[:, :, new_s : self.max_len] = layer.kbuf[:, :, s:w].clone()
-            layer.vbuf[:, :, new_s : self.max_len] = layer.vbuf[:, :, s:w].clone()
-        self.mbuf[:, new_s : self.max_len] = self.mbuf[:, s:w].clone()
-        self.mbuf[:, : new_s] = 0
+            for buf in (layer.kbuf, layer.vbuf):
+                idx = order[:, None, :, None].expand(-1, buf.shape[1], -1, buf.shape[3])
+                buf[:, :, new_s : self.max_len] = buf[:, :, s:w].gather(2, idx)
+        squeezed = mask.gather(1, order)
+        self.mbuf.zero_()
+        self.mbuf[:, new_s : self.max_len] = squeezed
         self.window.s, self.window.w = new_s, self.max_len
+        self.stats.rebases += 1
 
     def _place(self, i: int, work: Work, t: int, j: int) -> None:
         """Put branch (t, j) of ``work`` into row i: its prefix KV right-aligned at w, the rest masked."""
@@ -219,10 +333,14 @@ class BranchDecoder:
             layer.vbuf[i, :, w - p : w] = pv[0, :, :p]
         self.mbuf[i] = 0
         self.mbuf[i, w - p : w] = 1
-        self.rows[i] = Row(work, t, j, work.response_ids[:t] + [work.alternatives[t][j]])
+        self.rows[i] = Row(work, t, j, work.response_ids[:t] + [work.alternatives[t][j]], cursor=p + 1)
 
     def _compact(self) -> None:
-        """Drop empty rows when nothing can refill them (once a quarter are empty), and unused left columns."""
+        """Drop empty rows when nothing can refill them (once a quarter are empty), and unused left columns.
+
+        Rebases (squeezing out holes) when the next step's ``draft + 1`` columns would not fit, or when
+        holes make the window much wider than its fullest row (attention reads every column).
+        """
         keep = [i for i, r in enumerate(self.rows) if r is not None]
         if not self.queue and (not keep or len(keep) <= 0.75 * len(self.rows)):
             idx = torch.tensor(keep, dtype=torch.long, device=self.model.device)
@@ -232,10 +350,14 @@ class BranchDecoder:
                 layer.vbuf = _take_rows(layer.vbuf, idx, live, 2)
             self.mbuf = _take_rows(self.mbuf, idx, live, 1)
             self.rows = [self.rows[i] for i in keep]
-        if self.rows:
-            used = int(self.mbuf[:, self.window.s : self.window.w].sum(1).max())
-            self.window.s = self.window.w - used
-        if self.window.w >= self.mbuf.shape[1]:
+        tight = 0
+        if self.rows and self.window.w > self.window.s:
+            mask = self.mbuf[:, self.window.s : self.window.w]
+            first, tight = torch.stack([mask.any(0).long().argmax(), mask.sum(1).max()]).tolist()
+            self.window.s = self.window.s + first if tight else self.window.w
+        width = self.window.w - self.window.s
+        if self.window.w + self.draft + 1 > self.mbuf.shape[1] or (
+                self.draft and width > SQUEEZE_WIDTH * tight + 4 * (self.draft + 1)):
             self._rebase(0)
 
     def _halve(self) -> None:
@@ -248,7 +370,7 @@ class BranchDecoder:
             if row is not None:
                 self.queue.appendleft((row.work, row.t, row.j))
         log.warning("identify: out of memory with %d rows; continuing with %d", len(self.rows), keep)
-        self.mbuf[:, self.window.w] = 0
+        self.mbuf[:, self.window.w :] = 0  # the failed step's columns
         idx = torch.arange(keep, device=self.model.device)
         live = slice(self.window.s, self.window.w)
         for layer in self.cache.layers:
@@ -273,11 +395,64 @@ class BranchDecoder:
                 self._admit(*nxt)
             self._place(i, *self.queue.popleft())
 
+    def _drafts(self) -> list[tuple[int, list[int]]]:
+        """Per row: (source position in the original, draft tokens), within the row's token budget."""
+        out = []
+        for row in self.rows:
+            room = 0 if row is None else min(self.draft, self.proto.budget(row.t) - row.n_new - 1)
+            out.append(self.index[row.work.key].propose(row.response, row.cursor, room) if room > 0 else (0, []))
+        return out
+
+    def _step(self, drafts: list[tuple[int, list[int]]]):
+        """One forward over every row's last token and drafts; returns the greedy tokens, accepted counts, gaps.
+
+        Row i keeps its last token's column and its first ``n_i`` draft columns (those greedy decoding
+        reproduced); its remaining columns become holes. None when the forward ran out of memory.
+        """
+        q = 1 + max(len(d) for _, d in drafts)
+        s, w = self.window.s, self.window.w
+        dev = self.model.device
+        pad = self.tok.pad_token_id or 0
+        ids = torch.tensor([[r.response[-1] if r else pad] + d + [pad] * (q - 1 - len(d))
+                            for r, (_, d) in zip(self.rows, drafts)], device=dev)
+        cols = torch.arange(q, device=dev)
+        positions = self.mbuf[:, s:w].sum(1, keepdim=True) + cols
+        self.mbuf[:, w : w + q] = 1
+        try:
+            logits = self.model(input_ids=ids, attention_mask=self.mbuf[:, s : w + q], position_ids=positions,
+                                use_cache=True, **{self.cache_arg: self.cache}).logits
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc) or len(self.rows) == 1:
+                raise
+            return None  # the exception's tensors are released before the caller halves the batch
+        greedy = logits.argmax(-1)
+        top2 = logits.topk(2, dim=-1).values.float()
+        gaps = top2[..., 0] - top2[..., 1]
+        if q > 1:
+            accepted = (greedy[:, :-1] == ids[:, 1:]).long().cumprod(1).sum(1)
+            lengths = torch.tensor([len(d) for _, d in drafts], device=dev)
+            accepted = torch.minimum(accepted, lengths)  # a pad column that happens to match is no draft
+        else:
+            accepted = torch.zeros(len(self.rows), dtype=torch.long, device=dev)
+        live = torch.tensor([r is not None for r in self.rows], device=dev)
+        self.mbuf[:, w : w + q] = ((cols <= accepted[:, None]) & live[:, None]).long()
+        self.window.w = w + q
+        self.stats.forwards += 1
+        self.stats.width_sum += w - s
+        self.stats.batch_size = self.stats.batch_size or len(self.rows)
+        self.stats.row_steps += sum(r is not None for r in self.rows)
+        self.stats.batch_rows += len(self.rows)
+        self.stats.query_columns += q
+        self.stats.widths[q] = self.stats.widths.get(q, 0) + 1
+        return greedy.tolist(), accepted.tolist(), gaps.tolist()
+
     @torch.inference_mode()
     def run(self, works, on_done, progress, max_prompt_len: int) -> None:
         """Decode every branch of ``works``; a row holds at most max_prompt_len + max_new_tokens tokens."""
+        global last_stats
         self.on_done = on_done
         self.max_len = max_prompt_len + self.cfg.max_new_tokens
+        last_stats = self.stats
         works = iter(works)
         while not self.queue:  # the first response sizes the batch
             first = next(works, None)
@@ -290,33 +465,28 @@ class BranchDecoder:
             self._compact()
             if not self.rows:
                 return
-            s, w = self.window.s, self.window.w
-            pad = self.tok.pad_token_id or 0
-            input_ids = torch.tensor([[r.response[-1] if r else pad] for r in self.rows], device=self.model.device)
-            positions = self.mbuf[:, s:w].sum(1, keepdim=True)
-            self.mbuf[:, w] = 1
-            try:
-                logits = self.model(input_ids=input_ids, attention_mask=self.mbuf[:, s : w + 1],
-                                    position_ids=positions, use_cache=True,
-                                    **{self.cache_arg: self.cache}).logits[:, -1]
-            except RuntimeError as exc:
-                if not is_out_of_memory(exc) or len(self.rows) == 1:
-                    raise
-                logits = None  # handled below, once the exception's tensors are released
-            if logits is None:
+            drafts = self._drafts() if self.draft else [(0, [])] * len(self.rows)
+            out = self._step(drafts)
+            if out is None:
                 self._halve()
                 continue
-            self.window.w = w + 1
-            nxt = logits.argmax(-1).tolist()  # the first maximum: ties go to the lowest id, as in generate
-            top2 = torch.topk(logits.float(), 2, dim=-1).values
-            gaps = (top2[:, 0] - top2[:, 1]).tolist()
-            active = [(i, row) for i, row in enumerate(self.rows) if row is not None]
-            progress.advance(0, tokens=len(active))
-            for i, row in active:
-                row.response.append(nxt[i])
-                row.n_new += 1
-                row.margin = min(row.margin, gaps[i])
-                if self.proto.stopped(row.response, row.n_new, row.t):
-                    self.rows[i] = None
-                    self.mbuf[i] = 0
-                    self._settle(row.work, row.t, row.j, row.response[row.t + 1 :], row.margin)
+            greedy, accepted, gaps = out
+            decoded = 0
+            for i, row in enumerate(self.rows):
+                if row is None:
+                    continue
+                for k in range(accepted[i] + 1):  # the stop rule, token by token, as one-token decoding
+                    row.response.append(greedy[i][k])
+                    row.n_new += 1
+                    row.margin = min(row.margin, gaps[i][k])
+                    decoded += 1
+                    if self.proto.stopped(row.response, row.n_new, row.t):
+                        self.rows[i] = None
+                        self.mbuf[i] = 0
+                        self._settle(row.work, row.t, row.j, row.response[row.t + 1 :], row.margin)
+                        break
+                else:
+                    src, d = drafts[i]
+                    row.cursor = src + accepted[i] + 1 if d else row.cursor + 1
+            self.stats.tokens += decoded
+            progress.advance(0, tokens=decoded)

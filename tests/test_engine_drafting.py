@@ -1,0 +1,152 @@
+"""Re-convergence drafting in the fast engine: same output as one-token decoding, fewer forwards."""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from cft import engine
+from cft.artifacts import load_records
+from cft.engine import DraftIndex
+from cft.generate import DecodeConfig, decode
+from cft.identify import IdentifyConfig, identify
+from cft.models import load_model
+from cft.prompts import render_ids
+from cft.testbed.problems import generate_split
+from cft.verify import extract_answer
+from tests.conftest import generation, write_jsonl
+from tests.test_identify import _fake_correct, without_margins
+
+
+def test_draft_index_prefers_longest_suffix_and_the_match_at_or_after_the_cursor():
+    seq = [1, 2, 3, 9, 5, 2, 3, 4, 6, 2, 3, 4, 7]
+    index = DraftIndex(seq, ngram=3)
+    # (5, 2, 3) occurs once: what followed it there
+    assert index.propose([8, 5, 2, 3], cursor=0, size=3) == (7, [4, 6, 2])
+    # (9, 2, 3) occurs nowhere, (2, 3) three times: the first at or after the cursor, else the last
+    assert index.propose([9, 2, 3], cursor=5, size=2) == (7, [4, 6])
+    assert index.propose([9, 2, 3], cursor=8, size=2) == (11, [4, 7])
+    assert index.propose([9, 2, 3], cursor=12, size=2) == (11, [4, 7])
+    # drafts stop at the end of the original (a suffix that ends it proposes nothing), as does an unknown token
+    assert index.propose([3, 4, 6], cursor=0, size=9) == (9, [2, 3, 4, 7])
+    assert index.propose([4, 7], cursor=0, size=5) == (0, [])
+    assert index.propose([42], cursor=3, size=5) == (3, [])
+
+
+def _labels(tmp_path, monkeypatch, model, tok, records, draft: int, engine_name="fast", max_new_tokens=32, **kw):
+    """Labels by ``engine_name`` with ``draft`` tokens a step, and the fast engine's counts."""
+    monkeypatch.setitem(engine.DRAFT_TOKENS, model.device.type, draft)
+    folder = tmp_path / f"{engine_name}-{draft}"
+    folder.mkdir(parents=True)
+    out = folder / "labels.jsonl"
+    cfg = IdentifyConfig(model="m", input=str(write_jsonl(folder / "gen.jsonl", records)), out=str(out),
+                         engine=engine_name, max_new_tokens=max_new_tokens, **kw)
+    identify(cfg, model=model, tok=tok)
+    return load_records(out, "labels"), engine.last_stats
+
+
+def _same(a: list[dict], b: list[dict]) -> int:
+    """Assert identical labels and continuations of every branch both ran; returns how many were compared."""
+    assert [r["critical"] for r in a] == [r["critical"] for r in b]
+    compared = 0
+    for ra, rb in zip(a, b):
+        for ba, bb in zip(ra["branches"], rb["branches"]):
+            for x, y in zip(ba, bb):
+                if x["ok"] is not None and y["ok"] is not None:
+                    assert (x["ids"], x["ok"], x["answer"]) == (y["ids"], y["ok"], y["answer"])
+                    compared += 1
+    return compared
+
+
+def test_drafting_equals_one_token_decoding_and_the_reference(tmp_path, monkeypatch, random_model_dir,
+                                                              testbed_tokenizer):
+    model, tok, records = _fake_correct(testbed_tokenizer, random_model_dir, tmp_path, n=20, max_new_tokens=12)
+    short = {"k": 2, "max_new_tokens": 16}  # one branch a position, short branches: a quick reference run
+    ref, _ = _labels(tmp_path, monkeypatch, model, tok, records, 0, "reference", **short)
+    off, off_stats = _labels(tmp_path, monkeypatch, model, tok, records, 0, batch_size=9, **short)
+    on, on_stats = _labels(tmp_path, monkeypatch, model, tok, records, 4, batch_size=9, **short)
+    assert len(ref) == 20
+    assert _same(ref, off) > 150 and _same(off, on) > 150 and _same(ref, on) > 150
+    assert without_margins(off) == without_margins(on)
+    assert off_stats.tokens == on_stats.tokens and off_stats.tokens_per_forward == 1.0
+    assert on_stats.forwards < off_stats.forwards and on_stats.tokens_per_forward > 1.0
+    # every decoded branch carries its smallest top-1 minus top-2 logit gap
+    margins = [b["margin"] for r in on for br in r["branches"] for b in br if b["ok"] is not None and b["ids"]]
+    assert margins and all(m >= 0 for m in margins)
+
+
+def test_drafting_on_testbed_responses_halves_the_steps(tmp_path, monkeypatch):
+    """The trained testbed model rejoins its own solution: at least two tokens per row and forward."""
+    model, tok = load_model("testbed")
+    problems = generate_split("train", 24)
+    outs = decode(model, tok, [render_ids(tok, p.question) for p in problems], DecodeConfig(max_new_tokens=160))
+    records = [generation(tok, p.question, o[0].ids, extract_answer(o[0].text) or "none", rid=f"r{i}")
+               for i, (p, o) in enumerate(zip(problems, outs))][:5]
+    off, off_stats = _labels(tmp_path, monkeypatch, model, tok, records, 0, batch_size=32)
+    on, on_stats = _labels(tmp_path, monkeypatch, model, tok, records, 6, batch_size=32)
+    assert _same(off, on) > 100
+    assert without_margins(off) == without_margins(on)
+    assert on_stats.tokens == off_stats.tokens
+    assert on_stats.tokens_per_forward >= 2.0, on_stats
+
+
+def test_many_holes_force_rebases_that_squeeze_them_out(tmp_path, monkeypatch, random_model_dir, testbed_tokenizer):
+    """Long drafts, mostly rejected, on short rows: the window fills with holes and is rebased often."""
+    model, tok, records = _fake_correct(testbed_tokenizer, random_model_dir, tmp_path, n=4, max_new_tokens=12)
+    off, _ = _labels(tmp_path, monkeypatch, model, tok, records, 0, batch_size=6)
+    on, stats = _labels(tmp_path, monkeypatch, model, tok, records, 12, batch_size=6)
+    assert stats.rebases >= 3
+    assert stats.query_columns > 2 * stats.forwards  # wide steps whose rejected columns became holes
+    assert without_margins(off) == without_margins(on)
+
+
+def test_out_of_memory_halving_with_drafting(tmp_path, monkeypatch, random_model_dir, testbed_tokenizer):
+    model, tok, records = _fake_correct(testbed_tokenizer, random_model_dir, tmp_path, n=3, max_new_tokens=16)
+    want, _ = _labels(tmp_path, monkeypatch, model, tok, records, 4, batch_size=16)
+    forward = model.forward
+    failures = []
+
+    @functools.wraps(forward)  # keeps forward's signature, so the engine passes the cache the same way
+    def small_memory(*args, **kwargs):
+        if kwargs["input_ids"].shape[0] > 5:
+            failures.append(tuple(kwargs["input_ids"].shape))
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", small_memory)
+    got, stats = _labels(tmp_path / "oom", monkeypatch, model, tok, records, 4, batch_size=16)
+    assert [b for b, _ in failures] == [16, 8] and failures[0][1] > 1  # a drafted step failed, then halved twice
+    assert stats.tokens_per_forward > 1.0
+    assert without_margins(got) == without_margins(want)
+
+
+@pytest.mark.parametrize("draft,ngram", [(-1, 3), (2, 0)])
+def test_bad_draft_settings_are_refused(random_model_dir, draft, ngram):
+    model, tok = load_model(str(random_model_dir))
+    cfg = IdentifyConfig(model="m", input="i", out="o")
+    with pytest.raises(ValueError, match="draft="):
+        engine.BranchDecoder(model, tok, cfg, proto=None, draft=draft, ngram=ngram)
+
+
+def test_rebase_right_aligns_every_rows_valid_columns_in_order():
+    """Holes (mask 0) are squeezed out; each row's valid columns keep their order and end at max_len."""
+    decoder = engine.BranchDecoder.__new__(engine.BranchDecoder)
+    decoder.max_len, decoder.stats = 6, engine.EngineStats()
+    decoder.window = engine.Window(3, 10)
+    mask = torch.zeros(2, 16, dtype=torch.long)
+    mask[0, [3, 5, 6, 9]] = 1
+    mask[1, [4, 8]] = 1
+    keys = torch.arange(16.0).repeat(2, 1, 1)[..., None].expand(2, 1, 16, 2).clone()  # key value = column index
+    decoder.cache = SimpleNamespace(layers=[engine.WindowLayer(keys, keys + 100, decoder.window)])
+    decoder.mbuf = mask
+    decoder._rebase(0)
+    assert (decoder.window.s, decoder.window.w) == (2, 6)
+    assert decoder.mbuf.tolist() == [[0, 0, 1, 1, 1, 1] + [0] * 10, [0, 0, 0, 0, 1, 1] + [0] * 10]
+    layer = decoder.cache.layers[0]
+    assert layer.keys[0, 0, :, 0].tolist() == [3, 5, 6, 9]
+    assert layer.keys[1, 0, 2:, 0].tolist() == [4, 8]
+    assert layer.values[0, 0, :, 1].tolist() == [103, 105, 106, 109]
+    assert decoder.stats.rebases == 1
