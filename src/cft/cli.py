@@ -287,7 +287,7 @@ VALIDATORS: dict[str, Callable[[str], Any]] = {
     **dict.fromkeys(("limit", "max_steps", "batch_size", "max_new_tokens", "grad_accum", "num_shards", "save_steps",
                      "save_total_limit", "logging_steps", "score_batch_size", "lora_r", "lora_alpha",
                      "train_problems", "eval_problems", "prompts_per_step", "max_completion_length",
-                     "continuation_cap"), POSITIVE_INT),
+                     "continuation_cap", "test_size"), POSITIVE_INT),
     "n_samples": number(int, 0), "shard_index": number(int, 0), "seed": number(int, 0, high=2**32 - 1),
     "k": number(int, 2), "num_generations": number(int, 2),
     **dict.fromkeys(("epochs", "lr", "temperature"), number(float, 0, low_inclusive=False)),

@@ -15,6 +15,8 @@ def configure_parser(p) -> None:
     pre.add_argument("--out", required=True, help="output folder (a standard HF model folder)")
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--max-steps", type=int, default=6000)
+    pre.add_argument("--test-size", type=int, default=None,
+                     help="testbed:test problems scored at the end (default: 500, as for the shipped model)")
     exp = sub.add_parser("export", help="copy the shipped testbed model to a standard HF folder")
     exp.add_argument("dir")
 
@@ -23,8 +25,11 @@ def run(args) -> int:
     if args.action == "pretrain":
         from cft.testbed.pretrain import PretrainConfig, pretrain
 
-        record = pretrain(args.out, PretrainConfig(seed=args.seed, max_steps=args.max_steps))
-        print(json.dumps({k: record[k] for k in ("steps", "valid_accuracy", "test_accuracy_500", "parameters")}))
+        sizes = {} if args.test_size is None else {"test_size": args.test_size}
+        cfg = PretrainConfig(seed=args.seed, max_steps=args.max_steps, **sizes)
+        record = pretrain(args.out, cfg)
+        keys = ("steps", "valid_accuracy", f"test_accuracy_{cfg.test_size}", "parameters")
+        print(json.dumps({k: record[k] for k in keys}))
         return 0
     out = Path(args.dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ class PretrainConfig:
     max_steps: int = 6000
     eval_every: int = 100
     eval_size: int = 200
+    test_size: int = 500  # testbed:test problems scored once training stops (recorded as test_accuracy_N)
     target: tuple[float, float] = (0.40, 0.65)
     threads: int = 1  # one thread: the same float sums (so the same model) on any machine, no OpenMP contention
 
@@ -105,12 +106,12 @@ def pretrain(out_dir: str | Path, cfg: PretrainConfig = PretrainConfig(), log=pr
             if acc > cfg.target[1]:
                 raise RuntimeError(f"accuracy {acc:.3f} jumped past the target band; lower eval_every or lr")
     model.eval()
-    test_acc = greedy_accuracy(model, tok, "test", 500)
+    test_acc = greedy_accuracy(model, tok, "test", cfg.test_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     record = {"config": asdict(cfg), "history": history, "steps": step, "valid_accuracy": acc,
-              "test_accuracy_500": test_acc, "parameters": sum(p.numel() for p in model.parameters())}
+              f"test_accuracy_{cfg.test_size}": test_acc, "parameters": sum(p.numel() for p in model.parameters())}
     (out / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
