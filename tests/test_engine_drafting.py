@@ -12,13 +12,13 @@ from cft import engine
 from cft.artifacts import load_records
 from cft.engine import DraftIndex
 from cft.generate import DecodeConfig, decode
-from cft.identify import IdentifyConfig, identify
+from cft.identify import IdentifyConfig, identify, without_margins
 from cft.models import load_model
 from cft.prompts import render_ids
 from cft.testbed.problems import generate_split
 from cft.verify import extract_answer
 from tests.conftest import generation, write_jsonl
-from tests.test_identify import _fake_correct, without_margins
+from tests.test_identify import _fake_correct
 
 
 def test_draft_index_prefers_longest_suffix_and_the_match_at_or_after_the_cursor():
@@ -70,7 +70,7 @@ def test_drafting_equals_one_token_decoding_and_the_reference(tmp_path, monkeypa
     on, on_stats = _labels(tmp_path, monkeypatch, model, tok, records, 4, batch_size=9, **short)
     assert len(ref) == 20
     assert _same(ref, off) > 150 and _same(off, on) > 150 and _same(ref, on) > 150
-    assert without_margins(off) == without_margins(on)
+    assert [without_margins(r) for r in off] == [without_margins(r) for r in on]
     assert off_stats.tokens == on_stats.tokens and off_stats.tokens_per_forward == 1.0
     assert on_stats.forwards < off_stats.forwards and on_stats.tokens_per_forward > 1.0
     # every decoded branch carries its smallest top-1 minus top-2 logit gap
@@ -88,7 +88,7 @@ def test_drafting_on_testbed_responses_halves_the_steps(tmp_path, monkeypatch):
     off, off_stats = _labels(tmp_path, monkeypatch, model, tok, records, 0, batch_size=32)
     on, on_stats = _labels(tmp_path, monkeypatch, model, tok, records, 6, batch_size=32)
     assert _same(off, on) > 100
-    assert without_margins(off) == without_margins(on)
+    assert [without_margins(r) for r in off] == [without_margins(r) for r in on]
     assert on_stats.tokens == off_stats.tokens
     assert on_stats.tokens_per_forward >= 2.0, on_stats
 
@@ -100,7 +100,7 @@ def test_many_holes_force_rebases_that_squeeze_them_out(tmp_path, monkeypatch, r
     on, stats = _labels(tmp_path, monkeypatch, model, tok, records, 12, batch_size=6)
     assert stats.rebases >= 3
     assert stats.query_columns > 2 * stats.forwards  # wide steps whose rejected columns became holes
-    assert without_margins(off) == without_margins(on)
+    assert [without_margins(r) for r in off] == [without_margins(r) for r in on]
 
 
 def test_out_of_memory_halving_with_drafting(tmp_path, monkeypatch, random_model_dir, testbed_tokenizer):
@@ -120,7 +120,7 @@ def test_out_of_memory_halving_with_drafting(tmp_path, monkeypatch, random_model
     got, stats = _labels(tmp_path / "oom", monkeypatch, model, tok, records, 4, batch_size=16)
     assert [b for b, _ in failures] == [16, 8] and failures[0][1] > 1  # a drafted step failed, then halved twice
     assert stats.tokens_per_forward > 1.0
-    assert without_margins(got) == without_margins(want)
+    assert [without_margins(r) for r in got] == [without_margins(r) for r in want]
 
 
 @pytest.mark.parametrize("draft,ngram", [(-1, 3), (2, 0)])
