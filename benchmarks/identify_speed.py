@@ -236,6 +236,8 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         gen = collect_responses(model, tok, args, work)
         results, stats = alternate(model, tok, args, gen, work)
+        for name, s in results.items():  # each engine's labels of every chunk, in one file (read by the tests)
+            (work / f"labels-{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in s["labels"]))
         for name, s in results.items():
             extra = (f" forwards={stats.forwards} mean_rows={stats.batch_rows / max(stats.forwards, 1):.1f} "
                      f"mean_q={stats.query_columns / max(stats.forwards, 1):.2f} "

@@ -119,7 +119,8 @@ def test_merge_waits_then_times_out_naming_the_missing_shard(tmp_path, two_shard
 def test_shard_index_is_bounds_checked(tmp_path, generations, capsys):
     code = main(["identify", "--model", "testbed", "--device", "cpu", "--input", str(generations), "--out",
                  str(tmp_path / "L.jsonl"), "--num-shards", "2", "--shard-index", "2"])
-    assert code == 2 and "--shard-index: 2 is out of range for --num-shards 2 (0..1)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "--shard-index" in err and "--num-shards" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(InputError, match="out of range"):
         ident.shard_of(IdentifyConfig(model="m", input="i", out="o", num_shards=3, shard_index=-1))
 

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cft.artifacts as artifacts
-from cft.artifacts import ArtifactLockedError, DiskFullError, ResumableWriter, load_records
+from cft.artifacts import ArtifactLockedError, DiskFullError, ResumableWriter, load_records, read_meta
 from cft.cli import main
 from tests.test_reliability import cli_env, complete_lines
 
@@ -168,10 +168,12 @@ def test_eval_killed_resumes_to_the_same_records(tmp_path, monkeypatch):
             "--n-samples", "2", "--batch-size", "4", "--max-new-tokens", "48", "--out", "E"]
     for run in ("killed", "reference"):
         (tmp_path / run).mkdir()
-    monkeypatch.chdir(tmp_path / "reference")
-    t0 = time.time()
-    assert main(argv) == 0
-    pace = (time.time() - t0) / 6  # 3 greedy chunks of 4 problems + 3 sampled chunks of 2 problems x 2 samples
+    # the reference runs as its own process too: nothing of this test process's state leaks into it
+    done = subprocess.run([sys.executable, "-m", "cft", *argv], cwd=tmp_path / "reference", env=cli_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    # seconds between two writes: 3 greedy chunks of 4 problems + 3 sampled chunks of 2 problems x 2 samples
+    pace = read_meta(tmp_path / "reference" / "E" / "samples.jsonl")["timing"]["seconds"] / 6
     counts = kill_and_resume(argv, tmp_path / "killed", tmp_path / "killed" / "E" / "samples.jsonl.partial",
                              seed=3, pace=pace)
     assert counts[0] > 0 and counts[-1] < 36, counts

@@ -83,19 +83,6 @@ def test_weights_fingerprint(random_model_dir):
     assert models.weights_fingerprint(again) != fp
 
 
-def test_tokenizer_fingerprint(random_model_dir, testbed_tokenizer):
-    tok = models.load_tokenizer(str(random_model_dir))
-    fp = models.tokenizer_fingerprint(tok)
-    tok(["a b", "a"], padding=True, truncation=True, max_length=4)  # encoding state is not the tokenizer
-    assert len(fp) == 16 and models.tokenizer_fingerprint(tok) == fp
-    assert models.tokenizer_fingerprint(models.load_tokenizer(str(random_model_dir))) == fp
-    tok.chat_template = tok.chat_template.replace("assistant", "bot")
-    assert models.tokenizer_fingerprint(tok) != fp
-    other = models.load_tokenizer(str(random_model_dir))
-    other.pad_token = other.eos_token
-    assert models.tokenizer_fingerprint(other) != fp
-
-
 def test_zoo_names_build_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("CFT_MODEL_CACHE", str(tmp_path))
     with pytest.raises(ValueError, match="unknown zoo family 'gpt2' in 'zoo:gpt2'; choose from qwen2.5"):

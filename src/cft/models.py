@@ -235,27 +235,6 @@ def weights_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
-def tokenizer_fingerprint(tok) -> str:
-    """A short stable hex id of what maps text to ids: the tokenizer model (vocabulary, merges, normalizer,
-    pre-tokenizer, added tokens), the special tokens and the chat template; not the padding/truncation
-    state that encoding calls change.
-    """
-    import hashlib
-    import json
-
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is not None:
-        spec = json.loads(backend.to_str())
-        spec.pop("padding", None)
-        spec.pop("truncation", None)
-    else:
-        spec = sorted(tok.get_vocab().items())
-    special = {name: (getattr(tok, name, None), getattr(tok, f"{name}_id", None))
-               for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
-    blob = json.dumps([spec, special, tok.chat_template, len(tok)], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 def stop_token_ids(tok, model=None) -> list[int]:
     """Every token that ends a response: the tokenizer's EOS plus the generation config's."""
     ids = {tok.eos_token_id}
