@@ -1,6 +1,11 @@
 """The ``cft`` command: a thin layer over the library; each stage module owns its sub-command.
 
-A module listed in COMMANDS defines ``configure_parser(parser)`` and ``run(args) -> int``.
+A module listed in COMMANDS defines ``run(args) -> int`` and its options: ``CONFIGS``, a tuple of config
+dataclasses whose fields become the options (``cft.config``: each option declared once, with its help
+text; ``HfArgumentParser`` derives the parser), and optionally ``configure_parser(parser)`` for the few
+options that are not config fields (actions such as ``--merge`` or ``--dry-run``). Every stage command
+takes ``--config FILE.yaml``: its keys are option names, checked like the command line (an unknown key or
+a bad value is reported with the file and line); options on the command line override the file.
 
 Every mistake a person can fix ends the same way: one line on stderr, ``cft COMMAND: error: ...``, and
 exit code 2, before any model loads and without writing anything:
@@ -21,7 +26,9 @@ After a successful run the output's metadata gets the model's fingerprints (``pr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import logging
 import math
 import os
 import sys
@@ -31,7 +38,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from transformers.hf_argparser import HfArgumentParser
+
+import cft
 from cft.artifacts import InputError, skipping_invalid
+from cft.config import is_internal
 
 COMMANDS = {
     "generate": ("cft.generate", "stage A: decode solutions and grade them"),
@@ -52,17 +63,56 @@ READS_INPUT = ("generate", "identify", "train", "eval")
 KNOWN_MODELS = ("testbed", "smollm2")
 # Commands whose --out names a file; every other --out (and ``dir``, ``--cache``) is a folder.
 FILE_OUTPUTS = ("generate", "identify", "transfer", "view")
+# Commands whose YAML config is their positional argument (the experiment file), not ``--config``.
+POSITIONAL_CONFIG = ("experiment",)
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class CommandLineError(Exception):
     """A bad command line; ``main`` prints the message (one line) and returns 2."""
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line (no usage block) and lets ``main`` return 2."""
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default unless it is None or the help text already explains it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is argparse.SUPPRESS or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+class _Parser(HfArgumentParser):
+    """``HfArgumentParser`` (options from dataclass fields, defaults shown in ``--help``) that reports a
+    usage error as one line (no usage block) and lets ``main`` return 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise CommandLineError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+    def add_configs(self, *types: type) -> None:
+        """Add the option fields of these config dataclasses (a field the code fills in is skipped)."""
+        for dtype in types:
+            self.dataclass_types.append(dtype)
+            self._add_dataclass_arguments(dtype)
+        names = {f.name for dtype in types for f in dataclasses.fields(dtype)}
+        for action in (a for a in self._actions if a.dest in names):  # --max-new-tokens first in usage lines
+            action.option_strings.sort(key=lambda o: ("_" in o, not o.startswith("--")))
+
+    @staticmethod
+    def _parse_dataclass_field(parser, field: dataclasses.Field):
+        if is_internal(field):
+            return
+        HfArgumentParser._parse_dataclass_field(parser, field)
+        if field.default is None and field.type == bool | None:
+            # An optional switch (None: decided later, e.g. inherited from Stage A): --x / --no-x.
+            action = next(a for a in parser._actions if a.dest == field.name)
+            action.nargs, action.const = "?", True
+            parser.add_argument(f"--no-{field.name.replace('_', '-')}", f"--no_{field.name}", action="store_false",
+                                dest=field.name, help=f"the opposite of --{field.name.replace('_', '-')}")
 
 
 # ---------------------------------------------------------------- argument validators (argparse ``type=``)
@@ -188,8 +238,9 @@ def model_name(name: str) -> str:
             _fail(f"{name}: no such model folder or .gguf file (known names: {', '.join(KNOWN_MODELS)})")
         if path.is_file() and path.suffix != ".gguf":
             _fail(f"{name} is a file; expected a model folder (with config.json) or a .gguf file")
-        if path.is_dir() and not (path / "config.json").is_file():
-            _fail(f"{name} is a folder without config.json; not a Hugging Face model folder")
+        if path.is_dir() and not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            _fail(f"{name} is a folder without config.json or adapter_config.json; not a Hugging Face model "
+                  "folder nor a PEFT adapter")
         return name
     return _hub_model(name)
 
@@ -316,7 +367,7 @@ def harden(parser: argparse.ArgumentParser, command: str) -> None:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
                 harden(sub, command)
-        elif action.nargs in (None, "?") and action.const is None:  # one value, not a flag
+        elif action.nargs in (None, "?", "+", "*") and action.const is None:  # values (one each), not a flag
             check = _validator(command, action.dest)
             if check is not None:
                 action.type = check
@@ -330,12 +381,26 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     from cft import provenance
 
     parser = _Parser(prog="cft", description="Critical Token Fine-tuning (arXiv 2510.10974)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"cft {cft.__version__}")
+    parser.add_argument("--log-level", default="warning", choices=LOG_LEVELS,
+                        help="log messages of this level and above (-v: info)")
+    parser.add_argument("-v", "--verbose", dest="log_level", action="store_const", const="info",
+                        help="show info-level log messages (same as --log-level info)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
         if name == command:
-            importlib.import_module(module).configure_parser(p)
+            stage = importlib.import_module(module)
+            p.add_configs(*getattr(stage, "CONFIGS", ()))
+            if hasattr(stage, "configure_parser"):
+                stage.configure_parser(p)
+            if name not in POSITIONAL_CONFIG:
+                for leaf in _leaves(p):
+                    leaf.add_argument("--config", metavar="FILE.yaml", default=None,
+                                      help="a YAML file of option values (keys are option names, e.g. "
+                                           "max_new_tokens: 128; an 'env' mapping sets environment variables); "
+                                           "options given on the command line override it")
             if name in READS_INPUT:
                 p.add_argument("--skip-invalid", action="store_true",
                                help="skip (and count) invalid input lines instead of stopping at the first")
@@ -345,6 +410,108 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                     "output's metadata)")
             harden(p, name)
     return parser
+
+
+def _leaves(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """``parser`` itself, or the parsers of its sub-commands (``cft testbed pretrain``)."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return [leaf for s in subs for p in s.choices.values() for leaf in _leaves(p)] if subs else [parser]
+
+
+def _config_path(argv: list[str]) -> str | None:
+    """The value of ``--config`` in ``argv`` (``--config F`` or ``--config=F``), or None."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _actions(parser: argparse.ArgumentParser) -> dict[str, list[argparse.Action]]:
+    """A command's option actions by dest."""
+    found: dict[str, list[argparse.Action]] = {}
+    for action in parser._actions:
+        if action.option_strings and action.dest not in ("help", "config"):
+            found.setdefault(action.dest, []).append(action)
+    return found
+
+
+def _yaml_value(action: argparse.Action, value: Any) -> Any:
+    """``value`` from a YAML file checked and converted as the command line would (raises ValueError)."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)) or action.const is True:
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value  # for a --no-x action too: the key names the field (store_continuations: false)
+    if action.nargs in ("+", "*"):
+        items = value if isinstance(value, list) else [value]
+        return [_yaml_value(_Single(action), item) for item in items]
+    if value is None or action.type is None:
+        converted = value
+    else:
+        try:
+            converted = action.type(str(value))
+        except argparse.ArgumentTypeError as exc:
+            raise ValueError(str(exc)) from None
+    if action.choices is not None and converted not in action.choices:
+        raise ValueError(f"invalid choice {value!r} (choose from {', '.join(map(str, action.choices))})")
+    return converted
+
+
+class _Single:
+    """One element of a list option: the list action's type and choices, one value."""
+
+    def __init__(self, action: argparse.Action):
+        self.type, self.choices, self.nargs, self.const = action.type, action.choices, None, None
+
+
+def _chosen(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    """The (sub-)command parser that ``argv`` selects: ``cft testbed pretrain`` -> the pretrain parser."""
+    words = iter(a for a in argv if not a.startswith("-"))
+    while subs := [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]:
+        word = next(words, None)
+        if word not in subs[0].choices:
+            break
+        parser = subs[0].choices[word]
+    return parser
+
+
+def apply_config_file(parser: argparse.ArgumentParser, argv: list[str], path: str) -> set[str]:
+    """Set the chosen command's option defaults from the YAML file ``path``; return the keys it set.
+
+    A key is an option's field name (``max_new_tokens``; ``max-new-tokens`` also works). An unknown key or
+    a value the option refuses raises ``CommandLineError`` naming the file, line and key.
+    """
+    import yaml
+
+    leaf = _chosen(parser, argv)
+    prefix = f"{leaf.prog}: error:"
+    try:
+        yaml_config(path)
+    except argparse.ArgumentTypeError as exc:
+        raise CommandLineError(f"{prefix} argument --config: {exc}") from None
+    text = Path(path).read_text()
+    values = yaml.safe_load(text)
+    lines = {key.value: key.start_mark.line + 1 for key, _ in yaml.compose(text).value}
+    actions = _actions(leaf)
+    for key, value in values.items():
+        where = f"{path}, line {lines.get(key, '?')}, key {key!r}"
+        if key == "env":
+            if not isinstance(value, dict):
+                raise CommandLineError(f"{prefix} {where}: expected a mapping of environment variables")
+            os.environ.update({str(k): str(v) for k, v in value.items()})
+            continue
+        dest = str(key).replace("-", "_")
+        if dest not in actions:
+            raise CommandLineError(f"{prefix} {where}: not an option of {leaf.prog} (options: "
+                                   f"{', '.join(sorted(actions))})")
+        for action in actions[dest]:
+            try:
+                action.default = _yaml_value(action, value)
+            except ValueError as exc:
+                raise CommandLineError(f"{prefix} {where}: {exc}") from None
+            action.required = False
+    return {str(k).replace("-", "_") for k in values if k != "env"}
 
 
 def _explicit(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
@@ -376,21 +543,34 @@ def _fixable() -> tuple[type[BaseException], ...]:
     return InputError, ProvenanceError, OSError, yaml.YAMLError, HFValidationError
 
 
+def parse(argv: list[str]) -> tuple[argparse.Namespace, set[str]]:
+    """The parsed command line (``--config`` file applied) and the options it set explicitly.
+
+    Raises ``CommandLineError`` (one line) on any bad option or config key, ``SystemExit`` on --help.
+    """
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
+    from_file = set()
+    if command in COMMANDS and command not in POSITIONAL_CONFIG and (path := _config_path(argv)) is not None:
+        from_file = apply_config_file(parser, argv, path)
+    args = parser.parse_args(argv)
+    for dests, holds, message in RELATIONS:
+        if all(hasattr(args, d) for d in dests) and not holds(args):
+            raise CommandLineError(f"cft {args.command}: error: {message} (see cft {args.command} --help)")
+    return args, _explicit(parser, argv) | from_file
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    command = next((a for a in argv if not a.startswith("-")), None)
     try:
-        parser = build_parser(command if command in COMMANDS else None)
-        args = parser.parse_args(argv)
-        for dests, holds, message in RELATIONS:
-            if all(hasattr(args, d) for d in dests) and not holds(args):
-                raise CommandLineError(f"cft {args.command}: error: {message} (see cft {args.command} --help)")
+        args, explicit = parse(argv)
     except CommandLineError as exc:
         print(exc, file=sys.stderr)
         return 2
     except SystemExit as exc:  # --help, --version
         return exc.code if isinstance(exc.code, int) else 0
-    return _run(args, _explicit(parser, argv))
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    return _run(args, explicit)
 
 
 def _run(args: argparse.Namespace, explicit: set[str]) -> int:

@@ -36,6 +36,7 @@ import random
 import time
 import weakref
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import torch
 
@@ -51,6 +52,7 @@ from cft.artifacts import (
     read_valid,
     record_key,
 )
+from cft.config import attn_option, device_option, dtype_option, from_args, internal, model_option, option
 from cft.models import cache_kwarg, load_model, resolve, stop_token_ids, vocab_rows
 from cft.progress import Progress
 
@@ -67,37 +69,50 @@ DEFAULT_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.1}
 
 @dataclass
 class IdentifyConfig:
-    """Resolved config of ``cft identify``; every field that changes labels is recorded.
+    """Options of ``cft identify`` (stage B); every field that changes labels is recorded with the labels.
 
     ``max_new_tokens``, ``stop_at_answer``, ``dtype`` and ``template`` default to None: they are then
     inherited from the generations' metadata (Stage A's protocol), see ``resolve_protocol``.
     """
 
-    model: str
-    input: str
-    out: str
-    engine: str = "fast"  # fast | reference
-    k: int = 3
-    max_new_tokens: int | None = None  # a branch is a whole response of at most this many tokens
-    stop_at_answer: bool | None = None
-    include_eos: bool = False
-    batch_size: int | None = None  # fast engine rows; None = chosen from available memory
-    dtype: str | None = None
-    device: str | None = None
-    store_continuations: bool = True
-    num_shards: int = 1
-    shard_index: int = 0
-    template: str | None = None  # recorded only: the prompt ids already hold the template
-    force_protocol: bool = False  # accept settings that differ from Stage A's (recorded)
-    keep_truncated: bool = False  # keep responses that hit Stage A's length cap (finish == "length")
-    crosscheck: int | None = None  # re-decode this many random branches plus every near-tie (None: off)
-    tolerance: float | None = None  # near-tie threshold on logit margins; None = DEFAULT_TOLERANCE[dtype]
-    crosscheck_seed: int = 0
+    model: str = model_option()
+    input: str = option(help="generations JSONL from `cft generate`")
+    out: str = option(help="output labels JSONL (cft.labels/1)")
+    engine: Literal["fast", "reference"] = option(
+        "fast", "fast: shared-prefix caches, continuous batching, drafting; reference: one plain greedy decode "
+                "per branch (the protocol's definition)")
+    k: int = option(3, "alternatives are the rank-2..k tokens", aliases=("-k",))
+    max_new_tokens: int | None = option(
+        None, "response length cap of a branch (default: Stage A's, from the generations' metadata)")
+    stop_at_answer: bool | None = option(None, "end a branch once its answer is complete (default: as Stage A did)")
+    include_eos: bool = option(False, "also test the final EOS position")
+    batch_size: int | None = option(None, "fast engine rows (default: from free memory)")
+    dtype: str | None = dtype_option(None, "weights and compute dtype (default: Stage A's, from the generations' "
+                                           "metadata; 'auto': the checkpoint's)")
+    device: str | None = device_option()
+    attn_implementation: str | None = attn_option()
+    store_continuations: bool = option(True, "store every branch's token ids (--no-store-continuations: "
+                                             "verdicts and margins only)",
+                                       aliases=("--continuations",))
+    num_shards: int = option(1, "split the responses into this many shards (one process each)")
+    shard_index: int = option(0, "which shard this process labels (under torchrun/accelerate: from RANK)")
+    template: str | None = internal(None)  # recorded only: the prompt ids already hold the template
+    force_protocol: bool = option(False, "accept --max-new-tokens/--stop-at-answer/--dtype that differ from Stage "
+                                         "A's (recorded)")
+    keep_truncated: bool = option(False, "also label correct responses that hit Stage A's length cap "
+                                         "(finish == length)")
+    crosscheck: int | None = option(None, "re-decode N random branches plus every near-tie with the reference "
+                                          "engine and compare (0: the near-ties only)", metavar="N")
+    tolerance: float | None = option(None, "a branch whose smallest top-1/top-2 logit gap is below T is a near-tie "
+                                           f"(default per dtype: {DEFAULT_TOLERANCE})", metavar="T")
+    crosscheck_seed: int = option(0, "seed of the crosscheck's random sample of branches")
     # Opt-in approximations (off by default; recorded in the metadata).
-    skip_confident: float | None = None  # skip positions whose top-1 probability >= this
-    continuation_cap: int | None = None  # decode at most this many tokens after the alternative
-    approximations: list[str] = field(default_factory=list)
-    protocol: dict = field(default_factory=dict)  # where the protocol came from (filled by resolve_protocol)
+    skip_confident: float | None = option(None, "APPROXIMATION: skip positions whose top-1 probability >= TAU",
+                                          metavar="TAU")
+    continuation_cap: int | None = option(None, "APPROXIMATION: decode at most N tokens after the alternative",
+                                          metavar="N")
+    approximations: list[str] = internal(factory=list)
+    protocol: dict = internal(factory=dict)  # where the protocol came from (filled by resolve_protocol)
 
     @property
     def near_tie_tolerance(self) -> float:
@@ -585,7 +600,7 @@ def identify(cfg: IdentifyConfig, model=None, tok=None) -> dict:
     resolve_protocol(cfg, model)
     inputs = select_inputs(cfg, vocab_size_of(cfg.model, model))
     if model is None:
-        model, tok = load_model(cfg.model, cfg.dtype, cfg.device or rank_device())
+        model, tok = load_model(cfg.model, cfg.dtype, cfg.device or rank_device(), cfg.attn_implementation)
     cfg.approximations = [name for name, v in (("skip_confident", cfg.skip_confident),
                                                ("continuation_cap", cfg.continuation_cap)) if v is not None]
     proto = Protocol(tok, model, cfg)
@@ -680,55 +695,19 @@ def summarize(labels: list[dict], tok, tolerance: float | None = None) -> dict:
     return summary
 
 
+CONFIGS = (IdentifyConfig,)
+
+
 def configure_parser(p) -> None:
-    import argparse
-
-    from cft.generate import add_model_arguments
-
-    add_model_arguments(p)
-    p.set_defaults(dtype=None)  # inherited from the generations' metadata unless given
-    p.add_argument("--input", required=True, help="generations JSONL from `cft generate`")
-    p.add_argument("--out", required=True, help="output labels JSONL (cft.labels/1)")
-    p.add_argument("--engine", default="fast", choices=["fast", "reference"])
-    p.add_argument("-k", "--k", type=int, default=3, help="alternatives are the rank-2..k tokens (default: 3)")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="response length cap of a branch (default: Stage A's, from the generations' metadata)")
-    p.add_argument("--stop-at-answer", action=argparse.BooleanOptionalAction, default=None,
-                   help="end a branch once its answer is complete (default: as Stage A did)")
-    p.add_argument("--force-protocol", action="store_true",
-                   help="accept --max-new-tokens/--stop-at-answer/--dtype that differ from Stage A's (recorded)")
-    p.add_argument("--keep-truncated", action="store_true",
-                   help="also label correct responses that hit Stage A's length cap (finish == length)")
-    p.add_argument("--include-eos", action="store_true", help="also test the final EOS position")
-    p.add_argument("--batch-size", type=int, default=None, help="fast engine rows (default: from free memory)")
-    p.add_argument("--no-continuations", action="store_true", help="do not store branch token ids")
-    p.add_argument("--crosscheck", type=int, default=None, metavar="N",
-                   help="re-decode N random branches plus every near-tie with the reference engine and compare "
-                        "(0: the near-ties only)")
-    p.add_argument("--tolerance", type=float, default=None, metavar="T",
-                   help="a branch whose smallest top-1/top-2 logit gap is below T is a near-tie "
-                        f"(default per dtype: {DEFAULT_TOLERANCE})")
-    p.add_argument("--num-shards", type=int, default=1)
-    p.add_argument("--shard-index", type=int, default=0)
+    """The actions that are not label settings."""
     p.add_argument("--merge", action="store_true", help="merge the shard files of --out into --out")
     p.add_argument("--merge-timeout", type=float, default=None, metavar="SECONDS",
                    help="under a launcher, how long rank 0 waits for the other ranks' shards (default: forever)")
     p.add_argument("--dry-run", action="store_true", help="count the work and estimate time; decode nothing")
-    p.add_argument("--skip-confident", type=float, default=None, metavar="TAU",
-                   help="APPROXIMATION: skip positions whose top-1 probability >= TAU")
-    p.add_argument("--continuation-cap", type=int, default=None, metavar="N",
-                   help="APPROXIMATION: decode at most N tokens after the alternative")
 
 
 def config_from_args(args) -> IdentifyConfig:
-    return IdentifyConfig(
-        model=args.model, input=args.input, out=args.out, engine=args.engine, k=args.k,
-        max_new_tokens=args.max_new_tokens, stop_at_answer=args.stop_at_answer, force_protocol=args.force_protocol,
-        keep_truncated=args.keep_truncated, include_eos=args.include_eos, batch_size=args.batch_size,
-        dtype=args.dtype, device=args.device, store_continuations=not args.no_continuations,
-        num_shards=args.num_shards, shard_index=args.shard_index, crosscheck=args.crosscheck,
-        tolerance=args.tolerance, skip_confident=args.skip_confident, continuation_cap=args.continuation_cap,
-    )
+    return from_args(IdentifyConfig, args)
 
 
 def print_summary(s: dict) -> None:
@@ -844,7 +823,7 @@ def plan(cfg: IdentifyConfig) -> dict:
     positions = sum(len(r["response_ids"]) - (0 if cfg.include_eos else 1) for r in records)
     per_branch = [len(r["response_ids"]) - t for r in records for t in range(len(r["response_ids"]))]
     est_tokens = sum(min(n, cfg.max_new_tokens) for n in per_branch)
-    model, tok = load_model(cfg.model, cfg.dtype, cfg.device or rank_device())
+    model, tok = load_model(cfg.model, cfg.dtype, cfg.device or rank_device(), cfg.attn_implementation)
     width = int(sum(len(r["prompt_ids"]) + len(r["response_ids"]) // 2 for r in records) / max(len(records), 1))
     rate = decode_rate(model, cfg.batch_size, max(width, 1))
     return {"input_records": inputs.n_input, "responses": len(records), "positions": positions,

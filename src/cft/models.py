@@ -16,7 +16,8 @@ import torch
 log = logging.getLogger(__name__)
 
 TESTBED_DIR = Path(__file__).parent / "testbed" / "weights"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter folder: loaded onto its base model and merged
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,9 @@ def resolve(name: str) -> ModelSpec:
             raise FileNotFoundError(f"GGUF file not found: {p}")
         return ModelSpec(name, str(p.parent.resolve()), p.name)
     if p.exists():
-        if not (p / "config.json").exists():
-            raise FileNotFoundError(f"{p} is not a Hugging Face model folder (no config.json)")
+        if not (p / "config.json").exists() and not (p / ADAPTER_CONFIG).exists():
+            raise FileNotFoundError(f"{p} is not a Hugging Face model folder (no config.json) nor a PEFT adapter "
+                                    f"folder (no {ADAPTER_CONFIG})")
         return ModelSpec(name, str(p.resolve()))
     return ModelSpec(name, name)  # a hub id, resolved by transformers (needs network or a warm cache)
 
@@ -167,9 +169,23 @@ def load_tokenizer(name: str):
     return _load_tokenizer(_converted(resolve(name), create=False))
 
 
+def adapter_base(path: str | Path) -> str | None:
+    """The base model a PEFT adapter folder was trained on (None: not an adapter folder)."""
+    import json
+
+    config = Path(path) / ADAPTER_CONFIG
+    if (Path(path) / "config.json").exists() or not config.is_file():
+        return None
+    return json.loads(config.read_text())["base_model_name_or_path"]
+
+
 def _load_tokenizer(spec: ModelSpec):
     from transformers import AutoTokenizer
 
+    base = adapter_base(spec.path)
+    has_own = any((Path(spec.path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+    if base is not None and not has_own:  # an adapter saved without its tokenizer uses the base model's
+        return _load_tokenizer(_converted(resolve(base), create=False))
     tok = AutoTokenizer.from_pretrained(spec.path, gguf_file=spec.gguf_file)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -177,15 +193,27 @@ def _load_tokenizer(spec: ModelSpec):
     return tok
 
 
-def load_model(name: str, dtype: str = "float32", device: str | None = None):
-    """Return ``(model, tokenizer)`` in eval mode on ``device`` (default: CUDA when present)."""
+def load_model(name: str, dtype: str = "float32", device: str | None = None, attn_implementation: str | None = None):
+    """Return ``(model, tokenizer)`` in eval mode on ``device`` (default: CUDA when present).
+
+    ``dtype`` "auto" keeps the checkpoint's own; a PEFT adapter folder is loaded onto its base model and
+    merged into it (the stages then see a plain model).
+    """
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     spec = _converted(resolve(name), create=True)
     tok = _load_tokenizer(spec)
-    model = AutoModelForCausalLM.from_pretrained(spec.path, gguf_file=spec.gguf_file, dtype=DTYPES[dtype])
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    base = adapter_base(spec.path)
+    if base is not None:
+        from peft import PeftModel
+
+        model, _ = load_model(base, dtype, "cpu", attn_implementation)
+        model = PeftModel.from_pretrained(model, spec.path).merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(spec.path, gguf_file=spec.gguf_file, dtype=DTYPES[dtype], **extra)
     model.to(device or default_device()).eval()
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id

@@ -1,0 +1,99 @@
+"""``--config FILE.yaml`` on every stage command: file values, command-line overrides, checked keys.
+
+Each row of ``CASES`` runs one command's parser with a YAML file and one override, and checks the
+resolved values: the file sets options (required ones too), the command line wins over the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import pytest
+import yaml
+
+from cft import cli
+
+# command words, YAML mapping, command-line override, expected values of the parsed namespace
+CASES = {
+    "identify": (["identify"], {"model": "testbed", "input": "{file}", "out": "{tmp}/l.jsonl", "k": 5,
+                                "max_new_tokens": 32, "stop_at_answer": False, "store_continuations": False},
+                 ["--k", "4"], {"k": 4, "max_new_tokens": 32, "stop_at_answer": False, "store_continuations": False,
+                                "model": "testbed"}),
+}
+
+
+def _leaf_commands():
+    """Every command (and sub-command) the ``cft`` parser has, as word lists."""
+    out = []
+    for command in (c for c in cli.COMMANDS if c not in cli.POSITIONAL_CONFIG):  # experiment: its YAML is positional
+        parser = cli.build_parser(command)
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+        leaves = cli._leaves(sub)
+        out += [[command] if leaf is sub else [command, leaf.prog.split()[-1]] for leaf in leaves]
+    return out
+
+
+def _fill(value, tmp_path):
+    if isinstance(value, str):
+        return value.format(tmp=tmp_path, file=tmp_path / "in.jsonl")
+    return value
+
+
+def _write(tmp_path, mapping) -> str:
+    (tmp_path / "in.jsonl").write_text('{"a": 1}\n')
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({k: _fill(v, tmp_path) for k, v in mapping.items()}, sort_keys=False))
+    return str(path)
+
+
+@pytest.mark.parametrize("words", _leaf_commands(), ids=" ".join)
+def test_every_stage_command_takes_a_config_file(words):
+    parser = cli.build_parser(words[0])
+    leaf = cli._chosen(parser, words)
+    assert "--config" in leaf._option_string_actions, f"cft {' '.join(words)} has no --config"
+
+
+@pytest.mark.parametrize("command", sorted(CASES))
+def test_config_file_and_override(command, tmp_path):
+    words, mapping, override, expected = CASES[command]
+    args, explicit = cli.parse([*words, "--config", _write(tmp_path, mapping), *override])
+    for key, value in expected.items():
+        assert getattr(args, key) == _fill(value, tmp_path), key
+    assert set(mapping) <= explicit  # a value from the file counts as given (provenance checks use this)
+
+
+def test_unknown_key_names_file_line_and_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("k: 3\nmax_new_tokns: 32\n")
+    with pytest.raises(cli.CommandLineError, match=r"c\.yaml, line 2, key 'max_new_tokns': not an option"):
+        cli.parse(["identify", "--config", str(path)])
+
+
+def test_bad_value_is_checked_like_the_command_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("k: 0\n")
+    with pytest.raises(cli.CommandLineError, match=r"line 1, key 'k': must be >= 2, got 0"):
+        cli.parse(["identify", "--config", str(path)])
+    path.write_text("engine: turbo\n")
+    with pytest.raises(cli.CommandLineError, match=r"key 'engine': .*invalid choice"):
+        cli.parse(["identify", "--config", str(path)])
+    path.write_text("include_eos: maybe\n")
+    with pytest.raises(cli.CommandLineError, match=r"key 'include_eos': expected true or false"):
+        cli.parse(["identify", "--config", str(path)])
+
+
+def test_env_mapping_sets_environment_variables(tmp_path, monkeypatch):
+    monkeypatch.delenv("CFT_TEST_FROM_CONFIG", raising=False)
+    (tmp_path / "in.jsonl").write_text('{"a": 1}\n')
+    path = tmp_path / "c.yaml"
+    path.write_text(f"env:\n  CFT_TEST_FROM_CONFIG: yes-it-is\nmodel: testbed\ninput: {tmp_path / 'in.jsonl'}\n"
+                    f"out: {tmp_path / 'o.jsonl'}\n")
+    args, _ = cli.parse(["identify", "--config", str(path)])
+    assert os.environ["CFT_TEST_FROM_CONFIG"] == "yes-it-is"
+    assert args.model == "testbed"
+
+
+def test_required_options_still_required_without_a_file():
+    with pytest.raises(cli.CommandLineError, match="required"):
+        cli.parse(["identify", "--model", "testbed"])
