@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from functools import lru_cache
 
 NAMES = ["Tom", "Anna", "Ben", "Mia", "Sam", "Lily", "Max", "Zoe", "Leo", "Emma", "Jack", "Nora"]
 PRONOUNS = {
@@ -60,13 +61,25 @@ S_OPS = {
 S_FINAL = "The answer is {y}."
 
 # Split name -> (seed offset, min steps, max steps, max value).  `test` shares `train`'s
-# distribution; `test_ood` has more steps and larger numbers.
+# distribution; `test_ood` has more steps and larger numbers.  `valid` is the held-out split the
+# shipped testbed model's pretraining stop rule was scored on; `val` is the validation split for
+# studies (choosing a checkpoint or a hyperparameter), in `test`'s distribution.  Every offset has a
+# distinct residue modulo the seed multiplier (7_919), so no (split, seed) draws another's stream.
 SPLITS = {
     "train": (0, 2, 3, 60),
     "valid": (1_000_003, 2, 3, 60),
     "test": (2_000_003, 2, 3, 60),
     "test_ood": (3_000_017, 3, 4, 99),
+    "val": (4_000_037, 2, 3, 60),
 }
+# `val` is disjoint from the other splits by construction: its stream skips every draw whose
+# identity (what the question states, up to paraphrase) occurs among the first VAL_GUARD[split]
+# problems of another split for the same seed.  Exact repeats are rare (about 1% of draws against
+# these guards), so the skips leave `test`'s distribution in place; equal arithmetic under another
+# name or item is not a repeat: `test` shares about 10% of its number sequences with 4000 `train`
+# problems, and `val` keeps that rate so that it stands in for `test`.
+VAL_GUARD = {"train": 20_000, "valid": 5_000, "test": 5_000, "test_ood": 5_000}
+
 # The tokenizer's training corpus: (min steps, max steps, max value) per draw; fixed so the vocabulary
 # never moves when a split changes.
 CORPUS_SHAPES = [(2, 3, 60), (2, 3, 60), (2, 3, 60), (4, 5, 99)]
@@ -74,13 +87,18 @@ CORPUS_SHAPES = [(2, 3, 60), (2, 3, 60), (2, 3, 60), (4, 5, 99)]
 
 @dataclass(frozen=True)
 class Problem:
-    """One testbed problem; ``solution`` is a reference chain of thought ending in the answer."""
+    """One testbed problem; ``solution`` is a reference chain of thought ending in the answer.
+
+    ``identity`` is what the question states, whatever its paraphrase templates: name, item, the
+    starting amount and each (operation, operand); two problems with one identity are one problem.
+    """
 
     id: str
     question: str
     answer: str
     solution: str
     steps: int
+    identity: tuple
 
 
 def _step(rng: random.Random, x: int, max_value: int) -> tuple[str, int, int]:
@@ -107,15 +125,18 @@ def make_problem(rng: random.Random, pid: str, min_steps: int, max_steps: int, m
     question = [rng.choice(Q_START).format(**fmt)]
     solution = [rng.choice(S_START).format(**fmt)]
     x = a
+    ops = []
     for _ in range(n_steps):
         op, b, y = _step(rng, x, max_value)
+        ops.append((op, b))
         fmt.update(b=b, x=x, y=y)
         question.append(rng.choice(Q_OPS[op]).format(**fmt))
         solution.append(rng.choice(S_OPS[op]).format(**fmt))
         x = y
     question.append(rng.choice(Q_ASK).format(**fmt))
     solution.append(S_FINAL.format(y=x))
-    return Problem(id=pid, question=" ".join(question), answer=str(x), solution=" ".join(solution), steps=n_steps)
+    return Problem(id=pid, question=" ".join(question), answer=str(x), solution=" ".join(solution), steps=n_steps,
+                   identity=(name, item, a, tuple(ops)))
 
 
 def generate_split(split: str, n: int, seed: int = 0) -> list[Problem]:
@@ -124,7 +145,19 @@ def generate_split(split: str, n: int, seed: int = 0) -> list[Problem]:
         raise ValueError(f"unknown testbed split {split!r}; choose from {', '.join(SPLITS)}")
     offset, lo, hi, max_value = SPLITS[split]
     rng = random.Random(seed * 7_919 + offset)
-    return [make_problem(rng, f"testbed-{split}-s{seed}-{i}", lo, hi, max_value) for i in range(n)]
+    excluded = val_exclusions(seed) if split == "val" else frozenset()
+    out: list[Problem] = []
+    while len(out) < n:  # ids count kept problems, so a skipped draw never leaves a gap
+        p = make_problem(rng, f"testbed-{split}-s{seed}-{len(out)}", lo, hi, max_value)
+        if p.identity not in excluded:
+            out.append(p)
+    return out
+
+
+@lru_cache(maxsize=8)
+def val_exclusions(seed: int) -> frozenset[tuple]:
+    """The identities ``val`` skips for a seed: those of the guarded prefixes of the other splits."""
+    return frozenset(p.identity for split, n in VAL_GUARD.items() for p in generate_split(split, n, seed))
 
 
 def corpus_texts() -> list[str]:
