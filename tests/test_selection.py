@@ -14,6 +14,7 @@ from cft.selection import (
     LabeledResponse,
     budget_mask,
     build_example,
+    format_statistics,
     read_labels,
     select,
     select_masks,
@@ -149,6 +150,59 @@ def test_token_statistics_exact():
     assert stats["trained_by_kind"] == {"digit": 2, "operator": 0, "other": 0}
     assert stats["response_by_kind"] == {"digit": 2, "operator": 1, "other": 1}
     assert stats["critical_tokens"] == 2 and stats["responses_excluded"] == 0
+
+
+# --- cft_mix: CFT plus a lambda-weighted SFT loss on the other tokens ---------------------------------------
+
+MIX_RECS = [REC, LabeledResponse("q2", [1], [7, 4, 6], critical=[0, 0, 0], eligible=[1, 1, 0]),
+            LabeledResponse("q3", [2, 1], [5, 7, 3, 6], critical=[0, 1, 1, 0], eligible=[1, 1, 1, 0])]
+
+
+@pytest.mark.parametrize("norm", ["step", "sequence"])
+@pytest.mark.parametrize(("lam", "same_as"), [(0.0, "cft"), (0, "cft"), (1.0, "sft"), (1, "sft")])
+def test_cft_mix_ends_are_cft_and_sft_exactly(norm, lam, same_as):
+    mix = select("cft_mix", MIX_RECS, FakeTok(), loss_norm=norm, mix_lambda=lam)
+    ref = select(same_as, MIX_RECS, FakeTok(), loss_norm=norm)
+    assert mix.examples == ref.examples and mix.masks == ref.masks
+    for key in ("trained_tokens", "responses_excluded", "trained_by_kind", "trained_weight"):
+        assert mix.stats[key] == ref.stats[key], key
+
+
+def test_cft_mix_weights_and_sequence_normalisation():
+    ex = build_example(REC, [1, 1, 1, 1], "step", mix_lambda=0.3)
+    assert ex["labels"] == [-100, -100, 3, 4, 5, 6]
+    assert ex["weights"] == [0, 0, 1, 0.3, 1, 0.3]
+    seq = build_example(REC, [1, 1, 1, 1], "sequence", mix_lambda=0.3)["weights"][2:]
+    assert seq == pytest.approx([1 / 2.6, 0.3 / 2.6, 1 / 2.6, 0.3 / 2.6]) and math.isclose(sum(seq), 1.0)
+    sel = select("cft_mix", MIX_RECS, FakeTok(), mix_lambda=0.3)
+    assert sel.masks == [[1, 1, 1, 1], [1, 1, 1], [1, 1, 1, 1]]
+    assert [e["weights"] for e in sel.examples] == [[0, 0, 1, 0.3, 1, 0.3], [0, 0.3, 0.3, 0.3],
+                                                   [0, 0, 0.3, 1, 1, 0.3]]
+    assert [w for e in sel.examples for w in e["weights"]].count(1) == 4  # the critical tokens alone weigh 1
+
+
+def test_cft_mix_statistics():
+    stats = select("cft_mix", MIX_RECS, FakeTok(), mix_lambda=0.25).stats
+    assert stats["mix_lambda"] == 0.25 and stats["trained_tokens"] == stats["response_tokens"] == 11
+    assert stats["critical_tokens"] == 4 and stats["responses_excluded"] == 0
+    assert math.isclose(stats["trained_weight"], 4 + 0.25 * 7)  # N_crit + lambda * N_other: the step normaliser
+    assert math.isclose(stats["critical_weight_share"], 4 / 5.75)
+    assert "0.25 on the others; summed weight 5.8, 69.6% of it on critical tokens" in format_statistics(stats)
+    cft = select("cft", MIX_RECS, FakeTok()).stats
+    assert cft["mix_lambda"] is None and cft["critical_weight_share"] == 1.0
+    assert "weights:" not in format_statistics(cft)
+
+
+@pytest.mark.parametrize(("lam", "message"), [(None, "needs mix_lambda"), (-0.1, r"in \[0, 1\]"),
+                                               (1.5, r"in \[0, 1\]"), (float("nan"), r"in \[0, 1\]"),
+                                               (True, r"in \[0, 1\]")])
+def test_cft_mix_lambda_is_checked(lam, message):
+    with pytest.raises(ValueError, match=message):
+        select("cft_mix", [REC], FakeTok(), mix_lambda=lam)
+
+
+def test_mix_lambda_is_ignored_by_other_methods():
+    assert select("cft", MIX_RECS, FakeTok(), mix_lambda=0.5).examples == select("cft", MIX_RECS, FakeTok()).examples
 
 
 def _write(path, records):

@@ -6,10 +6,11 @@ through one loss and their differences are attributable to the selection alone:
 - ``input_ids`` = prompt_ids + response_ids;
 - ``labels``: ``input_ids[i]`` where token i is selected, -100 elsewhere (prompt and unselected tokens).
   The model's shift makes position i-1 predict ``labels[i]``, i.e. position t of the sequence predicts y_t;
-- ``weights``: the per-token loss weight (0 where the label is -100). With ``loss_norm="step"`` every
-  selected token weighs 1 and the loss is divided by the trained tokens of the optimizer step; with
-  ``loss_norm="sequence"`` a response's selected tokens weigh 1/n each, so dividing by the summed weight
-  of the step averages per-sequence means.
+- ``weights``: the per-token loss weight (0 where the label is -100). A selected token's relative weight
+  r_t is 1 (``cft_mix``: 1 on critical tokens, lambda on the others). With ``loss_norm="step"`` w_t = r_t
+  and the trainer divides by the step's summed weight (the trained tokens of the optimizer step when every
+  r_t is 1); with ``loss_norm="sequence"`` w_t = r_t / sum of r over the response, so each response's weights
+  sum to 1 and dividing by the step's summed weight averages per-sequence (weighted) means.
 
 Methods (``METHODS``):
 
@@ -17,6 +18,11 @@ Methods (``METHODS``):
   each token's loss by its own detached probability (-sg(p) log p, arXiv 2508.05629) at every step, which
   is why DFT's weight is not a static column here.
 - ``cft``: the critical tokens of the labels file.
+- ``cft_mix``: CFT plus a down-weighted SFT loss: every response token, weight 1 on the critical tokens and
+  ``mix_lambda`` (in [0, 1]) on the others, so the step's normaliser is N_crit + lambda * N_other. Its
+  examples equal ``cft``'s at lambda = 0 (only critical tokens carry a label) and ``sft``'s at lambda = 1.
+  Under ``loss_norm="sequence"`` a response with no critical token is trained like SFT for every lambda > 0
+  (its weights sum to 1 like any other response's) and left out at lambda = 0, as by CFT.
 - ``random``, ``entropy``, ``rho1``: per response exactly as many tokens as CFT selects there, chosen among
   the eligible positions (the positions identification tested, so the same candidate pool as CFT):
   uniformly at random (seeded); the highest next-token entropy under the starting model; the highest
@@ -57,10 +63,11 @@ import torch
 from cft.artifacts import SCHEMAS, InputError, read_jsonl, record_key
 from cft.identify import token_kind  # one definition of digit/operator/other for identify's and train's statistics
 
-METHODS = ("sft", "cft", "random", "entropy", "numeric", "rho1", "dft", "attn")
+METHODS = ("sft", "cft", "cft_mix", "random", "entropy", "numeric", "rho1", "dft", "attn")
 ATTN_LAYERS = 4  # attn: the last layers whose attention is averaged (all of them when the model has fewer)
 METHOD_HELP = (
-    "sft: every response token; cft: the critical tokens; random, entropy, rho1, attn: CFT's number of tokens per "
+    "sft: every response token; cft: the critical tokens; cft_mix: every response token, weight 1 on the critical "
+    "tokens and --mix-lambda on the others (0: cft, 1: sft); random, entropy, rho1, attn: CFT's number of tokens per "
     "response, chosen at random / by highest next-token entropy / by highest excess loss against --reference / by "
     "the most attention received from the final-answer statement (from the last 'answer is', \\boxed or #### to "
     f"the end), averaged over heads and the last {ATTN_LAYERS} layers; numeric: digit tokens; dft: every token, "
@@ -283,12 +290,22 @@ def attention_scores(model, records: list[LabeledResponse], tok, batch_size: int
     return out
 
 
+def check_mix_lambda(mix_lambda: float | None) -> float:
+    """``cft_mix``'s weight of non-critical tokens: required, and in [0, 1] (0 is CFT, 1 is SFT)."""
+    if mix_lambda is None:
+        raise ValueError("method cft_mix needs mix_lambda, the weight of non-critical tokens (0: cft, 1: sft)")
+    if isinstance(mix_lambda, bool) or not isinstance(mix_lambda, (int, float)) or not 0 <= mix_lambda <= 1:
+        raise ValueError(f"mix_lambda must be a number in [0, 1], got {mix_lambda!r}")
+    return float(mix_lambda)
+
+
 def select_masks(method: str, records: list[LabeledResponse], tok, model=None, reference=None,
-                 seed: int = 0, batch_size: int = 4) -> list[list[int]]:
-    """The 0/1 selection over each response's tokens for ``method``.
+                 seed: int = 0, batch_size: int = 4, mix_lambda: float | None = None) -> list[list[int]]:
+    """The 0/1 selection (the tokens with a loss) over each response's tokens for ``method``.
 
     ``model`` is the starting model (needed by ``entropy``, ``attn`` and ``rho1``); ``reference`` is Rho-1's
-    reference model (None: the starting model, so excess losses are all zero).
+    reference model (None: the starting model, so excess losses are all zero); ``mix_lambda`` is
+    ``cft_mix``'s weight of non-critical tokens (required there, ignored by the other methods).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -296,6 +313,9 @@ def select_masks(method: str, records: list[LabeledResponse], tok, model=None, r
         return [[1] * len(r.response_ids) for r in records]
     if method == "cft":
         return [list(r.critical) for r in records]
+    if method == "cft_mix":
+        everything = check_mix_lambda(mix_lambda) > 0
+        return [[int(everything or c) for c in r.critical] for r in records]
     if method == "numeric":
         cache: dict[int, str] = {}
         return [[int(token_kind(token_text(tok, t, cache)) == "digit") for t in r.response_ids] for r in records]
@@ -321,27 +341,50 @@ def select_masks(method: str, records: list[LabeledResponse], tok, model=None, r
             for s, r in zip(scores, records, strict=True)]
 
 
-def build_example(rec: LabeledResponse, mask: list[int], loss_norm: str = "step") -> dict[str, list]:
-    """``input_ids``, ``labels`` (labels[i] = input_ids[i] where selected) and ``weights`` for one response."""
+def relative_weights(rec: LabeledResponse, mask: list[int], mix_lambda: float | None = None) -> list[float]:
+    """r_t per response token: 1 where selected (``mix_lambda`` given: 1 on critical, lambda on the rest), else 0."""
+    if mix_lambda is None:
+        return [1.0 if m else 0.0 for m in mask]
+    lam = check_mix_lambda(mix_lambda)
+    return [(1.0 if c else lam) if m else 0.0 for m, c in zip(mask, rec.critical, strict=True)]
+
+
+def build_example(rec: LabeledResponse, mask: list[int], loss_norm: str = "step",
+                  mix_lambda: float | None = None) -> dict[str, list]:
+    """``input_ids``, ``labels`` (labels[i] = input_ids[i] where the weight is > 0) and ``weights`` for one response.
+
+    ``mix_lambda`` (``cft_mix``): the relative weight of the selected non-critical tokens (critical ones weigh 1).
+    """
     if loss_norm not in LOSS_NORMS:
         raise ValueError(f"unknown loss_norm {loss_norm!r}; choose from {', '.join(LOSS_NORMS)}")
-    n = sum(mask)
-    if n == 0:
+    rel = relative_weights(rec, mask, mix_lambda)
+    total = sum(rel)
+    if total == 0:
         raise ValueError(f"response {rec.id!r} has no selected token")
-    w = 1.0 if loss_norm == "step" else 1.0 / n
+    w = rel if loss_norm == "step" else [r / total for r in rel]
     pad = [-100] * len(rec.prompt_ids)
     return {
         "input_ids": rec.prompt_ids + rec.response_ids,
-        "labels": pad + [t if m else -100 for t, m in zip(rec.response_ids, mask, strict=True)],
-        "weights": [0.0] * len(rec.prompt_ids) + [w if m else 0.0 for m in mask],
+        "labels": pad + [t if r > 0 else -100 for t, r in zip(rec.response_ids, rel, strict=True)],
+        "weights": [0.0] * len(rec.prompt_ids) + w,
     }
 
 
-def token_statistics(method: str, records: list[LabeledResponse], masks: list[list[int]], tok) -> dict[str, Any]:
-    """What a method actually trains: tokens, their share of response tokens, and their kinds."""
+def token_statistics(method: str, records: list[LabeledResponse], masks: list[list[int]], tok,
+                     mix_lambda: float | None = None) -> dict[str, Any]:
+    """What a method actually trains: tokens, their share of response tokens, and their kinds.
+
+    ``trained_weight`` is the summed relative weight (the step normaliser's share of these responses): the
+    trained tokens, or for ``cft_mix`` its critical tokens + lambda x the other trained tokens.
+    """
+    mix_lambda = check_mix_lambda(mix_lambda) if method == "cft_mix" else None
     cache: dict[int, str] = {}
     trained, response = Counter(), Counter()
+    weight = critical_weight = 0.0
     for rec, mask in zip(records, masks, strict=True):
+        rel = relative_weights(rec, mask, mix_lambda)
+        weight += sum(rel)
+        critical_weight += sum(r for r, c in zip(rel, rec.critical, strict=True) if c)
         for t, m in zip(rec.response_ids, mask, strict=True):
             kind = token_kind(token_text(tok, t, cache))
             response[kind] += 1
@@ -358,6 +401,9 @@ def token_statistics(method: str, records: list[LabeledResponse], masks: list[li
         "trained_tokens": total_trained,
         "trained_fraction": total_trained / total_response if total_response else 0.0,
         "critical_tokens": sum(sum(r.critical) for r in records),
+        "mix_lambda": mix_lambda,
+        "trained_weight": weight,
+        "critical_weight_share": critical_weight / weight if weight else 0.0,
         "trained_by_kind": {k: trained[k] for k in KINDS},
         "response_by_kind": {k: response[k] for k in KINDS},
     }
@@ -371,6 +417,9 @@ def format_statistics(stats: dict[str, Any]) -> str:
         f"method {stats['method']}: trains {stats['trained_tokens']} of {stats['response_tokens']} response tokens "
         f"({stats['trained_fraction']:.1%}); critical tokens in the labels: {stats['critical_tokens']}",
         f"  by kind (trained/all): {kinds}",
+        *([f"  weights: 1 on critical tokens, {stats['mix_lambda']:g} on the others; summed weight "
+           f"{stats['trained_weight']:.1f}, {stats['critical_weight_share']:.1%} of it on critical tokens"]
+          if stats.get("mix_lambda") is not None else []),
         f"  responses: {stats['responses_trained']} trained, {stats['responses_excluded']} excluded "
         "(no selected token, so no loss)",
     ]
@@ -390,8 +439,13 @@ class Selection:
 
 
 def select(method: str, records: list[LabeledResponse], tok, model=None, reference=None, seed: int = 0,
-           loss_norm: str = "step", batch_size: int = 4) -> Selection:
-    """Masks, examples and statistics for ``method`` in one call (the trainer's entry point)."""
-    masks = select_masks(method, records, tok, model=model, reference=reference, seed=seed, batch_size=batch_size)
-    examples = [build_example(r, m, loss_norm) for r, m in zip(records, masks, strict=True) if any(m)]
-    return Selection(method, examples, masks, token_statistics(method, records, masks, tok))
+           loss_norm: str = "step", batch_size: int = 4, mix_lambda: float | None = None) -> Selection:
+    """Masks, examples and statistics for ``method`` in one call (the trainer's entry point).
+
+    ``mix_lambda``: ``cft_mix``'s weight of non-critical tokens (required there, ignored by the other methods).
+    """
+    masks = select_masks(method, records, tok, model=model, reference=reference, seed=seed, batch_size=batch_size,
+                         mix_lambda=mix_lambda)
+    lam = mix_lambda if method == "cft_mix" else None
+    examples = [build_example(r, m, loss_norm, lam) for r, m in zip(records, masks, strict=True) if any(m)]
+    return Selection(method, examples, masks, token_statistics(method, records, masks, tok, lam))
