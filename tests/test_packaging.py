@@ -5,8 +5,10 @@ from __future__ import annotations
 import ast
 import importlib.metadata as md
 import os
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -94,3 +96,30 @@ def test_required_assets_turn_a_skip_into_a_failure_naming_the_asset(tmp_path, r
         assert "required asset is missing: benchmark data absent: /nowhere/gsm8k/test.jsonl" in done.stdout
     else:
         assert done.returncode == 0 and "1 skipped" in done.stdout, done.stdout
+
+
+def test_a_built_wheel_ships_and_loads_the_package_data(tmp_path):
+    """Package data missing from pyproject's package-data works from a checkout and breaks once installed: build
+    the wheel (from a copy, so the checkout gets no build folders), unpack it and render a page from there only."""
+    project = tmp_path / "project"
+    shutil.copytree(REPO / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, project / name)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                            "-q", "-w", str(tmp_path / "dist"), str(project)],
+                           capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("cft-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        archive.extractall(tmp_path / "site")
+    shipped = {str(p.relative_to(REPO / "src")) for p in (REPO / "src" / "cft").rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts}
+    assert not shipped - names, f"in src/ but not in the wheel: {sorted(shipped - names)}"
+    code = ("import cft, cft.view as v; page = v.render_html({'responses': []}, 'T');"
+            "assert '<style>' in page and 'cft-data' in page and '__JS__' not in page; print(cft.__file__)")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().startswith(str(tmp_path / "site")), done.stdout
