@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from cft import zoo
+from cft.extras import require
 from cft.fetch import cache_root, sha256_file, smollm2_path
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,7 @@ def _convert(spec: ModelSpec, folder: Path) -> None:
     """Save the de-quantized float32 weights, tokenizer and generation config as a plain HF folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    require("gguf", f"reading {spec.gguf_file}")
     log.info("converting %s/%s to a model folder in %s (once; %s=off disables)",
              spec.path, spec.gguf_file, folder, GGUF_CACHE_ENV)
     tok = AutoTokenizer.from_pretrained(spec.path, gguf_file=spec.gguf_file)
@@ -164,6 +166,8 @@ def load_tokenizer(name: str):
 def _load_tokenizer(spec: ModelSpec):
     from transformers import AutoTokenizer
 
+    if spec.gguf_file is not None:
+        require("gguf", f"reading {spec.gguf_file}")
     tok = AutoTokenizer.from_pretrained(spec.path, gguf_file=spec.gguf_file)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
