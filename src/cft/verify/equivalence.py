@@ -56,6 +56,7 @@ def _unwrap(s: str) -> str:
 
 
 def balanced(s: str) -> bool:
+    """Every ``{`` closed in order (a set's ``\\{`` and ``\\}`` do not count)."""
     depth = 0
     for brace in BRACE.finditer(s):
         if len(brace.group()) == 2:
