@@ -38,7 +38,7 @@ def test_gguf_cache_key_follows_content_and_setting(tmp_path, monkeypatch):
     monkeypatch.setenv(models.GGUF_CACHE_ENV, "off")
     assert models.gguf_cache_dir(gguf) is None
     spec = models.resolve(str(gguf))
-    assert models._converted(spec, create=True) == spec  # caching off: loaded from the GGUF file itself
+    assert models.converted(spec, create=True) == spec  # caching off: loaded from the GGUF file itself
 
 
 @pytest.mark.slow

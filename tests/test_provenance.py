@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cft import provenance
+from cft import fingerprints, provenance
 from cft.cli import main
 from cft.models import load_tokenizer
 from cft.provenance import ProvenanceError
@@ -32,17 +32,17 @@ def ns(**kw) -> argparse.Namespace:
 
 
 def test_tokenizer_fingerprint_from_files_equals_the_loaded_tokenizer():
-    folder, _ = provenance.model_files("testbed")
-    assert provenance._tokenizer_from_files(folder) == provenance._tokenizer_from_object(load_tokenizer("testbed"))
+    folder, _ = fingerprints.model_files("testbed")
+    assert fingerprints._tokenizer_from_files(folder) == fingerprints._tokenizer_from_object(load_tokenizer("testbed"))
 
 
 def test_tokenizer_fingerprint_of_smollm2_files_equals_the_loaded_tokenizer(smollm2_gguf):
-    from cft.models import _converted, resolve
+    from cft.models import converted, resolve
 
-    spec = _converted(resolve("smollm2"), create=False)
+    spec = converted(resolve("smollm2"), create=False)
     if spec.gguf_file is not None:
         pytest.skip("SmolLM2's GGUF file is not converted to a folder yet")
-    assert provenance._tokenizer_from_files(Path(spec.path)) == provenance._tokenizer_from_object(
+    assert fingerprints._tokenizer_from_files(Path(spec.path)) == fingerprints._tokenizer_from_object(
         load_tokenizer("smollm2"))
     assert provenance.tokenizer_fingerprint("smollm2") != provenance.tokenizer_fingerprint("testbed")
 
@@ -54,19 +54,19 @@ def test_same_tokenizer_other_weights(random_model_dir):
 
 
 def test_a_sampled_hash_for_big_files_sees_changes_in_its_blocks(tmp_path, monkeypatch):
-    monkeypatch.setattr(provenance, "FULL_HASH_LIMIT", 100)
-    monkeypatch.setattr(provenance, "BLOCK", 10)
-    monkeypatch.setattr(provenance, "BLOCKS", 4)
+    monkeypatch.setattr(fingerprints, "FULL_HASH_LIMIT", 100)
+    monkeypatch.setattr(fingerprints, "BLOCK", 10)
+    monkeypatch.setattr(fingerprints, "BLOCKS", 4)
     f = tmp_path / "w.bin"
     data = bytearray(range(250))
     f.write_bytes(bytes(data))
-    first = provenance.file_hash(f)
-    assert provenance.file_hash(f) == first
+    first = fingerprints.file_hash(f)
+    assert fingerprints.file_hash(f) == first
     data[0] ^= 1  # in the first block
     f.write_bytes(bytes(data))
-    assert provenance.file_hash(f) != first  # new content and mtime: hashed again
+    assert fingerprints.file_hash(f) != first  # new content and mtime: hashed again
     f.write_bytes(bytes(data) + b"x")
-    assert provenance.file_hash(f) != first  # the size counts
+    assert fingerprints.file_hash(f) != first  # the size counts
 
 
 def test_identify_refuses_generations_of_another_model(tmp_path, random_model_dir):

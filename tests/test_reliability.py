@@ -31,6 +31,7 @@ from cft.generate import DecodeConfig, decode, generate
 from cft.identify import identify
 from cft.models import load_model
 from cft.prompts import render_ids
+from cft.verify import equivalence
 
 REPO = Path(__file__).resolve().parent.parent
 BAD = Path(__file__).resolve().parent / "bad_inputs"
@@ -366,17 +367,17 @@ def test_a_verifier_crash_or_timeout_marks_only_that_item(tmp_path, testbed, mon
                          *testbed)
     records = load_records(tmp_path / "a.jsonl", "generations")
     crash, stall = records[0]["gold"], next(r["gold"] for r in records if r["gold"] != records[0]["gold"])
-    real = verify._decide
+    real = equivalence.decide
 
-    def flaky(prediction: str, gold: str) -> verify.GradeResult:
+    def flaky(prediction: str, gold: str, symbolic: equivalence.Symbolic) -> verify.GradeResult:
         if gold == crash:
             raise RecursionError("maximum recursion depth exceeded in sympy")
         if gold == stall:
             return verify.GradeResult(prediction, False, "symbolic", timed_out=True)
-        return real(prediction, gold)
+        return real(prediction, gold, symbolic)
 
     verify.clear_cache()
-    monkeypatch.setattr(verify, "_decide", flaky)
+    monkeypatch.setattr(equivalence, "decide", flaky)
     summary = generate(gen.config_from_args(parse("generate", [*argv, "--out", str(tmp_path / "b.jsonl")])),
                        *testbed)
     for before, after in zip(records, load_records(tmp_path / "b.jsonl", "generations")):

@@ -39,6 +39,9 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar
 
+from cft import __version__
+from cft.fingerprints import with_fingerprints
+
 T = TypeVar("T")
 
 SCHEMAS = {
@@ -128,15 +131,13 @@ def environment(model: Any = None) -> dict[str, Any]:
     """Versions and device facts recorded next to every output."""
     import importlib.metadata as md
 
-    import cft
-
     versions = {}
     for pkg in ("cft", "torch", "transformers", "trl", "peft", "accelerate", "math-verify", "tokenizers"):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             versions[pkg] = None
-    versions["cft"] = versions["cft"] or cft.__version__  # run from a source tree (PYTHONPATH=src)
+    versions["cft"] = versions["cft"] or __version__  # run from a source tree (PYTHONPATH=src)
     env: dict[str, Any] = {"versions": versions, "python": platform.python_version(), "platform": platform.platform()}
     if model is not None:
         param = next(model.parameters())
@@ -210,9 +211,7 @@ def _dump(rec: dict) -> str:
 
 
 def write_meta(out: str | os.PathLike, meta: dict) -> Path:
-    from cft.provenance import with_fingerprints  # every artifact records which model made it
-
-    meta = with_fingerprints(meta)
+    meta = with_fingerprints(meta)  # every artifact records which model made it
     path = Path(str(out) + ".meta.json") if not str(out).endswith(".json") else Path(out)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False, default=str) + "\n")

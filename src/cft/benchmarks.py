@@ -1,6 +1,6 @@
 """The math benchmarks, read from a local data folder, with the Qwen2.5-Math toolkit's formatting.
 
-``load_benchmark(name, split="test", data_dir=None)`` returns ``data.Problem``s. Each benchmark keeps
+``load_benchmark(name, split="test", data_dir=None)`` returns ``cft.problem.Problem``s. Each benchmark keeps
 its own question layout and gold parsing, following the toolkit's ``parse_question`` and
 ``parse_ground_truth`` (QwenLM/Qwen2.5-Math ``evaluation/parser.py``), because reported numbers only
 compare when prompts and golds match. Golds are kept as written (``2,125``, ``\\frac{1}{2}``); the
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cft.artifacts import InputError, read_jsonl
-from cft.data import Problem
+from cft.problem import Problem
 from cft.verify import last_boxed
 
 log = logging.getLogger(__name__)

@@ -7,32 +7,25 @@ which problems are generated), ``<benchmark>:<split>`` for a benchmark in ``cft.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
+from cft import benchmarks
 from cft.artifacts import InputError, read_valid
+from cft.problem import Problem
+from cft.testbed.problems import generate_split
+
+__all__ = ["TESTBED_DEFAULT_SIZE", "Problem", "load_jsonl_problems", "load_problems"]
 
 TESTBED_DEFAULT_SIZE = 1000
-
-
-@dataclass(frozen=True)
-class Problem:
-    id: str
-    question: str
-    answer: str
 
 
 def load_problems(spec: str, seed: int = 0, limit: int | None = None,
                   question_field: str = "question", answer_field: str = "answer",
                   data_dir: str | None = None) -> list[Problem]:
     if spec.startswith("testbed:"):
-        from cft.testbed.problems import generate_split
-
         split = spec.split(":", 1)[1]
         return [Problem(p.id, p.question, p.answer)
                 for p in generate_split(split, limit or TESTBED_DEFAULT_SIZE, seed)]
-    from cft import benchmarks
-
     bench = benchmarks.parse_spec(spec)
     if bench is not None and not Path(spec).exists():
         problems = benchmarks.load_benchmark(*bench, data_dir=data_dir)

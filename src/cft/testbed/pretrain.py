@@ -16,9 +16,12 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from cft.generate import DecodeConfig, decode
 from cft.prompts import render_ids
-from cft.testbed.problems import SPLITS, generate_split, make_problem
+from cft.testbed.batches import training_batch
+from cft.testbed.problems import generate_split
 from cft.testbed.tokenizer import build_tokenizer
+from cft.verify import grade
 
 
 @dataclass
@@ -49,25 +52,7 @@ def build_model(tok, cfg: PretrainConfig) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def _batch(tok, rng: random.Random, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    _, lo, hi, max_value = SPLITS["train"]
-    seqs, labels = [], []
-    for _ in range(n):
-        p = make_problem(rng, "pretrain", lo, hi, max_value)
-        prompt = render_ids(tok, p.question)
-        resp = tok(p.solution + tok.eos_token, add_special_tokens=False).input_ids
-        seqs.append(prompt + resp)
-        labels.append([-100] * len(prompt) + resp)
-    width = max(map(len, seqs))
-    ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs])
-    lab = torch.tensor([x + [-100] * (width - len(x)) for x in labels])
-    return ids, lab
-
-
 def greedy_accuracy(model, tok, split: str, n: int) -> float:
-    from cft.generate import DecodeConfig, decode
-    from cft.verify import grade
-
     problems = generate_split(split, n)
     outs = decode(model, tok, [render_ids(tok, p.question) for p in problems],
                   DecodeConfig(max_new_tokens=160, batch_size=128))
@@ -86,7 +71,7 @@ def pretrain(out_dir: str | Path, cfg: PretrainConfig = PretrainConfig(), log=pr
     history, t0, acc = [], time.time(), 0.0
     for step in range(1, cfg.max_steps + 1):
         model.train()
-        ids, lab = _batch(tok, rng, cfg.batch_size)
+        ids, lab = training_batch(tok, rng, cfg.batch_size)
         loss = model(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long(), labels=lab).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
