@@ -93,6 +93,12 @@ def test_demo_on_twelve_problems_writes_consistent_artifacts(demo_dir, capsys):
     assert re.search(r"cft\s+│\s+" + re.escape(f"{results['testbed:test']['cft']['metrics']['accuracy']['mean']:.3f}"),
                      printed), printed
     assert json.loads((demo_dir / "aggregate.json").read_text())["results"] == agg["results"]
+    # and it is `cft experiment` on the preset: the experiment finds every cell of the demo done
+    from cft.demo import PRESET
+
+    assert cft_main(["experiment", str(PRESET), f"out={demo_dir}", *DEMO_OVERRIDES, "--dry-run"]) == 0
+    states = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.endswith("seed 0")]
+    assert states == ["done"] * 3
 
 
 @pytest.mark.slow
