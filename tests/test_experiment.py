@@ -1,6 +1,6 @@
-"""`cft experiment`: config handling, the statistics against hand-computed values, a tiny grid on the testbed
-model end to end, and resuming (a finished run trains and decodes nothing; an interrupted one redoes only
-what is missing)."""
+"""`cft experiment`: config handling (sections are the stage configs), the statistics against hand-computed
+values, a tiny grid on the testbed model end to end, and resuming (a finished run trains and decodes nothing;
+an interrupted one redoes only what is missing)."""
 
 from __future__ import annotations
 
@@ -11,29 +11,22 @@ from pathlib import Path
 import pytest
 
 from cft import experiment
-from cft.experiment import (
-    ExperimentConfig,
-    ExperimentError,
-    aggregate,
-    build_config,
-    cell_dir,
-    load_config,
-    paired,
-    run_experiment,
-    summarize,
-    t_quantile,
-)
+from cft.experiment import cell_dir, run_experiment
+from cft.experiment_config import ExperimentConfig, ExperimentError, build_config, config_dict, load_config
+from cft.stats import T975, aggregate, paired, paired_bootstrap, summarize, t_quantile
 
 TINY = {
-    "model": "testbed",
-    "train_data": {"spec": "testbed:train", "limit": 16},
+    "models": ["testbed"],
+    "generate": {"data": "testbed:train", "limit": 16},
     "benchmarks": ["testbed:test", "testbed:test_ood"],
     "methods": ["sft", "cft", "attn"],
     "seeds": [0, 1],
     "train": {"max_steps": 2, "lr": 3e-4, "batch_size": 4},
-    "eval": {"limit": 4, "n_samples": 2, "temperature": 1.0, "max_new_tokens": 96, "batch_size": 16},
-    "grpo": {"from": ["sft", "cft"], "seeds": [0], "max_steps": 2, "prompts_per_step": 2, "num_generations": 2,
-             "max_completion_length": 16, "limit": 8},
+    "eval": {"limit": 4, "n_samples": 2, "temperature": 1.0, "max_new_tokens": 96, "batch_size": 16,
+             "stop_at_answer": True},
+    "grpo_from": ["sft", "cft"],
+    "grpo_seeds": [0],
+    "grpo": {"max_steps": 2, "prompts_per_step": 2, "num_generations": 2, "max_completion_length": 16, "limit": 8},
 }
 STAGES = [("cft.train", "train"), ("cft.evaluate", "evaluate"), ("cft.generate", "generate"),
           ("cft.identify", "identify"), ("cft.grpo", "grpo")]
@@ -63,7 +56,7 @@ def test_t_quantiles():
 
 def test_t_table_agrees_with_scipy():
     stats = pytest.importorskip("scipy.stats")
-    for df in experiment.T975:
+    for df in T975:
         assert t_quantile(df) == pytest.approx(stats.t.ppf(0.975, df), abs=6e-4)
 
 
@@ -109,22 +102,80 @@ def statistics_stdev(values: list[float]) -> float:
 # ---------------------------------------------------------------- config
 
 
+def test_paired_bootstrap_known_cases():
+    # one seed, problems [1, 0, 0] vs all wrong: a resample's mean is k/3 with k ~ Binomial(3, 1/3)
+    a, b = {0: {"p1": 1, "p2": 0, "p3": 0}}, {0: {"p1": 0, "p2": 0, "p3": 0}}
+    r = paired_bootstrap(a, b, resamples=20_000, seed=1)
+    assert r["mean"] == pytest.approx(1 / 3) and r["n_problems"] == 3 and r["n_seeds"] == 1
+    # P(mean = 0) = 8/27 > 2.5% and P(mean = 1) = 1/27 > 2.5%: the 95% percentile interval is [0, 1]
+    assert r["ci"] == [0.0, 1.0] and r["excludes_zero"] is False
+    # the bootstrap variance of a mean of n resampled values is the plug-in variance / n = (2/9) / 3
+    assert r["std"] == pytest.approx(math.sqrt(2 / 27), rel=0.03)
+    # the same difference on every problem and seed: every resample gives it
+    same = paired_bootstrap({s: {p: 1 for p in "abcd"} for s in (0, 1)}, {s: {p: 0 for p in "abcd"} for s in (0, 1)})
+    assert same["mean"] == 1.0 and same["ci"] == [1.0, 1.0] and same["excludes_zero"] is True
+
+
+def test_paired_bootstrap_resamples_seeds_and_pairs_the_methods():
+    # a pure seed effect: seed 0 favours a on both problems, seed 1 neither; resampling problems cannot move it
+    a = {0: {"x": 1, "y": 1}, 1: {"x": 0, "y": 0}}
+    b = {0: {"x": 0, "y": 0}, 1: {"x": 0, "y": 0}}
+    fixed = paired_bootstrap(a, b, resample_seeds=False, resamples=2000)
+    assert fixed["ci"] == [0.5, 0.5] and fixed["std"] == 0.0
+    # over seeds the mean is 1 (1/4), 0.5 (1/2) or 0 (1/4): sd sqrt(1/8), interval [0, 1]
+    both = paired_bootstrap(a, b, resamples=20_000, seed=3)
+    assert both["ci"] == [0.0, 1.0] and both["std"] == pytest.approx(math.sqrt(1 / 8), rel=0.03)
+    # pairing: a method against itself plus a constant has no spread at all, however noisy the problems are
+    noisy = {s: {f"p{i}": (i * 7 + s) % 3 / 2 for i in range(30)} for s in range(3)}
+    shifted = {s: {p: v - 0.25 for p, v in rows.items()} for s, rows in noisy.items()}
+    d = paired_bootstrap(noisy, shifted, resamples=500)
+    assert d["ci"] == pytest.approx([0.25, 0.25]) and d["std"] == pytest.approx(0.0, abs=1e-12)
+    assert paired_bootstrap(a, b, seed=5) == paired_bootstrap(a, b, seed=5)  # deterministic for its seed
+    with pytest.raises(ValueError, match="problems differ"):
+        paired_bootstrap(a, {0: {"x": 0}, 1: {"x": 0, "y": 0}})
+
+
+# ---------------------------------------------------------------- config
+
+
 def test_config_from_yaml_with_overrides(tmp_path):
     path = tmp_path / "x.yaml"
-    path.write_text("out: a\nmodel: testbed\nmethods: [sft, cft]\ntrain: {lr: 1e-4, epochs: 2}\ngrpo: {from: [cft]}\n")
+    path.write_text("out: a\nmodels: [testbed]\nmethods: [sft, cft]\ntrain: {lr: 1e-4, epochs: 2}\n"
+                    "grpo_from: [cft]\ngenerate: {limit: 9, decode: {max_new_tokens: 64}}\n")
     cfg = load_config(path, ["seeds=[3, 4]", "train.lr=2e-4", "eval.limit=7", "out=b"])
     assert cfg.models == ["testbed"] and cfg.seeds == [3, 4] and cfg.out == "b"
-    assert cfg.train == {"lr": 2e-4, "epochs": 2} and cfg.eval.limit == 7 and cfg.grpo.from_methods == ["cft"]
-    assert experiment.config_dict(cfg)["grpo"]["from"] == ["cft"]
+    assert cfg.train.lr == 2e-4 and cfg.train.epochs == 2 and cfg.eval.limit == 7 and cfg.grpo_from == ["cft"]
+    assert cfg.generate.limit == 9 and cfg.generate.decode.max_new_tokens == 64
+    assert cfg.train.dtype == cfg.eval.dtype == "float32" and cfg.eval.benchmarks == cfg.benchmarks  # shared fields
+    saved = config_dict(cfg)
+    assert saved["train"] == {"lr": 2e-4, "epochs": 2.0} and saved["generate"]["decode"] == {"max_new_tokens": 64}
+    again = tmp_path / "again.yaml"
+    again.write_text(json.dumps(saved))
+    assert config_dict(load_config(again)) == saved  # the saved config loads back to itself
+
+
+def test_config_errors_name_file_line_and_key(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("out: a\ntrain:\n  lr: 1e-4\n  lrr: 2\n")
+    with pytest.raises(ExperimentError, match=rf"{path}, line 4, key 'train.lrr': not a field of TrainConfig"):
+        load_config(path)
+    path.write_text("out: a\n")
+    with pytest.raises(ExperimentError, match=r"override 'eval.limit=0': must be >= 1, got 0"):
+        load_config(path, ["eval.limit=0"])
 
 
 @pytest.mark.parametrize("raw, message", [
     ({"out": "a", "methods": ["sft", "magic"]}, "unknown method"),
-    ({"out": "a", "colour": 1}, "unknown config key"),
+    ({"out": "a", "colour": 1}, "'colour': not a field of ExperimentConfig"),
     ({"methods": ["sft"]}, "needs an output folder"),
-    ({"out": "a", "train": {"seed": 3}}, "unknown or fixed"),
-    ({"out": "a", "eval": {"limt": 3}}, "unknown or fixed"),
-    ({"out": "a", "methods": ["cft"], "grpo": {"from": ["sft"]}}, "not in methods"),
+    ({"out": "a", "train": {"seed": 3}}, "'train.seed': set by the experiment for each cell"),
+    ({"out": "a", "eval": {"dtype": "bfloat16"}}, "'eval.dtype': set at the top level"),
+    ({"out": "a", "eval": {"limt": 3}}, "'eval.limt': not a field of EvalConfig"),
+    ({"out": "a", "train": {"lr": -1}}, "'train.lr': must be > 0"),
+    ({"out": "a", "identify": {"engine": "slow"}}, "'identify.engine': invalid choice"),
+    ({"out": "a", "generate": {"decode": {"temprature": 1}}}, "'generate.decode.temprature': not a field"),
+    ({"out": "a", "methods": ["cft"], "grpo_from": ["sft"]}, "not in methods"),
+    ({"out": "a", "grpo": {"max_steps": 3}}, "without grpo_from"),
     ({"out": "a", "methods": ["sft", "rho1"], "rho1_reference": "cft"}, "not in methods"),
 ])
 def test_config_errors_name_the_problem(raw, message):
@@ -132,9 +183,33 @@ def test_config_errors_name_the_problem(raw, message):
         build_config(raw)
 
 
+def test_cells_are_the_sections_with_the_cell_fields_replaced(tmp_path, monkeypatch):
+    """Any field of a stage config reaches the cell from YAML; the runner sets only the cell's own fields."""
+    from dataclasses import replace
+
+    import cft.train
+
+    cfg = build_config({"out": str(tmp_path), "methods": ["sft", "rho1"], "seeds": [3], "dtype": "bfloat16",
+                        "train": {"weight_decay": 0.1, "lora_targets": ["q_proj"], "warmup": 2}})
+    seen = []
+
+    def fake_train(tcfg):
+        seen.append(tcfg)
+        return {"tokens": {}, "log_history": [], "global_step": 0, "train_loss": 0.0, "final_loss": 0.0,
+                "seconds": 0.0}
+
+    monkeypatch.setattr(cft.train, "train", fake_train)
+    experiment.Runner(cfg).train_cell("testbed", "rho1", 3, tmp_path / "t")
+    labels = experiment.shared_paths(cfg, "testbed")[1]
+    assert seen == [replace(cfg.train, model="testbed", input=str(labels), method="rho1", out=str(tmp_path / "t"),
+                            seed=3, resume=True, reference=str(cell_dir(cfg, "testbed", "sft", 3) / "train"))]
+    assert (seen[0].weight_decay, seen[0].lora_targets, seen[0].warmup, seen[0].dtype) == (0.1, ["q_proj"], 2.0,
+                                                                                          "bfloat16")
+
+
 def test_plan_trains_the_rho1_reference_first_and_grpo_after_its_start():
-    cfg = build_config({"out": "a", "methods": ["rho1", "cft", "sft"], "seeds": [0, 1],
-                        "grpo": {"from": ["cft"], "seeds": [1]}})
+    cfg = build_config({"out": "a", "methods": ["rho1", "cft", "sft"], "seeds": [0, 1], "grpo_from": ["cft"],
+                        "grpo_seeds": [1]})
     plan = [(m, s) for _, m, s in experiment.Runner(cfg).plan()]
     assert plan == [("base", 0), ("sft", 0), ("rho1", 0), ("cft", 0), ("sft", 1), ("rho1", 1), ("cft", 1),
                     ("grpo:cft", 1)]
@@ -207,7 +282,7 @@ def test_seeds_change_training_and_sampling(tiny_run):
     assert cells[0]["train"]["loss_curve"] != cells[1]["train"]["loss_curve"]  # data order
     samples = []
     for s in (0, 1):
-        path = cell_dir(cfg, "testbed", "sft", s) / "eval" / "testbed-test" / "all" / "samples.jsonl"
+        path = cell_dir(cfg, "testbed", "sft", s) / "eval" / "chat" / "all" / "samples.jsonl"
         recs = [json.loads(line) for line in path.read_text().splitlines()]
         samples.append([r["response_ids"] for r in sorted(recs, key=lambda r: (r["id"], r["sample"]))
                         if r["kind"] == "sample"])
@@ -218,8 +293,9 @@ def test_eval_problems_are_the_same_for_every_seed(tiny_run):
     cfg, _, _ = tiny_run
     ids = []
     for s in (0, 1):
-        path = cell_dir(cfg, "testbed", "cft", s) / "eval" / "testbed-test_ood" / "all" / "samples.jsonl"
-        ids.append({json.loads(line)["id"] for line in path.read_text().splitlines()})
+        path = cell_dir(cfg, "testbed", "cft", s) / "eval" / "chat" / "all" / "samples.jsonl"
+        recs = [json.loads(line) for line in path.read_text().splitlines()]
+        ids.append({r["id"] for r in recs if Path(r["benchmark"]).name.startswith("testbed-test_ood-")})
     assert ids[0] == ids[1] and len(ids[0]) == 4
 
 

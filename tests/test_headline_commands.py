@@ -26,55 +26,91 @@ ROOT = Path(__file__).resolve().parents[1]
 # --- cft demo, and the stage B options on its generations ------------------------------------------------------------
 
 
+DEMO_OVERRIDES = ["generate.limit=12", "eval.limit=4", "eval.n_samples=2",
+                  "train.epochs=2"]  # 2 steps: the first is the warm-up step, at learning rate 0
+
+
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "demo"
-    argv = ["demo", "--out", str(out), "--train-problems", "12", "--eval-problems", "4", "--n-samples", "2",
-            "--epochs", "2"]  # 2 steps: the first is the warm-up step, at learning rate 0
-    assert cft_main(argv) == 0
+    assert cft_main(["demo", "--out", str(out), *DEMO_OVERRIDES]) == 0
     return out
 
 
+def demo_files(demo_dir: Path):
+    """The demo's config (the preset with the test's overrides) and its stage A and B files."""
+    from cft.demo import PRESET
+    from cft.experiment import shared_paths
+    from cft.experiment_config import load_config
+
+    cfg = dataclasses.replace(load_config(PRESET, DEMO_OVERRIDES), out=str(demo_dir))
+    generations, labels, _ = shared_paths(cfg, "testbed")
+    return cfg, generations, labels
+
+
 @pytest.mark.slow
-def test_demo_on_twelve_problems_writes_consistent_artifacts(demo_dir):
-    summary = json.loads((demo_dir / "summary.json").read_text())
-    gens = load_records(demo_dir / "generations.jsonl", "generations")
-    labels = load_records(demo_dir / "labels.jsonl", "labels")
+def test_demo_on_twelve_problems_writes_consistent_artifacts(demo_dir, capsys):
+    from cft.experiment import cell_dir
+
+    cfg, gen_path, labels_path = demo_files(demo_dir)
+    agg = json.loads((demo_dir / "aggregate.json").read_text())
+    shared = agg["shared"]["testbed"]
+    gens = load_records(gen_path, "generations")
+    labels = load_records(labels_path, "labels")
     assert len(gens) == 12
     correct = [g["id"] for g in gens if g["correct"]]
-    assert 0 < summary["d_correct"] == len(correct) < 12  # the testbed model solves some, not all
+    assert 0 < shared["d_correct"] == len(correct) < 12  # the testbed model solves some, not all
     assert [r["id"] for r in labels] == correct  # stage B saw exactly D_correct
     tested = [c for r in labels for c, e in zip(r["critical"], r["eligible"]) if e]
-    assert summary["critical_fraction"] == pytest.approx(sum(tested) / len(tested))
+    assert shared["critical_fraction"] == pytest.approx(sum(tested) / len(tested))
     crit = sum(map(sum, (r["critical"] for r in labels)))
     tokens = sum(len(r["response_ids"]) for r in labels)
-    sft, cft = (json.loads((demo_dir / m / "train_summary.json").read_text())["tokens"] for m in ("sft", "cft"))
+    ckpt = {m: cell_dir(cfg, "testbed", m, 0) / "train" for m in ("sft", "cft")}
+    sft, cft = (json.loads((ckpt[m] / "train_summary.json").read_text())["tokens"] for m in ("sft", "cft"))
     assert sft["trained_tokens"] == sft["response_tokens"] == cft["response_tokens"] == tokens
     assert cft["trained_tokens"] == crit < tokens  # CFT trains on the critical tokens only
     base = load_file(TESTBED_DIR / "model.safetensors")
-    trained = {m: load_file(demo_dir / m / "model.safetensors") for m in ("sft", "cft")}
+    trained = {m: load_file(ckpt[m] / "model.safetensors") for m in ("sft", "cft")}
     for name in ("sft", "cft"):
         assert any(not torch.equal(base[k], trained[name][k]) for k in base), f"{name} did not move"
     assert any(not torch.equal(trained["sft"][k], trained["cft"][k]) for k in base)
-    assert set(summary["methods"]) == {"base", "sft", "cft"}
-    for name, m in summary["methods"].items():
-        metrics = json.loads((demo_dir / "eval" / name / "metrics.json").read_text())
-        assert (m["accuracy"], m["accuracy_ood"]) == (metrics["testbed:test"]["accuracy"],
-                                                      metrics["testbed:test_ood"]["accuracy"])
-        samples = load_records(demo_dir / "eval" / name / "samples.jsonl", "samples")
+    results = agg["results"]["testbed"]
+    assert set(results["testbed:test"]) == {"base", "sft", "cft"}
+    for name in ("base", "sft", "cft"):
+        folder = cell_dir(cfg, "testbed", name, 0) / "eval" / "chat" / "all"  # both splits decoded in one call
+        metrics = json.loads((folder / "metrics.json").read_text())
+        for bench in ("testbed:test", "testbed:test_ood"):
+            spec = next(k for k in metrics if Path(k).name.startswith(bench.replace(":", "-") + "-"))
+            assert results[bench][name]["metrics"]["accuracy"]["mean"] == metrics[spec]["accuracy"]
+        samples = load_records(folder / "samples.jsonl", "samples")
         assert len(samples) == 2 * 4 * (1 + 2)  # 2 splits x 4 problems x (1 greedy + 2 sampled)
-        assert set(m["pass_at_k"]) == {"1", "2"}
+        assert {k for k in results["testbed:test"][name]["metrics"] if k.startswith("pass@")} == {"pass@1", "pass@2"}
+    # a second run of the demo on its finished folder trains and decodes nothing, and prints the same table
+    capsys.readouterr()
+    assert cft_main(["demo", "--out", str(demo_dir), *DEMO_OVERRIDES]) == 0
+    printed = capsys.readouterr().out
+    assert "0 trained, 0 GRPO runs, 0 evaluated, 3 cells already done" in printed
+    assert re.search(r"cft\s+│\s+" + re.escape(f"{results['testbed:test']['cft']['metrics']['accuracy']['mean']:.3f}"),
+                     printed), printed
+    assert json.loads((demo_dir / "aggregate.json").read_text())["results"] == agg["results"]
+    # and it is `cft experiment` on the preset: the experiment finds every cell of the demo done
+    from cft.demo import PRESET
+
+    assert cft_main(["experiment", str(PRESET), f"out={demo_dir}", *DEMO_OVERRIDES, "--dry-run"]) == 0
+    states = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.endswith("seed 0")]
+    assert states == ["done"] * 3
 
 
 @pytest.mark.slow
 def test_identify_dry_run_counts_the_work_and_writes_nothing(demo_dir, tmp_path, capsys):
-    gens = load_records(demo_dir / "generations.jsonl", "generations")
+    _, gen_path, _ = demo_files(demo_dir)
+    gens = load_records(gen_path, "generations")
     correct = [g for g in gens if g["correct"]]
     positions = sum(len(g["response_ids"]) - 1 for g in correct)  # the final EOS is not tested by default
     out = tmp_path / "labels.jsonl"
     capsys.readouterr()
-    assert cft_main(["identify", "--model", "testbed", "--input", str(demo_dir / "generations.jsonl"),
-                     "--out", str(out), "--dry-run"]) == 0
+    assert cft_main(["identify", "--model", "testbed", "--input", str(gen_path), "--out", str(out),
+                     "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert f"{len(correct)} correct responses of {len(gens)} records; {positions} positions; " \
            f"branches {positions}..{2 * positions}" in printed, printed
@@ -86,10 +122,11 @@ def test_identify_dry_run_counts_the_work_and_writes_nothing(demo_dir, tmp_path,
 def test_continuation_cap_bounds_every_branch_and_keeps_the_short_ones(demo_dir, tmp_path):
     cap = 6
     out = tmp_path / "capped.jsonl"
-    assert cft_main(["identify", "--model", "testbed", "--input", str(demo_dir / "generations.jsonl"),
-                     "--out", str(out), "--continuation-cap", str(cap)]) == 0
+    _, gen_path, labels_path = demo_files(demo_dir)
+    assert cft_main(["identify", "--model", "testbed", "--input", str(gen_path), "--out", str(out),
+                     "--continuation-cap", str(cap)]) == 0
     assert read_meta(out)["config"]["continuation_cap"] == cap
-    exact = load_records(demo_dir / "labels.jsonl", "labels")
+    exact = load_records(labels_path, "labels")
     capped = load_records(out, "labels")
     lengths, same = [], 0
     for e, c in zip(exact, capped, strict=True):

@@ -1,5 +1,5 @@
-"""`cft report`: report.md and a self-contained report.html with every plot, from an experiment folder built
-by hand (no model is run) and from a `cft demo` folder."""
+"""`cft report`: report.md and a self-contained report.html with every plot, from experiment folders built
+by hand (no model is run): a grid over seeds, and a one-seed run as `cft demo` leaves it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-from cft.experiment import Runner, build_config
+from cft.experiment import Runner
+from cft.experiment_config import build_config, load_config
 from cft.report import load_run, report
 
 KINDS = {"digit": {"critical": 5, "tokens": 10, "fraction": 0.5},
@@ -35,7 +36,7 @@ def _cell(method: str, seed: int, acc: float, ood: float) -> dict:
 def experiment_dir(tmp_path):
     """An experiment folder as `cft experiment` leaves it, from hand-made cells."""
     cfg = build_config({"out": str(tmp_path / "run"), "methods": ["sft", "cft"], "seeds": [0, 1, 2],
-                        "grpo": {"from": ["sft", "cft"], "seeds": [0]}})
+                        "grpo_from": ["sft", "cft"], "grpo_seeds": [0], "train": {"lr": 3e-4}})
     cells = [_cell("base", 0, 0.3, 0.05)]
     for seed, (s, c) in enumerate([(0.50, 0.55), (0.52, 0.60), (0.48, 0.50)]):
         cells += [_cell("sft", seed, s, s / 5), _cell("cft", seed, c, c / 4)]
@@ -87,20 +88,22 @@ def test_unfinished_cells_are_named(experiment_dir):
 
 
 def test_demo_folder_report(tmp_path):
-    methods = {name: {"accuracy": a, "accuracy_ood": a / 4, "pass_at_k": {"1": a, "2": a + 0.1},
-                      "pass_at_k_ood": {"1": a / 4, "2": a / 3}, "entropy": 0.1, "entropy_ood": 0.2}
-               for name, a in (("base", 0.4), ("sft", 0.5), ("cft", 0.55))}
-    (tmp_path / "summary.json").write_text(json.dumps({
-        "critical_fraction": 0.2, "critical_by_kind": {k: v["fraction"] for k, v in KINDS.items()},
-        "critical_counts_by_kind": KINDS, "d_correct": 40, "methods": methods, "seconds": {}}))
-    (tmp_path / "sft").mkdir()
-    (tmp_path / "sft" / "train_summary.json").write_text(json.dumps({"log_history": [{"step": 1, "loss": 0.5}]}))
-    md, page = report(tmp_path)
+    """`cft demo` is the experiment runner on one seed: the report has no intervals, single-seed differences."""
+    from cft.demo import PRESET
+
+    cfg = load_config(PRESET, [f"out={tmp_path / 'demo'}"])
+    cells = [_cell(name, 0, a, a / 4) for name, a in (("base", 0.4), ("sft", 0.5), ("cft", 0.55))]
+    shared = {"testbed": {"generate": {"correct": 40, "n": 300},
+                          "identify": {"critical_fraction": 0.2, "critical_by_kind": KINDS}, "seconds": {}}}
+    (tmp_path / "demo").mkdir()
+    Runner(cfg).write_aggregate(cells, shared)
+    md, page = report(tmp_path / "demo")
     text = md.read_text()
-    assert "| cft | 1 | 55.0 |" in text and "Δ" not in text  # one run: no intervals, no differences
-    plots = list((tmp_path / "report").glob("*.png"))
-    assert {p.name for p in plots} == {"accuracy.png", "pass_at_k.png", "entropy.png", "critical_by_kind.png",
-                                       "train_loss.png"}
+    assert "| cft | 1 | 55.0 | +5.0 |" in text and " ± " not in text.split("## Results")[1]  # one seed: no intervals
+    assert "train: lr=0.0003, batch_size=16" in text and "D_correct = 40 of 300" in text  # epochs 3: the default
+    plots = list((tmp_path / "demo" / "report").glob("*.png"))
+    assert {p.name for p in plots} == {"accuracy.png", "pass_at_k.png", "maj_at_k.png", "entropy.png",
+                                       "critical_by_kind.png", "train_loss.png"}
     _assert_self_contained(page.read_text(), len(plots))
 
 
@@ -108,4 +111,4 @@ def test_cli_report_errors_on_a_folder_without_results(tmp_path, capsys):
     from cft.cli import main
 
     assert main(["report", str(tmp_path)]) == 2
-    assert "neither" in capsys.readouterr().err
+    assert "holds no aggregate.json" in capsys.readouterr().err

@@ -3,13 +3,17 @@
 The paper's comparisons were single runs; reviewers asked for seeds and error bars. This command runs,
 per model, stage A (greedy D_correct) and stage B (critical tokens) **once**, then every cell
 (model, method, seed): train from the base model with that method and seed, and evaluate the checkpoint
-on every benchmark. Optionally GRPO starts from the checkpoints of some methods (``grpo.from``) and its
-policy is evaluated too (method ``grpo:sft``, ``grpo:cft``, ...).
+on every benchmark. Optionally GRPO starts from the checkpoints of some methods (``grpo_from``) and its
+policy is evaluated too (method ``grpo:sft``, ``grpo:cft``, ...). ``cft demo`` is this runner on the preset
+``configs/experiment/demo.yaml``.
+
+The config (``cft.experiment_config``) is made of the stage configs themselves: each cell's is
+``dataclasses.replace`` of a section with the fields the cell decides (model, paths, method, seed).
 
 What a seed changes: the training data order and the random masks and tie-breaks of the baselines
 (``TrainConfig.seed``), the sampling seed of the evaluation and of GRPO. What it does not change: the
 training problems, D_correct, the labels and the evaluation problems (testbed splits are drawn once with
-``eval.data_seed`` and written to ``OUT/data``), so a paired difference between two methods of the same
+``eval_data_seed`` and written to ``OUT/data``), so a paired difference between two methods of the same
 seed compares them on identical data.
 
 Resuming: each cell writes ``cell.json`` with the hash of everything that determines it. A cell whose
@@ -19,22 +23,19 @@ from its last checkpoint; one interrupted during evaluation reuses the responses
 trained under another config is refused (never silently mixed), naming the folder to delete.
 
 Aggregation (``OUT/aggregate.json``, also printed): per model, benchmark and method, and per metric (greedy
-accuracy, pass@k, maj@k, entropy), the mean over seeds,
-the sample standard deviation, a 95% confidence interval from the t distribution, and the paired
-difference against the baseline method (default SFT) of the same seed with its own t interval. GRPO cells
-are compared with ``grpo:<baseline>``.
+accuracy, pass@k, maj@k, entropy), the mean over seeds, the sample standard deviation, a 95% confidence
+interval from the t distribution, and the paired difference against the baseline method (default SFT) of the
+same seed with its own t interval. GRPO cells are compared with ``grpo:<baseline>`` (``cft.stats``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
-import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,305 +44,13 @@ import yaml
 from cft import grpo as grpo_stage
 from cft.artifacts import record_key
 from cft.data import load_problems
+from cft.experiment_config import ExperimentConfig, ExperimentError, config_dict, load_config, settings
+from cft.stats import GRPO_PREFIX, aggregate, fmt_diff, fmt_stat, headline_metrics
 
 CELL = "cell.json"
 AGGREGATE = "aggregate.json"
 RESOLVED = "experiment.yaml"
 BASE = "base"
-GRPO_PREFIX = "grpo:"
-
-# Two-sided 95% quantiles of Student's t (0.975 quantile) by degrees of freedom; between tabulated values
-# the next smaller df is used, which widens the interval slightly (conservative).
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
-        20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
-        29: 2.045, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
-Z975 = 1.960
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads ``1e-4`` (no dot) as a string; learning rates are written that way, so read it as a float."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+"
-               r"(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
-    list("-+0123456789."))
-
-
-def parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-
-
-class ExperimentError(ValueError):
-    """A configuration or output folder a person has to fix; the CLI prints it and exits with code 2."""
-
-
-# ---------------------------------------------------------------- config
-
-
-@dataclass
-class TrainData:
-    """The training problems of stage A; the same for every cell so that seeds only change training."""
-
-    spec: str = "testbed:train"
-    limit: int | None = 250
-    seed: int = 0  # which testbed problems
-
-
-@dataclass
-class EvalSettings:
-    """Evaluation of every checkpoint. Greedy accuracy is cheap, sampling is not: ``sample_limit`` lets
-    pass@k and entropy use fewer problems than accuracy (None: the same ``limit``)."""
-
-    limit: int | None = 100
-    sample_limit: int | None = None
-    n_samples: int = 16
-    temperature: float = 1.0
-    max_new_tokens: int = 256
-    stop_at_answer: bool = True
-    batch_size: int = 64
-    template: str | None = None  # None: chat for testbed benchmarks, else qwen25-math-cot
-    data_seed: int = 0  # which testbed problems are evaluated (fixed across seeds)
-    data_dir: str | None = None
-
-    @property
-    def sampled(self) -> int | None:
-        return self.limit if self.sample_limit is None else self.sample_limit
-
-
-@dataclass
-class GRPOSettings:
-    """GRPO from the checkpoints of ``from_methods`` (YAML key ``from``), one run per seed in ``seeds``."""
-
-    from_methods: list[str] = field(default_factory=lambda: ["sft", "cft"])
-    seeds: list[int] | None = None  # None: every seed of the grid
-    evaluate: bool = True
-    max_steps: int = 50
-    lr: float = 1e-6
-    limit: int | None = 1000
-    prompts_per_step: int = 4
-    num_generations: int = 4
-    max_completion_length: int = 128
-    temperature: float = 1.0
-    beta: float = 0.0
-
-
-@dataclass
-class ExperimentConfig:
-    """The resolved grid; saved as ``OUT/experiment.yaml``."""
-
-    out: str
-    models: list[str] = field(default_factory=lambda: ["testbed"])
-    methods: list[str] = field(default_factory=lambda: ["sft", "cft"])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    benchmarks: list[str] = field(default_factory=lambda: ["testbed:test", "testbed:test_ood"])
-    train_data: TrainData = field(default_factory=TrainData)
-    generate: dict[str, Any] = field(default_factory=dict)  # DecodeConfig fields of stage A
-    identify: dict[str, Any] = field(default_factory=dict)  # IdentifyConfig fields of stage B
-    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields shared by every cell
-    eval: EvalSettings = field(default_factory=EvalSettings)
-    grpo: GRPOSettings | None = None
-    baseline: str = "sft"  # paired differences are taken against this method
-    rho1_reference: str | None = "sft"  # a method of the grid (its checkpoint, same seed), a model, or None
-    evaluate_base: bool = True  # evaluate the starting model once (first seed) as a reference row
-    dtype: str = "float32"
-    device: str | None = None
-
-
-# Fields every cell sets itself; the config may not set them.
-_TRAIN_FIXED = {"model", "input", "method", "out", "seed", "resume", "reference", "dtype"}
-_IDENTIFY_FIXED = {"model", "input", "out", "dtype", "device", "num_shards", "shard_index", "approximations"}
-_GENERATE_FIXED = {"seed"}
-
-
-def _check_fields(section: str, values: dict[str, Any], cls: type, fixed: set[str]) -> None:
-    known = {f.name for f in fields(cls)} - fixed
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ExperimentError(f"{section}: unknown or fixed field(s) {', '.join(unknown)}; "
-                              f"allowed: {', '.join(sorted(known))}")
-
-
-def _typed(cls: type, section: str, values: Any) -> Any:
-    if not isinstance(values, dict):
-        raise ExperimentError(f"{section}: expected a mapping, got {values!r}")
-    _check_fields(section, values, cls, set())
-    return cls(**values)
-
-
-def set_override(raw: dict[str, Any], item: str) -> None:
-    """Apply ``a.b=value`` (value parsed as YAML) to the raw config mapping."""
-    if "=" not in item:
-        raise ExperimentError(f"override {item!r} is not key=value")
-    key, value = item.split("=", 1)
-    node = raw
-    *parents, last = key.strip().split(".")
-    for name in parents:
-        node = node.setdefault(name, {})
-        if not isinstance(node, dict):
-            raise ExperimentError(f"override {item!r}: {name} is not a mapping")
-    node[last] = parse_yaml(value)
-
-
-def build_config(raw: dict[str, Any]) -> ExperimentConfig:
-    """Validate the raw mapping (YAML plus overrides) into an ``ExperimentConfig``."""
-    from cft.generate import DecodeConfig
-    from cft.identify import IdentifyConfig
-    from cft.selection import METHODS
-    from cft.train import TrainConfig
-
-    raw = dict(raw)
-    if "model" in raw:
-        model = raw.pop("model")
-        raw["models"] = model if isinstance(model, list) else [model]
-    known = {f.name for f in fields(ExperimentConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ExperimentError(f"unknown config key(s) {', '.join(unknown)}; known: model, {', '.join(sorted(known))}")
-    if not raw.get("out"):
-        raise ExperimentError("the config needs an output folder: out")
-    if isinstance(raw.get("train_data"), str):
-        raw["train_data"] = {"spec": raw["train_data"]}
-    raw["train_data"] = _typed(TrainData, "train_data", raw.get("train_data", {}))
-    raw["eval"] = _typed(EvalSettings, "eval", raw.get("eval", {}))
-    if raw.get("grpo") is not None:
-        grpo = dict(raw["grpo"])
-        if "from" in grpo:
-            grpo["from_methods"] = grpo.pop("from")
-        raw["grpo"] = _typed(GRPOSettings, "grpo", grpo)
-    for section, cls, fixed in (("generate", DecodeConfig, _GENERATE_FIXED), ("identify", IdentifyConfig,
-                                _IDENTIFY_FIXED), ("train", TrainConfig, _TRAIN_FIXED)):
-        raw[section] = dict(raw.get(section) or {})
-        _check_fields(section, raw[section], cls, fixed)
-    cfg = ExperimentConfig(**raw)
-    for method in cfg.methods:
-        if method not in METHODS:
-            raise ExperimentError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    if len(set(cfg.methods)) != len(cfg.methods) or len(set(cfg.seeds)) != len(cfg.seeds):
-        raise ExperimentError("methods and seeds must not repeat")
-    if not cfg.seeds or not cfg.methods or not cfg.models or not cfg.benchmarks:
-        raise ExperimentError("models, methods, seeds and benchmarks must each name at least one entry")
-    if cfg.rho1_reference in METHODS and "rho1" in cfg.methods and cfg.rho1_reference not in cfg.methods:
-        raise ExperimentError(f"rho1_reference {cfg.rho1_reference!r} is a method but not in methods")
-    if cfg.rho1_reference == "rho1":
-        raise ExperimentError("rho1_reference cannot be rho1 itself")
-    if cfg.grpo is not None:
-        missing = [m for m in cfg.grpo.from_methods if m not in cfg.methods]
-        if missing:
-            raise ExperimentError(f"grpo.from names method(s) not in methods: {', '.join(missing)}")
-        extra = [s for s in cfg.grpo.seeds or [] if s not in cfg.seeds]
-        if extra:
-            raise ExperimentError(f"grpo.seeds {extra} are not seeds of the grid")
-    if cfg.eval.n_samples > 0 and cfg.eval.temperature <= 0:
-        raise ExperimentError("eval: sampling needs temperature > 0 (or n_samples: 0)")
-    return cfg
-
-
-def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    raw = parse_yaml(Path(path).read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ExperimentError(f"{path}: expected a mapping at the top level")
-    for item in overrides or []:
-        set_override(raw, item)
-    return build_config(raw)
-
-
-def config_dict(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The resolved config in YAML's terms (``grpo.from`` as written)."""
-    d = asdict(cfg)
-    if d["grpo"] is not None:
-        d["grpo"] = {"from": d["grpo"].pop("from_methods"), **d["grpo"]}
-    return d
-
-
-# ---------------------------------------------------------------- statistics (pure)
-
-
-def t_quantile(df: int) -> float:
-    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (table above; normal past it)."""
-    if df < 1:
-        raise ValueError("a t interval needs at least 2 values")
-    if df > max(T975):
-        return Z975
-    return T975[max(d for d in T975 if d <= df)]
-
-
-def summarize(values: list[float]) -> dict[str, Any]:
-    """Mean, sample standard deviation and 95% t interval of per-seed values (no interval for one value)."""
-    n = len(values)
-    if n == 0:
-        return {"n": 0, "mean": None, "std": None, "ci95": None, "half_width": None, "values": []}
-    mean = math.fsum(values) / n
-    if n == 1:
-        return {"n": 1, "mean": mean, "std": None, "ci95": None, "half_width": None, "values": list(values)}
-    std = statistics.stdev(values)
-    half = t_quantile(n - 1) * std / math.sqrt(n)
-    return {"n": n, "mean": mean, "std": std, "ci95": [mean - half, mean + half], "half_width": half,
-            "values": list(values)}
-
-
-def paired(values: dict[int, float], reference: dict[int, float]) -> dict[str, Any]:
-    """``summarize`` of the per-seed differences value - reference over the seeds both have."""
-    seeds = sorted(set(values) & set(reference))
-    out = summarize([values[s] - reference[s] for s in seeds])
-    out["seeds"] = seeds
-    lo_hi = out["ci95"]
-    out["excludes_zero"] = None if lo_hi is None else (lo_hi[0] > 0 or lo_hi[1] < 0)
-    return out
-
-
-def metric_values(cell_metrics: dict[str, Any]) -> dict[str, float]:
-    """The scalar metrics of one benchmark of one cell, flattened: accuracy, pass@k, maj@k, entropy."""
-    out = {"accuracy": cell_metrics.get("accuracy"), "entropy": cell_metrics.get("entropy")}
-    out.update({f"pass@{k}": v for k, v in (cell_metrics.get("pass_at_k") or {}).items()})
-    out.update({f"maj@{k}": v for k, v in (cell_metrics.get("maj_at_k") or {}).items()})
-    return {k: v for k, v in out.items() if v is not None}
-
-
-def headline_metrics(names) -> tuple[list[str], list[str]]:
-    """The sampled metrics a results table shows, and those it adds a paired-difference column for.
-
-    Shown: pass@k at the smallest and largest k and maj@k at the largest k (maj@1 equals pass@1);
-    differences: pass@k and maj@k at the largest k.
-    """
-    pass_ks = sorted({int(n[5:]) for n in names if n.startswith("pass@")})
-    maj_ks = [k for k in sorted({int(n[4:]) for n in names if n.startswith("maj@")}) if k > 1]
-    top = [f"pass@{k}" for k in pass_ks[-1:]] + [f"maj@{k}" for k in maj_ks[-1:]]
-    return [f"pass@{k}" for k in pass_ks[:1] if len(pass_ks) > 1] + top, top
-
-
-def reference_method(method: str, baseline: str) -> str:
-    """The method a cell is compared with: the baseline, or its GRPO counterpart for GRPO cells."""
-    return GRPO_PREFIX + baseline if method.startswith(GRPO_PREFIX) else baseline
-
-
-def aggregate(cells: list[dict[str, Any]], baseline: str = "sft") -> dict[str, Any]:
-    """Per model, benchmark and method: statistics of every metric and paired differences against the baseline.
-
-    ``cells`` are finished ``cell.json`` records (model, method, seed, metrics per benchmark).
-    """
-    by: dict[str, dict[str, dict[str, dict[str, dict[int, float]]]]] = {}  # model/bench/method/metric/seed
-    for cell in cells:
-        for bench, m in cell["metrics"].items():
-            per_method = by.setdefault(cell["model"], {}).setdefault(bench, {}).setdefault(cell["method"], {})
-            for name, value in metric_values(m).items():
-                per_method.setdefault(name, {})[cell["seed"]] = value
-    result: dict[str, Any] = {}
-    for model, benches in by.items():
-        for bench, methods in benches.items():
-            rows = result.setdefault(model, {}).setdefault(bench, {})
-            for method, metrics in methods.items():
-                ref_name = reference_method(method, baseline)
-                ref = methods.get(ref_name) if ref_name != method else None
-                row: dict[str, Any] = {"seeds": sorted({s for v in metrics.values() for s in v}),
-                                       "metrics": {k: summarize([v[s] for s in sorted(v)]) for k, v in metrics.items()},
-                                       "compared_with": ref_name if ref else None, "paired": {}}
-                if ref:
-                    row["paired"] = {k: paired(v, ref[k]) for k, v in metrics.items() if k in ref}
-                rows[method] = row
-    return result
 
 
 # ---------------------------------------------------------------- cells
@@ -357,6 +66,12 @@ def slug(text: str) -> str:
 def cell_dir(cfg: ExperimentConfig, model: str, method: str, seed: int | None) -> Path:
     name = method.replace(GRPO_PREFIX, "grpo-from-")
     return Path(cfg.out) / slug(model) / name / ("seed-any" if seed is None else f"seed{seed}")
+
+
+def shared_paths(cfg: ExperimentConfig, model: str) -> tuple[Path, Path, Path]:
+    """Stage A's generations, stage B's labels and the record of both, shared by every cell of a model."""
+    d = Path(cfg.out) / slug(model) / "shared"
+    return d / "generations.jsonl", d / "labels.jsonl", d / "shared.json"
 
 
 def read_cell(path: Path) -> dict[str, Any] | None:
@@ -412,34 +127,33 @@ class Runner:
 
     def shared_hash(self, model: str) -> str:
         c = self.cfg
-        return record_key("shared", model, asdict(c.train_data), c.generate, c.identify, c.dtype)
+        return record_key("shared", model, settings(c.generate, "generate"), settings(c.identify, "identify"),
+                          c.dtype)
 
     def train_hash(self, model: str, method: str, seed: int) -> str:
+        c = self.cfg
         if method == BASE:
-            return record_key("base", model, self.cfg.dtype)
+            return record_key("base", model, c.dtype)
         if method.startswith(GRPO_PREFIX):
             start = method[len(GRPO_PREFIX):]
-            settings = {k: v for k, v in asdict(self.cfg.grpo).items() if k not in ("from_methods", "seeds",
-                                                                                     "evaluate")}
-            return record_key("grpo", self.train_hash(model, start, seed), settings, self.cfg.train_data.spec, seed)
-        ref = self.cfg.rho1_reference if method == "rho1" else None
-        ref_key = self.train_hash(model, ref, seed) if ref in self.cfg.methods else ref
-        return record_key("train", self.shared_hash(model), method, seed, self.cfg.train, ref_key)
+            return record_key("grpo", self.train_hash(model, start, seed), settings(c.grpo, "grpo"),
+                              c.generate.data, seed)
+        ref = c.rho1_reference if method == "rho1" else None
+        ref_key = self.train_hash(model, ref, seed) if ref in c.methods else ref
+        return record_key("train", self.shared_hash(model), method, seed, settings(c.train, "train"), ref_key)
 
     def cell_hash(self, model: str, method: str, seed: int) -> str:
-        return record_key(self.train_hash(model, method, seed), self.cfg.benchmarks, asdict(self.cfg.eval))
+        c = self.cfg
+        return record_key(self.train_hash(model, method, seed), c.benchmarks, settings(c.eval, "eval"),
+                          c.sample_limit, c.eval_data_seed)
 
     # -------------------------------------------------- stages A and B, shared by every cell of a model
 
-    def shared_paths(self, model: str) -> tuple[Path, Path, Path]:
-        d = self.out / slug(model) / "shared"
-        return d / "generations.jsonl", d / "labels.jsonl", d / "shared.json"
-
     def shared_stages(self, model: str, loaded) -> dict[str, Any]:
-        from cft.generate import DecodeConfig, GenerateConfig, generate
-        from cft.identify import IdentifyConfig, identify
+        from cft.generate import generate
+        from cft.identify import identify
 
-        gen_path, labels_path, marker = self.shared_paths(model)
+        gen_path, labels_path, marker = shared_paths(self.cfg, model)
         h = self.shared_hash(model)
         if marker.exists():
             rec = json.loads(marker.read_text())
@@ -447,18 +161,15 @@ class Runner:
                 return rec
         gen_path.parent.mkdir(parents=True, exist_ok=True)
         m, tok = loaded()
-        c = self.cfg
+        gcfg = replace(self.cfg.generate, model=model, out=str(gen_path))
         t0 = time.time()
-        self.log(f"[{model}] stage A: greedy solutions of {c.train_data.spec} (limit {c.train_data.limit})")
-        gen = generate(GenerateConfig(model=model, data=c.train_data.spec, out=str(gen_path), seed=c.train_data.seed,
-                                      limit=c.train_data.limit, dtype=c.dtype, device=c.device,
-                                      decode=DecodeConfig(**{**c.generate, "seed": c.train_data.seed})),
-                       model=m, tok=tok)
+        self.log(f"[{model}] stage A: greedy solutions of {gcfg.data} (limit {gcfg.limit})")
+        gen = generate(gcfg, model=m, tok=tok)
         self.log(f"[{model}] D_correct: {gen['correct']} of {gen['n']} ({gen['accuracy']:.1%}) "
                  f"in {time.time() - t0:.0f}s")
         t1 = time.time()
-        labels = identify(IdentifyConfig(model=model, input=str(gen_path), out=str(labels_path), dtype=c.dtype,
-                                         device=c.device, **c.identify), model=m, tok=tok)
+        labels = identify(replace(self.cfg.identify, model=model, input=str(gen_path), out=str(labels_path)),
+                          model=m, tok=tok)
         self.log(f"[{model}] stage B: critical fraction {labels['critical_fraction']:.1%} of "
                  f"{labels['positions']} positions in {time.time() - t1:.0f}s")
         rec = {"hash": h, "model": model, "generate": gen, "identify": labels,
@@ -469,44 +180,50 @@ class Runner:
     # -------------------------------------------------- evaluation
 
     def benchmark_input(self, bench: str) -> tuple[str, str | None]:
-        """(spec to evaluate, template). Testbed splits are drawn once (``eval.data_seed``) and written to
+        """(spec to evaluate, template). Testbed splits are drawn once (``eval_data_seed``) and written to
         ``OUT/data`` so that the evaluation seed changes only the sampling, never the problems."""
-        e = self.cfg.eval
+        c = self.cfg
         if not bench.startswith("testbed:"):
-            return bench, e.template
-        n = max(x for x in (e.limit, e.sampled, 0) if x is not None) or None
-        path = self.out / "data" / f"{slug(bench)}-s{e.data_seed}-n{n or 'all'}.jsonl"
+            return bench, c.eval.template
+        n = max(x for x in (c.eval.limit, c.sampled, 0) if x is not None) or None
+        path = self.out / "data" / f"{slug(bench)}-s{c.eval_data_seed}-n{n or 'all'}.jsonl"
         if not path.exists():
-            problems = load_problems(bench, seed=e.data_seed, limit=n)
+            problems = load_problems(bench, seed=c.eval_data_seed, limit=n)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text("".join(json.dumps({"id": p.id, "question": p.question, "answer": p.answer}) + "\n"
                                    for p in problems))
             tmp.replace(path)
-        return str(path), e.template or "chat"
+        return str(path), c.eval.template or "chat"
 
     def evaluate_checkpoint(self, name: str, model, tok, path: Path, seed: int) -> tuple[dict, list[str]]:
-        """Metrics per benchmark (greedy accuracy on ``limit`` problems, sampling on ``sample_limit``)."""
-        from cft.evaluate import METRICS, EvalConfig, evaluate
+        """Metrics per benchmark: greedy accuracy on ``eval.limit`` problems, sampling on ``sample_limit``.
 
-        e = self.cfg.eval
-        runs = [("all", e.limit, e.n_samples)] if e.sampled == e.limit or e.n_samples == 0 else [
-            ("greedy", e.limit, 0), ("sampled", e.sampled, e.n_samples)]
-        metrics, files = {}, []
+        The benchmarks that share a prompt template are decoded in one ``evaluate`` call (one batching, as
+        ``cft eval`` with several benchmarks does)."""
+        from cft.evaluate import METRICS, evaluate
+
+        e, n_samples = self.cfg.eval, self.cfg.eval.n_samples
+        runs = [("all", e.limit, n_samples)] if self.cfg.sampled == e.limit or n_samples == 0 else [
+            ("greedy", e.limit, 0), ("sampled", self.cfg.sampled, n_samples)]
+        groups: dict[str | None, dict[str, str]] = {}  # template -> benchmark -> spec
         for bench in self.cfg.benchmarks:
             spec, template = self.benchmark_input(bench)
-            parts = {}
+            groups.setdefault(template, {})[bench] = spec
+        parts: dict[str, dict[str, dict]] = {}  # part -> benchmark -> metrics
+        files = []
+        for template, specs in groups.items():
             for part, limit, n in runs:
-                out = path / "eval" / slug(bench) / part
-                ecfg = EvalConfig(model=name, benchmarks=[spec], out=str(out), limit=limit, n_samples=n,
-                                  temperature=e.temperature, template=template, data_dir=e.data_dir,
-                                  max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-                                  stop_at_answer=e.stop_at_answer, seed=seed, dtype=self.cfg.dtype,
-                                  device=self.cfg.device)
-                parts[part] = evaluate(ecfg, model, tok)[spec]
+                out = path / "eval" / slug(template or "default") / part
+                ecfg = replace(e, model=name, benchmarks=list(specs.values()), out=str(out), limit=limit,
+                               n_samples=n, template=template, seed=seed)
+                result = evaluate(ecfg, model, tok)
+                parts.setdefault(part, {}).update({bench: result[spec] for bench, spec in specs.items()})
                 files.append(str((out / METRICS).relative_to(path)))
-            greedy = parts.get("greedy", parts.get("all"))
-            sampled = parts.get("sampled", parts.get("all"))
+        metrics = {}
+        for bench in self.cfg.benchmarks:
+            greedy = parts.get("greedy", parts.get("all"))[bench]
+            sampled = parts.get("sampled", parts.get("all"))[bench]
             metrics[bench] = {"accuracy": greedy["accuracy"], "n": greedy["n"], "truncated": greedy["truncated"],
                               "pass_at_k": sampled["pass_at_k"], "maj_at_k": sampled["maj_at_k"],
                               "entropy": sampled["entropy"],
@@ -544,7 +261,7 @@ class Runner:
 
             ckpt = str(ckpt_dir)
             m, tok = load_model(ckpt, self.cfg.dtype, self.cfg.device)
-        if method.startswith(GRPO_PREFIX) and not self.cfg.grpo.evaluate:
+        if method.startswith(GRPO_PREFIX) and not self.cfg.evaluate_grpo:
             metrics, files = {}, []
         else:
             t1 = time.time()
@@ -559,15 +276,14 @@ class Runner:
         return rec
 
     def train_cell(self, model: str, method: str, seed: int, out: Path) -> dict[str, Any]:
-        from cft.train import SUMMARY, TrainConfig, train
+        from cft.train import SUMMARY, train
 
-        _, labels, _ = self.shared_paths(model)
+        _, labels, _ = shared_paths(self.cfg, model)
         ref = self.cfg.rho1_reference if method == "rho1" else None
         if ref in self.cfg.methods:
             ref = str(cell_dir(self.cfg, model, ref, seed) / "train")
-        tcfg = TrainConfig(model=model, input=str(labels), method=method, out=str(out), seed=seed, resume=True,
-                           reference=ref, dtype=self.cfg.dtype, **self.cfg.train)
-        summary = train(tcfg)
+        summary = train(replace(self.cfg.train, model=model, input=str(labels), method=method, out=str(out),
+                                seed=seed, resume=True, reference=ref))
         self.counts["trained"] += 1
         tokens = {k: v for k, v in summary["tokens"].items() if k != "excluded_ids"}
         curve = [[h["step"], h["loss"]] for h in summary["log_history"] if "loss" in h]
@@ -577,14 +293,9 @@ class Runner:
                 "train_files": [f"train/{SUMMARY}"]}
 
     def grpo_cell(self, model: str, method: str, seed: int, out: Path) -> dict[str, Any]:
-        g = self.cfg.grpo
         start = cell_dir(self.cfg, model, method[len(GRPO_PREFIX):], seed) / "train"
-        run = grpo_stage.GRPORunConfig(
-            init=str(start), out=str(out), data=self.cfg.train_data.spec, limit=g.limit, max_steps=g.max_steps,
-            lr=g.lr, prompts_per_step=g.prompts_per_step, num_generations=g.num_generations,
-            max_completion_length=g.max_completion_length, temperature=g.temperature, beta=g.beta, seed=seed,
-            dtype=self.cfg.dtype)
-        summary = grpo_stage.grpo(run)
+        summary = grpo_stage.grpo(replace(self.cfg.grpo, init=str(start), out=str(out), data=self.cfg.generate.data,
+                               seed=seed, resume=True))
         self.counts["grpo"] += 1
         rows = [json.loads(line) for line in (out / grpo_stage.LOG).read_text().splitlines() if line.strip()]
         return {"grpo": {"global_step": summary.get("global_step"), "log": rows, "seconds": summary.get("seconds")},
@@ -603,8 +314,8 @@ class Runner:
                 cells.append((model, BASE, c.seeds[0]))
             for seed in c.seeds:
                 cells += [(model, m, seed) for m in methods]
-                if c.grpo is not None and seed in (c.grpo.seeds or c.seeds):
-                    cells += [(model, GRPO_PREFIX + m, seed) for m in c.grpo.from_methods]
+                if seed in (c.grpo_seeds or c.seeds):
+                    cells += [(model, GRPO_PREFIX + m, seed) for m in c.grpo_from]
         return cells
 
     def run(self) -> dict[str, Any]:
@@ -642,7 +353,7 @@ class Runner:
         cells = [rec for p in self.plan() if (rec := finished_cell(cell_dir(self.cfg, *p), self.cell_hash(*p)))]
         shared = {}
         for model in self.cfg.models:
-            marker = self.shared_paths(model)[2]
+            marker = shared_paths(self.cfg, model)[2]
             rec = json.loads(marker.read_text()) if marker.exists() else None
             if rec and rec.get("hash") == self.shared_hash(model):
                 shared[model] = rec
@@ -677,23 +388,6 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> tuple[dict[str, Any], di
 
 
 # ---------------------------------------------------------------- printing and CLI
-
-
-def fmt_stat(s: dict[str, Any] | None, scale: float = 100.0, digits: int = 1) -> str:
-    if not s or s.get("mean") is None:
-        return "-"
-    text = f"{scale * s['mean']:.{digits}f}"
-    return text if s.get("half_width") is None else f"{text} ± {scale * s['half_width']:.{digits}f}"
-
-
-def fmt_diff(s: dict[str, Any] | None, scale: float = 100.0, digits: int = 1) -> str:
-    if not s or s.get("mean") is None:
-        return "-"
-    text = f"{scale * s['mean']:+.{digits}f}"
-    if s.get("ci95"):
-        lo, hi = s["ci95"]
-        text += f" [{scale * lo:+.{digits}f}, {scale * hi:+.{digits}f}]" + ("*" if s["excludes_zero"] else "")
-    return text
 
 
 def print_aggregate(result: dict[str, Any]) -> None:
@@ -751,7 +445,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"cft experiment: error: {exc}", file=sys.stderr)
         return 2
     print_aggregate(result)
-    print(f"experiment finished in {time.time() - t0:.0f}s: {counts['trained']} trained, {counts['grpo']} GRPO runs, "
-          f"{counts['evaluated']} evaluated, {counts['skipped']} cells already done; "
+    print(f"experiment finished in {time.time() - t0:.0f}s: {work_done(counts)}; "
           f"aggregate in {Path(cfg.out) / AGGREGATE}")
     return 0
+
+
+def work_done(counts: dict[str, int]) -> str:
+    return (f"{counts['trained']} trained, {counts['grpo']} GRPO runs, {counts['evaluated']} evaluated, "
+            f"{counts['skipped']} cells already done")

@@ -1,9 +1,9 @@
 """``cft report RUN_DIR``: ``report.md`` and a self-contained ``report.html`` with plots of a run.
 
-Reads an experiment folder (``aggregate.json`` of ``cft experiment``) or a ``cft demo`` folder
-(``summary.json``) and draws, with matplotlib's Agg backend: accuracy by method with 95% intervals over
-seeds (in-distribution and OOD), paired differences against the baseline, pass@k and maj@k curves, output entropy,
-critical-token statistics by token kind, training loss curves and, when present, GRPO reward and entropy.
+Reads the ``aggregate.json`` of a ``cft experiment`` folder (``cft demo`` writes one too) and draws, with
+matplotlib's Agg backend: accuracy by method with 95% intervals over seeds (in-distribution and OOD), paired
+differences against the baseline, pass@k and maj@k curves, output entropy, critical-token statistics by
+token kind, training loss curves and, when present, GRPO reward and entropy.
 The PNGs go to ``RUN_DIR/report/``; the HTML embeds them as base64 so it opens offline, anywhere.
 
 Both documents are rendered from one list of blocks (heading, text, table, figure), so they always say
@@ -20,8 +20,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cft.experiment import AGGREGATE, fmt_diff, fmt_stat, headline_metrics, summarize
+from cft.experiment import AGGREGATE
+from cft.experiment_config import SECTIONS
 from cft.extras import require
+from cft.stats import fmt_diff, fmt_stat, headline_metrics
 
 PLOTS = "report"
 SMOOTH = 5  # moving-average window of the GRPO curves (steps)
@@ -29,11 +31,10 @@ SMOOTH = 5  # moving-average window of the GRPO curves (steps)
 
 @dataclass
 class RunData:
-    """What a report shows, whichever command made the folder. ``stats[bench][method][metric]`` and
-    ``paired[...]`` are ``cft.experiment.summarize``/``paired`` dicts; one-seed runs have no intervals."""
+    """What a report shows. ``stats[bench][method][metric]`` and ``paired[...]`` are ``cft.stats.summarize``/
+    ``paired`` dicts; one-seed runs have no intervals."""
 
     title: str
-    kind: str  # "experiment" | "demo"
     benchmarks: list[str]
     methods: list[str]
     stats: dict[str, dict[str, dict[str, dict]]]
@@ -73,25 +74,21 @@ def load_experiment(run_dir: Path) -> RunData:
             loss_curves.setdefault(name, []).append([tuple(p) for p in cell["train"]["loss_curve"]])
         if cell.get("grpo") and cell["grpo"].get("log"):
             grpo_logs.setdefault(name, []).append(cell["grpo"]["log"])
-    e, t = cfg["eval"], cfg["train"]
-    setup = [
-        f"models: {', '.join(cfg['models'])}; training problems: {cfg['train_data']['spec']} "
-        f"(limit {cfg['train_data']['limit']}); methods: {', '.join(cfg['methods'])}; seeds: {cfg['seeds']}",
-        f"training: {', '.join(f'{k}={v}' for k, v in t.items()) or 'TrainConfig defaults'}; "
-        f"rho1 reference: {cfg['rho1_reference']}",
-        f"evaluation: greedy accuracy on {e['limit']} problems per benchmark; pass@k, maj@k and entropy from "
-        f"{e['n_samples']} samples at temperature {e['temperature']} on "
-        f"{e['sample_limit'] if e['sample_limit'] is not None else e['limit']} problems",
-    ]
-    if cfg.get("grpo"):
-        g = cfg["grpo"]
-        setup.append(f"GRPO from {', '.join(g['from'])}: {g['max_steps']} steps, lr {g['lr']}, "
-                     f"{g['prompts_per_step']} prompts x {g['num_generations']} generations per step, "
-                     f"seeds {g['seeds'] or cfg['seeds']}")
+    setup = [f"models: {', '.join(cfg['models'])}; methods: {', '.join(cfg['methods'])}; seeds: {cfg['seeds']}; "
+             f"benchmarks: {', '.join(cfg['benchmarks'])}; rho1 reference: {cfg['rho1_reference']}"]
+    for section in SECTIONS:  # the stage configs' non-default fields, whatever they are named
+        if section == "grpo" and not cfg.get("grpo_from"):
+            continue
+        values = cfg.get(section) or {}
+        setup.append(f"{section}: {', '.join(f'{k}={v}' for k, v in values.items()) or 'the stage defaults'}")
+    if cfg.get("sample_limit") is not None:
+        setup.append(f"pass@k, maj@k and entropy on the first {cfg['sample_limit']} problems of each benchmark")
+    if cfg.get("grpo_from"):
+        setup.append(f"GRPO from {', '.join(cfg['grpo_from'])}, seeds {cfg.get('grpo_seeds') or cfg['seeds']}")
     for model, s in agg.get("shared", {}).items():
         setup.append(f"{model}: D_correct = {s['d_correct']} of {s['train_problems']} training problems")
     return RunData(
-        title=f"cft experiment: {run_dir}", kind="experiment", benchmarks=list(stats), methods=methods, stats=stats,
+        title=f"cft experiment: {run_dir}", benchmarks=list(stats), methods=methods, stats=stats,
         paired=paired_stats, baseline=agg["baseline"], loss_curves=loss_curves, grpo_logs=grpo_logs,
         critical={m: {"critical_fraction": s["critical_fraction"], "critical_by_kind": s["critical_by_kind"]}
                   for m, s in agg.get("shared", {}).items()},
@@ -99,39 +96,11 @@ def load_experiment(run_dir: Path) -> RunData:
                               for m, meth, seed in agg.get("missing_cells", [])])
 
 
-def load_demo(run_dir: Path) -> RunData:
-    """A ``cft demo`` folder: one seed, so values without intervals."""
-    summary = json.loads((run_dir / "summary.json").read_text())
-    benches = {"testbed:test": "", "testbed:test_ood": "_ood"}
-    stats: dict[str, dict] = {b: {} for b in benches}
-    for method, m in summary["methods"].items():
-        for bench, suffix in benches.items():
-            row = {"accuracy": summarize([m["accuracy" + suffix]]), "entropy": summarize([m["entropy" + suffix]])}
-            row.update({f"pass@{k}": summarize([v]) for k, v in m["pass_at_k" + suffix].items()})
-            stats[bench][method] = row
-    curves = {}
-    for method in summary["methods"]:
-        path = run_dir / method / "train_summary.json"
-        if path.exists():
-            history = json.loads(path.read_text())["log_history"]
-            curves[method] = [[(h["step"], h["loss"]) for h in history if "loss" in h]]
-    counts = summary.get("critical_counts_by_kind")
-    return RunData(
-        title=f"cft demo: {run_dir}", kind="demo", benchmarks=list(benches), methods=list(summary["methods"]),
-        stats=stats, loss_curves=curves,
-        critical={"testbed": {"critical_fraction": summary["critical_fraction"], "critical_by_kind": counts}}
-        if counts else {},
-        setup=[f"one run (seed from the demo's --seed); D_correct = {summary['d_correct']} responses; "
-               "no intervals: a single seed"])
-
-
 def load_run(run_dir: str | Path) -> RunData:
     run_dir = Path(run_dir)
-    if (run_dir / AGGREGATE).exists():
-        return load_experiment(run_dir)
-    if (run_dir / "summary.json").exists():
-        return load_demo(run_dir)
-    raise FileNotFoundError(f"{run_dir} holds neither {AGGREGATE} (cft experiment) nor summary.json (cft demo)")
+    if not (run_dir / AGGREGATE).exists():
+        raise FileNotFoundError(f"{run_dir} holds no {AGGREGATE} (written by cft experiment and cft demo)")
+    return load_experiment(run_dir)
 
 
 # ---------------------------------------------------------------- plots
@@ -404,12 +373,11 @@ CAPTIONS = {
 
 def build_blocks(data: RunData, plots: dict[str, Path]) -> list[Block]:
     blocks = [Block("h1", data.title), Block("h2", "Setup"), *(Block("p", s) for s in data.setup)]
-    if data.kind == "experiment":
-        blocks.append(Block("p", "Values are means over seeds ± the half-width of a 95% t interval; Δ columns are "
-                                 f"paired differences against {data.baseline} of the same seed (GRPO rows against "
-                                 f"grpo:{data.baseline}) with their 95% t interval; * marks an interval that excludes "
-                                 "0. Accuracy, pass@k and maj@k in percent, entropy in nats. maj@k counts equivalent "
-                                 "answers as one and breaks ties toward the answer sampled first."))
+    blocks.append(Block("p", "Values are means over seeds ± the half-width of a 95% t interval (none for one seed); "
+                             f"Δ columns are paired differences against {data.baseline} of the same seed (GRPO rows "
+                             f"against grpo:{data.baseline}) with their 95% t interval; * marks an interval that "
+                             "excludes 0. Accuracy, pass@k and maj@k in percent, entropy in nats. maj@k counts "
+                             "equivalent answers as one and breaks ties toward the answer sampled first."))
     if data.missing:
         blocks.append(Block("p", f"Not finished (not in the statistics): {', '.join(data.missing)}."))
     blocks += result_tables(data) + critical_table(data) + [Block("h2", "Plots")]
@@ -476,7 +444,7 @@ def report(run_dir: str | Path) -> tuple[Path, Path]:
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", help="a `cft experiment` output folder (aggregate.json) or a `cft demo` folder")
+    p.add_argument("run_dir", help="a `cft experiment` or `cft demo` output folder (aggregate.json)")
 
 
 def run(args: argparse.Namespace) -> int:

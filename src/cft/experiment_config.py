@@ -1,0 +1,301 @@
+"""The config of ``cft experiment``: a grid (models x methods x seeds) over the stage configs themselves.
+
+The sections ``generate``, ``identify``, ``train``, ``eval`` and ``grpo`` ARE the stage config dataclasses
+(``SECTIONS``), holding the values every cell shares; their YAML keys are the dataclasses' field names,
+checked and converted as the stage's own command line would (``cft.cli``'s option types and validators).
+The fields a cell decides itself (model, input and output paths, method, seed, ...) are not keys: the
+runner makes each cell's config as ``dataclasses.replace(section, **cell_fields)``. A stage that adds or
+renames an option therefore changes nothing here, only the YAML files that use it.
+
+``SHARED`` experiment fields (dtype, device, benchmarks) are given to every section that has a field of
+that name. A mistake is one ``ExperimentError`` line naming the file, line and key (or the override).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import typing
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from cft.config import device_option, dtype_option, internal, is_internal, option
+
+if TYPE_CHECKING:
+    from cft.evaluate import EvalConfig
+    from cft.generate import GenerateConfig
+    from cft.grpo import GRPORunConfig
+    from cft.identify import IdentifyConfig
+    from cft.train import TrainConfig
+
+
+class ExperimentError(ValueError):
+    """A configuration or output folder a person has to fix; the CLI prints it and exits with code 2."""
+
+
+# section -> (module, stage config class, the fields each cell sets: never YAML keys)
+SECTIONS: dict[str, tuple[str, str, frozenset[str]]] = {
+    "generate": ("cft.generate", "GenerateConfig", frozenset({"model", "out"})),
+    "identify": ("cft.identify", "IdentifyConfig", frozenset({"model", "input", "out", "num_shards", "shard_index"})),
+    "train": ("cft.train", "TrainConfig", frozenset({"model", "input", "method", "out", "seed", "resume",
+                                                      "reference"})),
+    "eval": ("cft.evaluate", "EvalConfig", frozenset({"model", "benchmarks", "out", "seed"})),
+    "grpo": ("cft.grpo", "GRPORunConfig", frozenset({"init", "out", "data", "seed", "resume"})),
+}
+# Experiment fields given to every section with a field of the same name (so not keys of the sections).
+SHARED = ("dtype", "device", "benchmarks")
+# Values of required stage fields that a config may leave out: the default grid trains on the testbed.
+REQUIRED_DEFAULTS = {"generate": {"data": "testbed:train"}}
+
+
+@dataclass
+class ExperimentConfig:
+    """The grid and the stage configs its cells share; saved (stage values that differ from the stage defaults)
+    as ``OUT/experiment.yaml``."""
+
+    out: str = option(help="output folder of the whole grid")
+    models: list[str] = option(factory=lambda: ["testbed"], help="the starting models; stages A and B run once each")
+    methods: list[str] = option(factory=lambda: ["sft", "cft"], help="token-selection methods (cft.selection)")
+    seeds: list[int] = option(factory=lambda: [0, 1, 2],
+                              help="training seeds: data order, the baselines' random choices, evaluation sampling")
+    benchmarks: list[str] = option(factory=lambda: ["testbed:test", "testbed:test_ood"],
+                                   help="evaluated for every checkpoint")
+    baseline: str = option("sft", "paired differences are taken against this method")
+    rho1_reference: str | None = option("sft", "rho1's reference: a method of the grid (its checkpoint of the same "
+                                               "seed), a model, or null (the starting model)")
+    evaluate_base: bool = option(True, "evaluate the starting model once (first seed) as a reference row")
+    sample_limit: int | None = option(None, "pass@k, maj@k and entropy on the first N of eval.limit's problems "
+                                            "(null: all of them); sampling costs n_samples decodes per problem")
+    eval_data_seed: int = option(0, "which testbed problems are evaluated (the same for every seed)")
+    grpo_from: list[str] = option(factory=list, help="GRPO starts from the checkpoints of these methods ([]: none)")
+    grpo_seeds: list[int] | None = option(None, "the seeds GRPO runs for (null: every seed of the grid)")
+    evaluate_grpo: bool = option(True, "evaluate the GRPO policies")
+    dtype: str = dtype_option("float32")
+    device: str | None = device_option()
+    generate: GenerateConfig = internal(None)
+    identify: IdentifyConfig = internal(None)
+    train: TrainConfig = internal(None)
+    eval: EvalConfig = internal(None)
+    grpo: GRPORunConfig = internal(None)
+
+    def __post_init__(self) -> None:
+        for name in SECTIONS:
+            section = getattr(self, name)
+            setattr(self, name, stage_config(self, name) if section is None else replace(section, **shared(self, name)))
+
+    @property
+    def sampled(self) -> int | None:
+        """Problems per benchmark of the sampled metrics."""
+        return self.eval.limit if self.sample_limit is None else self.sample_limit
+
+
+def stage_class(section: str) -> type:
+    module, name, _ = SECTIONS[section]
+    return getattr(importlib.import_module(module), name)
+
+
+def _settable(cls: type, section: str | None) -> dict[str, dataclasses.Field]:
+    """The fields of ``cls`` a config may set: not filled by the code, not decided per cell nor shared."""
+    fixed = SECTIONS[section][2] | set(SHARED) if section else set()
+    return {f.name: f for f in fields(cls) if f.init and not is_internal(f) and f.name not in fixed}
+
+
+def shared(cfg: ExperimentConfig, section: str) -> dict[str, Any]:
+    names = {f.name for f in fields(stage_class(section))}
+    return {k: getattr(cfg, k) for k in SHARED if k in names}
+
+
+def stage_config(cfg: ExperimentConfig, section: str, values: dict[str, Any] | None = None):
+    """The section's stage config from its (converted) values: shared fields from ``cfg``, and the required
+    fields a cell sets left empty until the cell sets them."""
+    cls = stage_class(section)
+    values = {**REQUIRED_DEFAULTS.get(section, {}), **(values or {}), **shared(cfg, section)}
+    for f in fields(cls):
+        if f.init and f.default is MISSING and f.default_factory is MISSING and f.name not in values:
+            if f.name not in SECTIONS[section][2]:
+                raise ExperimentError(f"{section}: {f.name} is required ({cls.__name__})")
+            values[f.name] = ""
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise ExperimentError(f"{section}: {exc}") from None
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not MISSING else MISSING
+
+
+def settings(obj: Any, section: str | None = None) -> dict[str, Any]:
+    """The settable fields of a stage config that differ from the class defaults (nested configs as mappings):
+    what the experiment chose. Hashed, so a field a stage adds later (at its default) keeps old runs valid."""
+    out = {}
+    for name, f in _settable(type(obj), section).items():
+        value, default = getattr(obj, name), _default(f)
+        if dataclasses.is_dataclass(value):
+            nested = settings(value)
+            if nested:
+                out[name] = nested
+        elif value != default:
+            out[name] = value
+    return out
+
+
+def config_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The config as YAML: every experiment field, and each section's non-default values (loadable again)."""
+    top = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in SECTIONS}
+    return {**top, **{name: settings(getattr(cfg, name), name) for name in SECTIONS}}
+
+
+# ---------------------------------------------------------------- reading and checking values
+
+
+Where = Callable[[tuple[str, ...]], str]
+
+
+def _convert(cls: type, raw: Any, path: tuple[str, ...], where: Where, section: str | None = None,
+             localns: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``raw`` checked and converted field by field as the command line would (types, choices, validators)."""
+    from cft import cli
+
+    label = ".".join(path) or "the config"
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ExperimentError(f"{where(path)}: {label} must be a mapping of {cls.__name__} fields")
+    allowed = _settable(cls, section)
+    hints = typing.get_type_hints(cls, localns=localns)
+    parser = cli._Parser(prog="cft experiment", add_help=False)
+    nested = {}
+    for name, f in allowed.items():
+        if dataclasses.is_dataclass(hints[name]):
+            nested[name] = hints[name]
+            continue
+        f.type = hints[name]  # resolved, as HfArgumentParser does
+        cli._Parser._parse_dataclass_field(parser, f)
+    if section:  # stage options get the command line's validators by name (the experiment's own 'out' is checked
+        cli.harden(parser, "experiment")  # when the folder is made)
+    actions = cli._actions(parser)
+    out = {}
+    for key, value in raw.items():
+        key_path = (*path, str(key))
+        if key in SECTIONS and not path:
+            continue
+        if key not in allowed:
+            fixed = section and key in SECTIONS[section][2] | set(SHARED)
+            why = ("set by the experiment for each cell" if key not in SHARED else "set at the top level") if fixed \
+                else f"not a field of {cls.__name__}"
+            raise ExperimentError(f"{where(key_path)}: {why} (keys: {', '.join(sorted(allowed))})")
+        if key in nested:
+            values = _convert(nested[key], value, key_path, where)
+            out[key] = replace(_default(allowed[key]), **values)
+            continue
+        try:
+            out[key] = None if value is None else cli._yaml_value(actions[key][0], value)
+        except ValueError as exc:
+            raise ExperimentError(f"{where(key_path)}: {exc}") from None
+    return out
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """The line of every mapping key of a YAML document, by its key path."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                lines[(*path, str(key.value))] = key.start_mark.line + 1
+                walk(value, (*path, str(key.value)))
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def set_override(raw: dict[str, Any], item: str) -> tuple[str, ...]:
+    """Apply ``a.b=value`` (value parsed as YAML) to the raw config mapping; returns the key path."""
+    if "=" not in item:
+        raise ExperimentError(f"override {item!r} is not key=value")
+    key, value = item.split("=", 1)
+    node = raw
+    *parents, last = key.strip().split(".")
+    for name in parents:
+        node = node.setdefault(name, {})
+        if not isinstance(node, dict):
+            raise ExperimentError(f"override {item!r}: {name} is not a mapping")
+    node[last] = yaml.safe_load(value)
+    return (*parents, last)
+
+
+def build_config(raw: dict[str, Any], where: Where | None = None) -> ExperimentConfig:
+    """Check and convert a raw mapping (YAML plus overrides) into an ``ExperimentConfig``."""
+    from cft.selection import METHODS
+
+    where = where or (lambda path: f"key {'.'.join(path)!r}")
+    classes = {name: stage_class(name) for name in SECTIONS}
+    localns = {cls.__name__: cls for cls in classes.values()}
+    if not isinstance(raw, dict):
+        raise ExperimentError(f"{where(())}: expected a mapping at the top level")
+    top = _convert(ExperimentConfig, raw, (), where, localns=localns)
+    if not top.get("out"):
+        raise ExperimentError(f"{where(())}: the config needs an output folder: out")
+    try:
+        cfg = ExperimentConfig(**top)
+    except (TypeError, ValueError) as exc:
+        raise ExperimentError(f"{where(())}: {exc}") from None
+    for name in SECTIONS:
+        values = _convert(classes[name], raw.get(name), (name,), where, section=name)
+        setattr(cfg, name, stage_config(cfg, name, values))
+    if "grpo" in raw and not cfg.grpo_from:
+        raise ExperimentError(f"{where(('grpo',))}: GRPO settings without grpo_from (the methods it starts from)")
+    check(cfg, METHODS)
+    return cfg
+
+
+def check(cfg: ExperimentConfig, methods: tuple[str, ...]) -> None:
+    """The relations between fields that no single field's check sees."""
+    for method in cfg.methods:
+        if method not in methods:
+            raise ExperimentError(f"unknown method {method!r}; choose from {', '.join(methods)}")
+    if len(set(cfg.methods)) != len(cfg.methods) or len(set(cfg.seeds)) != len(cfg.seeds):
+        raise ExperimentError("methods and seeds must not repeat")
+    if not cfg.seeds or not cfg.methods or not cfg.models or not cfg.benchmarks:
+        raise ExperimentError("models, methods, seeds and benchmarks must each name at least one entry")
+    if cfg.rho1_reference in methods and "rho1" in cfg.methods and cfg.rho1_reference not in cfg.methods:
+        raise ExperimentError(f"rho1_reference {cfg.rho1_reference!r} is a method but not in methods")
+    if cfg.rho1_reference == "rho1":
+        raise ExperimentError("rho1_reference cannot be rho1 itself")
+    missing = [m for m in cfg.grpo_from if m not in cfg.methods]
+    if missing:
+        raise ExperimentError(f"grpo_from names method(s) not in methods: {', '.join(missing)}")
+    extra = [s for s in cfg.grpo_seeds or [] if s not in cfg.seeds]
+    if extra:
+        raise ExperimentError(f"grpo_seeds {extra} are not seeds of the grid")
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """The config of a YAML file with ``key.sub=value`` overrides; errors name the file and line or the override."""
+    text = Path(path).read_text()
+    raw = yaml.safe_load(text) or {}
+    if not isinstance(raw, dict):
+        raise ExperimentError(f"{path}: expected a mapping at the top level")
+    lines = _key_lines(text)
+    origin: dict[tuple[str, ...], str] = {}
+    for item in overrides or []:
+        origin[set_override(raw, item)] = f"override {item!r}"
+
+    def where(key_path: tuple[str, ...]) -> str:
+        for n in range(len(key_path), 0, -1):  # an override of a.b also explains an error in a.b.c
+            if key_path[:n] in origin:
+                return origin[key_path[:n]]
+        if not key_path:
+            return str(path)
+        return f"{path}, line {lines.get(key_path, '?')}, key {'.'.join(key_path)!r}"
+
+    return build_config(raw, where)
