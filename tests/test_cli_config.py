@@ -12,7 +12,7 @@ import os
 import pytest
 import yaml
 
-from cft import cli
+from cft import cli, options
 
 # command words, YAML mapping, command-line override, expected values of the parsed namespace
 CASES = {
@@ -29,7 +29,7 @@ def _leaf_commands():
     for command in (c for c in cli.COMMANDS if c not in cli.POSITIONAL_CONFIG):  # experiment: its YAML is positional
         parser = cli.build_parser(command)
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
-        leaves = cli._leaves(sub)
+        leaves = options.leaves(sub)
         out += [[command] if leaf is sub else [command, leaf.prog.split()[-1]] for leaf in leaves]
     return out
 
@@ -50,7 +50,7 @@ def _write(tmp_path, mapping) -> str:
 @pytest.mark.parametrize("words", _leaf_commands(), ids=" ".join)
 def test_every_stage_command_takes_a_config_file(words):
     parser = cli.build_parser(words[0])
-    leaf = cli._chosen(parser, words)
+    leaf = options.chosen(parser, words)
     assert "--config" in leaf._option_string_actions, f"cft {' '.join(words)} has no --config"
 
 
@@ -66,20 +66,20 @@ def test_config_file_and_override(command, tmp_path):
 def test_unknown_key_names_file_line_and_key(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("k: 3\nmax_new_tokns: 32\n")
-    with pytest.raises(cli.CommandLineError, match=r"c\.yaml, line 2, key 'max_new_tokns': not an option"):
+    with pytest.raises(options.CommandLineError, match=r"c\.yaml, line 2, key 'max_new_tokns': not an option"):
         cli.parse(["identify", "--config", str(path)])
 
 
 def test_bad_value_is_checked_like_the_command_line(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("k: 0\n")
-    with pytest.raises(cli.CommandLineError, match=r"line 1, key 'k': must be >= 2, got 0"):
+    with pytest.raises(options.CommandLineError, match=r"line 1, key 'k': must be >= 2, got 0"):
         cli.parse(["identify", "--config", str(path)])
     path.write_text("engine: turbo\n")
-    with pytest.raises(cli.CommandLineError, match=r"key 'engine': .*invalid choice"):
+    with pytest.raises(options.CommandLineError, match=r"key 'engine': .*invalid choice"):
         cli.parse(["identify", "--config", str(path)])
     path.write_text("include_eos: maybe\n")
-    with pytest.raises(cli.CommandLineError, match=r"key 'include_eos': expected true or false"):
+    with pytest.raises(options.CommandLineError, match=r"key 'include_eos': expected true or false"):
         cli.parse(["identify", "--config", str(path)])
 
 
@@ -95,5 +95,5 @@ def test_env_mapping_sets_environment_variables(tmp_path, monkeypatch):
 
 
 def test_required_options_still_required_without_a_file():
-    with pytest.raises(cli.CommandLineError, match="required"):
+    with pytest.raises(options.CommandLineError, match="required"):
         cli.parse(["identify", "--model", "testbed"])

@@ -1,7 +1,7 @@
 """Every ``cft`` command with every kind of bad argument: exit 2, one line naming the argument, nothing else.
 
 The cases are derived from the parsers themselves: every argument of every command (sub-commands too)
-that has a validator in ``cft.cli`` gets the bad values of that validator's kind, so a new argument
+that has a validator in ``cft.options`` gets the bad values of that validator's kind, so a new argument
 with a known name is swept without touching this file. Each case asserts exit code 2, exactly one line
 on stderr naming the argument, no traceback, no model loaded and no file created.
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from cft import cli
+from cft import cli, options
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,25 +42,26 @@ BASE = {
 GOOD_POSITIONAL = {"dir": "{tmp}/x", "labels": "{file}", "config": "{config}", "run_dir": "{dir}"}
 
 BAD_PATHS = {
-    cli.model_name: ["/nonexistent/model", "{file}", "{dir}", "org/not a hub id", "nosuchorg/nosuchmodel", "testbd"],
-    cli.input_file: ["{tmp}/missing.jsonl", "{dir}"],
-    cli.input_dir: ["{tmp}/missing", "{file}"],
-    cli.output_file: ["/proc/forbidden/x", "{dir}", "{file}/x"],
-    cli.output_dir: ["/proc/forbidden/x", "{file}"],
-    cli.yaml_config: ["{bad_yaml}", "{list_yaml}", "{dir}", "{tmp}/missing.yaml"],
-    cli.device_name: ["cuda:3", "tpu9"],
-    cli.benchmark_list: ["", " , ", "{dir}"],
-    cli.data_spec: ["{dir}", "{tmp}/missing.jsonl"],
-    cli.template_name: ["nosuchtemplate"],
+    options.model_name: ["/nonexistent/model", "{file}", "{dir}", "org/not a hub id", "nosuchorg/nosuchmodel",
+                         "testbd"],
+    options.input_file: ["{tmp}/missing.jsonl", "{dir}"],
+    options.input_dir: ["{tmp}/missing", "{file}"],
+    options.output_file: ["/proc/forbidden/x", "{dir}", "{file}/x"],
+    options.output_dir: ["/proc/forbidden/x", "{file}"],
+    options.yaml_config: ["{bad_yaml}", "{list_yaml}", "{dir}", "{tmp}/missing.yaml"],
+    options.device_name: ["cuda:3", "tpu9"],
+    options.benchmark_list: ["", " , ", "{dir}"],
+    options.data_spec: ["{dir}", "{tmp}/missing.jsonl"],
+    options.template_name: ["nosuchtemplate"],
 }
 
 
 def bad_numbers(check) -> list[str]:
-    """Values just outside a ``cli.number`` validator's range, and a non-number."""
+    """Values just outside a ``options.number`` validator's range, and a non-number."""
     low, low_inclusive, high, high_inclusive = check.bounds
-    values = [cli._fmt(low - 1) if low_inclusive else cli._fmt(low)]
+    values = [options._fmt(low - 1) if low_inclusive else options._fmt(low)]
     if high != float("inf"):
-        values.append(cli._fmt(high) if not high_inclusive else cli._fmt(high + 1))
+        values.append(options._fmt(high) if not high_inclusive else options._fmt(high + 1))
     return [*values, "abc"]
 
 
@@ -74,7 +75,7 @@ def _argument_actions(parser: argparse.ArgumentParser, words: list[str]):
         if isinstance(action, argparse._SubParsersAction):
             for name, sub in action.choices.items():
                 yield from _argument_actions(sub, [*words, name])
-        elif hasattr(action.type, "__module__") and action.type.__module__ == "cft.cli":
+        elif hasattr(action.type, "__module__") and action.type.__module__ == "cft.options":
             yield words, action
 
 
@@ -201,7 +202,7 @@ def test_a_cached_hub_id_is_accepted_offline_and_fingerprinted_from_its_snapshot
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("abc123")
     shutil.copytree(random_model_dir, repo / "snapshots" / "abc123")
-    assert cli.model_name("someorg/tiny") == "someorg/tiny"
+    assert options.model_name("someorg/tiny") == "someorg/tiny"
     assert provenance.fingerprint("someorg/tiny").weights == provenance.fingerprint(str(random_model_dir)).weights
     assert provenance.fingerprint("someorg/other") == provenance.Fingerprint("someorg/other", None, None)
 
@@ -231,9 +232,9 @@ def test_device_on_a_machine_with_one_gpu(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert cli.device_name("cuda:0") == "cuda:0" and cli.device_name("cuda") == "cuda"
+    assert options.device_name("cuda:0") == "cuda:0" and options.device_name("cuda") == "cuda"
     with pytest.raises(argparse.ArgumentTypeError, match=r"has 1 CUDA device\(s\), cuda:0..cuda:0"):
-        cli.device_name("cuda:3")
+        options.device_name("cuda:3")
 
 
 def test_a_usage_error_is_one_line(tmp_path, capsys):

@@ -187,8 +187,6 @@ def test_cells_are_the_sections_with_the_cell_fields_replaced(tmp_path, monkeypa
     """Any field of a stage config reaches the cell from YAML; the runner sets only the cell's own fields."""
     from dataclasses import replace
 
-    import cft.train
-
     cfg = build_config({"out": str(tmp_path), "methods": ["sft", "rho1"], "seeds": [3], "dtype": "bfloat16",
                         "train": {"weight_decay": 0.1, "lora_targets": ["q_proj"], "warmup": 2}})
     seen = []
@@ -198,7 +196,7 @@ def test_cells_are_the_sections_with_the_cell_fields_replaced(tmp_path, monkeypa
         return {"tokens": {}, "log_history": [], "global_step": 0, "train_loss": 0.0, "final_loss": 0.0,
                 "seconds": 0.0}
 
-    monkeypatch.setattr(cft.train, "train", fake_train)
+    monkeypatch.setattr(experiment, "train", fake_train)
     experiment.Runner(cfg).train_cell("testbed", "rho1", 3, tmp_path / "t")
     labels = experiment.shared_paths(cfg, "testbed")[1]
     assert seen == [replace(cfg.train, model="testbed", input=str(labels), method="rho1", out=str(tmp_path / "t"),

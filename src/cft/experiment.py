@@ -44,8 +44,13 @@ import yaml
 from cft import grpo as grpo_stage
 from cft.artifacts import record_key
 from cft.data import load_problems
+from cft.evaluate import METRICS, evaluate
 from cft.experiment_config import ExperimentConfig, ExperimentError, config_dict, load_config, settings
+from cft.generate import generate
+from cft.identify import identify
+from cft.models import load_model
 from cft.stats import GRPO_PREFIX, aggregate, fmt_diff, fmt_stat, headline_metrics
+from cft.train import SUMMARY, train
 
 CELL = "cell.json"
 AGGREGATE = "aggregate.json"
@@ -150,8 +155,6 @@ class Runner:
     # -------------------------------------------------- stages A and B, shared by every cell of a model
 
     def shared_stages(self, model: str, loaded) -> dict[str, Any]:
-        from cft.generate import generate
-        from cft.identify import identify
 
         gen_path, labels_path, marker = shared_paths(self.cfg, model)
         h = self.shared_hash(model)
@@ -201,7 +204,6 @@ class Runner:
 
         The benchmarks that share a prompt template are decoded in one ``evaluate`` call (one batching, as
         ``cft eval`` with several benchmarks does)."""
-        from cft.evaluate import METRICS, evaluate
 
         e, n_samples = self.cfg.eval, self.cfg.eval.n_samples
         runs = [("all", e.limit, n_samples)] if self.cfg.sampled == e.limit or n_samples == 0 else [
@@ -257,7 +259,6 @@ class Runner:
                 seconds["train"] = time.time() - t0
                 rec.update(status="trained", seconds=seconds)
                 write_json_if_changed(path / CELL, rec)
-            from cft.models import load_model
 
             ckpt = str(ckpt_dir)
             m, tok = load_model(ckpt, self.cfg.dtype, self.cfg.device)
@@ -276,7 +277,6 @@ class Runner:
         return rec
 
     def train_cell(self, model: str, method: str, seed: int, out: Path) -> dict[str, Any]:
-        from cft.train import SUMMARY, train
 
         _, labels, _ = shared_paths(self.cfg, model)
         ref = self.cfg.rho1_reference if method == "rho1" else None
@@ -321,7 +321,6 @@ class Runner:
     def run(self) -> dict[str, Any]:
         """Run every cell not done yet; after each one that did work the aggregate is rewritten, so a
         report can be made while the grid runs and a killed run leaves the statistics of what finished."""
-        from cft.models import load_model
 
         self.out.mkdir(parents=True, exist_ok=True)
         resolved = yaml.safe_dump(config_dict(self.cfg), sort_keys=False)

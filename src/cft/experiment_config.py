@@ -2,7 +2,7 @@
 
 The sections ``generate``, ``identify``, ``train``, ``eval`` and ``grpo`` ARE the stage config dataclasses
 (``SECTIONS``), holding the values every cell shares; their YAML keys are the dataclasses' field names,
-checked and converted as the stage's own command line would (``cft.cli``'s option types and validators).
+checked and converted as the stage's own command line would (``cft.options``' types and validators).
 The fields a cell decides itself (model, input and output paths, method, seed, ...) are not keys: the
 runner makes each cell's config as ``dataclasses.replace(section, **cell_fields)``. A stage that adds or
 renames an option therefore changes nothing here, only the YAML files that use it.
@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from cft import options
 from cft.config import device_option, dtype_option, internal, is_internal, option
+from cft.selection import METHODS
 
 if TYPE_CHECKING:
     from cft.evaluate import EvalConfig
@@ -161,8 +163,6 @@ Where = Callable[[tuple[str, ...]], str]
 def _convert(cls: type, raw: Any, path: tuple[str, ...], where: Where, section: str | None = None,
              localns: dict[str, Any] | None = None) -> dict[str, Any]:
     """``raw`` checked and converted field by field as the command line would (types, choices, validators)."""
-    from cft import cli
-
     label = ".".join(path) or "the config"
     if raw is None:
         return {}
@@ -170,17 +170,17 @@ def _convert(cls: type, raw: Any, path: tuple[str, ...], where: Where, section: 
         raise ExperimentError(f"{where(path)}: {label} must be a mapping of {cls.__name__} fields")
     allowed = _settable(cls, section)
     hints = typing.get_type_hints(cls, localns=localns)
-    parser = cli._Parser(prog="cft experiment", add_help=False)
+    parser = options.Parser(prog="cft experiment", add_help=False)
     nested = {}
     for name, f in allowed.items():
         if dataclasses.is_dataclass(hints[name]):
             nested[name] = hints[name]
             continue
         f.type = hints[name]  # resolved, as HfArgumentParser does
-        cli._Parser._parse_dataclass_field(parser, f)
+        parser.add_field(f)
     if section:  # stage options get the command line's validators by name (the experiment's own 'out' is checked
-        cli.harden(parser, "experiment")  # when the folder is made)
-    actions = cli._actions(parser)
+        options.harden(parser, "experiment")  # when the folder is made)
+    actions = options.option_actions(parser)
     out = {}
     for key, value in raw.items():
         key_path = (*path, str(key))
@@ -196,7 +196,7 @@ def _convert(cls: type, raw: Any, path: tuple[str, ...], where: Where, section: 
             out[key] = replace(_default(allowed[key]), **values)
             continue
         try:
-            out[key] = None if value is None else cli._yaml_value(actions[key][0], value)
+            out[key] = None if value is None else options.yaml_value(actions[key][0], value)
         except ValueError as exc:
             raise ExperimentError(f"{where(key_path)}: {exc}") from None
     return out
@@ -235,7 +235,6 @@ def set_override(raw: dict[str, Any], item: str) -> tuple[str, ...]:
 
 def build_config(raw: dict[str, Any], where: Where | None = None) -> ExperimentConfig:
     """Check and convert a raw mapping (YAML plus overrides) into an ``ExperimentConfig``."""
-    from cft.selection import METHODS
 
     where = where or (lambda path: f"key {'.'.join(path)!r}")
     classes = {name: stage_class(name) for name in SECTIONS}
