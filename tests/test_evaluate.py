@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 from fractions import Fraction
@@ -193,9 +192,11 @@ def tiny_model_dir(tmp_path_factory, testbed_tokenizer):
 
 
 def cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    ev.configure_parser(parser)
-    return ev.run(parser.parse_args(list(argv)))
+    """``cft eval`` through its real parser (``CONFIGS``), without the provenance stamp of ``cli.main``."""
+    from cft.cli import parse
+
+    args, _ = parse(["eval", *argv])
+    return ev.run(args)
 
 
 def test_end_to_end_on_a_tiny_model_then_rescore(tmp_path, tiny_model_dir, capsys):
