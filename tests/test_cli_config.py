@@ -124,8 +124,8 @@ def test_required_options_still_required_without_a_file():
 def test_generate_nests_its_decoding_options(tmp_path):
     from cft.generate import DecodeConfig, config_from_args
 
-    args, _ = cli.parse(["generate", "--model", "testbed", "--data", "testbed:train", "--out", str(tmp_path / "g.jsonl"),
-                         "--seed", "3", "--no-stop-at-answer", "--max-new-tokens", "16"])
+    args, _ = cli.parse(["generate", "--model", "testbed", "--data", "testbed:train", "--out",
+                         str(tmp_path / "g.jsonl"), "--seed", "3", "--no-stop-at-answer", "--max-new-tokens", "16"])
     cfg = config_from_args(args)
     assert cfg.seed == 3 and cfg.decode == DecodeConfig(max_new_tokens=16, stop_at_answer=False, seed=3)
 

@@ -232,6 +232,14 @@ def test_end_to_end_on_a_tiny_model_then_rescore(tmp_path, tiny_model_dir, capsy
     assert cli("--rescore", str(out)) == 0
     assert (out / ev.METRICS).read_text() == before
     assert ev.rescore(out) == metrics
+    assert all(r["verify_error"] == "" for r in records)  # a string on every record: one schema for datasets
+
+    # a file written before verify_error existed: rescoring adds the key where new files have it
+    lines = (out / ev.SAMPLES).read_text().splitlines()
+    older = [{k: v for k, v in json.loads(line).items() if k != "verify_error"} for line in lines]
+    (out / ev.SAMPLES).write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in older))
+    assert ev.rescore(out) == metrics
+    assert (out / ev.SAMPLES).read_text().splitlines() == lines
 
 
 def test_an_interrupted_run_resumes_to_the_same_samples(tmp_path, tiny_model_dir):

@@ -389,11 +389,12 @@ def rescore(out_dir: str | Path) -> dict[str, dict]:
     for index, rec in enumerate(records):
         result = verify.grade_detailed(rec["response"], rec["gold"])
         changed += (result.prediction, result.correct) != (rec["prediction"], rec["correct"])
-        # in _record's key order; a record written before verify_error existed gets it
-        fresh = {k: v for k, v in rec.items() if k not in ("verify_error", "entropy")} | {
+        # in _record's key order (the writer appends ``schema``); a record from before verify_error gets it
+        body = {k: v for k, v in rec.items() if k != "schema"}
+        fresh = {k: v for k, v in body.items() if k not in ("verify_error", "entropy")} | {
             "prediction": result.prediction, "correct": result.correct, "verify_error": verify_error(result),
             "entropy": rec.get("entropy")}
-        if list(fresh.items()) != list(rec.items()):
+        if list(fresh.items()) != list(body.items()):
             records[index] = fresh
             rewritten += 1
     metrics = compute_metrics(records)
