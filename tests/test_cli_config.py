@@ -145,3 +145,26 @@ def test_eval_benchmarks_space_or_comma_separated(tmp_path):
     args, _ = cli.parse(["eval", "--model", "testbed", "--out", str(tmp_path / "e"), "--benchmarks",
                          "testbed:test,testbed:test_ood", "testbed:test"])
     assert config_from_args(args).benchmarks == ["testbed:test", "testbed:test_ood"]
+
+
+@pytest.mark.parametrize("argv", [["generate", "--data", "testbed:train", "--out", "{tmp}/g.jsonl"],
+                                  ["eval", "--benchmarks", "testbed:test", "--out", "{tmp}/e"]], ids=lambda a: a[0])
+def test_dtype_auto_and_attention_reach_load_model(argv, tmp_path, monkeypatch):
+    import importlib
+
+    module = importlib.import_module(cli.COMMANDS[argv[0]][0])
+    seen = []
+
+    class Loaded(Exception):
+        pass
+
+    def load_model(*args):
+        seen.append(args)
+        raise Loaded
+
+    monkeypatch.setattr(module, "load_model", load_model)
+    args, _ = cli.parse([*(_fill(w, tmp_path) for w in argv), "--model", "testbed", "--dtype", "auto",
+                         "--attn-implementation", "eager", "--device", "cpu"])
+    with pytest.raises(Loaded):
+        module.run(args)
+    assert seen == [("testbed", "auto", "cpu", "eager")]
