@@ -15,11 +15,31 @@ import yaml
 from cft import cli, options
 
 # command words, YAML mapping, command-line override, expected values of the parsed namespace
+# ({tmp}: the test's folder, {file}: a JSONL file in it, {dir}: a folder in it)
 CASES = {
     "identify": (["identify"], {"model": "testbed", "input": "{file}", "out": "{tmp}/l.jsonl", "k": 5,
                                 "max_new_tokens": 32, "stop_at_answer": False, "store_continuations": False},
                  ["--k", "4"], {"k": 4, "max_new_tokens": 32, "stop_at_answer": False, "store_continuations": False,
                                 "model": "testbed"}),
+    "generate": (["generate"], {"model": "testbed", "data": "testbed:train", "out": "{tmp}/g.jsonl",
+                                "max_new_tokens": 32, "stop_at_answer": False, "batch_size": 8, "dtype": "auto",
+                                "attn_implementation": "eager"},
+                 ["--batch-size", "4"], {"batch_size": 4, "max_new_tokens": 32, "stop_at_answer": False,
+                                         "dtype": "auto", "attn_implementation": "eager", "data": "testbed:train"}),
+    "eval": (["eval"], {"model": "testbed", "benchmarks": ["testbed:test", "testbed:test_ood"], "out": "{tmp}/e",
+                        "n_samples": 2, "stop_at_answer": True, "template": "chat"},
+             ["--n-samples", "3"], {"n_samples": 3, "benchmarks": ["testbed:test", "testbed:test_ood"],
+                                    "stop_at_answer": True, "template": "chat", "model": "testbed"}),
+    "transfer": (["transfer"], {"input": "{file}", "model": "testbed", "out": "{tmp}/x.jsonl", "template": "chat"},
+                 ["--template", "gsm8k"], {"template": "gsm8k", "input": "{file}", "model": "testbed"}),
+    "view": (["view"], {"labels": "{file}", "out": "{tmp}/v.html", "limit": 3},
+             ["--limit", "2"], {"limit": 2, "labels": "{file}", "out": "{tmp}/v.html", "model": None}),
+    "fetch-model": (["fetch-model"], {"name": "smollm2", "cache": "{tmp}/c"},
+                    ["--cache", "{tmp}/d"], {"name": "smollm2", "cache": "{tmp}/d"}),
+    "report": (["report"], {"run_dir": "{tmp}"}, ["{dir}"], {"run_dir": "{dir}"}),
+    "testbed pretrain": (["testbed", "pretrain"], {"out": "{tmp}/p", "max_steps": 3, "test_size": 4},
+                         ["--seed", "1"], {"out": "{tmp}/p", "max_steps": 3, "test_size": 4, "seed": 1}),
+    "testbed export": (["testbed", "export"], {"dir": "{tmp}/x"}, ["{tmp}/y"], {"dir": "{tmp}/y"}),
 }
 
 
@@ -36,12 +56,13 @@ def _leaf_commands():
 
 def _fill(value, tmp_path):
     if isinstance(value, str):
-        return value.format(tmp=tmp_path, file=tmp_path / "in.jsonl")
+        return value.format(tmp=tmp_path, file=tmp_path / "in.jsonl", dir=tmp_path / "adir")
     return value
 
 
 def _write(tmp_path, mapping) -> str:
     (tmp_path / "in.jsonl").write_text('{"a": 1}\n')
+    (tmp_path / "adir").mkdir(exist_ok=True)
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({k: _fill(v, tmp_path) for k, v in mapping.items()}, sort_keys=False))
     return str(path)
@@ -57,7 +78,8 @@ def test_every_stage_command_takes_a_config_file(words):
 @pytest.mark.parametrize("command", sorted(CASES))
 def test_config_file_and_override(command, tmp_path):
     words, mapping, override, expected = CASES[command]
-    args, explicit = cli.parse([*words, "--config", _write(tmp_path, mapping), *override])
+    path = _write(tmp_path, mapping)
+    args, explicit = cli.parse([*words, "--config", path, *(_fill(word, tmp_path) for word in override)])
     for key, value in expected.items():
         assert getattr(args, key) == _fill(value, tmp_path), key
     assert set(mapping) <= explicit  # a value from the file counts as given (provenance checks use this)
@@ -97,3 +119,52 @@ def test_env_mapping_sets_environment_variables(tmp_path, monkeypatch):
 def test_required_options_still_required_without_a_file():
     with pytest.raises(options.CommandLineError, match="required"):
         cli.parse(["identify", "--model", "testbed"])
+
+
+def test_generate_nests_its_decoding_options(tmp_path):
+    from cft.generate import DecodeConfig, config_from_args
+
+    args, _ = cli.parse(["generate", "--model", "testbed", "--data", "testbed:train", "--out",
+                         str(tmp_path / "g.jsonl"), "--seed", "3", "--no-stop-at-answer", "--max-new-tokens", "16"])
+    cfg = config_from_args(args)
+    assert cfg.seed == 3 and cfg.decode == DecodeConfig(max_new_tokens=16, stop_at_answer=False, seed=3)
+
+
+def test_a_model_must_be_named(tmp_path, capsys):
+    """No silent default model: generate refuses at parse time, eval unless it only rescores."""
+    with pytest.raises(cli.CommandLineError, match="required: --model"):
+        cli.parse(["generate", "--data", "testbed:train", "--out", str(tmp_path / "g.jsonl")])
+    assert cli.main(["eval", "--benchmarks", "testbed:test", "--out", str(tmp_path / "e")]) == 2
+    assert capsys.readouterr().err.strip() == "cft eval: error: --model required (or --rescore DIR)"
+    assert not any(tmp_path.iterdir())
+
+
+def test_eval_benchmarks_space_or_comma_separated(tmp_path):
+    from cft.evaluate import config_from_args
+
+    args, _ = cli.parse(["eval", "--model", "testbed", "--out", str(tmp_path / "e"), "--benchmarks",
+                         "testbed:test,testbed:test_ood", "testbed:test"])
+    assert config_from_args(args).benchmarks == ["testbed:test", "testbed:test_ood"]
+
+
+@pytest.mark.parametrize("argv", [["generate", "--data", "testbed:train", "--out", "{tmp}/g.jsonl"],
+                                  ["eval", "--benchmarks", "testbed:test", "--out", "{tmp}/e"]], ids=lambda a: a[0])
+def test_dtype_auto_and_attention_reach_load_model(argv, tmp_path, monkeypatch):
+    import importlib
+
+    module = importlib.import_module(cli.COMMANDS[argv[0]][0])
+    seen = []
+
+    class Loaded(Exception):
+        pass
+
+    def load_model(*args):
+        seen.append(args)
+        raise Loaded
+
+    monkeypatch.setattr(module, "load_model", load_model)
+    args, _ = cli.parse([*(_fill(w, tmp_path) for w in argv), "--model", "testbed", "--dtype", "auto",
+                         "--attn-implementation", "eager", "--device", "cpu"])
+    with pytest.raises(Loaded):
+        module.run(args)
+    assert seen == [("testbed", "auto", "cpu", "eager")]

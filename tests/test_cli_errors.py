@@ -25,11 +25,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 # A valid command line per command (``<dest>`` marks a positional); each case replaces one argument.
 BASE = {
-    "generate": ["generate", "--data", "testbed:train", "--out", "{tmp}/g.jsonl"],
+    "generate": ["generate", "--model", "testbed", "--data", "testbed:train", "--out", "{tmp}/g.jsonl"],
     "identify": ["identify", "--input", "{file}", "--out", "{tmp}/l.jsonl"],
     "train": ["train", "--model", "testbed", "--input", "{file}", "--out", "{tmp}/t"],
     "grpo": ["grpo", "--init", "testbed", "--out", "{tmp}/r"],
-    "eval": ["eval", "--benchmarks", "testbed:test", "--out", "{tmp}/e"],
+    "eval": ["eval", "--model", "testbed", "--benchmarks", "testbed:test", "--out", "{tmp}/e"],
     "demo": ["demo", "--out", "{tmp}/d"],
     "transfer": ["transfer", "--input", "{file}", "--model", "testbed", "--out", "{tmp}/x.jsonl"],
     "testbed pretrain": ["testbed", "pretrain", "--out", "{tmp}/p"],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 from fractions import Fraction
@@ -193,9 +192,11 @@ def tiny_model_dir(tmp_path_factory, testbed_tokenizer):
 
 
 def cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    ev.configure_parser(parser)
-    return ev.run(parser.parse_args(list(argv)))
+    """``cft eval`` through its real parser (``CONFIGS``), without the provenance stamp of ``cli.main``."""
+    from cft.cli import parse
+
+    args, _ = parse(["eval", *argv])
+    return ev.run(args)
 
 
 def test_end_to_end_on_a_tiny_model_then_rescore(tmp_path, tiny_model_dir, capsys):
@@ -231,6 +232,14 @@ def test_end_to_end_on_a_tiny_model_then_rescore(tmp_path, tiny_model_dir, capsy
     assert cli("--rescore", str(out)) == 0
     assert (out / ev.METRICS).read_text() == before
     assert ev.rescore(out) == metrics
+    assert all(r["verify_error"] == "" for r in records)  # a string on every record: one schema for datasets
+
+    # a file written before verify_error existed: rescoring adds the key where new files have it
+    lines = (out / ev.SAMPLES).read_text().splitlines()
+    older = [{k: v for k, v in json.loads(line).items() if k != "verify_error"} for line in lines]
+    (out / ev.SAMPLES).write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in older))
+    assert ev.rescore(out) == metrics
+    assert (out / ev.SAMPLES).read_text().splitlines() == lines
 
 
 def test_an_interrupted_run_resumes_to_the_same_samples(tmp_path, tiny_model_dir):

@@ -352,7 +352,7 @@ def test_verifier_failing_twice_is_unknown_not_wrong(tmp_path, bigram, monkeypat
     (rec,), summary = labels_for(tmp_path, model, tok, [generation(tok, "q", response, "7")], engine)
     eight, nine = rec["branches"][4]
     assert eight["ok"] is None and eight["verify_error"] == "timeout" and calls["n"] == 2  # retried once
-    assert nine["ok"] is False and nine["verify_error"] is None  # an unknown is no success: rank 3 still ran
+    assert nine["ok"] is False and nine["verify_error"] == ""  # an unknown is no success: rank 3 still ran
     assert rec["critical"] == [0, 1, 0, 0, 0, 1, 0]  # "7" is no longer critical: unknown, not wrong
     assert summary["unknown_positions"] == 1 and summary["unknown_branches"] == 1
     assert all("verify_error" in b for br in rec["branches"] for b in br)

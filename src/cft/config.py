@@ -17,16 +17,21 @@ from typing import Any
 
 # Metadata key of a field that is filled by the code, never given by a user (not on the command line).
 INTERNAL = "cft_internal"
+# Metadata key of a field given as a positional argument (``cft view LABELS``), not as ``--name``.
+POSITIONAL = "cft_positional"
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
 def option(default: Any = MISSING, help: str = "", *, factory: Any = MISSING, aliases: tuple[str, ...] = (),
-           **argparse_kwargs: Any):
-    """A config field that is also a command-line option (``aliases``: extra option strings such as ``-k``)."""
+           positional: bool = False, **argparse_kwargs: Any):
+    """A config field that is also a command-line option (``aliases``: extra option strings such as ``-k``;
+    ``positional``: given without an option name, as in ``cft view LABELS``)."""
     metadata: dict[str, Any] = {"help": help, **argparse_kwargs}
     if aliases:
         metadata["aliases"] = list(aliases)
+    if positional:
+        metadata[POSITIONAL] = True
     if factory is not MISSING:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -40,9 +45,12 @@ def internal(default: Any = MISSING, *, factory: Any = MISSING):
 
 
 # The options every model-loading stage shares, declared here once.
+MODEL_HELP = ("'testbed', 'smollm2', 'zoo:FAMILY' (cft.zoo), a Hugging Face model folder, a PEFT adapter folder, "
+              "a .gguf file or a hub id")
+
+
 def model_option(default: Any = MISSING, help: str | None = None):
-    return option(default, help or "'testbed', 'smollm2', 'zoo:FAMILY' (cft.zoo), a Hugging Face model folder, a "
-                                   "PEFT adapter folder, a .gguf file or a hub id")
+    return option(default, help or MODEL_HELP)
 
 
 def dtype_option(default: str | None = "float32", help: str | None = None):
@@ -61,6 +69,10 @@ def attn_option():
 
 def is_internal(f: dataclasses.Field) -> bool:
     return bool(f.metadata.get(INTERNAL))
+
+
+def is_positional(f: dataclasses.Field) -> bool:
+    return bool(f.metadata.get(POSITIONAL))
 
 
 def from_args(cls, args: Any, **overrides: Any):

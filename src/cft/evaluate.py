@@ -24,11 +24,13 @@ from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from pathlib import Path
+from typing import Literal
 
 from cft import verify
 from cft.artifacts import InputError, ResumableWriter, environment, load_records, read_meta, record_key, write_meta
+from cft.config import MODEL_HELP, attn_option, device_option, dtype_option, from_args, model_option, option
 from cft.data import Problem, load_problems
-from cft.generate import DecodeConfig, add_model_arguments, decode
+from cft.generate import DecodeConfig, decode, verify_error
 from cft.models import load_model
 from cft.progress import Progress
 from cft.prompts import QWEN_SYSTEM, render_ids, template_text
@@ -39,27 +41,34 @@ METRICS = "metrics.json"
 
 @dataclass
 class EvalConfig:
-    """Resolved config of ``cft eval``; recorded in the samples sidecar."""
+    """Resolved config of ``cft eval`` (its options, ``CONFIGS``); recorded in the samples sidecar."""
 
-    model: str  # names the weights: records in DIR made under the same name are reused
-    benchmarks: list[str]
-    out: str
-    limit: int | None = None
-    n_samples: int = 4
-    temperature: float = 0.6
-    template: str | None = None  # None: "chat" for testbed specs (their training format), else "qwen25-math-cot"
-    data_dir: str | None = None
-    max_new_tokens: int = 1024
-    batch_size: int = 64
-    stop_at_answer: bool = False  # the toolkit decodes to EOS; stopping at a complete answer is a speed knob
-    seed: int = 0
-    question_field: str = "question"
-    answer_field: str = "answer"
-    dtype: str = "float32"
-    device: str | None = None
+    model: str = model_option(help="the model to evaluate: records in --out made under the same name are reused; "
+                                    + MODEL_HELP)
+    benchmarks: list[str] = option(help="benchmark names (gsm8k, math500, ...), specs such as gsm8k:test or "
+                                        "testbed:test, or JSONL files; space- or comma-separated")
+    out: str = option(help="output folder: metrics.json, samples.jsonl and its .meta.json sidecar")
+    limit: int | None = option(None, "first N problems of each benchmark")
+    n_samples: int = option(4, "sampled responses per problem for pass@k and maj@k (0: none)")
+    temperature: float = option(0.6, "sampling temperature (> 0)")
+    template: str | None = option(None, "chat, qwen25-math-cot, gsm8k or a template file (default: chat for "
+                                        "testbed specs, qwen25-math-cot otherwise)")
+    data_dir: str | None = option(None, "benchmark data folder (default: $CFT_DATA_DIR or ../shared/data)")
+    max_new_tokens: int = option(1024, "decoding budget per response")
+    batch_size: int = option(64, "greedy responses decoded together (sampled: this divided by --n-samples)")
+    stop_at_answer: bool = option(False, "SPEED KNOB: stop a response once its final answer is complete instead "
+                                         "of at EOS (the toolkit decodes to EOS)")
+    seed: int = option(0, "which testbed problems; the sampling seed")
+    question_field: str = option("question", "question field of JSONL files")
+    answer_field: str = option("answer", "answer field of JSONL files")
+    dtype: str = dtype_option()
+    device: str | None = device_option()
+    attn_implementation: str | None = attn_option()
+    backend: Literal["engine", "hf"] = option("hf", "decoder backend: hf (transformers' generate) or engine")
 
     def __post_init__(self) -> None:
-        self.benchmarks = list(dict.fromkeys(self.benchmarks))  # a benchmark named twice is evaluated once
+        names = [b.strip() for item in self.benchmarks for b in item.split(",") if b.strip()]  # gsm8k,math500
+        self.benchmarks = list(dict.fromkeys(names))  # a benchmark named twice is evaluated once
         if not self.benchmarks:
             raise ValueError("no benchmarks to evaluate")
         if self.n_samples > 0 and self.temperature <= 0:
@@ -75,7 +84,7 @@ class EvalConfig:
         sampled = kind == "sample"
         return DecodeConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature if sampled else 0.0,
                             n=self.n_samples if sampled else 1, batch_size=self.batch_size,
-                            stop_at_answer=self.stop_at_answer, seed=self.seed)
+                            stop_at_answer=self.stop_at_answer, seed=self.seed, backend=self.backend)
 
 
 @dataclass(frozen=True)
@@ -290,12 +299,13 @@ def _key(cfg: EvalConfig, item: Item, kind: str, index: int) -> str:
 
 
 def _record(key: str, item: Item, kind: str, index: int, out) -> dict:
-    prediction, correct = verify.grade(out.text, item.problem.answer)
+    """One ``cft.samples/1`` record; every record has every key (``entropy`` is null for greedy ones)."""
+    result = verify.grade_detailed(out.text, item.problem.answer)
     return {
         "key": key, "benchmark": item.benchmark, "id": item.problem.id, "question": item.problem.question,
         "gold": item.problem.answer, "kind": kind, "sample": index, "prompt_ids": item.prompt_ids,
-        "response_ids": out.ids, "response": out.text, "finish": out.finish, "prediction": prediction,
-        "correct": correct, "entropy": out.entropy,
+        "response_ids": out.ids, "response": out.text, "finish": out.finish, "prediction": result.prediction,
+        "correct": result.correct, "verify_error": verify_error(result), "entropy": out.entropy,
     }
 
 
@@ -318,7 +328,7 @@ def evaluate(cfg: EvalConfig, model=None, tok=None) -> dict[str, dict]:
     """Decode, grade and score every benchmark; returns the metrics also written to ``DIR/metrics.json``."""
     problems = load_benchmark_problems(cfg)  # bad input fails here, before any model loads
     if model is None:
-        model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
+        model, tok = load_model(cfg.model, cfg.dtype, cfg.device, cfg.attn_implementation)
     out_dir = Path(cfg.out)
     items = load_items(cfg, tok, problems)
     kinds = [("greedy", 1, cfg.batch_size)]
@@ -375,16 +385,22 @@ def rescore(out_dir: str | Path) -> dict[str, dict]:
         raise InputError(partial, None, None, f"an evaluation into {out_dir} is unfinished; rerun it to finish, "
                                               "or delete this file")
     records = load_records(path, "samples")
-    changed = 0
-    for rec in records:
-        prediction, correct = verify.grade(rec["response"], rec["gold"])
-        if (prediction, correct) != (rec["prediction"], rec["correct"]):
-            changed += 1
-            rec.update(prediction=prediction, correct=correct)
+    changed = rewritten = 0
+    for index, rec in enumerate(records):
+        result = verify.grade_detailed(rec["response"], rec["gold"])
+        changed += (result.prediction, result.correct) != (rec["prediction"], rec["correct"])
+        # in _record's key order (the writer appends ``schema``); a record from before verify_error gets it
+        body = {k: v for k, v in rec.items() if k != "schema"}
+        fresh = {k: v for k, v in body.items() if k not in ("verify_error", "entropy")} | {
+            "prediction": result.prediction, "correct": result.correct, "verify_error": verify_error(result),
+            "entropy": rec.get("entropy")}
+        if list(fresh.items()) != list(body.items()):
+            records[index] = fresh
+            rewritten += 1
     metrics = compute_metrics(records)
     meta = read_meta(path)
     meta.update(summary=metrics, rescored={"verdicts_changed": changed, "environment": environment()})
-    if changed:
+    if rewritten:
         writer = ResumableWriter(path, "samples")
         writer.write(records)
         writer.finalize([r["key"] for r in records], meta)
@@ -397,28 +413,21 @@ def rescore(out_dir: str | Path) -> dict[str, dict]:
 # ---------------------------------------------------------------- CLI
 
 
+CONFIGS = (EvalConfig,)
+REQUIRED = ("model", "benchmarks", "out")  # unless --rescore DIR
+
+
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p)
-    p.add_argument("--benchmarks", help="comma-separated: benchmark names (gsm8k, math500, ...), specs such as "
-                                        "gsm8k:test or testbed:test, or JSONL files")
-    p.add_argument("--out", help="output folder: metrics.json, samples.jsonl and its .meta.json sidecar")
-    p.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
-    p.add_argument("--n-samples", type=int, default=4,
-                   help="sampled responses per problem for pass@k and maj@k (0: none)")
-    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (> 0)")
-    p.add_argument("--template", default=None,
-                   help="chat, qwen25-math-cot, gsm8k or a template file (default: chat for testbed specs, "
-                        "qwen25-math-cot otherwise)")
-    p.add_argument("--data-dir", default=None, help="benchmark data folder (default: $CFT_DATA_DIR or ../shared/data)")
-    p.add_argument("--max-new-tokens", type=int, default=1024)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--stop-at-answer", action="store_true",
-                   help="SPEED KNOB: stop a response once its final answer is complete instead of at EOS")
-    p.add_argument("--seed", type=int, default=0, help="which testbed problems; the sampling seed")
-    p.add_argument("--question-field", default="question", help="question field of JSONL files")
-    p.add_argument("--answer-field", default="answer", help="answer field of JSONL files")
     p.add_argument("--rescore", metavar="DIR", default=None,
-                   help="recompute every metric of an earlier run from DIR/samples.jsonl (no decoding)")
+                   help="recompute every metric of an earlier run from DIR/samples.jsonl (no decoding; then "
+                        "--model, --benchmarks and --out are not needed)")
+    for action in p._actions:  # required unless --rescore: checked in ``run``
+        if action.dest in REQUIRED:
+            action.required = False
+
+
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    return from_args(EvalConfig, args)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -427,17 +436,12 @@ def run(args: argparse.Namespace) -> int:
         print_table(metrics, title=f"rescored {args.rescore}")
         print(f"wrote {Path(args.rescore) / METRICS}")
         return 0
-    if not args.benchmarks or not args.out:
-        print("cft eval: error: --benchmarks and --out are required (or --rescore DIR)", file=sys.stderr)
+    missing = [f"--{name.replace('_', '-')}" for name in REQUIRED if not getattr(args, name)]
+    if missing:
+        print(f"cft eval: error: {', '.join(missing)} required (or --rescore DIR)", file=sys.stderr)
         return 2
     try:
-        cfg = EvalConfig(
-            model=args.model, benchmarks=[b.strip() for b in args.benchmarks.split(",") if b.strip()], out=args.out,
-            limit=args.limit, n_samples=args.n_samples, temperature=args.temperature, template=args.template,
-            data_dir=args.data_dir, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-            stop_at_answer=args.stop_at_answer, seed=args.seed, question_field=args.question_field,
-            answer_field=args.answer_field, dtype=args.dtype, device=args.device,
-        )
+        cfg = config_from_args(args)
     except ValueError as exc:
         print(f"cft eval: error: {exc}", file=sys.stderr)
         return 2

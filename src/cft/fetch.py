@@ -19,6 +19,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from cft.config import from_args, option
+
 CACHE_ENV = "CFT_MODEL_CACHE"
 DEFAULT_CACHE = Path("~/.cache/cft/models")
 
@@ -98,15 +100,21 @@ def smollm2_path(download: bool = True) -> Path:
     return fetch_model("smollm2", download=download)
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", choices=sorted(MODELS), help="model to fetch")
-    parser.add_argument("--cache", default=None,
-                        help=f"cache folder (default: ${CACHE_ENV} or {DEFAULT_CACHE})")
+@dataclass
+class FetchConfig:
+    """Options of ``cft fetch-model`` (``CONFIGS``)."""
+
+    name: str = option(help="model to fetch", positional=True, choices=sorted(MODELS))
+    cache: str | None = option(None, f"cache folder (default: ${CACHE_ENV} or {DEFAULT_CACHE})")
+
+
+CONFIGS = (FetchConfig,)
 
 
 def run(args: argparse.Namespace) -> int:
+    cfg = from_args(FetchConfig, args)
     try:
-        path = fetch_model(args.name, args.cache)
+        path = fetch_model(cfg.name, cfg.cache)
     except FetchError as exc:
         print(f"cft fetch-model: error: {exc}", file=sys.stderr)
         return 1

@@ -22,13 +22,15 @@ import contextlib
 import functools
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from cft import verify
 from cft.artifacts import ResumableWriter, environment, invalid_count, record_key
+from cft.config import attn_option, device_option, dtype_option, from_args, internal, model_option, option
 from cft.data import Problem, load_problems
 from cft.models import load_model, stop_token_ids, vocab_rows
 from cft.progress import Progress
@@ -41,14 +43,23 @@ OUT_OF_MEMORY_MESSAGES = ("out of memory", "can't allocate memory", "not enough 
 
 @dataclass
 class DecodeConfig:
-    """Decoding settings; everything here changes results and is recorded."""
+    """Decoding settings; everything here changes results and is recorded.
 
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
-    n: int = 1
-    batch_size: int = 64
-    stop_at_answer: bool = True
-    seed: int = 0
+    Its option fields are ``cft generate``'s decoding options (``CONFIGS``). ``temperature``, ``n`` and
+    ``seed`` are set by the code, not on that command line: Stage A is greedy, one response a problem
+    (Stage B's protocol assumes the argmax path), and its seed is ``GenerateConfig.seed``; ``cft eval``
+    and the experiment YAML set them through the library.
+    """
+
+    max_new_tokens: int = option(256, "decoding budget per response (problems whose prompt leaves less room in "
+                                      "the model's context are skipped, never truncated)")
+    temperature: float = internal(0.0)  # 0 = greedy
+    n: int = internal(1)
+    batch_size: int = option(64, "responses decoded together (a batch that runs out of memory is retried in halves)")
+    stop_at_answer: bool = option(True, "stop a response once its final answer is complete (--no-stop-at-answer: "
+                                        "decode to EOS)")
+    seed: int = internal(0)
+    backend: Literal["engine", "hf"] = option("hf", "decoder backend: hf (transformers' generate) or engine")
 
 
 @dataclass
@@ -241,24 +252,35 @@ def _decode_batch(model, tok, prompts: list[list[int]], cfg: DecodeConfig, eos: 
 
 @dataclass
 class GenerateConfig:
-    """Resolved config of ``cft generate``."""
+    """Resolved config of ``cft generate``.
 
-    model: str
-    data: str
-    out: str
-    template: str = "chat"
-    question_field: str = "question"
-    answer_field: str = "answer"
-    seed: int = 0
-    limit: int | None = None
-    dtype: str = "float32"
-    device: str | None = None
-    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    The decoding settings stay a nested ``DecodeConfig`` (the library API of ``cft eval``, ``cft
+    experiment`` and the demo, and ``config.decode`` in the sidecar that Stage B reads); on the command
+    line and in ``--config`` files its fields are flat options beside these (``CONFIGS``), so no field
+    name appears in both. ``config_from_args`` nests them again.
+    """
+
+    model: str = model_option()
+    data: str = option(help="testbed:train|test|test_ood, a benchmark spec such as gsm8k:train, or a JSONL file")
+    out: str = option(help="output JSONL (cft.generations/1)")
+    template: str = option("chat", "chat, qwen25-math-cot, gsm8k, or a template file")
+    question_field: str = option("question", "question field of JSONL input")
+    answer_field: str = option("answer", "answer field of JSONL input")
+    seed: int = option(0, "which testbed problems are drawn (also the decoding seed)")
+    limit: int | None = option(None, "at most this many problems")
+    dtype: str = dtype_option()
+    device: str | None = device_option()
+    attn_implementation: str | None = attn_option()
+    decode: DecodeConfig = internal(factory=DecodeConfig)
 
 
-def verify_error(result: verify.GradeResult) -> str | None:
-    """What went wrong while grading, for the record: ``timeout``, the error, or None."""
-    return "timeout" if result.timed_out else result.error
+def verify_error(result: verify.GradeResult) -> str:
+    """What went wrong while grading, for the record: ``timeout``, the error, or "" (graded normally).
+
+    Never None: in a column that is null throughout the first block ``datasets`` reads (10 MB), a later
+    error string cannot be cast, and ``datasets.load_dataset("json", ...)`` fails (docs/FORMATS.md).
+    """
+    return "timeout" if result.timed_out else (result.error or "")
 
 
 def generation_key(p: Problem, prompt_ids: list[int], model_name: str, cfg: DecodeConfig) -> str:
@@ -267,6 +289,7 @@ def generation_key(p: Problem, prompt_ids: list[int], model_name: str, cfg: Deco
 
 
 def generation_record(key: str, p: Problem, prompt_ids: list[int], o: Output) -> dict:
+    """One ``cft.generations/1`` record; every record has every key, each always of one type or null."""
     result = verify.grade_detailed(o.text, p.answer)
     return {
         "key": key,
@@ -306,7 +329,7 @@ def generate(cfg: GenerateConfig, model=None, tok=None) -> dict:
     problems = load_problems(cfg.data, seed=cfg.seed, limit=cfg.limit,
                              question_field=cfg.question_field, answer_field=cfg.answer_field)
     if model is None:
-        model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
+        model, tok = load_model(cfg.model, cfg.dtype, cfg.device, cfg.attn_implementation)
     prompts = [render_ids(tok, p.question, cfg.template) for p in problems]
     kept, too_long = split_by_context(prompts, model, cfg.decode.max_new_tokens)
     keys = {i: generation_key(problems[i], prompts[i], cfg.model, cfg.decode) for i in kept}
@@ -326,7 +349,7 @@ def generate(cfg: GenerateConfig, model=None, tok=None) -> dict:
         "accuracy": sum(r["correct"] for r in records) / max(len(records), 1),
         "skipped_too_long": len(too_long),
         "invalid_skipped": invalid_count(cfg.data),
-        "verify_errors": sum(r["verify_error"] is not None for r in records),
+        "verify_errors": sum(bool(r.get("verify_error")) for r in records),
         "max_prompt_tokens": max_prompt_tokens(model, cfg.decode.max_new_tokens),
         "seconds": time.time() - t0,
     }
@@ -339,38 +362,12 @@ def generate(cfg: GenerateConfig, model=None, tok=None) -> dict:
     return summary
 
 
-def add_model_arguments(p, default_model: str = "testbed") -> None:
-    """--model/--dtype/--device, shared by every stage that loads a model."""
-    p.add_argument("--model", default=default_model,
-                   help="'testbed', 'smollm2', 'zoo:FAMILY' (cft.zoo), a HF model folder, a .gguf file or a hub id "
-                        "(default: %(default)s)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-
-
-def configure_parser(p) -> None:
-    add_model_arguments(p)
-    p.add_argument("--data", required=True,
-                   help="testbed:train|test|test_ood, a benchmark spec such as gsm8k:train, or a JSONL file")
-    p.add_argument("--out", required=True, help="output JSONL (cft.generations/1)")
-    p.add_argument("--template", default="chat", help="chat, qwen25-math-cot, gsm8k, or a template file")
-    p.add_argument("--question-field", default="question")
-    p.add_argument("--answer-field", default="answer")
-    p.add_argument("--seed", type=int, default=0, help="which testbed problems; the sampling seed")
-    p.add_argument("--limit", type=int, default=None, help="at most this many problems")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--no-stop-at-answer", action="store_true", help="decode to EOS even after a complete answer")
+CONFIGS = (GenerateConfig, DecodeConfig)
 
 
 def config_from_args(args) -> GenerateConfig:
-    return GenerateConfig(
-        model=args.model, data=args.data, out=args.out, template=args.template,
-        question_field=args.question_field, answer_field=args.answer_field, seed=args.seed, limit=args.limit,
-        dtype=args.dtype, device=args.device,
-        decode=DecodeConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                            stop_at_answer=not args.no_stop_at_answer, seed=args.seed),
-    )
+    """The options of both configs; the decoding seed is the problem seed (one ``--seed``)."""
+    return from_args(GenerateConfig, args, decode=from_args(DecodeConfig, args, seed=args.seed))
 
 
 def run(args) -> int:

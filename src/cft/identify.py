@@ -288,9 +288,11 @@ def finish_branch(work: Work, t: int, j: int, cont: list[int], proto: Protocol, 
 
 
 def branch_record(work: Work, t: int, j: int, ok=None, answer=None, ids=None, margin=None, verify_error=None) -> dict:
-    """One branch of the labels file; every key present on every branch (``datasets`` needs one schema)."""
+    """One branch of the labels file; every key present on every branch (``datasets`` needs one schema), and
+    ``verify_error`` a string ("" when grading went fine): a column null throughout the first block ``datasets``
+    reads cannot take a later error string (docs/FORMATS.md)."""
     return {"token": work.alternatives[t][j], "rank": work.ranks[t][j], "ok": ok, "answer": answer, "ids": ids,
-            "margin": margin, "verify_error": verify_error}
+            "margin": margin, "verify_error": verify_error or ""}
 
 
 def label_record(work: Work, tok, cfg: IdentifyConfig) -> dict:
@@ -670,7 +672,7 @@ def summarize(labels: list[dict], tok, tolerance: float | None = None) -> dict:
             kind = by_kind.setdefault(token_kind(tok.decode([y])), [0, 0])
             kind[0] += crit
             kind[1] += 1
-            ran = [b for b in br if b["ok"] is not None or b.get("verify_error") is not None]
+            ran = [b for b in br if b["ok"] is not None or b.get("verify_error")]
             branches += len(ran)
             unknown = sum(b["ok"] is None for b in ran)
             unknown_branches += unknown

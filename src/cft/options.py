@@ -23,7 +23,7 @@ import yaml
 from transformers.hf_argparser import HfArgumentParser
 
 from cft import benchmarks
-from cft.config import is_internal
+from cft.config import POSITIONAL, is_internal, is_positional
 from cft.prompts import template_text
 
 KNOWN_MODELS = ("testbed", "smollm2")
@@ -73,6 +73,9 @@ class Parser(HfArgumentParser):
     def _parse_dataclass_field(parser, field: dataclasses.Field):
         if is_internal(field):
             return
+        if is_positional(field):
+            _add_positional(parser, field)
+            return
         HfArgumentParser._parse_dataclass_field(parser, field)
         if field.default is None and field.type == bool | None:
             # An optional switch (None: decided later, e.g. inherited from Stage A): --x / --no-x.
@@ -80,6 +83,19 @@ class Parser(HfArgumentParser):
             action.nargs, action.const = "?", True
             parser.add_argument(f"--no-{field.name.replace('_', '-')}", f"--no_{field.name}", action="store_false",
                                 dest=field.name, help=f"the opposite of --{field.name.replace('_', '-')}")
+
+
+def _add_positional(parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:
+    """A positional argument from a field: the type, choices, default and help ``HfArgumentParser`` derives
+    for ``--name``, without the option string (optional, ``nargs='?'``, when the field has a default)."""
+    plain = dataclasses.field(default=field.default, default_factory=field.default_factory,
+                              metadata={k: v for k, v in field.metadata.items() if k != POSITIONAL})
+    plain.name, plain.type = field.name, field.type
+    scratch = argparse.ArgumentParser(add_help=False)
+    HfArgumentParser._parse_dataclass_field(scratch, plain)
+    derived = scratch._actions[-1]
+    parser.add_argument(field.name, type=derived.type, choices=derived.choices, help=derived.help,
+                        **({} if derived.required else {"nargs": "?", "default": derived.default}))
 
 
 # ---------------------------------------------------------------- argument validators (argparse ``type=``)
@@ -351,10 +367,10 @@ def config_path(argv: list[str]) -> str | None:
 
 
 def option_actions(parser: argparse.ArgumentParser) -> dict[str, list[argparse.Action]]:
-    """A command's option actions by dest."""
+    """A command's option actions by dest (positional arguments too: ``run_dir: runs/x`` in a file works)."""
     found: dict[str, list[argparse.Action]] = {}
     for action in parser._actions:
-        if action.option_strings and action.dest not in ("help", "config"):
+        if not isinstance(action, argparse._SubParsersAction) and action.dest not in ("help", "config"):
             found.setdefault(action.dest, []).append(action)
     return found
 
@@ -431,6 +447,8 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: list[str], path: st
             except ValueError as exc:
                 raise CommandLineError(f"{prefix} {where}: {exc}") from None
             action.required = False
+            if not action.option_strings and action.nargs is None:  # a positional the file gave: now optional
+                action.nargs = "?"
     return {str(k).replace("-", "_") for k in values if k != "env"}
 
 

@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cft.config import from_args, option
 from cft.experiment import AGGREGATE
 from cft.experiment_config import SECTIONS
 from cft.extras import require
@@ -443,15 +444,23 @@ def report(run_dir: str | Path) -> tuple[Path, Path]:
     return md, page
 
 
-def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", help="a `cft experiment` or `cft demo` output folder (aggregate.json)")
+@dataclass
+class ReportConfig:
+    """Options of ``cft report`` (``CONFIGS``)."""
+
+    run_dir: str = option(help="a `cft experiment` output folder (aggregate.json) or a `cft demo` folder",
+                          positional=True)
+
+
+CONFIGS = (ReportConfig,)
 
 
 def run(args: argparse.Namespace) -> int:
+    cfg = from_args(ReportConfig, args)
     try:
-        md, page = report(args.run_dir)
+        md, page = report(cfg.run_dir)
     except FileNotFoundError as exc:
         print(f"cft report: error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {md} and {page} (plots in {Path(args.run_dir) / PLOTS})")
+    print(f"wrote {md} and {page} (plots in {Path(cfg.run_dir) / PLOTS})")
     return 0

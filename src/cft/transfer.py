@@ -9,21 +9,23 @@ transfer (they belong to the source model) and are left empty.
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import asdict, dataclass
 
 from cft.artifacts import ResumableWriter, load_records, read_meta, record_key
+from cft.config import MODEL_HELP, from_args, model_option, option
 from cft.models import load_tokenizer
 from cft.prompts import render_ids
 
 
 @dataclass
 class TransferConfig:
-    input: str
-    out: str
-    model: str  # the target model whose tokenizer receives the labels
-    template: str = "chat"
+    """Resolved config of ``cft transfer`` (its options, ``CONFIGS``)."""
+
+    input: str = option(help="labels JSONL from `cft identify` (any model)")
+    out: str = option(help="output labels JSONL for the target model (cft.labels/1)")
+    model: str = model_option(help="the target model (its tokenizer and chat template): " + MODEL_HELP)
+    template: str = option("chat", "prompt template of the target (see cft generate)")
 
 
 def transfer_record(rec: dict, tok, template: str) -> dict:
@@ -40,7 +42,7 @@ def transfer_record(rec: dict, tok, template: str) -> dict:
         "id": rec["id"], "question": rec["question"], "gold": rec["gold"],
         "prompt_ids": render_ids(tok, rec["question"], template), "response_ids": response_ids, "response": text,
         "critical": critical, "eligible": [1] * (n - 1) + [0], "greedy": False, "greedy_mismatches": [],
-        "branches": [[] for _ in range(n)],
+        "alt_margin": [None] * n, "branches": [[] for _ in range(n)],
         "critical_spans": [[a, b] for (a, b), c in zip(enc["offset_mapping"], critical) if c],
     }
 
@@ -60,14 +62,10 @@ def transfer(cfg: TransferConfig) -> dict:
     return summary
 
 
-def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", required=True, help="labels JSONL from `cft identify` (any model)")
-    p.add_argument("--model", required=True, help="the target model (its tokenizer and chat template)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--template", default="chat", help="prompt template of the target (see cft generate)")
+CONFIGS = (TransferConfig,)
 
 
 def run(args) -> int:
-    s = transfer(TransferConfig(input=args.input, out=args.out, model=args.model, template=args.template))
+    s = transfer(from_args(TransferConfig, args))
     print(f"transferred {s['responses']} responses; critical fraction in target tokens {s['critical_fraction']:.1%}")
     return 0

@@ -22,11 +22,13 @@ import html
 import json
 import os
 import re
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from cft.artifacts import InputError, load_records, read_meta
+from cft.config import from_args, model_option, option
 
 KIND_CODE = {"digit": "d", "operator": "o", "other": "x"}
 WINDOW = 8  # tokens of left context used to decode one token's text (checked against the full decode)
@@ -211,15 +213,22 @@ def render_view(labels_path: str | os.PathLike, out_path: str | os.PathLike, mod
     return out
 
 
-def configure_parser(p) -> None:
-    p.add_argument("labels", help="labels JSONL from `cft identify` (cft.labels/1)")
-    p.add_argument("--out", default="view.html", help="output HTML file (default: %(default)s)")
-    p.add_argument("--model", default=None, help="tokenizer to decode with (default: the model in the sidecar)")
-    p.add_argument("--limit", type=int, default=None, help="show only the first N responses")
+@dataclass
+class ViewConfig:
+    """Options of ``cft view`` (``CONFIGS``)."""
+
+    labels: str = option(help="labels JSONL from `cft identify` (cft.labels/1)", positional=True)
+    out: str = option("view.html", "output HTML file")
+    model: str | None = model_option(None, "tokenizer to decode with (default: the model in the sidecar)")
+    limit: int | None = option(None, "show only the first N responses")
+
+
+CONFIGS = (ViewConfig,)
 
 
 def run(args) -> int:
-    out = render_view(args.labels, args.out, model=args.model, limit=args.limit)
+    cfg = from_args(ViewConfig, args)
+    out = render_view(cfg.labels, cfg.out, model=cfg.model, limit=cfg.limit)
     size = out.stat().st_size
     print(f"wrote {out} ({size / 1e6:.1f} MB); open it in a browser (file://{out.resolve()})")
     if size > 50e6:
