@@ -20,6 +20,17 @@ CASES = {
                                 "max_new_tokens": 32, "stop_at_answer": False, "store_continuations": False},
                  ["--k", "4"], {"k": 4, "max_new_tokens": 32, "stop_at_answer": False, "store_continuations": False,
                                 "model": "testbed"}),
+    # TRL's own training arguments from the file (gradient_accumulation_steps, report_to), cft's --lr alias wins
+    "train": (["train"], {"model": "testbed", "input": "{file}", "out": "{tmp}/t", "method": "sft", "lora": True,
+                          "gradient_accumulation_steps": 4, "learning_rate": 1e-4, "report_to": "tensorboard",
+                          "lr_scheduler_type": "constant", "activation_checkpointing": True},
+              ["--lr", "3e-4"], {"learning_rate": 3e-4, "gradient_accumulation_steps": 4, "report_to": "tensorboard",
+                                 "lr_scheduler_type": "constant", "activation_checkpointing": True, "method": "sft",
+                                 "lora": True, "model": "testbed", "out": "{tmp}/t"}),
+    "grpo": (["grpo"], {"init": "testbed", "out": "{tmp}/r", "num_generations": 2, "beta": 0.04, "max_steps": 3,
+                        "learning_rate": 1e-5, "push_to_hub": False, "hub_model_id": "me/policy"},
+             ["--learning-rate", "2e-6"], {"learning_rate": 2e-6, "num_generations": 2, "beta": 0.04, "max_steps": 3,
+                                           "hub_model_id": "me/policy", "init": "testbed"}),
 }
 
 
