@@ -40,7 +40,7 @@ def demo(cfg: DemoConfig) -> dict:
     from cft.generate import DecodeConfig, GenerateConfig, generate
     from cft.identify import IdentifyConfig, identify, print_summary
     from cft.models import load_model
-    from cft.train import TrainConfig, train
+    from cft.train import train, train_configs
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -63,9 +63,9 @@ def demo(cfg: DemoConfig) -> dict:
     checkpoints = {"base": cfg.model}
     for method in ("sft", "cft"):
         t = _step(f"stage C: {method} from the base model")
-        result = train(TrainConfig(model=cfg.model, input=str(out / "labels.jsonl"), method=method,
-                                   out=str(out / method), epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                                   seed=cfg.seed, resume=True))
+        result = train(*train_configs(model=cfg.model, input=str(out / "labels.jsonl"), method=method,
+                                      out=str(out / method), epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+                                      seed=cfg.seed, resume=True))
         checkpoints[method] = str(out / method)
         print(f"{method}: {result['global_step']} steps, final loss {result['final_loss']:.4f}")
         timings[f"train_{method}"] = time.time() - t

@@ -7,7 +7,7 @@ on every benchmark. Optionally GRPO starts from the checkpoints of some methods 
 policy is evaluated too (method ``grpo:sft``, ``grpo:cft``, ...).
 
 What a seed changes: the training data order and the random masks and tie-breaks of the baselines
-(``TrainConfig.seed``), the sampling seed of the evaluation and of GRPO. What it does not change: the
+(the training ``seed``), the sampling seed of the evaluation and of GRPO. What it does not change: the
 training problems, D_correct, the labels and the evaluation problems (testbed splits are drawn once with
 ``eval.data_seed`` and written to ``OUT/data``), so a paired difference between two methods of the same
 seed compares them on identical data.
@@ -138,7 +138,7 @@ class ExperimentConfig:
     train_data: TrainData = field(default_factory=TrainData)
     generate: dict[str, Any] = field(default_factory=dict)  # DecodeConfig fields of stage A
     identify: dict[str, Any] = field(default_factory=dict)  # IdentifyConfig fields of stage B
-    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields shared by every cell
+    train: dict[str, Any] = field(default_factory=dict)  # cft train options (cft.train.CONFIGS) shared by every cell
     eval: EvalSettings = field(default_factory=EvalSettings)
     grpo: GRPOSettings | None = None
     baseline: str = "sft"  # paired differences are taken against this method
@@ -154,8 +154,8 @@ _IDENTIFY_FIXED = {"model", "input", "out", "dtype", "device", "num_shards", "sh
 _GENERATE_FIXED = {"seed"}
 
 
-def _check_fields(section: str, values: dict[str, Any], cls: type, fixed: set[str]) -> None:
-    known = {f.name for f in fields(cls)} - fixed
+def _check_fields(section: str, values: dict[str, Any], cls: type | set[str], fixed: set[str]) -> None:
+    known = (cls if isinstance(cls, set) else {f.name for f in fields(cls)}) - fixed
     unknown = sorted(set(values) - known)
     if unknown:
         raise ExperimentError(f"{section}: unknown or fixed field(s) {', '.join(unknown)}; "
@@ -188,7 +188,8 @@ def build_config(raw: dict[str, Any]) -> ExperimentConfig:
     from cft.generate import DecodeConfig
     from cft.identify import IdentifyConfig
     from cft.selection import METHODS
-    from cft.train import TrainConfig
+    from cft.train import CONFIGS as TRAIN_CONFIGS
+    from cft.train import option_names
 
     raw = dict(raw)
     if "model" in raw:
@@ -210,7 +211,7 @@ def build_config(raw: dict[str, Any]) -> ExperimentConfig:
             grpo["from_methods"] = grpo.pop("from")
         raw["grpo"] = _typed(GRPOSettings, "grpo", grpo)
     for section, cls, fixed in (("generate", DecodeConfig, _GENERATE_FIXED), ("identify", IdentifyConfig,
-                                _IDENTIFY_FIXED), ("train", TrainConfig, _TRAIN_FIXED)):
+                                _IDENTIFY_FIXED), ("train", set(option_names(*TRAIN_CONFIGS)), _TRAIN_FIXED)):
         raw[section] = dict(raw.get(section) or {})
         _check_fields(section, raw[section], cls, fixed)
     cfg = ExperimentConfig(**raw)
@@ -559,15 +560,14 @@ class Runner:
         return rec
 
     def train_cell(self, model: str, method: str, seed: int, out: Path) -> dict[str, Any]:
-        from cft.train import SUMMARY, TrainConfig, train
+        from cft.train import SUMMARY, train, train_configs
 
         _, labels, _ = self.shared_paths(model)
         ref = self.cfg.rho1_reference if method == "rho1" else None
         if ref in self.cfg.methods:
             ref = str(cell_dir(self.cfg, model, ref, seed) / "train")
-        tcfg = TrainConfig(model=model, input=str(labels), method=method, out=str(out), seed=seed, resume=True,
-                           reference=ref, dtype=self.cfg.dtype, **self.cfg.train)
-        summary = train(tcfg)
+        summary = train(*train_configs(model=model, input=str(labels), method=method, out=str(out), seed=seed,
+                                       resume=True, reference=ref, dtype=self.cfg.dtype, **self.cfg.train))
         self.counts["trained"] += 1
         tokens = {k: v for k, v in summary["tokens"].items() if k != "excluded_ids"}
         curve = [[h["step"], h["loss"]] for h in summary["log_history"] if "loss" in h]
@@ -577,14 +577,15 @@ class Runner:
                 "train_files": [f"train/{SUMMARY}"]}
 
     def grpo_cell(self, model: str, method: str, seed: int, out: Path) -> dict[str, Any]:
-        from cft.grpo import LOG, SUMMARY, GRPORunConfig, grpo
+        from cft.grpo import LOG, SUMMARY, CFTGRPOConfig, GRPORunConfig, grpo
 
         g = self.cfg.grpo
         start = cell_dir(self.cfg, model, method[len(GRPO_PREFIX):], seed) / "train"
         summary = grpo(GRPORunConfig(init=str(start), out=str(out), data=self.cfg.train_data.spec, limit=g.limit,
-                                     max_steps=g.max_steps, lr=g.lr, prompts_per_step=g.prompts_per_step,
+                                     dtype=self.cfg.dtype),
+                       CFTGRPOConfig(max_steps=g.max_steps, learning_rate=g.lr, prompts_per_step=g.prompts_per_step,
                                      num_generations=g.num_generations, max_completion_length=g.max_completion_length,
-                                     temperature=g.temperature, beta=g.beta, seed=seed, dtype=self.cfg.dtype))
+                                     temperature=g.temperature, beta=g.beta, seed=seed))
         self.counts["grpo"] += 1
         rows = [json.loads(line) for line in (out / LOG).read_text().splitlines() if line.strip()]
         return {"grpo": {"global_step": summary.get("global_step"), "log": rows, "seconds": summary.get("seconds")},
