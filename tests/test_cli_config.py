@@ -65,6 +65,15 @@ def test_every_stage_command_takes_a_config_file(words):
     assert "--config" in leaf._option_string_actions, f"cft {' '.join(words)} has no --config"
 
 
+@pytest.mark.parametrize("words", _leaf_commands(), ids=" ".join)
+def test_no_command_option_shadows_a_global_one(words):
+    """A command's option with the dest of a global one (TRL's log_level vs ``cft --log-level``) would overwrite
+    it in the parsed namespace."""
+    parser = cli.build_parser(words[0])
+    top = {a.dest for a in parser._actions if a.option_strings and a.dest != "help"}
+    assert not top & {a.dest for a in cli._chosen(parser, words)._actions}
+
+
 @pytest.mark.parametrize("command", sorted(CASES))
 def test_config_file_and_override(command, tmp_path):
     words, mapping, override, expected = CASES[command]

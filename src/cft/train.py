@@ -92,6 +92,7 @@ class CFTTrainingDefaults:
     use_cpu: bool = internal(factory=cpu_only)  # decided before the model loads (see process_state)
     model_init_kwargs: dict[str, Any] | str | None = internal(None)  # cft loads the model (--dtype, ...)
     resume_from_checkpoint: str | None = internal(None)  # --resume picks the last complete checkpoint
+    log_level: str = internal("passive")  # `cft --log-level` (before the command) sets it for every library
 
     def __post_init__(self):
         if self.disable_tqdm is None:
