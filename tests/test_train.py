@@ -81,6 +81,8 @@ def test_options_split_into_cft_and_trl_configs(tmp_path):
     assert (cfg.lora, args.learning_rate, args.num_train_epochs, args.per_device_train_batch_size) == (True, 3e-4, 2, 2)
     assert args.gradient_accumulation_steps == 4 and args.report_to == ["tensorboard"]
     assert args.bf16 is False and args.max_length is None and args.remove_unused_columns is False
+    with pytest.raises(UsageError, match="given twice"):
+        train_configs(model="testbed", input="l.jsonl", out=str(tmp_path), lr=1e-4, learning_rate=1e-4)
     for fixed in ("packing", "max_length", "output_dir", "loss_type"):
         with pytest.raises(UsageError, match=f"unknown option.*{fixed}"):
             train_configs(model="testbed", input="l.jsonl", out=str(tmp_path), **{fixed: None})

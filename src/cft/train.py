@@ -12,6 +12,10 @@ token: the mean over the step's trained tokens (CFT's N_crit). With ``loss_norm=
 the mean over sequences of each sequence's mean. Log-probabilities come from TRL's fused LM head, which
 scores only the labelled positions (cheap for sparse CFT masks).
 
+Options: cft's own are ``TrainConfig``'s fields; TRL's training arguments are ``CFTSFTConfig``'s, TRL's
+``SFTConfig`` with cft's defaults (``--report-to wandb``, ``--push-to-hub``, ``--deepspeed``, ... as TRL has
+them); ``--lr``/``--epochs``/``--batch-size`` are aliases of TRL's names.
+
 Runs under ``accelerate launch`` unchanged. A non-finite loss stops training, naming the step; the
 checkpoints in ``--out`` are only ever written from finite weights. ``--resume`` continues from the last.
 """
@@ -164,6 +168,8 @@ def split_options(values: dict[str, Any], *classes: type) -> list:
     if unknown:
         raise UsageError(f"unknown option(s) {', '.join(unknown)}")
     by_field = {names[k]: v for k, v in values.items()}
+    if len(by_field) < len(values):
+        raise UsageError(f"an option given twice (by its name and an alias): {', '.join(sorted(values))}")
     return [cls(**{f.name: by_field[f.name] for f in fields(cls) if f.name in by_field and not is_internal(f)})
             for cls in classes]
 
