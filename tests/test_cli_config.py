@@ -40,6 +40,17 @@ CASES = {
     "testbed pretrain": (["testbed", "pretrain"], {"out": "{tmp}/p", "max_steps": 3, "test_size": 4},
                          ["--seed", "1"], {"out": "{tmp}/p", "max_steps": 3, "test_size": 4, "seed": 1}),
     "testbed export": (["testbed", "export"], {"dir": "{tmp}/x"}, ["{tmp}/y"], {"dir": "{tmp}/y"}),
+    # TRL's own training arguments from the file (gradient_accumulation_steps, report_to), cft's --lr alias wins
+    "train": (["train"], {"model": "testbed", "input": "{file}", "out": "{tmp}/t", "method": "sft", "lora": True,
+                          "gradient_accumulation_steps": 4, "learning_rate": 1e-4, "report_to": "tensorboard",
+                          "lr_scheduler_type": "constant", "activation_checkpointing": True},
+              ["--lr", "3e-4"], {"learning_rate": 3e-4, "gradient_accumulation_steps": 4, "report_to": "tensorboard",
+                                 "lr_scheduler_type": "constant", "activation_checkpointing": True, "method": "sft",
+                                 "lora": True, "model": "testbed", "out": "{tmp}/t"}),
+    "grpo": (["grpo"], {"init": "testbed", "out": "{tmp}/r", "num_generations": 2, "beta": 0.04, "max_steps": 3,
+                        "learning_rate": 1e-5, "push_to_hub": False, "hub_model_id": "me/policy"},
+             ["--learning-rate", "2e-6"], {"learning_rate": 2e-6, "num_generations": 2, "beta": 0.04, "max_steps": 3,
+                                           "hub_model_id": "me/policy", "init": "testbed"}),
 }
 
 
@@ -73,6 +84,15 @@ def test_every_stage_command_takes_a_config_file(words):
     parser = cli.build_parser(words[0])
     leaf = options.chosen(parser, words)
     assert "--config" in leaf._option_string_actions, f"cft {' '.join(words)} has no --config"
+
+
+@pytest.mark.parametrize("words", _leaf_commands(), ids=" ".join)
+def test_no_command_option_shadows_a_global_one(words):
+    """A command's option with the dest of a global one (TRL's log_level vs ``cft --log-level``) would overwrite
+    it in the parsed namespace."""
+    parser = cli.build_parser(words[0])
+    top = {a.dest for a in parser._actions if a.option_strings and a.dest != "help"}
+    assert not top & {a.dest for a in options.chosen(parser, words)._actions}
 
 
 @pytest.mark.parametrize("command", sorted(CASES))

@@ -21,12 +21,13 @@ TINY = {
     "benchmarks": ["testbed:test", "testbed:test_ood"],
     "methods": ["sft", "cft", "attn"],
     "seeds": [0, 1],
-    "train": {"max_steps": 2, "lr": 3e-4, "batch_size": 4},
+    "train_args": {"max_steps": 2, "lr": 3e-4, "batch_size": 4},
     "eval": {"limit": 4, "n_samples": 2, "temperature": 1.0, "max_new_tokens": 96, "batch_size": 16,
              "stop_at_answer": True},
     "grpo_from": ["sft", "cft"],
     "grpo_seeds": [0],
-    "grpo": {"max_steps": 2, "prompts_per_step": 2, "num_generations": 2, "max_completion_length": 16, "limit": 8},
+    "grpo": {"limit": 8},
+    "grpo_args": {"max_steps": 2, "prompts_per_step": 2, "num_generations": 2, "max_completion_length": 16},
 }
 STAGES = [("cft.train", "train"), ("cft.evaluate", "evaluate"), ("cft.generate", "generate"),
           ("cft.identify", "identify"), ("cft.grpo", "grpo")]
@@ -140,15 +141,17 @@ def test_paired_bootstrap_resamples_seeds_and_pairs_the_methods():
 
 def test_config_from_yaml_with_overrides(tmp_path):
     path = tmp_path / "x.yaml"
-    path.write_text("out: a\nmodels: [testbed]\nmethods: [sft, cft]\ntrain: {lr: 1e-4, epochs: 2}\n"
+    path.write_text("out: a\nmodels: [testbed]\nmethods: [sft, cft]\ntrain_args: {lr: 1e-4, num_train_epochs: 2}\n"
                     "grpo_from: [cft]\ngenerate: {limit: 9, decode: {max_new_tokens: 64}}\n")
-    cfg = load_config(path, ["seeds=[3, 4]", "train.lr=2e-4", "eval.limit=7", "out=b"])
+    cfg = load_config(path, ["seeds=[3, 4]", "train_args.learning_rate=2e-4", "eval.limit=7", "out=b"])
     assert cfg.models == ["testbed"] and cfg.seeds == [3, 4] and cfg.out == "b"
-    assert cfg.train.lr == 2e-4 and cfg.train.epochs == 2 and cfg.eval.limit == 7 and cfg.grpo_from == ["cft"]
+    assert cfg.train_args == {"learning_rate": 2e-4, "num_train_epochs": 2}
+    assert cfg.eval.limit == 7 and cfg.grpo_from == ["cft"]
     assert cfg.generate.limit == 9 and cfg.generate.decode.max_new_tokens == 64
     assert cfg.train.dtype == cfg.eval.dtype == "float32" and cfg.eval.benchmarks == cfg.benchmarks  # shared fields
     saved = config_dict(cfg)
-    assert saved["train"] == {"lr": 2e-4, "epochs": 2.0} and saved["generate"]["decode"] == {"max_new_tokens": 64}
+    assert saved["train_args"] == {"learning_rate": 2e-4, "num_train_epochs": 2.0}
+    assert saved["generate"]["decode"] == {"max_new_tokens": 64}
     again = tmp_path / "again.yaml"
     again.write_text(json.dumps(saved))
     assert config_dict(load_config(again)) == saved  # the saved config loads back to itself
@@ -156,7 +159,7 @@ def test_config_from_yaml_with_overrides(tmp_path):
 
 def test_config_errors_name_file_line_and_key(tmp_path):
     path = tmp_path / "x.yaml"
-    path.write_text("out: a\ntrain:\n  lr: 1e-4\n  lrr: 2\n")
+    path.write_text("out: a\ntrain:\n  lora: true\n  lrr: 2\n")
     with pytest.raises(ExperimentError, match=rf"{path}, line 4, key 'train.lrr': not a field of TrainConfig"):
         load_config(path)
     path.write_text("out: a\n")
@@ -171,7 +174,8 @@ def test_config_errors_name_file_line_and_key(tmp_path):
     ({"out": "a", "train": {"seed": 3}}, "'train.seed': set by the experiment for each cell"),
     ({"out": "a", "eval": {"dtype": "bfloat16"}}, "'eval.dtype': set at the top level"),
     ({"out": "a", "eval": {"limt": 3}}, "'eval.limt': not a field of EvalConfig"),
-    ({"out": "a", "train": {"lr": -1}}, "'train.lr': must be > 0"),
+    ({"out": "a", "train_args": {"lr": -1}}, "'train_args.lr': must be > 0"),
+    ({"out": "a", "train": {"lr": 1e-4}}, "'train.lr': not a field of TrainConfig; TRL's training arguments"),
     ({"out": "a", "identify": {"engine": "slow"}}, "'identify.engine': invalid choice"),
     ({"out": "a", "generate": {"decode": {"temprature": 1}}}, "'generate.decode.temprature': not a field"),
     ({"out": "a", "methods": ["cft"], "grpo_from": ["sft"]}, "not in methods"),
@@ -188,21 +192,22 @@ def test_cells_are_the_sections_with_the_cell_fields_replaced(tmp_path, monkeypa
     from dataclasses import replace
 
     cfg = build_config({"out": str(tmp_path), "methods": ["sft", "rho1"], "seeds": [3], "dtype": "bfloat16",
-                        "train": {"weight_decay": 0.1, "lora_targets": ["q_proj"], "warmup": 2}})
+                        "train": {"lora_targets": ["q_proj"]}, "train_args": {"weight_decay": 0.1, "warmup": 2}})
     seen = []
 
-    def fake_train(tcfg):
-        seen.append(tcfg)
+    def fake_train(tcfg, targs):
+        seen.append((tcfg, targs))
         return {"tokens": {}, "log_history": [], "global_step": 0, "train_loss": 0.0, "final_loss": 0.0,
                 "seconds": 0.0}
 
     monkeypatch.setattr(experiment, "train", fake_train)
     experiment.Runner(cfg).train_cell("testbed", "rho1", 3, tmp_path / "t")
     labels = experiment.shared_paths(cfg, "testbed")[1]
-    assert seen == [replace(cfg.train, model="testbed", input=str(labels), method="rho1", out=str(tmp_path / "t"),
-                            seed=3, resume=True, reference=str(cell_dir(cfg, "testbed", "sft", 3) / "train"))]
-    assert (seen[0].weight_decay, seen[0].lora_targets, seen[0].warmup, seen[0].dtype) == (0.1, ["q_proj"], 2.0,
-                                                                                          "bfloat16")
+    (tcfg, targs), = seen
+    assert tcfg == replace(cfg.train, model="testbed", input=str(labels), method="rho1", out=str(tmp_path / "t"),
+                           resume=True, reference=str(cell_dir(cfg, "testbed", "sft", 3) / "train"))
+    assert (targs.weight_decay, tcfg.lora_targets, targs.warmup_steps, tcfg.dtype, targs.seed) == (
+        0.1, ["q_proj"], 2.0, "bfloat16", 3)
 
 
 def test_plan_trains_the_rho1_reference_first_and_grpo_after_its_start():
@@ -322,7 +327,7 @@ def test_interrupted_evaluation_resumes_without_training(tiny_run, monkeypatch):
 
 def test_changed_training_config_is_refused(tiny_run):
     cfg, _, _ = tiny_run
-    changed = build_config({**TINY, "out": cfg.out, "train": {**TINY["train"], "lr": 1e-3}})
+    changed = build_config({**TINY, "out": cfg.out, "train_args": {**TINY["train_args"], "lr": 1e-3}})
     with pytest.raises(ExperimentError, match="another config"):
         run_experiment(changed, log=lambda msg: None)
 

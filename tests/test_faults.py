@@ -227,8 +227,8 @@ def test_train_killed_resumes_from_its_last_checkpoint_to_the_same_weights(tmp_p
 
 @pytest.mark.parametrize("stage", ["train", "grpo"])
 def test_train_and_grpo_refuse_an_out_another_run_is_writing(tmp_path, testbed_tokenizer, stage):
-    from cft.grpo import GRPORunConfig, grpo
-    from cft.train import TrainConfig, train
+    from cft.grpo import grpo, grpo_configs
+    from cft.train import train, train_configs
     from tests.test_train import make_tiny_model, write_labels
 
     model = str(make_tiny_model(tmp_path / "model", testbed_tokenizer))
@@ -237,10 +237,10 @@ def test_train_and_grpo_refuse_an_out_another_run_is_writing(tmp_path, testbed_t
     try:
         with pytest.raises(ArtifactLockedError, match=rf"pid {holder.pid}\b"):
             if stage == "train":
-                train(TrainConfig(model=model, input=str(write_labels(tmp_path / "l.jsonl", testbed_tokenizer, 2)),
-                                  out=str(out), max_steps=1))
+                train(*train_configs(model=model, input=str(write_labels(tmp_path / "l.jsonl", testbed_tokenizer, 2)),
+                                     out=str(out), max_steps=1))
             else:
-                grpo(GRPORunConfig(init=model, out=str(out), max_steps=1))
+                grpo(*grpo_configs(init=model, out=str(out), max_steps=1))
     finally:
         holder.kill()
         holder.wait()

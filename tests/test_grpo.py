@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cft.grpo import GRPORunConfig, accuracy, grpo, prompt_for
+from cft.grpo import accuracy, grpo, grpo_configs, prompt_for
 from cft.models import load_model
 from cft.prompts import render_ids
 from tests.test_train import make_tiny_model
@@ -40,8 +40,8 @@ def test_accuracy_reward_uses_the_verifier():
 
 def test_short_grpo_run_logs_reward_accuracy_entropy(tiny_dir, tmp_path):
     out = tmp_path / "grpo"
-    summary = grpo(GRPORunConfig(init=tiny_dir, out=str(out), limit=8, max_steps=2, prompts_per_step=2,
-                                 num_generations=2, max_completion_length=12, lr=1e-4))
+    summary = grpo(*grpo_configs(init=tiny_dir, out=str(out), limit=8, max_steps=2, prompts_per_step=2,
+                                  num_generations=2, max_completion_length=12, lr=1e-4))
     rows = [json.loads(line) for line in (out / "grpo_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
@@ -50,6 +50,40 @@ def test_short_grpo_run_logs_reward_accuracy_entropy(tiny_dir, tmp_path):
     assert summary["global_step"] == 2 and summary["final"] == rows[-1]
     model, _ = load_model(str(out), device="cpu")  # the policy is saved as a standard checkpoint
     assert model.config.hidden_size == 32
+
+
+def test_cli_trains_a_lora_adapter_and_grpo_starts_from_it(tiny_dir, testbed_tokenizer, tmp_path):
+    """`cft train --lora` saves an adapter folder; `cft grpo --init ADAPTER` loads it onto its base, merged.
+
+    The random tiny policy earns reward 0 everywhere, so GRPO's gradient is zero and its saved policy is exactly
+    the model it started from: the merged adapter, which differs from the base where LoRA trained."""
+    import torch
+    from safetensors.torch import load_file
+
+    from cft.cli import main
+    from tests.test_train import write_labels
+
+    labels = write_labels(tmp_path / "labels.jsonl", testbed_tokenizer, 4)
+    adapter = tmp_path / "adapter"
+    assert main(["train", "--model", tiny_dir, "--input", str(labels), "--out", str(adapter), "--lora", "--lora-r",
+                 "4", "--max-steps", "1", "--batch-size", "4", "--lr", "1e-2", "--warmup", "0"]) == 0
+    assert (adapter / "adapter_config.json").is_file() and not (adapter / "config.json").exists()
+    assert json.loads((adapter / "train_summary.json").read_text())["training_args"]["learning_rate"] == 1e-2
+
+    out = tmp_path / "rl"
+    assert main(["grpo", "--init", str(adapter), "--out", str(out), "--limit", "4", "--max-steps", "1",
+                 "--prompts-per-step", "2", "--num-generations", "2", "--max-completion-length", "8"]) == 0
+    summary = json.loads((out / "grpo_summary.json").read_text())
+    assert summary["global_step"] == 1 and summary["config"]["init"] == str(adapter)
+    assert summary["training_args"]["per_device_train_batch_size"] == 4  # 2 prompts x 2 generations
+    policy, base = load_file(out / "model.safetensors"), load_file(f"{tiny_dir}/model.safetensors")
+    merged, _ = load_model(str(adapter), device="cpu")
+    assert set(policy) == set(base)  # a plain model, no LoRA weights
+    for k, v in merged.state_dict().items():
+        if k in policy:
+            torch.testing.assert_close(policy[k], v, rtol=0, atol=1e-6, msg=k)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(policy[key], base[key])
 
 
 class Interrupted(Exception):
@@ -77,7 +111,7 @@ def test_grpo_checkpoints_and_resumes_to_the_same_policy(tiny_dir, tmp_path, mon
     monkeypatch.setattr(cft.grpo, "accuracy", digits)
     kw = dict(init=tiny_dir, limit=8, max_steps=4, prompts_per_step=2, num_generations=2, max_completion_length=8,
               lr=1e-3, save_steps=2)
-    grpo(GRPORunConfig(out=str(tmp_path / "whole"), **kw))
+    grpo(*grpo_configs(out=str(tmp_path / "whole"), **kw))
 
     save = GRPOTrainer._save_checkpoint
 
@@ -88,11 +122,11 @@ def test_grpo_checkpoints_and_resumes_to_the_same_policy(tiny_dir, tmp_path, mon
     with monkeypatch.context() as m:
         m.setattr(GRPOTrainer, "_save_checkpoint", save_then_die)
         with pytest.raises(Interrupted):
-            grpo(GRPORunConfig(out=str(tmp_path / "cut"), **kw))
+            grpo(*grpo_configs(out=str(tmp_path / "cut"), **kw))
     assert (tmp_path / "cut" / "checkpoint-2" / "trainer_state.json").is_file()
     with pytest.raises(UsageError, match="--resume"):
-        grpo(GRPORunConfig(out=str(tmp_path / "cut"), **kw))
-    summary = grpo(GRPORunConfig(out=str(tmp_path / "cut"), resume=True, **kw))
+        grpo(*grpo_configs(out=str(tmp_path / "cut"), **kw))
+    summary = grpo(*grpo_configs(out=str(tmp_path / "cut"), resume=True, **kw))
     assert summary["resumed_from"].endswith("checkpoint-2") and summary["global_step"] == 4
 
     whole, cut = (load_file(tmp_path / d / "model.safetensors") for d in ("whole", "cut"))
@@ -115,8 +149,8 @@ def test_grpo_from_the_pretrained_testbed_gets_verifier_reward_and_moves_the_pol
     from safetensors.torch import load_file
 
     out = tmp_path / "grpo"
-    grpo(GRPORunConfig(init="testbed", out=str(out), limit=8, max_steps=1, prompts_per_step=4, num_generations=4,
-                       max_completion_length=128, lr=1e-4, temperature=0.7))
+    grpo(*grpo_configs(init="testbed", out=str(out), limit=8, max_steps=1, prompts_per_step=4, num_generations=4,
+                        max_completion_length=128, lr=1e-4, temperature=0.7))
     (row,) = [json.loads(line) for line in (out / "grpo_log.jsonl").read_text().splitlines()]
     assert 0.0 < row["reward"] < 1.0 and row["reward_std"] > 0 and row["frac_reward_zero_std"] < 1.0, row
     assert row["grad_norm"] > 0, row

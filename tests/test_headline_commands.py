@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 DEMO_OVERRIDES = ["generate.limit=12", "eval.limit=4", "eval.n_samples=2",
-                  "train.epochs=2"]  # 2 steps: the first is the warm-up step, at learning rate 0
+                  "train_args.num_train_epochs=2"]  # 2 steps: the first is the warm-up step, at learning rate 0
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ def _cell(method: str, seed: int, acc: float, ood: float) -> dict:
 def experiment_dir(tmp_path):
     """An experiment folder as `cft experiment` leaves it, from hand-made cells."""
     cfg = build_config({"out": str(tmp_path / "run"), "methods": ["sft", "cft"], "seeds": [0, 1, 2],
-                        "grpo_from": ["sft", "cft"], "grpo_seeds": [0], "train": {"lr": 3e-4}})
+                        "grpo_from": ["sft", "cft"], "grpo_seeds": [0], "train_args": {"lr": 3e-4}})
     cells = [_cell("base", 0, 0.3, 0.05)]
     for seed, (s, c) in enumerate([(0.50, 0.55), (0.52, 0.60), (0.48, 0.50)]):
         cells += [_cell("sft", seed, s, s / 5), _cell("cft", seed, c, c / 4)]

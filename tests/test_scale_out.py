@@ -52,15 +52,15 @@ def test_readme_cpu_commands_run_two_processes_with_one_process_loss_curve(tmp_p
     """Each command of the README, its `...` replaced by a tiny model and 2 steps of 2 sequences per process, trains
     with world size 2, and its loss curve equals one process with the same global batch of 4."""
     from cft.models import load_model
-    from cft.train import TrainConfig, train
+    from cft.train import train, train_configs
 
     model = make_tiny_model(tmp_path / "model", testbed_tokenizer)
     _, tok = load_model(str(model), device="cpu")
     labels = write_labels(tmp_path / "eight.jsonl", tok, 8)
     common = f"--model {model} --input {labels} --method cft --max-steps 2 --lr 1e-2 --warmup 0"
 
-    train(TrainConfig(model=str(model), input=str(labels), method="cft", out=str(tmp_path / "one"), max_steps=2,
-                      batch_size=4, lr=1e-2, warmup=0.0))
+    train(*train_configs(model=str(model), input=str(labels), method="cft", out=str(tmp_path / "one"), max_steps=2,
+                         batch_size=4, lr=1e-2, warmup=0.0))
     want = _curve(tmp_path / "one")
     assert len(want["loss"]) == 2
 

@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 
 from cft.models import load_model
 from cft.selection import LabeledResponse, build_example, read_labels, token_kind
-from cft.train import NonFiniteLossError, TrainConfig, UsageError, train, weighted_loss
+from cft.train import CFTSFTConfig, NonFiniteLossError, TrainConfig, UsageError, train, train_configs, weighted_loss
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -64,14 +64,28 @@ def tiny(tmp_path_factory, testbed_tokenizer):
     )
 
 
-def _cfg(tiny, out, **kw) -> TrainConfig:
+def _cfg(tiny, out, **kw) -> tuple[TrainConfig, CFTSFTConfig]:
     base = dict(model=tiny.model, input=tiny.labels, method="cft", out=str(out), max_steps=2, batch_size=4,
                 lr=1e-3, warmup=0.0, save_steps=100)
-    return TrainConfig(**{**base, **kw})
+    return train_configs(**{**base, **kw})
 
 
 def _losses(summary: dict, key: str = "loss") -> list[float]:
     return [h[key] for h in summary["log_history"] if key in h and "train_runtime" not in h]
+
+
+def test_options_split_into_cft_and_trl_configs(tmp_path):
+    """Aliases reach TRL's fields; fields cft fixes (dataset preparation, TRL's own loss) are not options."""
+    cfg, args = train_configs(model="testbed", input="l.jsonl", out=str(tmp_path), lr=3e-4, epochs=2, batch_size=2,
+                              gradient_accumulation_steps=4, report_to="tensorboard", lora=True)
+    assert (cfg.lora, args.learning_rate, args.num_train_epochs, args.per_device_train_batch_size) == (True, 3e-4, 2, 2)
+    assert args.gradient_accumulation_steps == 4 and args.report_to == ["tensorboard"]
+    assert args.bf16 is False and args.max_length is None and args.remove_unused_columns is False
+    with pytest.raises(UsageError, match="given twice"):
+        train_configs(model="testbed", input="l.jsonl", out=str(tmp_path), lr=1e-4, learning_rate=1e-4)
+    for fixed in ("packing", "max_length", "output_dir", "loss_type"):
+        with pytest.raises(UsageError, match=f"unknown option.*{fixed}"):
+            train_configs(model="testbed", input="l.jsonl", out=str(tmp_path), **{fixed: None})
 
 
 # --- the loss -------------------------------------------------------------------------------------------------
@@ -148,7 +162,7 @@ def test_first_step_loss_and_gradient_accumulation(tiny, tmp_path, method, norm)
     """All 4 responses in one optimizer step: 1x4 and 4x1 (accumulated) give the hand-computed loss and the same
     gradient norm."""
     want = _direct_loss(tiny, tiny.four, method, norm)
-    runs = [train(_cfg(tiny, tmp_path / f"bs{bs}", input=tiny.four, method=method, loss_norm=norm, max_steps=1,
+    runs = [train(*_cfg(tiny, tmp_path / f"bs{bs}", input=tiny.four, method=method, loss_norm=norm, max_steps=1,
                        batch_size=bs, grad_accum=4 // bs))
             for bs in (4, 1)]
     for summary in runs:
@@ -165,7 +179,7 @@ def test_every_method_trains_and_saves(tiny, tmp_path, method):
     reference = None
     if method == "rho1+reference":
         method, reference = "rho1", str(make_tiny_model(tmp_path / "ref", tiny.tok, seed=1))
-    summary = train(_cfg(tiny, tmp_path / "out", method=method, reference=reference))
+    summary = train(*_cfg(tiny, tmp_path / "out", method=method, reference=reference))
     stats = summary["tokens"]
     assert summary["status"] == "completed" and summary["global_step"] == 2
     assert all(math.isfinite(v) for v in _losses(summary))
@@ -177,18 +191,20 @@ def test_every_method_trains_and_saves(tiny, tmp_path, method):
     assert stats["responses_excluded"] == (0 if method in ("sft", "dft", "numeric") else 1)
     saved = json.loads((tmp_path / "out" / "train_summary.json").read_text())
     assert saved["config"]["method"] == method and saved["log_history"] == summary["log_history"]
+    assert saved["training_args"]["learning_rate"] == 1e-3 and saved["training_args"]["output_dir"] == str(
+        tmp_path / "out")  # TRL's arguments, resolved, beside cft's
     model, _ = load_model(str(tmp_path / "out"), device="cpu")  # usable as --model DIR
     assert model.config.hidden_size == 32
 
 
 def test_lora_adapter_and_merged(tiny, tmp_path):
-    adapter = train(_cfg(tiny, tmp_path / "adapter", lora=True, lora_r=4, lora_alpha=8))
+    adapter = train(*_cfg(tiny, tmp_path / "adapter", lora=True, lora_r=4, lora_alpha=8))
     files = os.listdir(tmp_path / "adapter")
     assert adapter["saved"] == "adapter" and "adapter_config.json" in files and "config.json" not in files
     targets = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["target_modules"]
     assert not any("lm_head" in t for t in targets) and any(t.endswith("q_proj") for t in targets)
 
-    merged = train(_cfg(tiny, tmp_path / "merged", lora=True, lora_r=4, lora_alpha=8, save_merged=True, lr=1e-2))
+    merged = train(*_cfg(tiny, tmp_path / "merged", lora=True, lora_r=4, lora_alpha=8, save_merged=True, lr=1e-2))
     assert merged["saved"] == "merged"
     after = load_file(tmp_path / "merged" / "model.safetensors")
     before = load_file(Path(tiny.model) / "model.safetensors")
@@ -196,7 +212,7 @@ def test_lora_adapter_and_merged(tiny, tmp_path):
     assert not torch.equal(after["model.layers.0.self_attn.q_proj.weight"],
                            before["model.layers.0.self_attn.q_proj.weight"])
     with pytest.raises(UsageError, match="lm_head"):
-        train(_cfg(tiny, tmp_path / "bad", lora=True, lora_targets=["q_proj", "lm_head"]))
+        train(*_cfg(tiny, tmp_path / "bad", lora=True, lora_targets=["q_proj", "lm_head"]))
 
 
 def test_moe_model_adds_the_load_balancing_loss(tiny, tmp_path):
@@ -209,7 +225,7 @@ def test_moe_model_adds_the_load_balancing_loss(tiny, tmp_path):
                            eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
     MixtralForCausalLM(config).save_pretrained(tmp_path / "moe")
     tok.save_pretrained(tmp_path / "moe")
-    summary = train(_cfg(tiny, tmp_path / "out", model=str(tmp_path / "moe")))
+    summary = train(*_cfg(tiny, tmp_path / "out", model=str(tmp_path / "moe")))
     assert all(aux > 0 for aux in _losses(summary, "aux_loss")) and len(_losses(summary, "aux_loss")) == 2
 
 
@@ -245,13 +261,13 @@ class PoisonAt(TrainerCallback):
 
 def test_resume_after_interruption(tiny, tmp_path):
     kw = dict(max_steps=4, batch_size=2, save_steps=2)
-    whole = train(_cfg(tiny, tmp_path / "whole", **kw))
+    whole = train(*_cfg(tiny, tmp_path / "whole", **kw))
     with pytest.raises(Interrupted):
-        train(_cfg(tiny, tmp_path / "cut", **kw), callbacks=[InterruptAfter(2)])
+        train(*_cfg(tiny, tmp_path / "cut", **kw), callbacks=[InterruptAfter(2)])
     assert (tmp_path / "cut" / "checkpoint-2").is_dir() and not (tmp_path / "cut" / "train_summary.json").exists()
     with pytest.raises(UsageError, match="--resume"):
-        train(_cfg(tiny, tmp_path / "cut", **kw))
-    resumed = train(_cfg(tiny, tmp_path / "cut", resume=True, **kw))
+        train(*_cfg(tiny, tmp_path / "cut", **kw))
+    resumed = train(*_cfg(tiny, tmp_path / "cut", resume=True, **kw))
     assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["global_step"] == 4
     assert len(_losses(resumed)) == 4
     for a, b in zip(_losses(whole), _losses(resumed), strict=True):
@@ -265,7 +281,7 @@ def test_resume_after_interruption(tiny, tmp_path):
 def test_nan_guard_stops_and_keeps_last_good_checkpoint(tiny, tmp_path, poison, step, what, kept):
     out = tmp_path / "out"
     with pytest.raises(NonFiniteLossError, match=f"{what} at step {step}") as err:
-        train(_cfg(tiny, out, max_steps=6, batch_size=2, save_steps=2), callbacks=[PoisonAt(poison)])
+        train(*_cfg(tiny, out, max_steps=6, batch_size=2, save_steps=2), callbacks=[PoisonAt(poison)])
     assert err.value.step == step
     assert (err.value.checkpoint or "").endswith(kept or "") and (err.value.checkpoint is None) == (kept is None)
     summary = json.loads((out / "train_summary.json").read_text())

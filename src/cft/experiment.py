@@ -11,7 +11,7 @@ The config (``cft.experiment_config``) is made of the stage configs themselves: 
 ``dataclasses.replace`` of a section with the fields the cell decides (model, paths, method, seed).
 
 What a seed changes: the training data order and the random masks and tie-breaks of the baselines
-(``TrainConfig.seed``), the sampling seed of the evaluation and of GRPO. What it does not change: the
+(the training ``seed``), the sampling seed of the evaluation and of GRPO. What it does not change: the
 training problems, D_correct, the labels and the evaluation problems (testbed splits are drawn once with
 ``eval_data_seed`` and written to ``OUT/data``), so a paired difference between two methods of the same
 seed compares them on identical data.
@@ -50,7 +50,7 @@ from cft.generate import generate
 from cft.identify import identify
 from cft.models import load_model
 from cft.stats import GRPO_PREFIX, aggregate, fmt_diff, fmt_stat, headline_metrics
-from cft.train import SUMMARY, train
+from cft.train import SUMMARY, CFTSFTConfig, train
 
 CELL = "cell.json"
 AGGREGATE = "aggregate.json"
@@ -283,7 +283,7 @@ class Runner:
         if ref in self.cfg.methods:
             ref = str(cell_dir(self.cfg, model, ref, seed) / "train")
         summary = train(replace(self.cfg.train, model=model, input=str(labels), method=method, out=str(out),
-                                seed=seed, resume=True, reference=ref))
+                                resume=True, reference=ref), CFTSFTConfig(**self.cfg.train_args, seed=seed))
         self.counts["trained"] += 1
         tokens = {k: v for k, v in summary["tokens"].items() if k != "excluded_ids"}
         curve = [[h["step"], h["loss"]] for h in summary["log_history"] if "loss" in h]
@@ -295,7 +295,7 @@ class Runner:
     def grpo_cell(self, model: str, method: str, seed: int, out: Path) -> dict[str, Any]:
         start = cell_dir(self.cfg, model, method[len(GRPO_PREFIX):], seed) / "train"
         summary = grpo_stage.grpo(replace(self.cfg.grpo, init=str(start), out=str(out), data=self.cfg.generate.data,
-                               seed=seed, resume=True))
+                                          resume=True), grpo_stage.CFTGRPOConfig(**self.cfg.grpo_args, seed=seed))
         self.counts["grpo"] += 1
         rows = [json.loads(line) for line in (out / grpo_stage.LOG).read_text().splitlines() if line.strip()]
         return {"grpo": {"global_step": summary.get("global_step"), "log": rows, "seconds": summary.get("seconds")},

@@ -1,7 +1,9 @@
 """The config of ``cft experiment``: a grid (models x methods x seeds) over the stage configs themselves.
 
 The sections ``generate``, ``identify``, ``train``, ``eval`` and ``grpo`` ARE the stage config dataclasses
-(``SECTIONS``), holding the values every cell shares; their YAML keys are the dataclasses' field names,
+(``SECTIONS``), holding the values every cell shares (``train_args`` and ``grpo_args``: TRL's own training
+arguments of those stages, ``CFTSFTConfig`` / ``CFTGRPOConfig`` fields, kept as values); their YAML keys
+are the dataclasses' field names (or an option's alias, ``lr``),
 checked and converted as the stage's own command line would (``cft.options``' types and validators).
 The fields a cell decides itself (model, input and output paths, method, seed, ...) are not keys: the
 runner makes each cell's config as ``dataclasses.replace(section, **cell_fields)``. A stage that adds or
@@ -46,8 +48,16 @@ SECTIONS: dict[str, tuple[str, str, frozenset[str]]] = {
     "train": ("cft.train", "TrainConfig", frozenset({"model", "input", "method", "out", "seed", "resume",
                                                       "reference"})),
     "eval": ("cft.evaluate", "EvalConfig", frozenset({"model", "benchmarks", "out", "seed"})),
-    "grpo": ("cft.grpo", "GRPORunConfig", frozenset({"init", "out", "data", "seed", "resume"})),
+    "grpo": ("cft.grpo", "GRPORunConfig", frozenset({"init", "out", "data", "resume"})),
+    # TRL's own training arguments of stages C and GRPO (learning_rate, num_train_epochs, ...)
+    "train_args": ("cft.train", "CFTSFTConfig", frozenset({"seed"})),
+    "grpo_args": ("cft.grpo", "CFTGRPOConfig", frozenset({"seed"})),
 }
+# Sections kept as their checked values, not as an instance: TRL's TrainingArguments resolve themselves in
+# __post_init__ (enums, derived batch sizes, accelerate state), so each cell builds its own from the values.
+VALUE_SECTIONS = ("train_args", "grpo_args")
+ARGS_HINT = {"train": "; TRL's training arguments (learning_rate, num_train_epochs, ...) go under train_args",
+             "grpo": "; TRL's GRPO arguments (learning_rate, max_steps, num_generations, ...) go under grpo_args"}
 # Experiment fields given to every section with a field of the same name (so not keys of the sections).
 SHARED = ("dtype", "device", "benchmarks")
 # Values of required stage fields that a config may leave out: the default grid trains on the testbed.
@@ -83,9 +93,11 @@ class ExperimentConfig:
     train: TrainConfig = internal(None)
     eval: EvalConfig = internal(None)
     grpo: GRPORunConfig = internal(None)
+    train_args: dict[str, Any] = internal(factory=dict)
+    grpo_args: dict[str, Any] = internal(factory=dict)
 
     def __post_init__(self) -> None:
-        for name in SECTIONS:
+        for name in (n for n in SECTIONS if n not in VALUE_SECTIONS):
             section = getattr(self, name)
             setattr(self, name, stage_config(self, name) if section is None else replace(section, **shared(self, name)))
 
@@ -103,7 +115,13 @@ def stage_class(section: str) -> type:
 def _settable(cls: type, section: str | None) -> dict[str, dataclasses.Field]:
     """The fields of ``cls`` a config may set: not filled by the code, not decided per cell nor shared."""
     fixed = SECTIONS[section][2] | set(SHARED) if section else set()
-    return {f.name: f for f in fields(cls) if f.init and not is_internal(f) and f.name not in fixed}
+    return {f.name: f for f in fields(cls)
+            if f.init and (not is_internal(f) or _nested(f)) and f.name not in fixed}
+
+
+def _nested(f: dataclasses.Field) -> bool:
+    """A nested config (GenerateConfig.decode): not a command-line option, but a YAML mapping."""
+    return f.default_factory is not MISSING and dataclasses.is_dataclass(f.default_factory)
 
 
 def shared(cfg: ExperimentConfig, section: str) -> dict[str, Any]:
@@ -136,6 +154,8 @@ def _default(f: dataclasses.Field) -> Any:
 def settings(obj: Any, section: str | None = None) -> dict[str, Any]:
     """The settable fields of a stage config that differ from the class defaults (nested configs as mappings):
     what the experiment chose. Hashed, so a field a stage adds later (at its default) keeps old runs valid."""
+    if isinstance(obj, dict):  # a VALUE_SECTIONS section: only the values the config gave
+        return dict(obj)
     out = {}
     for name, f in _settable(type(obj), section).items():
         value, default = getattr(obj, name), _default(f)
@@ -181,15 +201,18 @@ def _convert(cls: type, raw: Any, path: tuple[str, ...], where: Where, section: 
     if section:  # stage options get the command line's validators by name (the experiment's own 'out' is checked
         options.harden(parser, "experiment")  # when the folder is made)
     actions = options.option_actions(parser)
+    # an option's aliases work as keys too (train_args: {lr: 3e-4} as on the command line: --lr)
+    aliases = {o.lstrip("-").replace("-", "_"): a.dest for a in parser._actions for o in a.option_strings}
     out = {}
-    for key, value in raw.items():
-        key_path = (*path, str(key))
-        if key in SECTIONS and not path:
+    for given, value in raw.items():
+        key_path = (*path, str(given))
+        if given in SECTIONS and not path:
             continue
+        key = aliases.get(given, given)  # given by its name and an alias: the later wins (an override is later)
         if key not in allowed:
             fixed = section and key in SECTIONS[section][2] | set(SHARED)
             why = ("set by the experiment for each cell" if key not in SHARED else "set at the top level") if fixed \
-                else f"not a field of {cls.__name__}"
+                else f"not a field of {cls.__name__}{ARGS_HINT.get(section or '', '')}"
             raise ExperimentError(f"{where(key_path)}: {why} (keys: {', '.join(sorted(allowed))})")
         if key in nested:
             values = _convert(nested[key], value, key_path, where)
@@ -250,8 +273,8 @@ def build_config(raw: dict[str, Any], where: Where | None = None) -> ExperimentC
         raise ExperimentError(f"{where(())}: {exc}") from None
     for name in SECTIONS:
         values = _convert(classes[name], raw.get(name), (name,), where, section=name)
-        setattr(cfg, name, stage_config(cfg, name, values))
-    if "grpo" in raw and not cfg.grpo_from:
+        setattr(cfg, name, values if name in VALUE_SECTIONS else stage_config(cfg, name, values))
+    if ("grpo" in raw or "grpo_args" in raw) and not cfg.grpo_from:
         raise ExperimentError(f"{where(('grpo',))}: GRPO settings without grpo_from (the methods it starts from)")
     check(cfg, METHODS)
     return cfg

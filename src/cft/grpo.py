@@ -22,6 +22,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from trl import GRPOConfig
+
+from cft.config import attn_option, dtype_option, from_args, internal, model_option, option
+from cft.train import CFTTrainingDefaults, split_options
+
 LOG = "grpo_log.jsonl"
 SUMMARY = "grpo_summary.json"
 LOGGED = {
@@ -34,27 +39,43 @@ LOGGED = {
 
 @dataclass
 class GRPORunConfig:
-    """A GRPO run; saved, resolved, in ``grpo_summary.json``."""
+    """cft's own options of a GRPO run (TRL's are ``CFTGRPOConfig``); saved in ``grpo_summary.json``."""
 
-    init: str
-    out: str
-    data: str = "testbed:train"
-    limit: int | None = 1000
-    template: str = "chat"
-    max_steps: int = 100
-    lr: float = 1e-6
-    prompts_per_step: int = 4  # per process; each gets num_generations completions
-    num_generations: int = 4
-    max_completion_length: int = 128
-    temperature: float = 1.0
-    beta: float = 0.0  # KL coefficient; 0 needs no reference model
-    seed: int = 0
-    dtype: str = "float32"
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    save_steps: int = 50
-    save_total_limit: int = 1
-    resume: bool = False
+    init: str = model_option(help="starting checkpoint, e.g. the output folder of `cft train` (a full model or a "
+                                  "LoRA adapter folder, merged onto its base), or any --model name")
+    out: str = option(help="output folder (TRL's output_dir): the policy, grpo_log.jsonl, checkpoints")
+    data: str = option("testbed:train", "testbed:<split> or a JSONL file with question and answer")
+    limit: int | None = option(1000, "number of training problems")
+    template: str = option("chat", "prompt template (chat, qwen25-math-cot, gsm8k, a file)")
+    dtype: str = dtype_option()
+    attn_implementation: str | None = attn_option()
+    resume: bool = option(False, "continue from the last complete checkpoint in --out")
+
+
+@dataclass
+class CFTGRPOConfig(CFTTrainingDefaults, GRPOConfig):
+    """TRL's ``GRPOConfig`` with cft's defaults (a CPU-sized run); every other GRPO option is TRL's own."""
+
+    learning_rate: float = option(1e-6, "peak learning rate (AdamW)", aliases=("--lr",))
+    max_steps: int = option(100, "optimizer steps")
+    prompts_per_step: int = option(4, "prompts per process and step; each gets --num-generations completions")
+    num_generations: int | None = option(4, "completions per prompt (>= 2)")
+    max_completion_length: int | None = option(128, "tokens per completion at most")
+    save_steps: float = option(50, "checkpoint every N steps")
+    per_device_train_batch_size: int = internal(16)  # prompts_per_step * num_generations
+
+    def __post_init__(self):
+        self.per_device_train_batch_size = self.prompts_per_step * self.num_generations
+        super().__post_init__()
+
+
+CONFIGS = (GRPORunConfig, CFTGRPOConfig)
+
+
+def grpo_configs(**values: Any) -> tuple[GRPORunConfig, CFTGRPOConfig]:
+    """``(GRPORunConfig, CFTGRPOConfig)`` from option names or aliases: ``grpo_configs(init=..., lr=1e-5, ...)``."""
+    cfg, args = split_options(values, *CONFIGS)
+    return cfg, args
 
 
 def prompt_for(tok, question: str, template: str) -> str | list[dict[str, str]]:
@@ -106,20 +127,24 @@ def _keep_log_until(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in rows))
 
 
-def grpo(cfg: GRPORunConfig, model=None, tok=None) -> dict[str, Any]:
-    """Run GRPO from ``cfg.init``; saves the policy (model + tokenizer) and the per-step log in ``cfg.out``."""
+def grpo(cfg: GRPORunConfig, args: CFTGRPOConfig | None = None, model=None, tok=None) -> dict[str, Any]:
+    """Run GRPO from ``cfg.init``; saves the policy (model + tokenizer) and the per-step log in ``cfg.out``.
+
+    ``args``: TRL's GRPO arguments (default ``CFTGRPOConfig()``); their ``output_dir`` is ``cfg.out``.
+    """
     from datasets import Dataset
     from transformers import set_seed
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     from cft.artifacts import ArtifactLock, environment
     from cft.data import load_problems
     from cft.models import load_model
-    from cft.train import UsageError, last_checkpoint, process_state
+    from cft.train import UsageError, last_checkpoint, process_state, with_output_dir
 
     t0 = time.time()
-    state, use_cpu = process_state()
+    state, _ = process_state()
     out = Path(cfg.out)
+    args = with_output_dir(args if args is not None else CFTGRPOConfig(), out)
     lock = ArtifactLock(out) if state.is_main_process else None  # a second run on this --out stops here
     last = last_checkpoint(out)
     if last and not cfg.resume:
@@ -130,21 +155,13 @@ def grpo(cfg: GRPORunConfig, model=None, tok=None) -> dict[str, Any]:
     if state.is_main_process:
         _keep_log_until(log_path, json.loads((Path(last) / "trainer_state.json").read_text())["global_step"]
                         if last else 0)
-    set_seed(cfg.seed)
+    set_seed(args.seed)
     if model is None or tok is None:
-        model, tok = load_model(cfg.init, cfg.dtype, device=str(state.device))
-    problems = load_problems(cfg.data, seed=cfg.seed, limit=cfg.limit)
+        model, tok = load_model(cfg.init, cfg.dtype, device=str(state.device),
+                                attn_implementation=cfg.attn_implementation)
+    problems = load_problems(cfg.data, seed=args.seed, limit=cfg.limit)
     dataset = Dataset.from_list(
         [{"prompt": prompt_for(tok, p.question, cfg.template), "answer": p.answer, "id": p.id} for p in problems])
-    args = GRPOConfig(
-        output_dir=str(out), max_steps=cfg.max_steps, learning_rate=cfg.lr, seed=cfg.seed,
-        per_device_train_batch_size=cfg.prompts_per_step * cfg.num_generations, num_generations=cfg.num_generations,
-        max_completion_length=cfg.max_completion_length, temperature=cfg.temperature, beta=cfg.beta,
-        logging_steps=1, save_strategy="steps", save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit, report_to="none", use_cpu=use_cpu, bf16=cfg.bf16, use_vllm=False,
-        activation_checkpointing=cfg.gradient_checkpointing,
-        disable_tqdm=not sys.stderr.isatty(), dataloader_pin_memory=not use_cpu,
-    )
     trainer = GRPOTrainer(model=model, reward_funcs=[accuracy], args=args, train_dataset=dataset,
                           processing_class=tok, callbacks=[_log_callback(log_path)])
     result = trainer.train(resume_from_checkpoint=last)
@@ -154,9 +171,9 @@ def grpo(cfg: GRPORunConfig, model=None, tok=None) -> dict[str, Any]:
         tok.save_pretrained(out)
         rows = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
         summary = {
-            "config": asdict(cfg), "environment": environment(model), "global_step": result.global_step,
-            "problems": len(problems), "final": rows[-1] if rows else None, "seconds": round(time.time() - t0, 1),
-            "resumed_from": last,
+            "config": asdict(cfg), "training_args": args.to_dict(), "environment": environment(model),
+            "global_step": result.global_step, "problems": len(problems), "final": rows[-1] if rows else None,
+            "seconds": round(time.time() - t0, 1), "resumed_from": last,
         }
         (out / SUMMARY).write_text(json.dumps(summary, indent=2, default=str) + "\n")
         if rows:
@@ -169,43 +186,23 @@ def grpo(cfg: GRPORunConfig, model=None, tok=None) -> dict[str, Any]:
     return summary
 
 
-def configure_parser(p: argparse.ArgumentParser) -> None:
-    d = GRPORunConfig(init="", out="")
-    p.add_argument("--init", required=True, help="starting checkpoint, e.g. the output folder of `cft train`")
-    p.add_argument("--out", required=True)
-    p.add_argument("--data", default=d.data, help="testbed:<split> or a JSONL file with question and answer")
-    p.add_argument("--limit", type=int, default=d.limit, help="number of training problems")
-    p.add_argument("--template", default=d.template, help="prompt template (chat, qwen25-math-cot, gsm8k, a file)")
-    p.add_argument("--max-steps", type=int, default=d.max_steps)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--prompts-per-step", type=int, default=d.prompts_per_step, help="prompts per process and step")
-    p.add_argument("--num-generations", type=int, default=d.num_generations, help="completions per prompt (>= 2)")
-    p.add_argument("--max-completion-length", type=int, default=d.max_completion_length)
-    p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--beta", type=float, default=d.beta, help="KL coefficient (0: no reference model)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--save-steps", type=int, default=d.save_steps, help="checkpoint every N steps")
-    p.add_argument("--save-total-limit", type=int, default=d.save_total_limit, help="checkpoints kept")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+def config_from_args(args: argparse.Namespace) -> tuple[GRPORunConfig, CFTGRPOConfig]:
+    return from_args(GRPORunConfig, args), from_args(CFTGRPOConfig, args)
 
 
 def run(args: argparse.Namespace) -> int:
     from cft.artifacts import InputError
     from cft.train import UsageError
 
-    names = GRPORunConfig.__dataclass_fields__
     try:
-        grpo(GRPORunConfig(**{k: v for k, v in vars(args).items() if k in names}))
+        grpo(*config_from_args(args))
     except (UsageError, InputError) as exc:  # InputError: bad data, or another run on this --out
         print(f"cft grpo: error: {exc}", file=sys.stderr)
         return 2
     return 0
 
 
-if __name__ == "__main__":  # `python -m cft.grpo ...` / `accelerate launch -m cft.grpo ...`
-    _parser = argparse.ArgumentParser(prog="cft grpo", description=__doc__.splitlines()[0])
-    configure_parser(_parser)
-    sys.exit(run(_parser.parse_args()))
+if __name__ == "__main__":  # `python -m cft.grpo ...` / `accelerate launch -m cft.grpo ...`: as `cft grpo ...`
+    from cft.cli import main
+
+    sys.exit(main(["grpo", *sys.argv[1:]]))

@@ -210,6 +210,7 @@ def load_model(name: str, dtype: str = "float32", device: str | None = None, att
 
         model, _ = load_model(base, dtype, "cpu", attn_implementation)
         model = PeftModel.from_pretrained(model, spec.path).merge_and_unload()
+        model.requires_grad_(True)  # PEFT froze the base weights for inference; a plain model trains them all
     else:
         model = AutoModelForCausalLM.from_pretrained(spec.path, gguf_file=spec.gguf_file, dtype=DTYPES[dtype], **extra)
     model.to(device or default_device()).eval()

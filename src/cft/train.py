@@ -12,6 +12,10 @@ token: the mean over the step's trained tokens (CFT's N_crit). With ``loss_norm=
 the mean over sequences of each sequence's mean. Log-probabilities come from TRL's fused LM head, which
 scores only the labelled positions (cheap for sparse CFT masks).
 
+Options: cft's own are ``TrainConfig``'s fields; TRL's training arguments are ``CFTSFTConfig``'s, TRL's
+``SFTConfig`` with cft's defaults (``--report-to wandb``, ``--push-to-hub``, ``--deepspeed``, ... as TRL has
+them); ``--lr``/``--epochs``/``--batch-size`` are aliases of TRL's names.
+
 Runs under ``accelerate launch`` unchanged. A non-finite loss stops training, naming the step; the
 checkpoints in ``--out`` are only ever written from finite weights. ``--resume`` continues from the last.
 """
@@ -19,16 +23,23 @@ checkpoints in ``--out`` are only ever written from finite weights. ``--resume``
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
+from transformers.trainer_utils import SchedulerType
+from trl import SFTConfig, SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+from trl.trainer.utils import pad
 
+from cft.config import attn_option, dtype_option, from_args, internal, is_internal, model_option, option
 from cft.selection import LOSS_NORMS, METHOD_HELP, METHODS, check_vocab, format_statistics, read_labels, select
 
 SUMMARY = "train_summary.json"
@@ -36,38 +47,137 @@ SUMMARY = "train_summary.json"
 
 @dataclass
 class TrainConfig:
-    """Everything that determines a training run; saved, resolved, in ``train_summary.json``."""
+    """cft's own options of a training run (TRL's are ``CFTSFTConfig``); saved in ``train_summary.json``."""
 
-    model: str
-    input: str
-    method: str = "cft"
-    out: str = "runs/train"
-    max_steps: int = -1  # > 0 overrides epochs
-    epochs: float = 3.0
-    lr: float = 1e-5
-    batch_size: int = 8  # per process
-    grad_accum: int = 1
-    seed: int = 0
-    loss_norm: str = "step"
-    lr_scheduler: str = "cosine"
-    warmup: float = 0.03  # a fraction of the steps if < 1, else a step count
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    dtype: str = "float32"  # the dtype the weights are loaded in
-    bf16: bool = False  # bfloat16 autocast (mixed precision)
-    gradient_checkpointing: bool = False
-    lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])
-    save_merged: bool = False
-    resume: bool = False
-    save_steps: int = 200
-    save_total_limit: int = 1
-    logging_steps: int = 1
-    reference: str | None = None  # rho1's reference model; None: the starting model
-    score_batch_size: int = 4  # batch size of the scoring passes of entropy and rho1
+    model: str = model_option(help="starting model: 'testbed', 'zoo:FAMILY', a model folder, a PEFT adapter folder "
+                                   "(merged onto its base), a .gguf file or a hub id")
+    input: str = option(help="labels JSONL written by `cft identify`")
+    out: str = option(help="output folder (TRL's output_dir): the model, train_summary.json, checkpoints")
+    method: str = option("cft", METHOD_HELP, choices=list(METHODS))
+    loss_norm: str = option("step", "step: mean over the trained tokens of the optimizer step; sequence: mean of "
+                                     "the per-sequence means", choices=list(LOSS_NORMS))
+    dtype: str = dtype_option()
+    attn_implementation: str | None = attn_option()
+    lora: bool = option(False, "train a LoRA adapter (PEFT) instead of all weights")
+    lora_r: int = option(16, "LoRA rank")
+    lora_alpha: int = option(32, "LoRA scaling numerator (alpha / r scales the update)")
+    lora_dropout: float = option(0.0, "dropout on the LoRA input")
+    lora_targets: list[str] = option(factory=lambda: ["all-linear"],
+                                     help="module names, or all-linear (every linear layer except lm_head)")
+    save_merged: bool = option(False, "with --lora: save the merged full model instead of the adapter")
+    resume: bool = option(False, "continue from the last complete checkpoint in --out")
+    reference: str | None = option(None, "rho1: the reference model (default: the starting model)")
+    score_batch_size: int = option(4, "batch size of the scoring passes of --method entropy and rho1")
+
+
+def cpu_only() -> bool:
+    """Train on CPU: no CUDA, or ACCELERATE_USE_CPU set (as ``accelerate launch --cpu`` does)."""
+    return not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+
+
+@dataclass
+class CFTTrainingDefaults:
+    """The ``TrainingArguments`` defaults cft changes in both ``cft train`` and ``cft grpo``, and the fields cft
+    sets itself (``internal``: not options). Listed first among a config's bases, so these declarations replace
+    TRL's in place; every other TRL training argument keeps TRL's default and is an option as it is."""
+
+    output_dir: str | None = internal(None)  # set from --out
+    seed: int = option(0, "random seed: data order, LoRA initialisation, random token selection, sampling")
+    bf16: bool = option(False, "bfloat16 mixed precision (TRL's own default turns it on)")
+    activation_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, slower)",
+                                            aliases=("--gradient-checkpointing",))
+    gradient_checkpointing: bool | None = internal(None)  # transformers' deprecated alias of the option above
+    gradient_checkpointing_kwargs: dict[str, Any] | str | None = internal(None)
+    report_to: None | str | list[str] = option("none", "where to send the logs: none, wandb, tensorboard, trackio, "
+                                                       "all (the integration must be installed)")
+    logging_steps: float = option(1, "log every N optimizer steps")
+    save_total_limit: int | None = option(1, "checkpoints kept in --out")
+    disable_tqdm: bool | None = option(None, "hide progress bars (default: when stderr is not a terminal)")
+    use_cpu: bool = internal(factory=cpu_only)  # decided before the model loads (see process_state)
+    model_init_kwargs: dict[str, Any] | str | None = internal(None)  # cft loads the model (--dtype, ...)
+    resume_from_checkpoint: str | None = internal(None)  # --resume picks the last complete checkpoint
+    log_level: str = internal("passive")  # `cft --log-level` (before the command) sets it for every library
+
+    def __post_init__(self):
+        if self.disable_tqdm is None:
+            self.disable_tqdm = not sys.stderr.isatty()
+        if self.use_cpu:
+            self.dataloader_pin_memory = False
+        super().__post_init__()
+
+
+@dataclass
+class CFTSFTConfig(CFTTrainingDefaults, SFTConfig):
+    """TRL's ``SFTConfig`` with cft's defaults; the fields of dataset preparation and of TRL's loss are fixed
+    (internal): the dataset is pre-tokenized with per-token weights and the loss is ``SelectiveTrainer``'s."""
+
+    learning_rate: float = option(1e-5, "peak learning rate (AdamW)", aliases=("--lr",))
+    num_train_epochs: float = option(3.0, "epochs over the selected responses (--max-steps > 0 overrides)",
+                                     aliases=("--epochs",))
+    per_device_train_batch_size: int = option(8, "sequences per process and micro-batch", aliases=("--batch-size",))
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step", aliases=("--grad-accum",))
+    lr_scheduler_type: SchedulerType | str = option("cosine", "learning-rate schedule", aliases=("--lr-scheduler",))
+    warmup_steps: float = option(0.03, "warmup: a fraction of the steps if < 1, else a step count",
+                                 aliases=("--warmup",))
+    save_steps: float = option(200, "checkpoint every N optimizer steps")
+    logging_nan_inf_filter: bool = option(False, "drop NaN/inf losses from the logged average (cft stops at the "
+                                                 "first one anyway)")
+    # fixed: no dataset preparation (TRL neither re-tokenizes, truncates, packs nor re-masks the examples) ...
+    dataset_kwargs: dict[str, Any] | str | None = internal(factory=lambda: {"skip_prepare_dataset": True})
+    remove_unused_columns: bool = internal(False)  # the collator needs the weights column
+    max_length: int | None = internal(None)
+    packing: bool = internal(False)
+    padding_free: bool = internal(False)
+    completion_only_loss: bool | None = internal(False)
+    assistant_only_loss: bool = internal(False)
+    dataset_text_field: str = internal("text")
+    dataset_num_proc: int | None = internal(None)
+    truncation_mode: str = internal("keep_start")
+    packing_strategy: str = internal("bfd")
+    shuffle_dataset: bool = internal(False)
+    eval_packing: bool | None = internal(None)
+    # ... no change to the tokenizer the labels were made with ...
+    eos_token: str | None = internal(None)
+    pad_token: str | None = internal(None)
+    chat_template_path: str | None = internal(None)
+    # ... and cft's loss, normalised over the whole step on every process (--method dft gives DFT's weight)
+    loss_type: str = internal("nll")
+    average_tokens_across_devices: bool = internal(True)
+
+
+CONFIGS = (TrainConfig, CFTSFTConfig)
+
+
+def option_names(*classes: type) -> dict[str, str]:
+    """Every name a flat mapping may use for the options of ``classes``: field names and their aliases
+    (``lr`` for ``learning_rate``), each mapped to its field name."""
+    names = {}
+    for cls in classes:
+        for f in fields(cls):
+            if f.init and not is_internal(f):
+                names[f.name] = f.name
+                names.update((a.lstrip("-").replace("-", "_"), f.name) for a in f.metadata.get("aliases", ()))
+    return names
+
+
+def split_options(values: dict[str, Any], *classes: type) -> list:
+    """One instance of each of ``classes`` from one flat mapping of option names or aliases (an experiment's
+    ``train:`` section, a test's keyword arguments); an unknown name raises ``UsageError``."""
+    names = option_names(*classes)
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise UsageError(f"unknown option(s) {', '.join(unknown)}")
+    by_field = {names[k]: v for k, v in values.items()}
+    if len(by_field) < len(values):
+        raise UsageError(f"an option given twice (by its name and an alias): {', '.join(sorted(values))}")
+    return [cls(**{f.name: by_field[f.name] for f in fields(cls) if f.name in by_field and not is_internal(f)})
+            for cls in classes]
+
+
+def train_configs(**values: Any) -> tuple[TrainConfig, CFTSFTConfig]:
+    """``(TrainConfig, CFTSFTConfig)`` from option names or aliases: ``train_configs(model=..., lr=1e-4, ...)``."""
+    cfg, args = split_options(values, *CONFIGS)
+    return cfg, args
 
 
 class UsageError(ValueError):
@@ -122,79 +232,95 @@ def last_checkpoint(out: str | os.PathLike) -> str | None:
     return None
 
 
-def _trainer_class():
-    """Built lazily so that importing cft.train (e.g. for the CLI's --help) does not import TRL."""
-    from trl import SFTTrainer
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-    from trl.trainer.utils import pad
+@dataclass
+class WeightedCollator(DataCollatorForLanguageModeling):
+    """TRL's collator (right padding, labels padded with -100) plus the per-token weights (padded with 0)."""
 
-    @dataclass
-    class WeightedCollator(DataCollatorForLanguageModeling):
-        """TRL's collator (right padding, labels padded with -100) plus the per-token weights (padded with 0)."""
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = super().torch_call(examples)
+        batch["weights"] = pad([torch.tensor(e["weights"], dtype=torch.float32) for e in examples],
+                               padding_value=0.0, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)
+        return batch
 
-        def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-            batch = super().torch_call(examples)
-            batch["weights"] = pad([torch.tensor(e["weights"], dtype=torch.float32) for e in examples],
-                                   padding_value=0.0, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)
-            return batch
 
-    class SelectiveTrainer(SFTTrainer):
-        """SFTTrainer with the weighted, step-normalised loss above and a NaN/inf guard."""
+class FiniteWeightsGuard(TrainerCallback):
+    """Refuses to checkpoint non-finite weights. ``on_step_end``/``on_epoch_end`` run after the Trainer's flow
+    callback has decided to save and before the save itself, so a bad step never reaches a checkpoint."""
 
-        loss_is_scaled_for_ga = True  # the loss is already divided by the whole step's weight
+    def __init__(self, trainer: SelectiveTrainer):
+        self.trainer = trainer
 
-        def _set_signature_columns_if_needed(self):
-            if self._signature_columns is None:
-                self._signature_columns = ["input_ids", "labels", "weights"]
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            self.trainer.check_finite_weights()
 
-        def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
-            """The summed weight of the optimizer step over all micro-batches and processes."""
-            if not batch_samples:
-                return None
-            total = sum(b["weights"][:, 1:].sum() for b in batch_samples).to(device)
-            if self.args.average_tokens_across_devices and self.args.world_size > 1:
-                total = self.accelerator.gather(total.reshape(1)).sum()
-            return total
+    on_epoch_end = on_step_end
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            weights = inputs.pop("weights")[:, 1:]
-            if self.aux_loss_enabled:  # MoE models: TRL's load-balancing term, added as SFTTrainer adds it
-                inputs["output_router_logits"] = True
-            outputs = model(**inputs, use_cache=False, fused_lm_head=True)
-            normalizer = weights.sum() if num_items_in_batch is None else num_items_in_batch
-            loss = weighted_loss(outputs.log_probs, weights, normalizer, dft=self.args.loss_type == "dft")
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                loss = loss * self.accelerator.num_processes  # DDP averages the gradients over processes
-            if self.aux_loss_enabled:
-                steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-                loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
-            mode = "train" if model.training else "eval"
-            gather = self.accelerator.gather_for_metrics
-            n = gather(outputs.label_mask.sum()).sum()
-            if n > 0:
-                self._metrics[mode]["entropy"].append((gather(outputs.entropy.detach().sum()).sum() / n).item())
-                self._metrics[mode]["mean_token_accuracy"].append((gather(outputs.is_top1.sum()).sum() / n).item())
-            if self.aux_loss_enabled:
-                self._metrics[mode]["aux_loss"].append(gather(outputs.aux_loss.detach()).mean().item())
-            return (loss, outputs) if return_outputs else loss
 
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            if not bool(self.accelerator.gather(torch.isfinite(loss).float().reshape(1)).all()):
-                raise NonFiniteLossError(self.state.global_step + 1, "non-finite loss",
-                                         last_checkpoint(self.args.output_dir))
-            return loss
+class SelectiveTrainer(SFTTrainer):
+    """SFTTrainer with the weighted, step-normalised loss above and a NaN/inf guard.
 
-        def _save_checkpoint(self, model, trial):
-            """Refuses to checkpoint non-finite weights; each process checks its own shard (FSDP), all agree."""
-            local = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]
-            bad = torch.tensor([float(not all(bool(torch.isfinite(p).all()) for p in local))], device=self.args.device)
-            if bool(self.accelerator.gather(bad).sum() > 0):
-                raise NonFiniteLossError(self.state.global_step, "non-finite weights",
-                                         last_checkpoint(self.args.output_dir))
-            super()._save_checkpoint(model, trial)
+    Overrides public hooks only: ``get_batch_samples`` (the loss normaliser of an optimizer step is the summed
+    weight of all its micro-batches on all processes, not TRL's label count), ``compute_loss`` and
+    ``training_step`` (the loss guard); the weights guard is a callback. What remains private is TRL's metric
+    store ``self._metrics`` (``compute_loss`` adds entropy and token accuracy to it, as ``SFTTrainer.compute_loss``
+    does, for ``SFTTrainer.log`` to average), hence ``trl<2`` in pyproject.toml.
+    """
 
-    return SelectiveTrainer, WeightedCollator
+    loss_is_scaled_for_ga = True  # the loss is already divided by the whole step's weight
+
+    def __init__(self, *args, dft: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dft = dft  # DFT's weight sg(p) on each token's loss (cft's --method dft; TRL's loss_type is unused)
+        self.add_callback(FiniteWeightsGuard(self))  # last: after every callback that may touch the weights
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        """The micro-batches of one optimizer step and their summed weight over all processes."""
+        batch_samples = list(itertools.islice(epoch_iterator, num_batches))
+        if not batch_samples:
+            return batch_samples, None
+        total = sum(b["weights"][:, 1:].sum() for b in batch_samples).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            total = self.accelerator.gather(total.reshape(1)).sum()
+        return batch_samples, total
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        weights = inputs.pop("weights")[:, 1:]
+        if self.aux_loss_enabled:  # MoE models: TRL's load-balancing term, added as SFTTrainer adds it
+            inputs["output_router_logits"] = True
+        outputs = model(**inputs, use_cache=False, fused_lm_head=True)
+        normalizer = weights.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = weighted_loss(outputs.log_probs, weights, normalizer, dft=self.dft)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # DDP averages the gradients over processes
+        if self.aux_loss_enabled:
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
+        mode = "train" if model.training else "eval"
+        gather = self.accelerator.gather_for_metrics
+        n = gather(outputs.label_mask.sum()).sum()
+        if n > 0:
+            self._metrics[mode]["entropy"].append((gather(outputs.entropy.detach().sum()).sum() / n).item())
+            self._metrics[mode]["mean_token_accuracy"].append((gather(outputs.is_top1.sum()).sum() / n).item())
+        if self.aux_loss_enabled:
+            self._metrics[mode]["aux_loss"].append(gather(outputs.aux_loss.detach()).mean().item())
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not bool(self.accelerator.gather(torch.isfinite(loss).float().reshape(1)).all()):
+            raise NonFiniteLossError(self.state.global_step + 1, "non-finite loss",
+                                     last_checkpoint(self.args.output_dir))
+        return loss
+
+    def check_finite_weights(self) -> None:
+        """Raise ``NonFiniteLossError`` if any weight is NaN/inf; each process checks its own shard (FSDP), all
+        agree."""
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]
+        bad = torch.tensor([float(not all(bool(torch.isfinite(p).all()) for p in local))], device=self.args.device)
+        if bool(self.accelerator.gather(bad).sum() > 0):
+            raise NonFiniteLossError(self.state.global_step, "non-finite weights",
+                                     last_checkpoint(self.args.output_dir))
 
 
 def process_state():
@@ -205,7 +331,7 @@ def process_state():
     """
     from accelerate import PartialState
 
-    use_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    use_cpu = cpu_only()
     state = PartialState(cpu=use_cpu)
     if use_cpu and state.num_processes == 1 and "MASTER_ADDR" in os.environ and "LOCAL_RANK" not in os.environ:
         print("warning: running as ONE process: `accelerate launch --cpu --num_processes N` starts a single process "
@@ -231,9 +357,11 @@ def _write_summary(out: Path, summary: dict[str, Any]) -> None:
     tmp.replace(out / SUMMARY)
 
 
-def train(cfg: TrainConfig, model=None, tok=None, callbacks: list | None = None) -> dict[str, Any]:
+def train(cfg: TrainConfig, args: CFTSFTConfig | None = None, model=None, tok=None,
+          callbacks: list | None = None) -> dict[str, Any]:
     """Select tokens, train, save a checkpoint usable as ``--model DIR``; returns the training summary.
 
+    ``args``: TRL's training arguments (default ``CFTSFTConfig()``); their ``output_dir`` is ``cfg.out``.
     ``model``/``tok`` skip loading ``cfg.model`` (for in-process callers); ``callbacks`` are extra
     ``transformers.TrainerCallback`` objects. Raises ``NonFiniteLossError`` after writing the summary when
     the loss goes NaN/inf.
@@ -241,15 +369,15 @@ def train(cfg: TrainConfig, model=None, tok=None, callbacks: list | None = None)
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import set_seed
-    from trl import SFTConfig
 
     from cft.artifacts import ArtifactLock, environment
     from cft.models import load_model
 
     _check(cfg)
     t0 = time.time()
-    state, use_cpu = process_state()
+    state, _ = process_state()
     out = Path(cfg.out)
+    args = with_output_dir(args if args is not None else CFTSFTConfig(), out)
     lock = ArtifactLock(out) if state.is_main_process else None  # a second run on this --out stops here
     last = last_checkpoint(out)
     if cfg.resume and not last and state.is_main_process:
@@ -257,18 +385,20 @@ def train(cfg: TrainConfig, model=None, tok=None, callbacks: list | None = None)
     if last and not cfg.resume:
         raise UsageError(f"{out} holds checkpoints of an earlier run ({Path(last).name}); pass --resume to continue "
                          "it, or choose another --out")
-    set_seed(cfg.seed)
+    set_seed(args.seed)
     records = read_labels(cfg.input)  # before loading the model: a bad file fails fast
     if model is None or tok is None:
-        model, tok = load_model(cfg.model, cfg.dtype, device=str(state.device))
+        model, tok = load_model(cfg.model, cfg.dtype, device=str(state.device),
+                                attn_implementation=cfg.attn_implementation)
     check_vocab(cfg.input, records, model.get_input_embeddings().num_embeddings)
 
     reference = None
     if cfg.reference is not None:
-        reference, ref_tok = load_model(cfg.reference, cfg.dtype, device=str(state.device))
+        reference, ref_tok = load_model(cfg.reference, cfg.dtype, device=str(state.device),
+                                        attn_implementation=cfg.attn_implementation)
         if ref_tok.get_vocab() != tok.get_vocab():
             raise UsageError(f"the reference model {cfg.reference} has another tokenizer than {cfg.model}")
-    selection = select(cfg.method, records, tok, model=model, reference=reference, seed=cfg.seed,
+    selection = select(cfg.method, records, tok, model=model, reference=reference, seed=args.seed,
                        loss_norm=cfg.loss_norm, batch_size=cfg.score_batch_size)
     del reference
     stats = selection.stats
@@ -277,18 +407,6 @@ def train(cfg: TrainConfig, model=None, tok=None, callbacks: list | None = None)
     if not selection.examples:
         raise UsageError(f"method {cfg.method}: no response of {cfg.input} has a selected token; nothing to train")
 
-    args = SFTConfig(
-        output_dir=str(out), max_steps=cfg.max_steps, num_train_epochs=cfg.epochs, learning_rate=cfg.lr,
-        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum, seed=cfg.seed,
-        lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup, weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm, bf16=cfg.bf16, activation_checkpointing=cfg.gradient_checkpointing,
-        logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit, report_to="none", logging_nan_inf_filter=False,
-        loss_type="dft" if cfg.method == "dft" else "nll", dataset_kwargs={"skip_prepare_dataset": True},
-        max_length=None, packing=False, padding_free=False, completion_only_loss=False, assistant_only_loss=False,
-        average_tokens_across_devices=True, disable_tqdm=not sys.stderr.isatty(),
-        use_cpu=use_cpu, dataloader_pin_memory=not use_cpu,
-    )
     peft_config = None
     if cfg.lora:
         targets: str | list[str] = cfg.lora_targets
@@ -299,10 +417,10 @@ def train(cfg: TrainConfig, model=None, tok=None, callbacks: list | None = None)
         peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                  target_modules=targets, task_type="CAUSAL_LM")
 
-    trainer_cls, collator_cls = _trainer_class()
-    trainer = trainer_cls(
+    trainer = SelectiveTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(selection.examples), processing_class=tok,
-        data_collator=collator_cls(pad_token_id=tok.pad_token_id), callbacks=callbacks, peft_config=peft_config,
+        data_collator=WeightedCollator(pad_token_id=tok.pad_token_id, pad_to_multiple_of=args.pad_to_multiple_of),
+        callbacks=callbacks, peft_config=peft_config, dft=cfg.method == "dft",
     )
     sharded = trainer.is_fsdp_enabled or (
         trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3)
@@ -310,13 +428,15 @@ def train(cfg: TrainConfig, model=None, tok=None, callbacks: list | None = None)
         raise UsageError("--save-merged needs the whole model in one process; under ZeRO-3 or FSDP save the adapter "
                          "and merge it afterwards")
     summary: dict[str, Any] = {
-        "status": "running", "config": asdict(cfg), "tokens": stats,
-        "world_size": state.num_processes, "global_batch_size": cfg.batch_size * cfg.grad_accum * state.num_processes,
+        "status": "running", "config": asdict(cfg), "training_args": args.to_dict(), "tokens": stats,
+        "world_size": state.num_processes,
+        "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * state.num_processes,
         "examples": len(selection.examples),
         "environment": environment(model),
     }
     try:
         result = trainer.train(resume_from_checkpoint=last if cfg.resume else None)
+        trainer.check_finite_weights()  # also when no checkpoint step guarded the last one (save_strategy no)
     except NonFiniteLossError as exc:
         if trainer.is_world_process_zero():
             summary.update(status="stopped: non-finite loss", error=str(exc), last_checkpoint=exc.checkpoint,
@@ -348,50 +468,26 @@ def train(cfg: TrainConfig, model=None, tok=None, callbacks: list | None = None)
     return summary
 
 
-def configure_parser(p: argparse.ArgumentParser) -> None:
-    d = TrainConfig(model="", input="")
-    p.add_argument("--model", required=True, help="starting model: testbed, a folder, a .gguf file or a hub id")
-    p.add_argument("--input", required=True, help="labels JSONL written by `cft identify`")
-    p.add_argument("--method", choices=METHODS, default=d.method, help=METHOD_HELP)
-    p.add_argument("--out", required=True, help="output folder: the checkpoint, train_summary.json, checkpoints")
-    p.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps; overrides --epochs when > 0")
-    p.add_argument("--epochs", type=float, default=d.epochs)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per process and micro-batch")
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--loss-norm", choices=LOSS_NORMS, default=d.loss_norm,
-                   help="step: mean over the trained tokens of the optimizer step; "
-                        "sequence: mean of the per-sequence means")
-    p.add_argument("--lr-scheduler", default=d.lr_scheduler)
-    p.add_argument("--warmup", type=float, default=d.warmup, help="a fraction of the steps if < 1, else steps")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
-    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of all weights")
-    p.add_argument("--lora-r", type=int, default=d.lora_r)
-    p.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
-    p.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
-    p.add_argument("--lora-targets", nargs="+", default=d.lora_targets,
-                   help="module names, or all-linear (every linear layer except lm_head)")
-    p.add_argument("--save-merged", action="store_true", help="with --lora: save the merged full model")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    p.add_argument("--save-steps", type=int, default=d.save_steps)
-    p.add_argument("--save-total-limit", type=int, default=d.save_total_limit)
-    p.add_argument("--logging-steps", type=int, default=d.logging_steps)
-    p.add_argument("--reference", default=None, help="rho1: the reference model (default: the starting model)")
-    p.add_argument("--score-batch-size", type=int, default=d.score_batch_size)
+def with_output_dir(args, out: str | os.PathLike):
+    """A copy of TRL's training arguments writing to ``out`` (cft's ``--out``). ``TrainingArguments.__post_init__``
+    only defaults and expands ``output_dir``, so the copy needs no second ``__post_init__`` (which would, e.g.,
+    refuse a GRPO config whose generation batch it already derived)."""
+    import copy
+
+    args = copy.copy(args)
+    args.output_dir = str(Path(out).expanduser())
+    return args
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, CFTSFTConfig]:
+    return from_args(TrainConfig, args), from_args(CFTSFTConfig, args)
 
 
 def run(args: argparse.Namespace) -> int:
     from cft.artifacts import InputError
 
-    names = TrainConfig.__dataclass_fields__
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
     try:
-        train(cfg)
+        train(*config_from_args(args))
     except NonFiniteLossError as exc:
         print(f"cft train: error: {exc}", file=sys.stderr)
         return 1
@@ -401,8 +497,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+if __name__ == "__main__":  # `python -m cft.train ...` / `accelerate launch -m cft.train ...`: as `cft train ...`
+    from cft.cli import main
 
-if __name__ == "__main__":  # `python -m cft.train ...` / `accelerate launch -m cft.train ...`
-    _parser = argparse.ArgumentParser(prog="cft train", description=__doc__.splitlines()[0])
-    configure_parser(_parser)
-    sys.exit(run(_parser.parse_args()))
+    sys.exit(main(["train", *sys.argv[1:]]))
