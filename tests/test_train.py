@@ -174,21 +174,24 @@ def test_first_step_loss_and_gradient_accumulation(tiny, tmp_path, method, norm)
 # --- every method end to end ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["sft", "cft", "random", "entropy", "numeric", "rho1", "dft", "rho1+reference"])
+@pytest.mark.parametrize("method", ["sft", "cft", "random", "entropy", "numeric", "rho1", "dft", "rho1+reference",
+                                    "cft_mix"])
 def test_every_method_trains_and_saves(tiny, tmp_path, method):
     reference = None
     if method == "rho1+reference":
         method, reference = "rho1", str(make_tiny_model(tmp_path / "ref", tiny.tok, seed=1))
-    summary = train(*_cfg(tiny, tmp_path / "out", method=method, reference=reference))
+    mix = {"mix_lambda": 0.3} if method == "cft_mix" else {}
+    summary = train(*_cfg(tiny, tmp_path / "out", method=method, reference=reference, **mix))
     stats = summary["tokens"]
     assert summary["status"] == "completed" and summary["global_step"] == 2
     assert all(math.isfinite(v) for v in _losses(summary))
     assert stats["responses"] == 8
     expected = {
         "sft": stats["response_tokens"], "dft": stats["response_tokens"], "numeric": stats["response_by_kind"]["digit"],
+        "cft_mix": stats["response_tokens"],
     }.get(method, stats["critical_tokens"])
     assert stats["trained_tokens"] == expected
-    assert stats["responses_excluded"] == (0 if method in ("sft", "dft", "numeric") else 1)
+    assert stats["responses_excluded"] == (0 if method in ("sft", "dft", "numeric", "cft_mix") else 1)
     saved = json.loads((tmp_path / "out" / "train_summary.json").read_text())
     assert saved["config"]["method"] == method and saved["log_history"] == summary["log_history"]
     assert saved["training_args"]["learning_rate"] == 1e-3 and saved["training_args"]["output_dir"] == str(
@@ -323,3 +326,10 @@ def test_two_processes_match_one(tiny, tmp_path):
         assert len(_losses(s1, key)) == 3
         for a, b in zip(_losses(s1, key), _losses(s2, key), strict=True):
             assert math.isclose(a, b, rel_tol=1e-4), (key, _losses(s1, key), _losses(s2, key))
+
+
+def test_mix_lambda_belongs_to_cft_mix(tiny, tmp_path):
+    with pytest.raises(UsageError, match="needs mix_lambda"):
+        train(*_cfg(tiny, tmp_path / "a", method="cft_mix"))
+    with pytest.raises(UsageError, match="not of cft"):
+        train(*_cfg(tiny, tmp_path / "b", method="cft", mix_lambda=0.5))

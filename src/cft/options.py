@@ -323,6 +323,7 @@ VALIDATORS: dict[str, Callable[[str], Any]] = {
                     number(float, 0, low_inclusive=False)),
     **dict.fromkeys(("warmup", "warmup_steps", "weight_decay", "max_grad_norm", "beta"), number(float, 0)),
     "lora_dropout": number(float, 0, high=1, high_inclusive=False),
+    "mix_lambda": number(float, 0, high=1),
     "skip_confident": number(float, 0, low_inclusive=False, high=1),
 }
 

@@ -8,8 +8,9 @@ re-tokenizes, truncates nor re-masks it. One loss serves every method:
 
 with the sum over all micro-batches of the step and all processes (gradient accumulation and data
 parallelism give the same loss as one big batch). With ``loss_norm="step"`` w_t = 1 on every trained
-token: the mean over the step's trained tokens (CFT's N_crit). With ``loss_norm="sequence"`` w_t = 1/n_i:
-the mean over sequences of each sequence's mean. Log-probabilities come from TRL's fused LM head, which
+token: the mean over the step's trained tokens (CFT's N_crit); ``cft_mix`` weighs the non-critical tokens
+``--mix-lambda`` instead of 1, so the normaliser is N_crit + lambda * N_other. With ``loss_norm="sequence"``
+w_t = 1/n_i: the mean over sequences of each sequence's mean. Log-probabilities come from TRL's fused LM head, which
 scores only the labelled positions (cheap for sparse CFT masks).
 
 Options: cft's own are ``TrainConfig``'s fields; TRL's training arguments are ``CFTSFTConfig``'s, TRL's
@@ -68,6 +69,8 @@ class TrainConfig:
     resume: bool = option(False, "continue from the last complete checkpoint in --out")
     reference: str | None = option(None, "rho1: the reference model (default: the starting model)")
     score_batch_size: int = option(4, "batch size of the scoring passes of --method entropy and rho1")
+    mix_lambda: float | None = option(None, "cft_mix: the loss weight of every non-critical response token (critical "
+                                            "tokens weigh 1); 0 is cft, 1 is sft; required with --method cft_mix")
 
 
 def cpu_only() -> bool:
@@ -398,8 +401,13 @@ def train(cfg: TrainConfig, args: CFTSFTConfig | None = None, model=None, tok=No
                                         attn_implementation=cfg.attn_implementation)
         if ref_tok.get_vocab() != tok.get_vocab():
             raise UsageError(f"the reference model {cfg.reference} has another tokenizer than {cfg.model}")
-    selection = select(cfg.method, records, tok, model=model, reference=reference, seed=args.seed,
-                       loss_norm=cfg.loss_norm, batch_size=cfg.score_batch_size)
+    if cfg.mix_lambda is not None and cfg.method != "cft_mix":
+        raise UsageError(f"--mix-lambda weights the non-critical tokens of --method cft_mix, not of {cfg.method}")
+    try:
+        selection = select(cfg.method, records, tok, model=model, reference=reference, seed=args.seed,
+                           loss_norm=cfg.loss_norm, batch_size=cfg.score_batch_size, mix_lambda=cfg.mix_lambda)
+    except ValueError as exc:  # e.g. cft_mix without --mix-lambda
+        raise UsageError(str(exc)) from None
     del reference
     stats = selection.stats
     if state.is_main_process:
