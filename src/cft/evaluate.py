@@ -10,8 +10,9 @@ can be recomputed from it alone: ``cft eval --rescore DIR`` re-grades with the c
 rewrites ``DIR/metrics.json`` without decoding again.
 
 Problems are decoded in chunks of similar prompt length (less left padding). Sampling is reproducible
-per chunk: each chunk is decoded in one call whose seed is a hash of the chunk's record keys, so a resumed
-run re-decodes a torn chunk exactly as the first run did.
+per chunk: each chunk is decoded in one call whose seed is a hash of what it decodes (``--seed``, problem
+ids, prompts, sample indices; not the model's name or any folder), so a resumed run re-decodes a torn chunk
+exactly as the first run did, and the models of one comparison share their random numbers.
 """
 
 from __future__ import annotations
@@ -350,8 +351,10 @@ def evaluate(cfg: EvalConfig, model=None, tok=None) -> dict[str, dict]:
     t0 = time.time()
     with Progress("eval", total=sum(n * len(idx) for _, n, idx in chunks)) as progress:
         for kind, n, idx in chunks:
-            chunk_keys = [keys[kind, i, j] for i in idx for j in range(n)]
-            dcfg = replace(cfg.decoding(kind), seed=int(record_key(cfg.seed, chunk_keys), 16) % 2**31)
+            # the seed depends on what is decoded, not on the model's name or the folders (a moved checkpoint
+            # or run folder samples the same; every model of a comparison gets the same random numbers)
+            what = [(items[i].problem.id, items[i].prompt_ids, j) for i in idx for j in range(n)]
+            dcfg = replace(cfg.decoding(kind), seed=int(record_key(cfg.seed, kind, what), 16) % 2**31)
             outs = decode(model, tok, [items[i].prompt_ids for i in idx], dcfg, progress)
             writer.write(_record(keys[kind, i, j], items[i], kind, j, outs[k][j])
                          for k, i in enumerate(idx) for j in range(n) if keys[kind, i, j] not in writer.done)
