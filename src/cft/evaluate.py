@@ -10,8 +10,10 @@ can be recomputed from it alone: ``cft eval --rescore DIR`` re-grades with the c
 rewrites ``DIR/metrics.json`` without decoding again.
 
 Problems are decoded in chunks of similar prompt length (less left padding). Sampling is reproducible
-per chunk: each chunk is decoded in one call whose seed is a hash of the chunk's record keys, so a resumed
-run re-decodes a torn chunk exactly as the first run did.
+per chunk: each chunk's seed is a hash of the chunk's record keys, so a resumed run re-decodes a torn
+chunk exactly as the first run did. The ``engine`` backend (default, see ``generate``) decodes every chunk
+in one continuous batch and writes each chunk once it is complete; ``hf`` decodes chunk by chunk. The
+backend that ran is recorded, and is part of a sampled record's key (the two draw different samples).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 from cft import verify
 from cft.artifacts import InputError, ResumableWriter, environment, load_records, read_meta, record_key, write_meta
 from cft.data import Problem, load_problems
-from cft.generate import DecodeConfig, add_model_arguments, decode
+from cft.generate import BACKENDS, DecodeConfig, add_model_arguments, decode_groups, resolve_backend
 from cft.models import load_model
 from cft.progress import Progress
 from cft.prompts import QWEN_SYSTEM, render_ids, template_text
@@ -57,6 +59,7 @@ class EvalConfig:
     answer_field: str = "answer"
     dtype: str = "float32"
     device: str | None = None
+    backend: str = "engine"  # see DecodeConfig.backend
 
     def __post_init__(self) -> None:
         self.benchmarks = list(dict.fromkeys(self.benchmarks))  # a benchmark named twice is evaluated once
@@ -75,7 +78,7 @@ class EvalConfig:
         sampled = kind == "sample"
         return DecodeConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature if sampled else 0.0,
                             n=self.n_samples if sampled else 1, batch_size=self.batch_size,
-                            stop_at_answer=self.stop_at_answer, seed=self.seed)
+                            stop_at_answer=self.stop_at_answer, seed=self.seed, backend=self.backend)
 
 
 @dataclass(frozen=True)
@@ -284,7 +287,7 @@ def _key(cfg: EvalConfig, item: Item, kind: str, index: int) -> str:
     d = cfg.decoding(kind)
     settings = {"max_new_tokens": d.max_new_tokens, "stop_at_answer": d.stop_at_answer}
     if kind == "sample":
-        settings.update(temperature=d.temperature, n=d.n, seed=d.seed, batch_size=d.batch_size)
+        settings.update(temperature=d.temperature, n=d.n, seed=d.seed, batch_size=d.batch_size, backend=d.backend)
     return record_key(cfg.model, item.benchmark, item.problem.id, item.prompt_ids, item.problem.answer, kind, index,
                       settings)
 
@@ -320,6 +323,7 @@ def evaluate(cfg: EvalConfig, model=None, tok=None) -> dict[str, dict]:
     if model is None:
         model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
     out_dir = Path(cfg.out)
+    cfg = replace(cfg, backend=resolve_backend(model, cfg.decoding("greedy"), cfg.model).backend)
     items = load_items(cfg, tok, problems)
     kinds = [("greedy", 1, cfg.batch_size)]
     if cfg.n_samples > 0:
@@ -339,10 +343,8 @@ def evaluate(cfg: EvalConfig, model=None, tok=None) -> dict[str, dict]:
 
     t0 = time.time()
     with Progress("eval", total=sum(n * len(idx) for _, n, idx in chunks)) as progress:
-        for kind, n, idx in chunks:
-            chunk_keys = [keys[kind, i, j] for i in idx for j in range(n)]
-            dcfg = replace(cfg.decoding(kind), seed=int(record_key(cfg.seed, chunk_keys), 16) % 2**31)
-            outs = decode(model, tok, [items[i].prompt_ids for i in idx], dcfg, progress)
+        for c, outs in decode_groups(model, tok, decode_chunks(cfg, items, chunks, keys), progress):
+            kind, n, idx = chunks[c]
             writer.write(_record(keys[kind, i, j], items[i], kind, j, outs[k][j])
                          for k, i in enumerate(idx) for j in range(n) if keys[kind, i, j] not in writer.done)
         decoded_tokens = progress.tokens
@@ -364,6 +366,17 @@ def evaluate(cfg: EvalConfig, model=None, tok=None) -> dict[str, dict]:
     writer.finalize(order, meta)
     write_meta(out_dir / METRICS, metrics)
     return metrics
+
+
+def decode_chunks(cfg: EvalConfig, items: list[Item], chunks: list[tuple[str, int, list[int]]],
+                  keys: dict) -> list[tuple[list[list[int]], DecodeConfig]]:
+    """The prompts and decoding of each chunk ``(kind, n, item indices)``: the seed hashes the chunk's keys."""
+    groups = []
+    for kind, n, idx in chunks:
+        chunk_keys = [keys[kind, i, j] for i in idx for j in range(n)]
+        dcfg = replace(cfg.decoding(kind), seed=int(record_key(cfg.seed, chunk_keys), 16) % 2**31)
+        groups.append(([items[i].prompt_ids for i in idx], dcfg))
+    return groups
 
 
 def rescore(out_dir: str | Path) -> dict[str, dict]:
@@ -419,6 +432,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--answer-field", default="answer", help="answer field of JSONL files")
     p.add_argument("--rescore", metavar="DIR", default=None,
                    help="recompute every metric of an earlier run from DIR/samples.jsonl (no decoding)")
+    p.add_argument("--backend", default="engine", choices=BACKENDS, help=DecodeConfig.__dataclass_fields__["backend"]
+                   .metadata["help"])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -436,7 +451,7 @@ def run(args: argparse.Namespace) -> int:
             limit=args.limit, n_samples=args.n_samples, temperature=args.temperature, template=args.template,
             data_dir=args.data_dir, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
             stop_at_answer=args.stop_at_answer, seed=args.seed, question_field=args.question_field,
-            answer_field=args.answer_field, dtype=args.dtype, device=args.device,
+            answer_field=args.answer_field, dtype=args.dtype, device=args.device, backend=args.backend,
         )
     except ValueError as exc:
         print(f"cft eval: error: {exc}", file=sys.stderr)
