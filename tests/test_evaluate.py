@@ -258,7 +258,7 @@ def test_a_finished_run_is_reused_not_decoded_again(tmp_path, tiny_model_dir, mo
     cfg = ev.EvalConfig(model="tiny", benchmarks=["testbed:test"], out=str(tmp_path), limit=3, n_samples=2,
                         max_new_tokens=8, batch_size=4)
     first = ev.evaluate(cfg, model, tok)
-    monkeypatch.setattr(ev, "decode_groups", lambda model, tok, groups, progress=None: groups and pytest.fail("decoded"))
+    monkeypatch.setattr(ev, "decode_groups", lambda model, tok, groups, progress=None: groups and pytest.fail("again"))
     assert ev.evaluate(cfg, model, tok) == first
 
 

@@ -128,7 +128,7 @@ class EngineStats:
         return self.tokens / max(self.row_steps, 1)
 
 
-last_stats: EngineStats | None = None  # the stats of the latest ``BranchDecoder.run`` (read by benchmarks)
+last_stats: EngineStats | None = None  # the stats of the latest ``BranchDecoder.run`` or ``PromptDecoder.run``
 
 
 class DraftIndex:
@@ -739,6 +739,8 @@ class PromptDecoder:
     @torch.inference_mode()
     def run(self, requests: list[Request], progress=None):
         """Yield ``(request, Output)`` for every request, as each ends (not in request order)."""
+        global last_stats
+        last_stats = self.stats
         if not requests:
             return
         self.max_len = max(len(r.prompt_ids) for r in requests) + self.cfg.max_new_tokens
@@ -750,7 +752,8 @@ class PromptDecoder:
             done = self._fill()
             if self.cache is not None:
                 self._compact()
-            if any(self.rows):
+            live_rows = any(self.rows)
+            if live_rows:
                 logits = self._step()
                 while logits is None:
                     self._halve()
@@ -765,9 +768,9 @@ class PromptDecoder:
                         self.rows[i] = None
                         self.mbuf[i] = 0
                         done.append((row.request, self._output(row)))
-            elif not self.queue:
-                return
             for req, out in done:
                 yield req, out
                 if progress:
                     progress.advance(1, tokens=len(out.ids))
+            if not live_rows and not self.queue:
+                return

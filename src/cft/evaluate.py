@@ -325,20 +325,13 @@ def evaluate(cfg: EvalConfig, model=None, tok=None) -> dict[str, dict]:
     out_dir = Path(cfg.out)
     cfg = replace(cfg, backend=resolve_backend(model, cfg.decoding("greedy"), cfg.model).backend)
     items = load_items(cfg, tok, problems)
-    kinds = [("greedy", 1, cfg.batch_size)]
-    if cfg.n_samples > 0:
-        kinds.append(("sample", cfg.n_samples, max(1, cfg.batch_size // cfg.n_samples)))
-    keys = {(kind, i, j): _key(cfg, it, kind, j)
-            for kind, n, _ in kinds for i, it in enumerate(items) for j in range(n)}
-
+    kinds, keys, chunks = plan(cfg, items)
     writer = ResumableWriter(out_dir / SAMPLES, "samples")
     if (out_dir / SAMPLES).exists():  # a finished earlier run: reuse whatever it shares with this one
         wanted = set(keys.values())
         for rec in load_records(out_dir / SAMPLES, "samples"):
             if rec["key"] in wanted:
                 writer.done.setdefault(rec["key"], rec)
-    by_length = sorted(range(len(items)), key=lambda i: -len(items[i].prompt_ids))  # less left padding per batch
-    chunks = [(kind, n, by_length[s : s + size]) for kind, n, size in kinds for s in range(0, len(items), size)]
     chunks = [c for c in chunks if any(keys[c[0], i, j] not in writer.done for i in c[2] for j in range(c[1]))]
 
     t0 = time.time()
@@ -368,7 +361,23 @@ def evaluate(cfg: EvalConfig, model=None, tok=None) -> dict[str, dict]:
     return metrics
 
 
-def decode_chunks(cfg: EvalConfig, items: list[Item], chunks: list[tuple[str, int, list[int]]],
+Chunk = tuple[str, int, list[int]]  # (kind, n, item indices): decoded in one call (hf) and written together
+
+
+def plan(cfg: EvalConfig, items: list[Item]) -> tuple[list[tuple[str, int, int]], dict, list[Chunk]]:
+    """The kinds of response ``(kind, n, problems per chunk)``, every record key by ``(kind, item, sample)``,
+    and the chunks ``(kind, n, item indices)``: problems sorted by prompt length (less left padding per batch)."""
+    kinds = [("greedy", 1, cfg.batch_size)]
+    if cfg.n_samples > 0:
+        kinds.append(("sample", cfg.n_samples, max(1, cfg.batch_size // cfg.n_samples)))
+    keys = {(kind, i, j): _key(cfg, it, kind, j)
+            for kind, n, _ in kinds for i, it in enumerate(items) for j in range(n)}
+    by_length = sorted(range(len(items)), key=lambda i: -len(items[i].prompt_ids))
+    chunks = [(kind, n, by_length[s : s + size]) for kind, n, size in kinds for s in range(0, len(items), size)]
+    return kinds, keys, chunks
+
+
+def decode_chunks(cfg: EvalConfig, items: list[Item], chunks: list[Chunk],
                   keys: dict) -> list[tuple[list[list[int]], DecodeConfig]]:
     """The prompts and decoding of each chunk ``(kind, n, item indices)``: the seed hashes the chunk's keys."""
     groups = []
