@@ -24,6 +24,16 @@ in place (no per-step concatenation), placing a longer prefix moves ``s`` left, 
 row uses moves it right. Rejected draft columns stay as holes (mask 0) in their row; positions are given
 per row (its count of valid columns), so holes cost width only. When the window reaches the buffer's end
 it is copied back with every row's holes squeezed out (rarely).
+
+Prompt decoding (stages A and D, ``PromptDecoder``, behind ``generate.decode``'s default ``engine``
+backend) uses the same window cache and continuous batching with a prompt in place of a branch prefix:
+new rows are prefilled together in one left-padded forward (a prompt shared by n samples once), their
+key/values copied into free rows right-aligned at ``w``; every step decodes one token per row (no
+drafting, so rows hold no holes and moving the window back is a plain copy). Greedy takes the argmax of
+the raw logits; sampling draws from softmax(logits / T) by inverse CDF with one uniform from the
+request's own random stream, so a sample does not depend on the batch around it. Nothing else acts on
+the logits, which is ``generate.pinned_generation_config``'s decoding (a checkpoint's penalties never
+apply). The stop rule, finish reason and entropy are ``generate._decode_hf``'s.
 """
 
 from __future__ import annotations
