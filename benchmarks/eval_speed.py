@@ -5,8 +5,9 @@ The work is the testbed study's evaluation (configs/experiment/testbed_study.yam
 temperature 1.0 for the first 40, max_new_tokens 256, stop at a complete answer, batch size 64. Each
 (split, part) unit is decoded by both backends in turn (who goes first alternates), through the same
 ``evaluate.plan`` / ``decode_chunks`` / ``generate.decode_groups`` calls ``cft eval`` makes, so machine
-noise hits both alike. Grading is not timed. Prints per backend outputs, tokens, tokens/s and wall time
-(the engine also its forwards and live rows per forward), the metrics of both, and as its last line
+noise hits both alike. Grading is not timed. Prints per backend outputs, tokens, tokens/s, wall time,
+model forwards (prefills included) and decoded tokens per forward (how full the rows were kept: at
+most the batch size), the metrics of both, and as its last line
 
     speedup=<hf wall / engine wall> greedy_identical=<true|false> greedy_acc_hf=.. greedy_acc_engine=..
     sample_acc_hf=.. sample_acc_engine=.. entropy_hf=.. entropy_engine=.. sampled_z=<max |z|> hf_s=.. engine_s=..
@@ -28,7 +29,7 @@ import time
 
 import torch
 
-from cft import engine, verify
+from cft import verify
 from cft.evaluate import EvalConfig, decode_chunks, load_items, plan
 from cft.generate import decode_groups
 from cft.models import load_model
@@ -72,6 +73,8 @@ def main() -> None:
     args = ap.parse_args()
 
     model, tok = load_model(args.model, args.dtype, args.device)
+    calls = [0]
+    model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     print(f"model={args.model} device={model.device} dtype={args.dtype} threads={torch.get_num_threads()} "
           f"problems={args.problems} sampled={args.sampled_problems}x{args.samples} T={args.temperature} "
           f"max_new_tokens={args.max_new_tokens} batch={args.batch_size}")
@@ -79,7 +82,7 @@ def main() -> None:
     seconds = dict.fromkeys(backends, 0.0)
     tokens = dict.fromkeys(backends, 0)
     outputs = dict.fromkeys(backends, 0)
-    forwards = rows = 0
+    forwards = dict.fromkeys(backends, 0)
     greedy_ids = {b: [] for b in backends}
     greedy_ok = {b: [] for b in backends}
     sample_ok = {b: {} for b in backends}
@@ -91,11 +94,10 @@ def main() -> None:
             cfg = EvalConfig(model=args.model, benchmarks=[split], out="-", limit=limit, n_samples=n,
                              temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                              batch_size=args.batch_size, stop_at_answer=True, backend=backend)
+            before = calls[0]
             took, res = decode_unit(model, tok, cfg)
             seconds[backend] += took
-            if backend == "engine":
-                forwards += engine.last_stats.forwards
-                rows += engine.last_stats.row_steps
+            forwards[backend] += calls[0] - before
             for (kind, i, _), o in res["outs"].items():
                 tokens[backend] += len(o.ids)
                 outputs[backend] += 1
@@ -110,9 +112,8 @@ def main() -> None:
                     sample_ent[backend].setdefault((split, i), []).append(o.entropy)
             print(f"  {split} {'sampled' if n else 'greedy'} {backend}: {took:.1f}s", flush=True)
     for b in backends:
-        extra = f" forwards={forwards} rows_per_forward={rows / max(forwards, 1):.1f}" if b == "engine" else ""
         print(f"{b:7s} outputs={outputs[b]} tokens={tokens[b]} tok/s={tokens[b] / seconds[b]:.0f} "
-              f"seconds={seconds[b]:.1f}{extra}")
+              f"seconds={seconds[b]:.1f} forwards={forwards[b]} tokens_per_forward={tokens[b] / forwards[b]:.1f}")
 
     def mean(xs) -> float:
         return sum(xs) / max(len(xs), 1)
