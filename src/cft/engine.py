@@ -44,6 +44,7 @@ import random
 from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import islice, takewhile
 
 import psutil
 import torch
@@ -508,8 +509,10 @@ class BranchDecoder:
 # -- prompt decoding (stages A and D) ----------------------------------------------------------
 
 
-REFILL_SHARE = 8  # free rows are refilled once 1/REFILL_SHARE of the batch is free (or none is live): each
-# refill costs a prefill forward, which on a small model costs about as much as a decode step
+REFILL_SHARE = 8  # rows whose prompt needs a prefill are refilled once 1/REFILL_SHARE of the batch is free (or
+# none is live): a prefill forward costs a small model about a decode step. A request whose prompt is prefilled
+# already (another sample of it) takes a free row at once: on 16 testbed prompts x 16 samples, 262 forwards at
+# 57 live rows of 64 for refilling at once, 275 at 54 for refilling at 1/8 free, 319 at 47 at 1/2 free
 
 
 @dataclass
@@ -647,8 +650,11 @@ class PromptDecoder:
         ended at their first token."""
         free = [i for i, r in enumerate(self.rows) if r is None]
         live = len(self.rows) - len(free)
-        if not self.queue or not free or (live and len(free) * REFILL_SHARE < len(self.rows)):
+        if not self.queue or not free:
             return []
+        if live and len(free) * REFILL_SHARE < len(self.rows):  # only requests that need no prefill
+            ready = takewhile(lambda r: tuple(r.prompt_ids) in self.prefilled, islice(self.queue, len(free)))
+            free = free[: sum(1 for _ in ready)]
         take = [self.queue.popleft() for _ in range(min(len(free), len(self.queue)))]
         new = list(dict.fromkeys(tuple(r.prompt_ids) for r in take if tuple(r.prompt_ids) not in self.prefilled))
         if new:
