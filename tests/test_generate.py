@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from cft import zoo
+from cft import engine, zoo
 from cft.artifacts import load_records, read_meta
 from cft.generate import DecodeConfig, GenerateConfig, decode, generate, trigger_tokens
 from cft.models import load_model, stop_token_ids, vocab_rows
@@ -126,6 +126,7 @@ def test_engine_greedy_equals_generate_on_the_testbed(testbed, kw):
     prompts = [render_ids(tok, p.question) for p in generate_split("test", 40)]
     hf, eng = _both(model, tok, prompts, **kw)
     assert eng == hf  # ids, text, finish reason; entropy None
+    assert engine.last_stats.rebases > 0 or kw["max_new_tokens"] < 256  # the window was moved back
     finishes = {o.finish for outs in hf for o in outs}
     assert finishes == ({"eos"} if kw["max_new_tokens"] == 256 else {"length"})  # whole solutions / cut short
 

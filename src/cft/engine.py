@@ -515,6 +515,10 @@ REFILL_SHARE = 8  # rows whose prompt needs a prefill are refilled once 1/REFILL
 # 57 live rows of 64 for refilling at once, 275 at 54 for refilling at 1/8 free, 319 at 47 at 1/2 free
 
 
+STEP_ROOM = 128  # buffer columns past a full row: zeroing the buffers costs more than moving the window back
+# (a copy of its live columns) every STEP_ROOM steps
+
+
 @dataclass
 class Request:
     """One output to decode from a prompt: greedy (temperature 0) or sampled from its own random stream.
@@ -594,7 +598,7 @@ class PromptDecoder:
     def _new_batch(self, kv: list) -> None:
         n = len(self.rows)
         self.window = Window(self.max_len, self.max_len)
-        cap = 2 * self.max_len + 1
+        cap = self.max_len + min(self.max_len, STEP_ROOM) + 1  # every STEP_ROOM steps the window moves back
         layers = [WindowLayer(k.new_zeros(n, k.shape[1], cap, k.shape[3]), v.new_zeros(n, v.shape[1], cap, v.shape[3]),
                               self.window) for k, v in kv]
         self.cache = DynamicCache()
@@ -696,8 +700,8 @@ class PromptDecoder:
             new_s = self.max_len - (w - s)
             for layer in self.cache.layers:
                 for buf in (layer.kbuf, layer.vbuf):
-                    buf[:, :, new_s : self.max_len] = buf[:, :, s:w]  # disjoint: s > max_len here
-            self.mbuf[:, new_s : self.max_len] = self.mbuf[:, s:w]
+                    buf[:, :, new_s : self.max_len] = buf[:, :, s:w].clone()  # the two may overlap
+            self.mbuf[:, new_s : self.max_len] = self.mbuf[:, s:w].clone()
             self.window.s, self.window.w = new_s, self.max_len
             self.stats.rebases += 1
 
