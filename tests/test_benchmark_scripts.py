@@ -46,3 +46,23 @@ def test_identify_speed_prints_identical_labels_and_a_full_length_ceiling(tmp_pa
     assert engines["reference"]["critical_fraction"] == engines["fast"]["critical_fraction"]
     # the fast engine skips rank-3 branches after a rank-2 success, never adds any
     assert int(engines["fast"]["branches"]) <= int(engines["reference"]["branches"])
+
+
+def test_eval_speed_runs_both_backends_and_reports_identical_greedy_outputs():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "eval_speed.py"), "--splits", "testbed:test", "--problems", "6",
+           "--sampled-problems", "2", "--samples", "4", "--max-new-tokens", "48", "--batch-size", "8"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    last = (r"speedup=\d+\.\d\d greedy_identical=true greedy_acc_hf=(\S+) greedy_acc_engine=(\S+) "
+            r"sample_acc_hf=[\d.]+ sample_acc_engine=[\d.]+ entropy_hf=[\d.]+ entropy_engine=[\d.]+ "
+            r"sampled_z=[\d.]+ hf_s=[\d.]+ engine_s=[\d.]+")
+    m = re.fullmatch(last, lines[-1])
+    assert m, lines[-1]
+    assert m[1] == m[2]
+    backends = {x.split()[0]: dict(kv.split("=") for kv in x.split()[1:])
+                for x in lines if x.startswith(("hf ", "engine "))}
+    # 6 greedy; 2 problems x (1 greedy + 4 samples)
+    assert backends["hf"]["outputs"] == backends["engine"]["outputs"] == "16"
+    for b in backends.values():
+        assert int(b["forwards"]) > 0 and 0 < float(b["tokens_per_forward"]) <= 8  # at most one token per row

@@ -267,7 +267,7 @@ def test_a_finished_run_is_reused_not_decoded_again(tmp_path, tiny_model_dir, mo
     cfg = ev.EvalConfig(model="tiny", benchmarks=["testbed:test"], out=str(tmp_path), limit=3, n_samples=2,
                         max_new_tokens=8, batch_size=4)
     first = ev.evaluate(cfg, model, tok)
-    monkeypatch.setattr(ev, "decode", lambda *a, **k: pytest.fail("decoded again"))
+    monkeypatch.setattr(ev, "decode_groups", lambda model, tok, groups, progress=None: groups and pytest.fail("again"))
     assert ev.evaluate(cfg, model, tok) == first
 
 
@@ -280,32 +280,36 @@ def test_config_errors():
 
 
 class Scripted(LlamaForCausalLM):
-    """Writes a fixed token script per batch row, whatever its weights say (greedy follows the script)."""
+    """Follows a fixed next-token table keyed by each row's last token, whatever its weights say (greedy
+    follows the table): rows keep their script wherever a decoder puts them in its batch."""
 
-    scripts: tuple[list[int], ...] = ()
-    step = 0
+    table: dict[int, int] = {}
 
-    def forward(self, *args, **kwargs):
-        out = super().forward(*args, **kwargs)
+    def forward(self, *args, input_ids=None, **kwargs):
+        out = super().forward(*args, input_ids=input_ids, **kwargs)
         logits = torch.full_like(out.logits, -1e4)
-        for row, script in enumerate(self.scripts):
-            logits[row, -1, script[min(self.step, len(script) - 1)]] = 0.0
-        self.step += 1
+        for row, last in enumerate(input_ids[:, -1].tolist()):
+            logits[row, -1, self.table[last]] = 0.0
         out.logits = logits
         return out
 
 
-def test_answer_stop_adds_no_eos_when_padding_is_the_eos_token():
+@pytest.mark.parametrize("backend", ["hf", "engine"])
+def test_answer_stop_adds_no_eos_when_padding_is_the_eos_token(backend):
     """SmolLM2 pads with its EOS: a row stopped at its answer must not gain the padding as an 'EOS'."""
     tok = build_tokenizer()
     tok.pad_token = tok.eos_token
     model = Scripted(build_model(tok, PretrainConfig(hidden_size=16, layers=1, heads=2, intermediate_size=32)).config)
     answer = tok(" so \\boxed{7}", add_special_tokens=False).input_ids
-    filler = tok(" more", add_special_tokens=False).input_ids * 20
-    model.scripts = [answer + filler, filler]
-    prompt = tok("Question: x\nAnswer:", add_special_tokens=False).input_ids
-    cfg = DecodeConfig(max_new_tokens=len(answer) + 4, stop_at_answer=True)
-    first, second = decode(model.eval(), tok, [prompt, prompt], cfg)
+    more = tok(" more", add_special_tokens=False).input_ids
+    prompts = [tok(q, add_special_tokens=False).input_ids for q in ("Question: x\nAnswer:", "Question: x?")]
+    assert len(set(answer + more)) == len(answer) + 1 and prompts[0][-1] != prompts[1][-1]
+    # prompt 0 (ends in ":") -> the answer, then " more"; prompt 1 (ends in "?") and padding -> " more" forever
+    model.table = {prompts[0][-1]: answer[0], **dict(zip(answer, answer[1:] + more)), prompts[1][-1]: more[0],
+                   more[0]: more[0], tok.pad_token_id: more[0]}
+    filler = more * 20
+    cfg = DecodeConfig(max_new_tokens=len(answer) + 4, stop_at_answer=True, backend=backend)
+    first, second = decode(model.eval(), tok, prompts, cfg)
     assert first[0].ids == answer and first[0].finish == "answer"
     assert second[0].ids == filler[: len(answer) + 4] and second[0].finish == "length"
 
@@ -339,3 +343,41 @@ def test_testbed_eval_prints_maj_at_k_beside_pass_at_k_and_rescore_reproduces_it
     again = capsys.readouterr().out
     assert json.loads((out / ev.METRICS).read_text())["testbed:test_ood"] == metrics
     assert row in again.splitlines()  # the same printed row, maj@k included
+
+
+def paired_z(a: list[list[float]], b: list[list[float]]) -> float:
+    """|mean difference| / its standard error, the unit being a problem (the mean of its samples on each side)."""
+    diffs = [sum(x) / len(x) - sum(y) / len(y) for x, y in zip(a, b, strict=True)]
+    mean = sum(diffs) / len(diffs)
+    se = (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)) ** 0.5
+    return abs(mean) / se if se else 0.0
+
+
+def test_engine_samples_agree_with_generate_within_sampling_noise():
+    """The backends draw different random numbers, so sampled outputs differ; their metrics must not, beyond noise.
+
+    24 testbed problems x 8 samples at T=1 on each backend; per problem the accuracy of its samples and their mean
+    entropy; the paired difference over problems must be under 4 standard errors (t with 23 df: a false alarm has
+    probability ~5e-4, and the seeds are fixed, so the verdict is too). The test has power: the engine at T=0.7
+    against generate at T=1 is rejected.
+    """
+    from cft.models import load_model
+    from cft.prompts import render_ids
+    from cft.testbed.problems import generate_split
+
+    model, tok = load_model("testbed", device="cpu")
+    problems = generate_split("test", 24)
+    prompts = [render_ids(tok, p.question) for p in problems]
+
+    def metrics(backend: str, temperature: float) -> tuple[list[list[float]], list[list[float]]]:
+        cfg = DecodeConfig(max_new_tokens=96, temperature=temperature, n=8, batch_size=64, seed=5, backend=backend)
+        outs = decode(model, tok, prompts, cfg)
+        acc = [[float(verify.grade(o.text, p.answer)[1]) for o in os] for p, os in zip(problems, outs)]
+        return acc, [[o.entropy for o in os] for os in outs]
+
+    hf_acc, hf_ent = metrics("hf", 1.0)
+    eng_acc, eng_ent = metrics("engine", 1.0)
+    assert paired_z(eng_acc, hf_acc) < 4 and paired_z(eng_ent, hf_ent) < 4
+    assert 0 < sum(map(sum, hf_acc)) < 24 * 8  # neither metric is degenerate
+    cold_acc, cold_ent = metrics("engine", 0.7)
+    assert paired_z(cold_ent, hf_ent) > 4

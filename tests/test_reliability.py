@@ -339,8 +339,8 @@ def oom_above(model, monkeypatch, limit: int, error: Exception) -> list[int]:
 def test_decode_retries_smaller_batches_after_out_of_memory(testbed, monkeypatch, error):
     model, tok = testbed
     prompts = [render_ids(tok, f"What is {i} + {i % 4}?") for i in range(10)]
-    cfg = DecodeConfig(max_new_tokens=48, batch_size=8)
-    expected = decode(model, tok, prompts, DecodeConfig(max_new_tokens=48, batch_size=2))
+    cfg = DecodeConfig(max_new_tokens=48, batch_size=8, backend="hf")  # the engine's retry: tests/test_generate.py
+    expected = decode(model, tok, prompts, DecodeConfig(max_new_tokens=48, batch_size=2, backend="hf"))
     sizes = oom_above(model, monkeypatch, 3, error)
     assert decode(model, tok, prompts, cfg) == expected
     assert sizes[:3] == [8, 4, 2] and set(sizes[3:]) == {2}  # halved until it fits, then kept
@@ -351,10 +351,10 @@ def test_decode_gives_up_when_one_prompt_does_not_fit_and_passes_other_errors_on
     prompts = [render_ids(tok, "What is 1 + 1?")] * 3
     oom_above(model, monkeypatch, 0, torch.OutOfMemoryError("CUDA out of memory"))
     with pytest.raises(torch.OutOfMemoryError):
-        decode(model, tok, prompts, DecodeConfig(max_new_tokens=8, batch_size=4))
+        decode(model, tok, prompts, DecodeConfig(max_new_tokens=8, batch_size=4, backend="hf"))
     sizes = oom_above(model, monkeypatch, 0, RuntimeError("shape mismatch"))
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        decode(model, tok, prompts, DecodeConfig(max_new_tokens=8, batch_size=4))
+        decode(model, tok, prompts, DecodeConfig(max_new_tokens=8, batch_size=4, backend="hf"))
     assert sizes == [3]  # not an out-of-memory error: no retry
 
 

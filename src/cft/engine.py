@@ -24,21 +24,34 @@ in place (no per-step concatenation), placing a longer prefix moves ``s`` left, 
 row uses moves it right. Rejected draft columns stay as holes (mask 0) in their row; positions are given
 per row (its count of valid columns), so holes cost width only. When the window reaches the buffer's end
 it is copied back with every row's holes squeezed out (rarely).
+
+Prompt decoding (stages A and D, ``PromptDecoder``, behind ``generate.decode``'s default ``engine``
+backend) uses the same window cache and continuous batching with a prompt in place of a branch prefix:
+new rows are prefilled together in one left-padded forward (a prompt shared by n samples once), their
+key/values copied into free rows right-aligned at ``w``; every step decodes one token per row (no
+drafting, so rows hold no holes and moving the window back is a plain copy). Greedy takes the argmax of
+the raw logits; sampling draws from softmax(logits / T) by inverse CDF with one uniform from the
+request's own random stream, so a sample does not depend on the batch around it. Nothing else acts on
+the logits, which is ``generate.pinned_generation_config``'s decoding (a checkpoint's penalties never
+apply). The stop rule, finish reason and entropy are ``generate._decode_hf``'s.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import random
 from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import islice, takewhile
 
 import psutil
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from cft import verify
 from cft.artifacts import InputError
 from cft.generate import is_out_of_memory
 from cft.identify import IdentifyConfig, Protocol, Work, finish_branch
@@ -77,7 +90,9 @@ class Row:
     cursor: int = 0  # where in the original prompt + response this branch is believed to be
 
 
-def check_supported(model, name: str) -> None:
+def check_supported(model, name: str,
+                    fallback: str = "use --engine reference (one generate per branch, exact for any architecture)"
+                    ) -> None:
     """Refuse a model whose layers the engine's shared key/value cache cannot represent.
 
     Full and sliding-window attention are supported: every layer keeps a row's whole sequence
@@ -86,10 +101,9 @@ def check_supported(model, name: str) -> None:
     tokens are contiguous and end at the step's column, column differences are position differences
     (which is why drafting, whose rejected columns leave holes, is off for such models).
     Layer kinds with no key/value cache (linear attention, state-space) and chunked attention are
-    refused, naming the feature and the fallback.
+    refused, naming the feature and the ``fallback`` (stage B's by default).
     """
     c = model.config.get_text_config()
-    fallback = "use --engine reference (one generate per branch, exact for any architecture)"
     other = sorted(set(getattr(c, "layer_types", None) or []) - {"full_attention", "sliding_attention"})
     if other:
         raise InputError(name, None, None, f"the fast engine does not support layer type(s) {', '.join(other)} "
@@ -125,7 +139,7 @@ class EngineStats:
         return self.tokens / max(self.row_steps, 1)
 
 
-last_stats: EngineStats | None = None  # the stats of the latest ``BranchDecoder.run`` (read by benchmarks)
+last_stats: EngineStats | None = None  # the stats of the latest ``BranchDecoder.run`` or ``PromptDecoder.run``
 
 
 class DraftIndex:
@@ -490,3 +504,293 @@ class BranchDecoder:
                     row.cursor = src + accepted[i] + 1 if d else row.cursor + 1
             self.stats.tokens += decoded
             progress.advance(0, tokens=decoded)
+
+
+# -- prompt decoding (stages A and D) ----------------------------------------------------------
+
+
+REFILL_SHARE = 8  # rows whose prompt needs a prefill are refilled once 1/REFILL_SHARE of the batch is free (or
+# none is live): a prefill forward costs a small model about a decode step. A request whose prompt is prefilled
+# already (another sample of it) takes a free row at once: on 16 testbed prompts x 16 samples, 262 forwards at
+# 57 live rows of 64 for refilling at once, 275 at 54 for refilling at 1/8 free, 319 at 47 at 1/2 free
+
+
+STEP_ROOM = 128  # buffer columns past a full row: zeroing the buffers costs more than moving the window back
+# (a copy of its live columns) every STEP_ROOM steps
+
+
+@dataclass
+class Request:
+    """One output to decode from a prompt: greedy (temperature 0) or sampled from its own random stream.
+
+    ``stream`` seeds the request's random numbers (one uniform per sampled token, inverse-CDF sampling),
+    so a sampled output depends on its prompt, temperature and stream only, not on the batch around it.
+    """
+
+    prompt_ids: list[int]
+    temperature: float = 0.0
+    stream: str = ""
+    tag: object = None  # the caller's
+
+
+@dataclass
+class PromptRow:
+    request: Request
+    ids: list[int]  # decoded so far; the last one is not in the cache yet
+    rng: random.Random | None
+    entropy: float = 0.0  # summed per-token entropy of the sampling distribution
+
+
+class PromptDecoder:
+    """Decode ``Request``s with continuous batching over the same window cache as ``BranchDecoder``.
+
+    Decoding is ``generate.decode``'s (``DecodeConfig``'s ``max_new_tokens``, ``stop_at_answer`` and
+    ``batch_size``; temperature and randomness per request): greedy is the argmax of the raw logits and
+    sampling draws from softmax(logits / T), nothing else applied, as under ``pinned_generation_config``
+    (a checkpoint's repetition penalty, n-gram ban, top-k/top-p... never act). A row stops at EOS, once
+    ``verify.answer_complete`` holds after a trigger token, or at ``max_new_tokens``; the output, finish
+    reason and mean entropy are built as ``generate._decode_batch`` builds them.
+
+    New rows are prefilled together in one left-padded forward (a prompt shared by several requests once)
+    and their key/values copied into free rows, right-aligned at the window's end like a branch prefix.
+    """
+
+    def __init__(self, model, tok, cfg, batch_size: int | None = None):
+        from cft.generate import trigger_tokens
+        from cft.models import stop_token_ids, vocab_rows
+
+        self.model, self.tok, self.cfg = model, tok, cfg
+        self.batch_size = batch_size or cfg.batch_size
+        self.eos = set(stop_token_ids(tok, model))
+        self.trigger = trigger_tokens(tok, vocab_rows(model)).tolist() if cfg.stop_at_answer else None
+        self.cache_arg = cache_kwarg(model)
+        self.pad = tok.pad_token_id or 0
+        self.stats = EngineStats()
+        self.prefills = 0  # prefill forwards (not in stats.forwards, which counts decode steps)
+        self.cache = None
+        self.queue: deque[Request] = deque()
+        self.prefilled: dict[tuple[int, ...], tuple[list, torch.Tensor]] = {}  # prompt -> its key/values, logits
+        self.uses: dict[tuple[int, ...], int] = {}  # prompt -> queued requests (its prefill is dropped at 0)
+
+    # -- rows --------------------------------------------------------------------------------
+    def _prefill(self, prompts: list[tuple[int, ...]]) -> dict[tuple[int, ...], tuple[list, torch.Tensor]]:
+        """Key/values and last logits of each prompt, from one left-padded forward (one by one if out of memory)."""
+        from cft.generate import left_pad
+
+        ids, mask = left_pad([list(p) for p in prompts], self.pad, self.model.device)
+        positions = (mask.cumsum(-1) - 1).clamp_(min=0)
+        try:
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             **{self.cache_arg: DynamicCache()})
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc) or len(prompts) == 1:
+                raise
+            out = None
+        if out is None:
+            return {k: v for p in prompts for k, v in self._prefill([p]).items()}
+        self.prefills += 1
+        cache, width = getattr(out, self.cache_arg), ids.shape[1]
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        logits = out.logits[:, -1].float()
+        return {p: ([(k[r : r + 1, :, width - len(p) :], v[r : r + 1, :, width - len(p) :]) for k, v in kv], logits[r])
+                for r, p in enumerate(prompts)}
+
+    def _new_batch(self, kv: list) -> None:
+        n = len(self.rows)
+        self.window = Window(self.max_len, self.max_len)
+        cap = self.max_len + min(self.max_len, STEP_ROOM) + 1  # every STEP_ROOM steps the window moves back
+        layers = [WindowLayer(k.new_zeros(n, k.shape[1], cap, k.shape[3]), v.new_zeros(n, v.shape[1], cap, v.shape[3]),
+                              self.window) for k, v in kv]
+        self.cache = DynamicCache()
+        self.cache.layers = layers
+        self.mbuf = torch.zeros(n, cap, dtype=torch.long, device=self.model.device)
+
+    def _place(self, i: int, kv: list, p: int) -> None:
+        """Row i holds a prompt of p tokens: its key/values right-aligned at w, the rest masked."""
+        w = self.window.w
+        if w - p < self.window.s:
+            self.mbuf[:, w - p : self.window.s] = 0
+            self.window.s = w - p
+        for layer, (k, v) in zip(self.cache.layers, kv):
+            layer.kbuf[i, :, w - p : w] = k[0]
+            layer.vbuf[i, :, w - p : w] = v[0]
+        self.mbuf[i] = 0
+        self.mbuf[i, w - p : w] = 1
+
+    def _choose(self, logits: torch.Tensor, rows: list[PromptRow]) -> list[int]:
+        """Each row's next token from its logits (B, V): argmax, or a draw from softmax(logits / T)."""
+        logits = logits.float()
+        tokens = logits.argmax(-1)
+        sampled = [i for i, r in enumerate(rows) if r.request.temperature > 0]
+        if sampled:
+            idx = torch.tensor(sampled, device=logits.device)
+            temps = torch.tensor([rows[i].request.temperature for i in sampled], device=logits.device)
+            logp = torch.log_softmax(logits[idx] / temps[:, None], dim=-1)
+            entropy = -(logp.exp() * logp).nan_to_num().sum(-1)
+            cdf = logp.double().exp().cumsum(-1)
+            u = torch.tensor([rows[i].rng.random() for i in sampled], dtype=torch.float64, device=logits.device)
+            draw = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp_(max=logits.shape[-1] - 1)
+            tokens[idx] = draw
+            for i, e in zip(sampled, entropy.tolist()):
+                rows[i].entropy += e
+        return tokens.tolist()
+
+    def _ended(self, row: PromptRow) -> bool:
+        last = row.ids[-1]
+        if last in self.eos or len(row.ids) >= self.cfg.max_new_tokens:
+            return True
+        return bool(self.trigger is not None and self.trigger[last]
+                    and verify.answer_complete(self.tok.decode(row.ids, skip_special_tokens=True)))
+
+    def _output(self, row: PromptRow):
+        from cft.generate import Output, finish_reason
+
+        text = self.tok.decode(row.ids, skip_special_tokens=True)
+        entropy = row.entropy / len(row.ids) if row.rng is not None else None
+        return Output(row.ids, text, finish_reason(row.ids, self.eos, text, self.cfg), entropy)
+
+    def _fill(self) -> list:
+        """Refill free rows from the queue (prefilling new prompts in one forward); returns the outputs that
+        ended at their first token."""
+        free = [i for i, r in enumerate(self.rows) if r is None]
+        live = len(self.rows) - len(free)
+        if not self.queue or not free:
+            return []
+        if live and len(free) * REFILL_SHARE < len(self.rows):  # only requests that need no prefill
+            ready = takewhile(lambda r: tuple(r.prompt_ids) in self.prefilled, islice(self.queue, len(free)))
+            free = free[: sum(1 for _ in ready)]
+        take = [self.queue.popleft() for _ in range(min(len(free), len(self.queue)))]
+        new = list(dict.fromkeys(tuple(r.prompt_ids) for r in take if tuple(r.prompt_ids) not in self.prefilled))
+        if new:
+            self.prefilled.update(self._prefill(new))
+        if self.cache is None:  # the first prefill sizes the buffers (layers, heads, dtype)
+            self._new_batch(self.prefilled[new[0]][0])
+        done = []
+        for i, req in zip(free, take):
+            key = tuple(req.prompt_ids)
+            kv, logits = self.prefilled[key]
+            self.uses[key] -= 1
+            if not self.uses[key]:
+                del self.prefilled[key]
+            row = PromptRow(req, [], random.Random(req.stream) if req.temperature > 0 else None)
+            row.ids.append(self._choose(logits[None], [row])[0])
+            if self._ended(row):
+                done.append((req, self._output(row)))
+                continue
+            self._place(i, kv, len(key))
+            self.rows[i] = row
+        return done
+
+    def _compact(self) -> None:
+        """Drop empty rows when nothing can refill them (once a quarter are empty) and unused left columns;
+        move the window back when the next step would not fit (rows hold no holes: a plain copy)."""
+        keep = [i for i, r in enumerate(self.rows) if r is not None]
+        if not self.queue and len(keep) <= 0.75 * len(self.rows):
+            idx = torch.tensor(keep, dtype=torch.long, device=self.model.device)
+            live = slice(self.window.s, self.window.w)
+            for layer in self.cache.layers:
+                layer.kbuf = _take_rows(layer.kbuf, idx, live, 2)
+                layer.vbuf = _take_rows(layer.vbuf, idx, live, 2)
+            self.mbuf = _take_rows(self.mbuf, idx, live, 1)
+            self.rows = [self.rows[i] for i in keep]
+        cached = [len(r.request.prompt_ids) + len(r.ids) - 1 for r in self.rows if r is not None]
+        s, w = self.window.s, self.window.w
+        self.window.s = s = w - max(cached, default=0)
+        if w + 1 > self.mbuf.shape[1]:
+            new_s = self.max_len - (w - s)
+            for layer in self.cache.layers:
+                for buf in (layer.kbuf, layer.vbuf):
+                    buf[:, :, new_s : self.max_len] = buf[:, :, s:w].clone()  # the two may overlap
+            self.mbuf[:, new_s : self.max_len] = self.mbuf[:, s:w].clone()
+            self.window.s, self.window.w = new_s, self.max_len
+            self.stats.rebases += 1
+
+    def _halve(self) -> None:
+        """Out of memory: requeue the second half of the rows (decoded again from their start) and shrink.
+
+        A restarted request redraws the same random numbers (its stream restarts), so its output is the same.
+        """
+        keep = len(self.rows) // 2
+        for row in reversed(self.rows[keep:]):
+            if row is not None:
+                self.queue.appendleft(row.request)
+                key = tuple(row.request.prompt_ids)
+                self.uses[key] = self.uses.get(key, 0) + 1
+        log.warning("decode: out of memory with %d rows; continuing with %d", len(self.rows), keep)
+        idx = torch.arange(keep, device=self.model.device)
+        live = slice(self.window.s, self.window.w)
+        for layer in self.cache.layers:
+            layer.kbuf = _take_rows(layer.kbuf, idx, live, 2)
+            layer.vbuf = _take_rows(layer.vbuf, idx, live, 2)
+        self.mbuf = _take_rows(self.mbuf, idx, live, 1)
+        self.rows = self.rows[:keep]
+        self.batch_size = keep
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _step(self) -> torch.Tensor | None:
+        """One forward over every row's last token; its logits (B, V), or None when it ran out of memory."""
+        s, w = self.window.s, self.window.w
+        dev = self.model.device
+        ids = torch.tensor([[r.ids[-1] if r else self.pad] for r in self.rows], device=dev)
+        positions = torch.tensor([[len(r.request.prompt_ids) + len(r.ids) - 1 if r else 0] for r in self.rows],
+                                 device=dev)
+        self.mbuf[:, w] = 1  # an empty row attends to this column alone (no fully masked softmax)
+        try:
+            logits = self.model(input_ids=ids, attention_mask=self.mbuf[:, s : w + 1], position_ids=positions,
+                                use_cache=True, **{self.cache_arg: self.cache}).logits[:, -1]
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc) or len(self.rows) == 1:
+                raise
+            self.mbuf[:, w] = 0
+            return None
+        self.mbuf[:, w] = torch.tensor([r is not None for r in self.rows], device=dev)
+        self.window.w = w + 1
+        live = sum(r is not None for r in self.rows)
+        self.stats.forwards += 1
+        self.stats.width_sum += w - s
+        self.stats.batch_size = self.stats.batch_size or len(self.rows)
+        self.stats.row_steps += live
+        self.stats.batch_rows += len(self.rows)
+        self.stats.query_columns += 1
+        return logits
+
+    # -- main loop ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, requests: list[Request], progress=None):
+        """Yield ``(request, Output)`` for every request, as each ends (not in request order)."""
+        global last_stats
+        last_stats = self.stats
+        if not requests:
+            return
+        self.max_len = max(len(r.prompt_ids) for r in requests) + self.cfg.max_new_tokens
+        self.queue.extend(requests)
+        for r in requests:
+            self.uses[tuple(r.prompt_ids)] = self.uses.get(tuple(r.prompt_ids), 0) + 1
+        self.rows: list[PromptRow | None] = [None] * (self.batch_size or auto_batch_size(self.model, self.max_len))
+        while True:
+            done = self._fill()
+            if self.cache is not None:
+                self._compact()
+            live_rows = any(self.rows)
+            if live_rows:
+                logits = self._step()
+                while logits is None:
+                    self._halve()
+                    logits = self._step()
+                live = [(i, r) for i, r in enumerate(self.rows) if r is not None]
+                tokens = self._choose(logits if len(live) == len(self.rows) else logits[[i for i, _ in live]],
+                                      [r for _, r in live])
+                self.stats.tokens += len(live)
+                for (i, row), t in zip(live, tokens):
+                    row.ids.append(t)
+                    if self._ended(row):
+                        self.rows[i] = None
+                        self.mbuf[i] = 0
+                        done.append((row.request, self._output(row)))
+            for req, out in done:
+                yield req, out
+                if progress:
+                    progress.advance(1, tokens=len(out.ids))
+            if not live_rows and not self.queue:
+                return

@@ -10,9 +10,12 @@ can be recomputed from it alone: ``cft eval --rescore DIR`` re-grades with the c
 rewrites ``DIR/metrics.json`` without decoding again.
 
 Problems are decoded in chunks of similar prompt length (less left padding). Sampling is reproducible
-per chunk: each chunk is decoded in one call whose seed is a hash of what it decodes (``--seed``, problem
-ids, prompts, sample indices; not the model's name or any folder), so a resumed run re-decodes a torn chunk
-exactly as the first run did, and the models of one comparison share their random numbers.
+per chunk: each chunk's seed is a hash of what it decodes (``--seed``, problem ids, prompts, sample
+indices; not the model's name or any folder), so a resumed run re-decodes a torn chunk exactly as the first
+run did, and the models of one comparison share their random numbers. The ``engine`` backend (default, see
+``generate``) decodes every chunk in one continuous batch and writes each chunk once it is complete; ``hf``
+decodes chunk by chunk. The backend that ran is recorded, and is part of a sampled record's key (the two
+draw different samples).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from cft import verify
 from cft.artifacts import InputError, ResumableWriter, environment, load_records, read_meta, record_key, write_meta
 from cft.config import MODEL_HELP, attn_option, device_option, dtype_option, from_args, model_option, option
 from cft.data import Problem, load_problems
-from cft.generate import DecodeConfig, decode, verify_error
+from cft.generate import DecodeConfig, decode_groups, resolve_backend, verify_error
 from cft.models import load_model
 from cft.progress import Progress
 from cft.prompts import QWEN_SYSTEM, render_ids, template_text
@@ -65,7 +68,8 @@ class EvalConfig:
     dtype: str = dtype_option()
     device: str | None = device_option()
     attn_implementation: str | None = attn_option()
-    backend: Literal["engine", "hf"] = option("hf", "decoder backend: hf (transformers' generate) or engine")
+    backend: Literal["engine", "hf"] = option("engine", "decoder: engine (continuous batching) or hf (model.generate)"
+                                                        "; see cft generate --help")
 
     def __post_init__(self) -> None:
         names = [b.strip() for item in self.benchmarks for b in item.split(",") if b.strip()]  # gsm8k,math500
@@ -294,7 +298,7 @@ def _key(cfg: EvalConfig, item: Item, kind: str, index: int) -> str:
     d = cfg.decoding(kind)
     settings = {"max_new_tokens": d.max_new_tokens, "stop_at_answer": d.stop_at_answer}
     if kind == "sample":
-        settings.update(temperature=d.temperature, n=d.n, seed=d.seed, batch_size=d.batch_size)
+        settings.update(temperature=d.temperature, n=d.n, seed=d.seed, batch_size=d.batch_size, backend=d.backend)
     return record_key(cfg.model, item.benchmark, item.problem.id, item.prompt_ids, item.problem.answer, kind, index,
                       settings)
 
@@ -331,31 +335,21 @@ def evaluate(cfg: EvalConfig, model=None, tok=None) -> dict[str, dict]:
     if model is None:
         model, tok = load_model(cfg.model, cfg.dtype, cfg.device, cfg.attn_implementation)
     out_dir = Path(cfg.out)
+    cfg = replace(cfg, backend=resolve_backend(model, cfg.decoding("greedy"), cfg.model).backend)
     items = load_items(cfg, tok, problems)
-    kinds = [("greedy", 1, cfg.batch_size)]
-    if cfg.n_samples > 0:
-        kinds.append(("sample", cfg.n_samples, max(1, cfg.batch_size // cfg.n_samples)))
-    keys = {(kind, i, j): _key(cfg, it, kind, j)
-            for kind, n, _ in kinds for i, it in enumerate(items) for j in range(n)}
-
+    kinds, keys, chunks = plan(cfg, items)
     writer = ResumableWriter(out_dir / SAMPLES, "samples")
     if (out_dir / SAMPLES).exists():  # a finished earlier run: reuse whatever it shares with this one
         wanted = set(keys.values())
         for rec in load_records(out_dir / SAMPLES, "samples"):
             if rec["key"] in wanted:
                 writer.done.setdefault(rec["key"], rec)
-    by_length = sorted(range(len(items)), key=lambda i: -len(items[i].prompt_ids))  # less left padding per batch
-    chunks = [(kind, n, by_length[s : s + size]) for kind, n, size in kinds for s in range(0, len(items), size)]
     chunks = [c for c in chunks if any(keys[c[0], i, j] not in writer.done for i in c[2] for j in range(c[1]))]
 
     t0 = time.time()
     with Progress("eval", total=sum(n * len(idx) for _, n, idx in chunks)) as progress:
-        for kind, n, idx in chunks:
-            # the seed depends on what is decoded, not on the model's name or the folders (a moved checkpoint
-            # or run folder samples the same; every model of a comparison gets the same random numbers)
-            what = [(items[i].problem.id, items[i].prompt_ids, j) for i in idx for j in range(n)]
-            dcfg = replace(cfg.decoding(kind), seed=int(record_key(cfg.seed, kind, what), 16) % 2**31)
-            outs = decode(model, tok, [items[i].prompt_ids for i in idx], dcfg, progress)
+        for c, outs in decode_groups(model, tok, decode_chunks(cfg, items, chunks, keys), progress):
+            kind, n, idx = chunks[c]
             writer.write(_record(keys[kind, i, j], items[i], kind, j, outs[k][j])
                          for k, i in enumerate(idx) for j in range(n) if keys[kind, i, j] not in writer.done)
         decoded_tokens = progress.tokens
@@ -377,6 +371,35 @@ def evaluate(cfg: EvalConfig, model=None, tok=None) -> dict[str, dict]:
     writer.finalize(order, meta)
     write_meta(out_dir / METRICS, metrics)
     return metrics
+
+
+Chunk = tuple[str, int, list[int]]  # (kind, n, item indices): decoded in one call (hf) and written together
+
+
+def plan(cfg: EvalConfig, items: list[Item]) -> tuple[list[tuple[str, int, int]], dict, list[Chunk]]:
+    """The kinds of response ``(kind, n, problems per chunk)``, every record key by ``(kind, item, sample)``,
+    and the chunks ``(kind, n, item indices)``: problems sorted by prompt length (less left padding per batch)."""
+    kinds = [("greedy", 1, cfg.batch_size)]
+    if cfg.n_samples > 0:
+        kinds.append(("sample", cfg.n_samples, max(1, cfg.batch_size // cfg.n_samples)))
+    keys = {(kind, i, j): _key(cfg, it, kind, j)
+            for kind, n, _ in kinds for i, it in enumerate(items) for j in range(n)}
+    by_length = sorted(range(len(items)), key=lambda i: -len(items[i].prompt_ids))
+    chunks = [(kind, n, by_length[s : s + size]) for kind, n, size in kinds for s in range(0, len(items), size)]
+    return kinds, keys, chunks
+
+
+def decode_chunks(cfg: EvalConfig, items: list[Item], chunks: list[Chunk],
+                  keys: dict) -> list[tuple[list[list[int]], DecodeConfig]]:
+    """The prompts and decoding of each chunk ``(kind, n, item indices)``. The seed hashes what the chunk
+    decodes, not the model's name or the folders: a moved checkpoint or run folder samples the same, and every
+    model of a comparison gets the same random numbers."""
+    groups = []
+    for kind, n, idx in chunks:
+        what = [(items[i].problem.id, items[i].prompt_ids, j) for i in idx for j in range(n)]
+        dcfg = replace(cfg.decoding(kind), seed=int(record_key(cfg.seed, kind, what), 16) % 2**31)
+        groups.append(([items[i].prompt_ids for i in idx], dcfg))
+    return groups
 
 
 def rescore(out_dir: str | Path) -> dict[str, dict]:

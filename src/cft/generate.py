@@ -1,8 +1,18 @@
 """Stage A: decode solutions (greedy by default) and keep their verdicts.
 
-``decode`` is the batched decoder shared with evaluation: transformers' ``generate`` over token-id
-prompts with left padding, stopping a row at EOS or once its final answer is complete. A batch that
-runs out of memory is retried in halves, so one long batch does not end a long run.
+``decode`` is the batched decoder shared with evaluation, stopping a row at EOS or once its final answer
+is complete, on one of two backends (``DecodeConfig.backend``, recorded in ``meta["decoding"]``):
+
+- ``engine`` (default): ``cft.engine.PromptDecoder``, continuous batching over a preallocated
+  key/value cache (a finished row is refilled at once; a prompt shared by n samples is prefilled once).
+  A model ``engine.check_supported`` refuses falls back to ``hf`` with a one-line note.
+- ``hf``: transformers' ``generate`` over token-id prompts with left padding, in fixed batches; a batch
+  that runs out of memory is retried in halves, so one long batch does not end a long run.
+
+Greedy outputs of the two are the same tokens (up to floating-point near-ties: a top-1/top-2 logit gap
+of ~1e-6 in fp32). Sampling has the same distribution but not the same random numbers: ``hf`` draws from
+torch's global generator seeded once per call, ``engine`` gives every output its own stream (seed, prompt,
+sample index), so its samples do not depend on the batch size or on the other prompts of the call.
 
 Decoding is pinned (``pinned_generation_config`` / ``pinned_generate``): transformers fills every
 setting a call leaves unset from the checkpoint's ``generation_config.json``, and several of those act
@@ -22,14 +32,14 @@ import contextlib
 import functools
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from cft import verify
-from cft.artifacts import ResumableWriter, environment, invalid_count, record_key
+from cft.artifacts import InputError, ResumableWriter, environment, invalid_count, record_key
 from cft.config import attn_option, device_option, dtype_option, from_args, internal, model_option, option
 from cft.data import Problem, load_problems
 from cft.models import load_model, stop_token_ids, vocab_rows
@@ -39,6 +49,7 @@ from cft.prompts import render_ids, template_text
 log = logging.getLogger(__name__)
 OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 OUT_OF_MEMORY_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory")  # MPS/XPU, CPU
+BACKENDS = ("engine", "hf")
 
 
 @dataclass
@@ -59,7 +70,9 @@ class DecodeConfig:
     stop_at_answer: bool = option(True, "stop a response once its final answer is complete (--no-stop-at-answer: "
                                         "decode to EOS)")
     seed: int = internal(0)
-    backend: Literal["engine", "hf"] = option("hf", "decoder backend: hf (transformers' generate) or engine")
+    backend: Literal["engine", "hf"] = option(
+        "engine", "engine: cft.engine's continuous batching (a model it does not support falls back to hf, with a "
+                  "note); hf: transformers' model.generate in fixed batches. Greedy outputs are the same tokens")
 
 
 @dataclass
@@ -163,7 +176,22 @@ def decoding_settings(model, tok, cfg: DecodeConfig) -> dict:
     return {"generation_config": settings, "temperature": cfg.temperature,
             "temperature_applied_by": "cft" if cfg.temperature > 0 else None,
             "stop_at_answer": cfg.stop_at_answer, "stop_rule": "verify.answer_complete",
-            "inherited_from_checkpoint": ["eos_token_id"]}
+            "inherited_from_checkpoint": ["eos_token_id"], "backend": cfg.backend}
+
+
+def resolve_backend(model, cfg: DecodeConfig, name: str = "model") -> DecodeConfig:
+    """``cfg`` with the backend that will run: ``engine`` falls back to ``hf`` (one note) where it is refused."""
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"unknown backend {cfg.backend!r}; choose from {', '.join(BACKENDS)}")
+    if cfg.backend == "engine":
+        from cft.engine import check_supported
+
+        try:
+            check_supported(model, name, fallback="decoding with model.generate instead (--backend hf)")
+        except InputError as exc:
+            log.warning("note: %s", exc)
+            return replace(cfg, backend="hf")
+    return cfg
 
 
 def finish_reason(ids: list[int], eos: set[int], text: str, cfg: DecodeConfig) -> str:
@@ -180,10 +208,74 @@ def is_out_of_memory(exc: BaseException) -> bool:
         isinstance(exc, RuntimeError) and any(m in str(exc) for m in OUT_OF_MEMORY_MESSAGES))
 
 
-@torch.inference_mode()
 def decode(model, tok, prompts: list[list[int]], cfg: DecodeConfig,
            progress: Progress | None = None) -> list[list[Output]]:
-    """``cfg.n`` outputs per prompt, in prompt order; a batch that runs out of memory is retried in halves."""
+    """``cfg.n`` outputs per prompt, in prompt order, on ``cfg.backend`` (see the module docstring)."""
+    return next(decode_groups(model, tok, [(prompts, cfg)], progress))[1]
+
+
+def decode_groups(model, tok, groups: list[tuple[list[list[int]], DecodeConfig]], progress: Progress | None = None):
+    """Decode groups of prompts, each under its own config; yield ``(group index, outputs)`` (outputs as
+    ``decode`` returns them) as each group completes.
+
+    ``hf`` decodes group by group. ``engine`` puts every group's outputs through one continuous batch, so
+    rows stay full across groups (groups then finish out of order); its groups may differ in temperature,
+    ``n`` and seed only, and the first group's backend decides for all.
+    """
+    if not groups:
+        return
+    first = resolve_backend(model, groups[0][1])
+    if first.backend == "hf":
+        for g, (prompts, cfg) in enumerate(groups):
+            yield g, _decode_hf(model, tok, prompts, replace(cfg, backend="hf"), progress)
+        return
+    from cft.engine import PromptDecoder
+
+    shared = ("max_new_tokens", "stop_at_answer", "batch_size")
+    results: list[list[list[Output | None]]] = []
+    left: list[int] = []
+    requests = []
+    for g, (prompts, cfg) in enumerate(groups):
+        if any(getattr(cfg, k) != getattr(first, k) for k in shared):
+            raise ValueError(f"decode_groups: group {g} differs from group 0 in {shared} (one engine run decodes all)")
+        results.append([[None] * cfg.n for _ in prompts])
+        left.append(len(prompts) * cfg.n)
+        requests += engine_requests(prompts, cfg, g)
+    for g, n in enumerate(left):
+        if not n:
+            yield g, results[g]
+    for req, out in PromptDecoder(model, tok, first).run(requests, progress):
+        g, i, j = req.tag
+        results[g][i][j] = out
+        left[g] -= 1
+        if not left[g]:
+            yield g, results[g]
+
+
+def engine_requests(prompts: list[list[int]], cfg: DecodeConfig, group: int = 0) -> list:
+    """``cfg.n`` engine requests per prompt, longest prompts first, tagged (group, prompt index, sample).
+
+    A sampled request's random stream is a hash of (seed, prompt, sample index), the index counting on
+    over earlier identical prompts of the call, so outputs do not depend on batch size or prompt order.
+    """
+    from cft.engine import Request
+
+    seen: dict[tuple[int, ...], int] = {}
+    requests = []
+    for i in sorted(range(len(prompts)), key=lambda i: -len(prompts[i])):
+        key = tuple(prompts[i])
+        first = seen.get(key, 0)
+        seen[key] = first + cfg.n
+        for j in range(cfg.n):
+            stream = record_key(cfg.seed, prompts[i], first + j) if cfg.temperature > 0 else ""
+            requests.append(Request(prompts[i], cfg.temperature, stream, (group, i, j)))
+    return requests
+
+
+@torch.inference_mode()
+def _decode_hf(model, tok, prompts: list[list[int]], cfg: DecodeConfig,
+               progress: Progress | None = None) -> list[list[Output]]:
+    """``model.generate`` in batches of ``cfg.batch_size`` rows; an out-of-memory batch is retried in halves."""
     eos = stop_token_ids(tok, model)
     trigger = trigger_tokens(tok, vocab_rows(model)).to(model.device) if cfg.stop_at_answer else None
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -285,7 +377,8 @@ def verify_error(result: verify.GradeResult) -> str:
 
 def generation_key(p: Problem, prompt_ids: list[int], model_name: str, cfg: DecodeConfig) -> str:
     """Everything that determines a record; the id too, so two problems with the same text stay two records."""
-    return record_key(model_name, p.id, prompt_ids, asdict(cfg), p.answer)
+    settings = {k: v for k, v in asdict(cfg).items() if k != "backend" or cfg.temperature > 0}  # greedy: either
+    return record_key(model_name, p.id, prompt_ids, settings, p.answer)
 
 
 def generation_record(key: str, p: Problem, prompt_ids: list[int], o: Output) -> dict:
@@ -337,11 +430,11 @@ def generate(cfg: GenerateConfig, model=None, tok=None) -> dict:
     by_length = sorted(kept, key=lambda i: -len(prompts[i]))
     batches = [by_length[s : s + cfg.decode.batch_size] for s in range(0, len(kept), cfg.decode.batch_size)]
     todo = [b for b in batches if any(keys[i] not in writer.done for i in b)]
+    dcfg = resolve_backend(model, cfg.decode, cfg.model)
     t0 = time.time()
     with Progress("generate", total=sum(map(len, todo))) as progress:
-        for batch in todo:
-            outs = decode(model, tok, [prompts[i] for i in batch], cfg.decode, progress)
-            writer.write([generation_record(keys[i], problems[i], prompts[i], o[0]) for i, o in zip(batch, outs)])
+        for b, outs in decode_groups(model, tok, [([prompts[i] for i in batch], dcfg) for batch in todo], progress):
+            writer.write([generation_record(keys[i], problems[i], prompts[i], o[0]) for i, o in zip(todo[b], outs)])
     records = [writer.done[keys[i]] for i in kept]
     summary = {
         "n": len(records),
@@ -355,7 +448,7 @@ def generate(cfg: GenerateConfig, model=None, tok=None) -> dict:
     }
     meta = {"stage": "generate", "config": asdict(cfg), "seed": cfg.seed,
             "prompt_template": template_text(cfg.template) or cfg.template,
-            "decoding": decoding_settings(model, tok, cfg.decode),
+            "decoding": decoding_settings(model, tok, dcfg),
             "environment": environment(model), "summary": summary,
             "skipped_too_long_ids": [problems[i].id for i in too_long]}
     writer.finalize([keys[i] for i in kept], meta)

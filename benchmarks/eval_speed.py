@@ -1,0 +1,135 @@
+"""Stage D speed: ``cft eval``'s decoding on the ``hf`` backend vs the ``engine`` backend, in one process.
+
+The work is the testbed study's evaluation (configs/experiment/testbed_study.yaml): per split
+(testbed:test, testbed:test_ood) one greedy response to each of 200 problems and 16 samples at
+temperature 1.0 for the first 40, max_new_tokens 256, stop at a complete answer, batch size 64. Each
+(split, part) unit is decoded by both backends in turn (who goes first alternates), through the same
+``evaluate.plan`` / ``decode_chunks`` / ``generate.decode_groups`` calls ``cft eval`` makes, so machine
+noise hits both alike. Grading is not timed. Prints per backend outputs, tokens, tokens/s, wall time,
+model forwards (prefills included) and decoded tokens per forward (how full the rows were kept: at
+most the batch size), the metrics of both, and as its last line
+
+    speedup=<hf wall / engine wall> greedy_identical=<true|false> greedy_acc_hf=.. greedy_acc_engine=..
+    sample_acc_hf=.. sample_acc_engine=.. entropy_hf=.. entropy_engine=.. sampled_z=<max |z|> hf_s=.. engine_s=..
+
+(one line). ``greedy_identical``: every greedy response has the same token ids on both. The sampled
+metrics cannot be equal (the backends draw different random numbers); ``sampled_z`` is the largest
+|difference| / standard error of sample accuracy and mean entropy, paired by problem: below ~3 is
+sampling noise.
+
+    python benchmarks/eval_speed.py                       # the study's size (a few minutes on a CPU)
+    python benchmarks/eval_speed.py --problems 40 --samples 8 --sampled-problems 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+
+from cft import verify
+from cft.evaluate import EvalConfig, decode_chunks, load_items, plan
+from cft.generate import decode_groups
+from cft.models import load_model
+
+
+def decode_unit(model, tok, cfg: EvalConfig) -> tuple[float, dict]:
+    """Wall seconds and outputs ``{(kind, item, sample): Output}`` of ``cft eval``'s decoding of ``cfg``."""
+    items = load_items(cfg, tok)
+    _, keys, chunks = plan(cfg, items)
+    outs = {}
+    t0 = time.perf_counter()
+    for c, chunk_outs in decode_groups(model, tok, decode_chunks(cfg, items, chunks, keys)):
+        kind, n, idx = chunks[c]
+        outs.update({(kind, i, j): chunk_outs[k][j] for k, i in enumerate(idx) for j in range(n)})
+    seconds = time.perf_counter() - t0
+    return seconds, {"items": items, "outs": outs}
+
+
+def paired_z(a: dict[int, list[float]], b: dict[int, list[float]]) -> float:
+    """|mean difference| / its standard error, the unit being a problem (its samples' mean on each side)."""
+    diffs = [sum(a[p]) / len(a[p]) - sum(b[p]) / len(b[p]) for p in a]
+    if len(diffs) < 2:
+        return 0.0
+    mean = sum(diffs) / len(diffs)
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+    return 0.0 if se == 0 else abs(mean) / se
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="testbed")
+    ap.add_argument("--splits", default="testbed:test,testbed:test_ood")
+    ap.add_argument("--problems", type=int, default=200, help="greedy problems per split")
+    ap.add_argument("--sampled-problems", type=int, default=40, help="problems sampled per split")
+    ap.add_argument("--samples", type=int, default=16, help="samples per sampled problem")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default=None)
+    args = ap.parse_args()
+
+    model, tok = load_model(args.model, args.dtype, args.device)
+    calls = [0]
+    model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    print(f"model={args.model} device={model.device} dtype={args.dtype} threads={torch.get_num_threads()} "
+          f"problems={args.problems} sampled={args.sampled_problems}x{args.samples} T={args.temperature} "
+          f"max_new_tokens={args.max_new_tokens} batch={args.batch_size}")
+    backends = ("hf", "engine")
+    seconds = dict.fromkeys(backends, 0.0)
+    tokens = dict.fromkeys(backends, 0)
+    outputs = dict.fromkeys(backends, 0)
+    forwards = dict.fromkeys(backends, 0)
+    greedy_ids = {b: [] for b in backends}
+    greedy_ok = {b: [] for b in backends}
+    sample_ok = {b: {} for b in backends}
+    sample_ent = {b: {} for b in backends}
+    units = [(split, n, limit) for split in args.splits.split(",")
+             for n, limit in ((0, args.problems), (args.samples, args.sampled_problems)) if limit > 0]
+    for u, (split, n, limit) in enumerate(units):
+        for backend in backends if u % 2 == 0 else backends[::-1]:
+            cfg = EvalConfig(model=args.model, benchmarks=[split], out="-", limit=limit, n_samples=n,
+                             temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                             batch_size=args.batch_size, stop_at_answer=True, backend=backend)
+            before = calls[0]
+            took, res = decode_unit(model, tok, cfg)
+            seconds[backend] += took
+            forwards[backend] += calls[0] - before
+            for (kind, i, _), o in res["outs"].items():
+                tokens[backend] += len(o.ids)
+                outputs[backend] += 1
+                if kind == "greedy" and n:
+                    continue  # the sampled part's greedy responses (cft eval decodes them) repeat the greedy part's
+                ok = verify.grade(o.text, res["items"][i].problem.answer)[1]
+                if kind == "greedy":
+                    greedy_ids[backend].append(o.ids)
+                    greedy_ok[backend].append(ok)
+                else:
+                    sample_ok[backend].setdefault((split, i), []).append(float(ok))
+                    sample_ent[backend].setdefault((split, i), []).append(o.entropy)
+            print(f"  {split} {'sampled' if n else 'greedy'} {backend}: {took:.1f}s", flush=True)
+    for b in backends:
+        print(f"{b:7s} outputs={outputs[b]} tokens={tokens[b]} tok/s={tokens[b] / seconds[b]:.0f} "
+              f"seconds={seconds[b]:.1f} forwards={forwards[b]} tokens_per_forward={tokens[b] / forwards[b]:.1f}")
+
+    def mean(xs) -> float:
+        return sum(xs) / max(len(xs), 1)
+
+    def pooled(d: dict) -> float:
+        return mean([x for xs in d.values() for x in xs])
+
+    z = max(paired_z(sample_ok["engine"], sample_ok["hf"]), paired_z(sample_ent["engine"], sample_ent["hf"])) \
+        if sample_ok["hf"] else 0.0
+    identical = greedy_ids["hf"] == greedy_ids["engine"]
+    print(f"speedup={seconds['hf'] / seconds['engine']:.2f} greedy_identical={str(identical).lower()} "
+          f"greedy_acc_hf={mean(greedy_ok['hf']):.4f} greedy_acc_engine={mean(greedy_ok['engine']):.4f} "
+          f"sample_acc_hf={pooled(sample_ok['hf']):.4f} sample_acc_engine={pooled(sample_ok['engine']):.4f} "
+          f"entropy_hf={pooled(sample_ent['hf']):.4f} entropy_engine={pooled(sample_ent['engine']):.4f} "
+          f"sampled_z={z:.2f} hf_s={seconds['hf']:.1f} engine_s={seconds['engine']:.1f}")
+
+
+if __name__ == "__main__":
+    main()
