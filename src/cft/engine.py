@@ -39,6 +39,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from cft.answer_watch import AnswerWatch
 from cft.artifacts import InputError
 from cft.generate import is_out_of_memory
 from cft.identify import IdentifyConfig, Protocol, Work, finish_branch
@@ -75,6 +76,7 @@ class Row:
     n_new: int = 0
     margin: float = math.inf  # smallest top-1 minus top-2 logit gap over the tokens decoded so far
     cursor: int = 0  # where in the original prompt + response this branch is believed to be
+    watch: AnswerWatch | None = None  # the answer rule's incremental state for ``response``
 
 
 def check_supported(model, name: str) -> None:
@@ -333,7 +335,8 @@ class BranchDecoder:
             layer.vbuf[i, :, w - p : w] = pv[0, :, :p]
         self.mbuf[i] = 0
         self.mbuf[i, w - p : w] = 1
-        self.rows[i] = Row(work, t, j, work.response_ids[:t] + [work.alternatives[t][j]], cursor=p + 1)
+        self.rows[i] = Row(work, t, j, work.response_ids[:t] + [work.alternatives[t][j]], cursor=p + 1,
+                           watch=self.proto.watch())
 
     def _compact(self) -> None:
         """Drop empty rows when nothing can refill them (once a quarter are empty), and unused left columns.
@@ -480,7 +483,7 @@ class BranchDecoder:
                     row.n_new += 1
                     row.margin = min(row.margin, gaps[i][k])
                     decoded += 1
-                    if self.proto.stopped(row.response, row.n_new, row.t):
+                    if self.proto.stopped(row.response, row.n_new, row.t, row.watch):
                         self.rows[i] = None
                         self.mbuf[i] = 0
                         self._settle(row.work, row.t, row.j, row.response[row.t + 1 :], row.margin)
