@@ -103,6 +103,24 @@ def test_many_holes_force_rebases_that_squeeze_them_out(tmp_path, monkeypatch, r
     assert [without_margins(r) for r in off] == [without_margins(r) for r in on]
 
 
+def test_unwritten_cache_columns_are_never_read(tmp_path, monkeypatch, random_model_dir, testbed_tokenizer):
+    """The buffers start uninitialised: filled with NaN here, no label or continuation may change."""
+    model, tok, records = _fake_correct(testbed_tokenizer, random_model_dir, tmp_path, n=4, max_new_tokens=12)
+    want, _ = _labels(tmp_path, monkeypatch, model, tok, records, 3, batch_size=5)
+    new_batch = engine.BranchDecoder._new_batch
+
+    def poisoned(self, work):
+        new_batch(self, work)
+        for layer in self.cache.layers:
+            layer.kbuf.fill_(float("nan"))
+            layer.vbuf.fill_(float("nan"))
+
+    monkeypatch.setattr(engine.BranchDecoder, "_new_batch", poisoned)
+    got, stats = _labels(tmp_path / "nan", monkeypatch, model, tok, records, 3, batch_size=5)
+    assert stats.rebases >= 1 and stats.forwards > 10
+    assert [without_margins(r) for r in got] == [without_margins(r) for r in want]
+
+
 def test_out_of_memory_halving_with_drafting(tmp_path, monkeypatch, random_model_dir, testbed_tokenizer):
     model, tok, records = _fake_correct(testbed_tokenizer, random_model_dir, tmp_path, n=3, max_new_tokens=16)
     want, _ = _labels(tmp_path, monkeypatch, model, tok, records, 4, batch_size=16)

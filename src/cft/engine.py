@@ -290,7 +290,9 @@ class BranchDecoder:
         self.batch_size = n
         self.window = Window(self.max_len, self.max_len)
         cap = 2 * self.max_len + self.draft + 1
-        layers = [WindowLayer(k.new_zeros(n, k.shape[1], cap, k.shape[3]), v.new_zeros(n, v.shape[1], cap, v.shape[3]),
+        # uninitialised: a column is written (a step, a rebase) or zeroed (_place) before the window reaches it
+        # (zero-filling the whole buffer cost 5% of a short run)
+        layers = [WindowLayer(k.new_empty(n, k.shape[1], cap, k.shape[3]), v.new_empty(n, v.shape[1], cap, v.shape[3]),
                               self.window) for k, v in self.prefix_kv[work.key]]
         self.cache = DynamicCache()
         self.cache.layers = layers
@@ -327,8 +329,11 @@ class BranchDecoder:
         if p > self.window.w:
             self._rebase(p)
         w = self.window.w
-        if w - p < self.window.s:
+        if w - p < self.window.s:  # new columns for every row: masked, and finite (0 * NaN would poison attention)
             self.mbuf[:, w - p : self.window.s] = 0
+            for layer in self.cache.layers:
+                layer.kbuf[:, :, w - p : self.window.s] = 0
+                layer.vbuf[:, :, w - p : self.window.s] = 0
             self.window.s = w - p
         for layer, (pk, pv) in zip(self.cache.layers, self.prefix_kv[work.key]):
             layer.kbuf[i, :, w - p : w] = pk[0, :, :p]
