@@ -50,9 +50,15 @@ log = logging.getLogger(__name__)
 
 # Draft tokens verified per row and step, by device type (0: one-token decoding). Counted on 20
 # testbed responses (ngram 3): decoded tokens per row-step 2.13 / 2.71 / 3.10 / 3.28 for 2 / 4 / 6 / 8
-# drafts, all with output identical to one-token decoding. A CPU pays for every query column (four
-# cost 1.4x one on the testbed), so 4 drafts buy the most tokens per second there; a GPU step is
-# bound by reading weights and cache, nearly free in extra columns, so it takes 8.
+# drafts, all with output identical to one-token decoding. A CPU pays for every query column: the
+# testbed's bare forward loop costs 4.0 ms + rows * (0.095 + 0.082 q) ms (1 thread, 16..190 rows, q 1..5),
+# so a 5-column step costs 2.6x a 1-column one at 190 rows. On 10 testbed responses in 4 chunks (1 thread,
+# load 3-7, alternating, 2026-12) 1 / 2 / 3 / 4 drafts decoded 1.67 / 2.12 / 2.43 / 2.69 tokens per
+# row-step in 290 / 244 / 227 / 205 forwards; that cost model rates 2 drafts 11% above 4, the measured
+# wall times were equal within noise (2701 / 2824 / 2837 tok/s for 2 / 3 / 4), since the engine's
+# per-step host work favours fewer forwards. An adaptive width (each step's q chosen from per-row
+# acceptance odds and that cost model) matched 2 drafts and was dropped. A GPU step is bound by reading
+# weights and cache, nearly free in extra columns, so it takes 8.
 DRAFT_TOKENS = {"cpu": 4, "cuda": 8}
 DRAFT_NGRAM = 3  # the longest branch suffix looked up in the original (shorter ones are tried next;
 # 1..4 differ by under 2% in forwards)
@@ -290,8 +296,8 @@ class BranchDecoder:
         self.batch_size = n
         self.window = Window(self.max_len, self.max_len)
         cap = 2 * self.max_len + self.draft + 1
-        # uninitialised: a column is written (a step, a rebase) or zeroed (_place) before the window reaches it
-        # (zero-filling the whole buffer cost 5% of a short run)
+        # uninitialised: a column is written (a step, a rebase) or zeroed (_place) before the window reaches it, so
+        # columns the window never reaches are never touched (zero-filling all of it up front took 0.3 s a batch)
         layers = [WindowLayer(k.new_empty(n, k.shape[1], cap, k.shape[3]), v.new_empty(n, v.shape[1], cap, v.shape[3]),
                               self.window) for k, v in self.prefix_kv[work.key]]
         self.cache = DynamicCache()
