@@ -439,9 +439,14 @@ class BranchDecoder:
             if not is_out_of_memory(exc) or len(self.rows) == 1:
                 raise
             return None  # the exception's tensors are released before the caller halves the batch
-        greedy = logits.argmax(-1)
-        top2 = logits.topk(2, dim=-1).values.float()
-        gaps = top2[..., 0] - top2[..., 1]
+        # one pass over the logits for both the greedy token and the gap: topk's first index is the argmax
+        # unless the top two are equal, where argmax's rule (the lowest id) decides, as in generate
+        top2 = logits.topk(2, dim=-1)
+        greedy, values = top2.indices[..., 0], top2.values
+        tie = values[..., 0] == values[..., 1]
+        if bool(tie.any()):
+            greedy = torch.where(tie, logits.argmax(-1), greedy)
+        gaps = values[..., 0].float() - values[..., 1].float()
         if q > 1:
             accepted = (greedy[:, :-1] == ids[:, 1:]).long().cumprod(1).sum(1)
             lengths = torch.tensor([len(d) for _, d in drafts], device=dev)
