@@ -6,10 +6,12 @@ batch of rows decodes greedily one token per step; each row is a branch, right-a
 cache (left columns it does not use are masked out, its own positions given explicitly). When a
 branch ends its row is refilled at once from the queue (continuous batching); a failed rank-r branch
 queues rank r+1 at the front, a succeeded one settles its position. The stop rule and verdicts are
-``identify.Protocol``'s, the same as the reference engine's. Each step also records every row's
-top-1 minus top-2 logit gap; a branch's smallest gap is its ``margin`` (see ``identify``'s near-ties).
-Sliding-window layers need nothing special: every row ends at the step's column, so the model's own
-mask from cache positions is the row's window (``check_supported`` names what is refused).
+``identify.Protocol``'s, the same as the reference engine's (each row carries the answer rule's incremental
+state, ``cft.answer_watch``, so a trigger token costs its own text, not the whole response's). Each step
+also records every row's top-1 minus top-2 logit gap; a branch's smallest gap is its ``margin`` (see
+``identify``'s near-ties). Sliding-window layers need nothing special: every row ends at the step's
+column, so the model's own mask from cache positions is the row's window (``check_supported`` names
+what is refused).
 
 Re-convergence drafting: a branch usually rejoins the original solution a few tokens after its
 substituted token. Each row proposes up to ``draft`` tokens from its own original prompt + response
