@@ -103,6 +103,43 @@ def test_many_holes_force_rebases_that_squeeze_them_out(tmp_path, monkeypatch, r
     assert [without_margins(r) for r in off] == [without_margins(r) for r in on]
 
 
+def _twin_tokens(model) -> None:
+    """Every odd token's output row equals the even one's before it: every greedy step is an exact tie."""
+    with torch.no_grad():
+        weight = model.get_output_embeddings().weight
+        weight[1::2] = weight[0:-1:2]
+
+
+def test_exact_ties_pick_the_lowest_id_as_generate_does(tmp_path, monkeypatch, random_model_dir, testbed_tokenizer):
+    model, tok, records = _fake_correct(testbed_tokenizer, random_model_dir, tmp_path, n=3, max_new_tokens=10,
+                                        edit=_twin_tokens)
+    short = {"k": 2, "max_new_tokens": 12}
+    ref, _ = _labels(tmp_path, monkeypatch, model, tok, records, 0, "reference", **short)
+    fast, stats = _labels(tmp_path, monkeypatch, model, tok, records, 2, batch_size=5, **short)
+    assert _same(ref, fast) > 20 and stats.forwards > 5
+    margins = [b["margin"] for r in fast for br in r["branches"] for b in br if b["ids"]]
+    assert margins and set(margins) == {0.0}  # every step was a tie
+    assert all(t % 2 == 0 for r in fast for br in r["branches"] for b in br for t in b["ids"] or [])
+
+
+def test_unwritten_cache_columns_are_never_read(tmp_path, monkeypatch, random_model_dir, testbed_tokenizer):
+    """The buffers start uninitialised: filled with NaN here, no label or continuation may change."""
+    model, tok, records = _fake_correct(testbed_tokenizer, random_model_dir, tmp_path, n=4, max_new_tokens=12)
+    want, _ = _labels(tmp_path, monkeypatch, model, tok, records, 3, batch_size=5)
+    new_batch = engine.BranchDecoder._new_batch
+
+    def poisoned(self, work):
+        new_batch(self, work)
+        for layer in self.cache.layers:
+            layer.kbuf.fill_(float("nan"))
+            layer.vbuf.fill_(float("nan"))
+
+    monkeypatch.setattr(engine.BranchDecoder, "_new_batch", poisoned)
+    got, stats = _labels(tmp_path / "nan", monkeypatch, model, tok, records, 3, batch_size=5)
+    assert stats.rebases >= 1 and stats.forwards > 10
+    assert [without_margins(r) for r in got] == [without_margins(r) for r in want]
+
+
 def test_out_of_memory_halving_with_drafting(tmp_path, monkeypatch, random_model_dir, testbed_tokenizer):
     model, tok, records = _fake_correct(testbed_tokenizer, random_model_dir, tmp_path, n=3, max_new_tokens=16)
     want, _ = _labels(tmp_path, monkeypatch, model, tok, records, 4, batch_size=16)

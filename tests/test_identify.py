@@ -141,13 +141,16 @@ def test_non_greedy_response_is_reported_and_uses_top_k_minus_y(tmp_path, bigram
     assert summary["not_greedy"] == 1
 
 
-def _fake_correct(tok, model_dir, tmp_path, n=6, max_new_tokens=30):
-    """Responses of a random model, each made 'correct' by taking its own answer as gold."""
+def _fake_correct(tok, model_dir, tmp_path, n=6, max_new_tokens=30, edit=None):
+    """Responses of a random model, each made 'correct' by taking its own answer as gold (``edit``: applied
+    to the model first)."""
     from cft.models import load_model
     from cft.testbed.problems import generate_split
     from cft.verify import extract_answer
 
     model, tok = load_model(str(model_dir))
+    if edit is not None:
+        edit(model)
     problems = generate_split("train", n)
     prompts = [render_ids(tok, p.question) for p in problems]
     outs = decode(model, tok, prompts, DecodeConfig(max_new_tokens=max_new_tokens))

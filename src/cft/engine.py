@@ -6,10 +6,12 @@ batch of rows decodes greedily one token per step; each row is a branch, right-a
 cache (left columns it does not use are masked out, its own positions given explicitly). When a
 branch ends its row is refilled at once from the queue (continuous batching); a failed rank-r branch
 queues rank r+1 at the front, a succeeded one settles its position. The stop rule and verdicts are
-``identify.Protocol``'s, the same as the reference engine's. Each step also records every row's
-top-1 minus top-2 logit gap; a branch's smallest gap is its ``margin`` (see ``identify``'s near-ties).
-Sliding-window layers need nothing special: every row ends at the step's column, so the model's own
-mask from cache positions is the row's window (``check_supported`` names what is refused).
+``identify.Protocol``'s, the same as the reference engine's (each row carries the answer rule's incremental
+state, ``cft.answer_watch``, so a trigger token costs its own text, not the whole response's). Each step
+also records every row's top-1 minus top-2 logit gap; a branch's smallest gap is its ``margin`` (see
+``identify``'s near-ties). Sliding-window layers need nothing special: every row ends at the step's
+column, so the model's own mask from cache positions is the row's window (``check_supported`` names
+what is refused).
 
 Re-convergence drafting: a branch usually rejoins the original solution a few tokens after its
 substituted token. Each row proposes up to ``draft`` tokens from its own original prompt + response
@@ -52,6 +54,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from cft import verify
+from cft.answer_watch import AnswerWatch
 from cft.artifacts import InputError
 from cft.generate import is_out_of_memory
 from cft.identify import IdentifyConfig, Protocol, Work, finish_branch
@@ -62,9 +65,15 @@ log = logging.getLogger(__name__)
 
 # Draft tokens verified per row and step, by device type (0: one-token decoding). Counted on 20
 # testbed responses (ngram 3): decoded tokens per row-step 2.13 / 2.71 / 3.10 / 3.28 for 2 / 4 / 6 / 8
-# drafts, all with output identical to one-token decoding. A CPU pays for every query column (four
-# cost 1.4x one on the testbed), so 4 drafts buy the most tokens per second there; a GPU step is
-# bound by reading weights and cache, nearly free in extra columns, so it takes 8.
+# drafts, all with output identical to one-token decoding. A CPU pays for every query column: the
+# testbed's bare forward loop costs 4.0 ms + rows * (0.095 + 0.082 q) ms (1 thread, 16..190 rows, q 1..5),
+# so a 5-column step costs 2.6x a 1-column one at 190 rows. On 10 testbed responses in 4 chunks (1 thread,
+# load 3-7, alternating, 2026-12) 1 / 2 / 3 / 4 drafts decoded 1.67 / 2.12 / 2.43 / 2.69 tokens per
+# row-step in 290 / 244 / 227 / 205 forwards; that cost model rates 2 drafts 11% above 4, the measured
+# wall times were equal within noise (2701 / 2824 / 2837 tok/s for 2 / 3 / 4), since the engine's
+# per-step host work favours fewer forwards. An adaptive width (each step's q chosen from per-row
+# acceptance odds and that cost model) matched 2 drafts and was dropped. A GPU step is bound by reading
+# weights and cache, nearly free in extra columns, so it takes 8.
 DRAFT_TOKENS = {"cpu": 4, "cuda": 8}
 DRAFT_NGRAM = 3  # the longest branch suffix looked up in the original (shorter ones are tried next;
 # 1..4 differ by under 2% in forwards)
@@ -88,6 +97,7 @@ class Row:
     n_new: int = 0
     margin: float = math.inf  # smallest top-1 minus top-2 logit gap over the tokens decoded so far
     cursor: int = 0  # where in the original prompt + response this branch is believed to be
+    watch: AnswerWatch | None = None  # the answer rule's incremental state for ``response``
 
 
 def check_supported(model, name: str,
@@ -302,7 +312,9 @@ class BranchDecoder:
         self.batch_size = n
         self.window = Window(self.max_len, self.max_len)
         cap = 2 * self.max_len + self.draft + 1
-        layers = [WindowLayer(k.new_zeros(n, k.shape[1], cap, k.shape[3]), v.new_zeros(n, v.shape[1], cap, v.shape[3]),
+        # uninitialised: a column is written (a step, a rebase) or zeroed (_place) before the window reaches it, so
+        # columns the window never reaches are never touched (zero-filling all of it up front took 0.3 s a batch)
+        layers = [WindowLayer(k.new_empty(n, k.shape[1], cap, k.shape[3]), v.new_empty(n, v.shape[1], cap, v.shape[3]),
                               self.window) for k, v in self.prefix_kv[work.key]]
         self.cache = DynamicCache()
         self.cache.layers = layers
@@ -339,15 +351,19 @@ class BranchDecoder:
         if p > self.window.w:
             self._rebase(p)
         w = self.window.w
-        if w - p < self.window.s:
+        if w - p < self.window.s:  # new columns for every row: masked, and finite (0 * NaN would poison attention)
             self.mbuf[:, w - p : self.window.s] = 0
+            for layer in self.cache.layers:
+                layer.kbuf[:, :, w - p : self.window.s] = 0
+                layer.vbuf[:, :, w - p : self.window.s] = 0
             self.window.s = w - p
         for layer, (pk, pv) in zip(self.cache.layers, self.prefix_kv[work.key]):
             layer.kbuf[i, :, w - p : w] = pk[0, :, :p]
             layer.vbuf[i, :, w - p : w] = pv[0, :, :p]
         self.mbuf[i] = 0
         self.mbuf[i, w - p : w] = 1
-        self.rows[i] = Row(work, t, j, work.response_ids[:t] + [work.alternatives[t][j]], cursor=p + 1)
+        self.rows[i] = Row(work, t, j, work.response_ids[:t] + [work.alternatives[t][j]], cursor=p + 1,
+                           watch=self.proto.watch())
 
     def _compact(self) -> None:
         """Drop empty rows when nothing can refill them (once a quarter are empty), and unused left columns.
@@ -439,9 +455,14 @@ class BranchDecoder:
             if not is_out_of_memory(exc) or len(self.rows) == 1:
                 raise
             return None  # the exception's tensors are released before the caller halves the batch
-        greedy = logits.argmax(-1)
-        top2 = logits.topk(2, dim=-1).values.float()
-        gaps = top2[..., 0] - top2[..., 1]
+        # one pass over the logits for both the greedy token and the gap: topk's first index is the argmax
+        # unless the top two are equal, where argmax's rule (the lowest id) decides, as in generate
+        top2 = logits.topk(2, dim=-1)
+        greedy, values = top2.indices[..., 0], top2.values
+        tie = values[..., 0] == values[..., 1]
+        if bool(tie.any()):
+            greedy = torch.where(tie, logits.argmax(-1), greedy)
+        gaps = values[..., 0].float() - values[..., 1].float()
         if q > 1:
             accepted = (greedy[:, :-1] == ids[:, 1:]).long().cumprod(1).sum(1)
             lengths = torch.tensor([len(d) for _, d in drafts], device=dev)
@@ -494,7 +515,7 @@ class BranchDecoder:
                     row.n_new += 1
                     row.margin = min(row.margin, gaps[i][k])
                     decoded += 1
-                    if self.proto.stopped(row.response, row.n_new, row.t):
+                    if self.proto.stopped(row.response, row.n_new, row.t, row.watch):
                         self.rows[i] = None
                         self.mbuf[i] = 0
                         self._settle(row.work, row.t, row.j, row.response[row.t + 1 :], row.margin)

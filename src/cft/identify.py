@@ -41,6 +41,7 @@ from typing import Literal
 import torch
 
 from cft import verify
+from cft.answer_watch import AnswerWatch, incremental_decoding
 from cft.artifacts import (
     SCHEMAS,
     InputError,
@@ -158,6 +159,11 @@ class Protocol:
         self.tok, self.cfg = tok, cfg
         self.eos = set(stop_token_ids(tok, model))
         self.trigger = trigger_tokens(tok, vocab_rows(model)).tolist()
+        self.incremental = incremental_decoding(tok)
+
+    def watch(self) -> AnswerWatch | None:
+        """Incremental answer detection for one branch (None: the tokenizer decodes only as a whole)."""
+        return AnswerWatch(self.tok) if self.cfg.stop_at_answer and self.incremental else None
 
     def budget(self, t: int) -> int:
         """How many tokens may follow the alternative at response position t."""
@@ -166,12 +172,18 @@ class Protocol:
             left = min(left, self.cfg.continuation_cap)
         return max(left, 0)
 
-    def stopped(self, response: list[int], n_new: int, t: int) -> bool:
-        """Whether a branch whose response is ``response`` (ending in ``n_new`` continuation tokens) ends."""
+    def stopped(self, response: list[int], n_new: int, t: int, watch: AnswerWatch | None = None) -> bool:
+        """Whether a branch whose response is ``response`` (ending in ``n_new`` continuation tokens) ends.
+
+        ``watch`` (from ``watch``, fed this same growing list) gives the answer rule's verdict without
+        decoding the whole response at every trigger token.
+        """
         last = response[-1]
         if last in self.eos or n_new >= self.budget(t):
             return True
         if self.cfg.stop_at_answer and self.trigger[last]:
+            if watch is not None:
+                return watch.complete(response)
             return verify.answer_complete(self.tok.decode(response, skip_special_tokens=True))
         return False
 
