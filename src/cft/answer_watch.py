@@ -4,9 +4,9 @@ Decoders stop a branch once ``verify.answer_complete(decode(response))`` holds, 
 trigger token ('.', '}', newline). Decoding and scanning the whole response at every trigger costs
 O(T) each, O(T^2) a branch. ``AnswerWatch`` gives the same verdicts from incremental state: it decodes
 only the tokens appended since the last check and advances one scanner per rule of ``answer_complete``
-over the new characters only (``AnswerText``). The rules are restated here (not imported: they are
-private to ``verify``); tests/test_answer_watch.py compares every verdict with ``answer_complete`` on
-each prefix of many texts and responses, so the two cannot drift apart unnoticed.
+over the new characters only (``AnswerText``), with ``verify.extract``'s own patterns;
+tests/test_answer_watch.py compares every verdict with ``answer_complete`` on each prefix of many texts
+and responses, so the two cannot drift apart unnoticed.
 
 Decoding piecewise is exact for byte-level tokenizers without clean-up (GPT-2 style: SmolLM2, Qwen,
 Llama 3, the testbed): the text of a token list is the lossy UTF-8 decoding of its concatenated bytes,
@@ -21,19 +21,12 @@ from __future__ import annotations
 import re
 
 from cft import verify
+from cft.verify.extract import ANSWER_IS, BOX, PERIOD_SPACE, stated_answer
 
-# The patterns of ``verify.answer_complete`` (see its docstring for the rule).
-_BOX = re.compile(r"\\boxed|\\fbox")
+# The patterns of ``verify.answer_complete`` (see its docstring for the rule), shared with it.
 _BRACE = re.compile(r"\\[{}]|[{}]")  # an escaped brace is a literal character: matched, then skipped
-_ANSWER_IS = re.compile(r"answer is", re.IGNORECASE)
-_PERIOD_SPACE = re.compile(r"\.\s")
 _CUT = "\ufffd"
 _HELD_BACK = 4  # a character is at most 4 bytes, so at most the last 3 tokens can end inside one
-
-
-def _stated(tail: str) -> str:
-    """The answer in "answer is: $X$" as ``verify`` reads it."""
-    return tail.lstrip(" \t:").strip().rstrip(".").strip().strip("$").strip()
 
 
 class _Box:
@@ -111,7 +104,7 @@ class AnswerText:
     def _boxes(self) -> None:
         text, n = self.text, len(self.text)
         last_end = 0
-        for match in _BOX.finditer(text, self.box_scan):
+        for match in BOX.finditer(text, self.box_scan):
             self._resolve()  # the new candidate's backslash ends the previous one's blanks
             self.unresolved, self.unresolved_start = match.end(), match.start()
             last_end = match.end()
@@ -145,14 +138,14 @@ class AnswerText:
     def _answer_is(self) -> None:
         text, n = self.text, len(self.text)
         last_end = 0
-        for match in _ANSWER_IS.finditer(text, self.is_scan):
+        for match in ANSWER_IS.finditer(text, self.is_scan):
             if not self.waiting:
                 self.event_scan = match.end()
             self.waiting.append(match.end())
             last_end = match.end()
         self.is_scan = max(self.is_scan, last_end, n - 8)
         while self.waiting:  # the next period + whitespace or newline after the earliest waiting match
-            period = _PERIOD_SPACE.search(text, self.event_scan)
+            period = PERIOD_SPACE.search(text, self.event_scan)
             newline = text.find("\n", self.event_scan)
             at = min(x for x in (period.start() if period else -1, newline, n) if x >= 0)
             if at == n:
@@ -161,7 +154,7 @@ class AnswerText:
             ready = [e for e in self.waiting if e <= at]
             self.waiting = self.waiting[len(ready) :]
             found = period is not None and period.start() == at  # else a newline ends the line first
-            if found and any(verify.answer_parses(_stated(text[e:at])) for e in ready):
+            if found and any(verify.answer_parses(stated_answer(text[e:at])) for e in ready):
                 self.latched = True
                 return
             self.event_scan = at + 1

@@ -18,9 +18,9 @@ from cft.verify.equivalence import (
 
 _NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?!\d)|-?\d+(?:\.\d+)?|-?\.\d+")
 _HASHES = re.compile(r"####[ \t]*([^\n]*\S)")
-_ANSWER_IS = re.compile(r"answer is", re.IGNORECASE)
-_PERIOD_SPACE = re.compile(r"\.\s")
-_BOX = re.compile(r"\\boxed|\\fbox")
+ANSWER_IS = re.compile(r"answer is", re.IGNORECASE)
+PERIOD_SPACE = re.compile(r"\.\s")
+BOX = re.compile(r"\\boxed|\\fbox")
 _TOKEN = re.compile(r"[^\s$]+")
 
 
@@ -35,7 +35,7 @@ def _last_boxed(text: str, bare: bool) -> str | None:
     ``bare`` also accepts ``\\boxed 5``, which a decoder cannot treat as final (``\\boxed 5`` may become 50).
     """
     end = len(text)
-    for match in reversed(list(_BOX.finditer(text))):
+    for match in reversed(list(BOX.finditer(text))):
         i = match.end()
         while i < end and text[i] in " \t":
             i += 1
@@ -57,14 +57,14 @@ def _last_boxed(text: str, bare: bool) -> str | None:
 
 def _after_answer_is(text: str) -> str | None:
     """What follows the last "answer is" on its line, up to a sentence-ending period."""
-    last = deque(_ANSWER_IS.finditer(text), maxlen=1)
+    last = deque(ANSWER_IS.finditer(text), maxlen=1)
     if not last:
         return None
     start = last[0].end()
     line_end = text.find("\n", start)
     tail = text[start : line_end if line_end >= 0 else len(text)]
-    stop = _PERIOD_SPACE.search(tail)
-    return _stated(tail[: stop.start()] if stop else tail) or None
+    stop = PERIOD_SPACE.search(tail)
+    return stated_answer(tail[: stop.start()] if stop else tail) or None
 
 
 def extract_answer(text: str) -> str | None:
@@ -98,15 +98,15 @@ def answer_complete(text: str) -> bool:
     if ("\\boxed" in text or "\\fbox" in text) and answer_parses(_last_boxed(text, bare=False)):
         return True
     line_end = stop = -1
-    for match in _ANSWER_IS.finditer(text):  # "answer is X." then whitespace, on one line
+    for match in ANSWER_IS.finditer(text):  # "answer is X." then whitespace, on one line
         if match.start() >= line_end:  # a new line: where it ends and its first sentence end
             newline = text.find("\n", match.end())
             line_end = len(text) if newline < 0 else newline + 1
             stop = -1
         if stop < match.end():  # each stretch of the line is searched once (linear in the line's length)
-            found = _PERIOD_SPACE.search(text, match.end(), line_end)
+            found = PERIOD_SPACE.search(text, match.end(), line_end)
             stop = found.start() if found else line_end
-        if stop < line_end and answer_parses(_stated(text[match.end() : stop])):
+        if stop < line_end and answer_parses(stated_answer(text[match.end() : stop])):
             return True
     start = text.find("####")
     while start >= 0:  # "#### X" then a newline
@@ -119,7 +119,7 @@ def answer_complete(text: str) -> bool:
     return False
 
 
-def _stated(tail: str) -> str:
+def stated_answer(tail: str) -> str:
     """The answer in "answer is: $X$" as extraction reads it (``_after_answer_is``)."""
     return tail.lstrip(" \t:").strip().rstrip(".").strip().strip("$").strip()
 
