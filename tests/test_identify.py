@@ -16,8 +16,9 @@ from cft import verify
 from cft.artifacts import InputError, load_records, read_meta, write_meta
 from cft.cli import main
 from cft.generate import DecodeConfig, decode
-from cft.identify import IdentifyConfig, identify, merge_shards, ranked, token_kind, true_ranks, without_margins
+from cft.identify import IdentifyConfig, identify, merge_shards, token_kind, without_margins
 from cft.prompts import render_ids
+from cft.protocol import ranked, true_ranks
 from tests.conftest import generation, write_jsonl
 
 # Next-token table of a bigram model: token -> its rank-1, rank-2, rank-3 successors.  Greedy from the

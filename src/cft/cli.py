@@ -33,8 +33,10 @@ import sys
 import time
 
 import cft
+from cft import provenance
 from cft.artifacts import InputError, skipping_invalid
 from cft.options import RELATIONS, CommandLineError, Parser, apply_config_file, config_path, harden, leaves
+from cft.provenance import ProvenanceError
 
 COMMANDS = {
     "generate": ("cft.generate", "stage A: decode solutions and grade them"),
@@ -62,8 +64,6 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only the chosen command's module is imported (a fast ``--help``, no heavy imports)."""
-    from cft import provenance
-
     parser = Parser(prog="cft", description="Critical Token Fine-tuning (arXiv 2510.10974)")
     parser.add_argument("--version", action="version", version=f"cft {cft.__version__}")
     parser.add_argument("--log-level", default="warning", choices=LOG_LEVELS,
@@ -120,8 +120,6 @@ def _fixable() -> tuple[type[BaseException], ...]:
     import yaml
     from huggingface_hub.errors import HFValidationError
 
-    from cft.provenance import ProvenanceError
-
     return InputError, ProvenanceError, OSError, yaml.YAMLError, HFValidationError
 
 
@@ -156,8 +154,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, explicit: set[str]) -> int:
-    from cft import provenance
-
     name = args.command
 
     def say(line: str) -> None:

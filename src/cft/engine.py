@@ -56,9 +56,9 @@ from transformers.cache_utils import DynamicLayer
 from cft import verify
 from cft.answer_watch import AnswerWatch
 from cft.artifacts import InputError
-from cft.generate import is_out_of_memory
-from cft.identify import IdentifyConfig, Protocol, Work, finish_branch
-from cft.models import cache_kwarg
+from cft.decoding import Output, finish_reason, is_out_of_memory, left_pad, trigger_tokens
+from cft.models import cache_kwarg, stop_token_ids, vocab_rows
+from cft.protocol import Protocol, Work, finish_branch
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +252,7 @@ class BranchDecoder:
     matching suffix of at most ``ngram`` tokens (``draft=0``: plain one-token steps).
     """
 
-    def __init__(self, model, tok, cfg: IdentifyConfig, proto: Protocol, draft: int | None = None,
+    def __init__(self, model, tok, cfg, proto: Protocol, draft: int | None = None,
                  ngram: int | None = None):
         self.model, self.tok, self.cfg, self.proto = model, tok, cfg, proto
         self.draft = default_draft(model.device) if draft is None else draft
@@ -577,8 +577,6 @@ class PromptDecoder:
     """
 
     def __init__(self, model, tok, cfg, batch_size: int | None = None):
-        from cft.generate import trigger_tokens
-        from cft.models import stop_token_ids, vocab_rows
 
         self.model, self.tok, self.cfg = model, tok, cfg
         self.batch_size = batch_size or cfg.batch_size
@@ -596,7 +594,6 @@ class PromptDecoder:
     # -- rows --------------------------------------------------------------------------------
     def _prefill(self, prompts: list[tuple[int, ...]]) -> dict[tuple[int, ...], tuple[list, torch.Tensor]]:
         """Key/values and last logits of each prompt, from one left-padded forward (one by one if out of memory)."""
-        from cft.generate import left_pad
 
         ids, mask = left_pad([list(p) for p in prompts], self.pad, self.model.device)
         positions = (mask.cumsum(-1) - 1).clamp_(min=0)
@@ -664,11 +661,10 @@ class PromptDecoder:
                     and verify.answer_complete(self.tok.decode(row.ids, skip_special_tokens=True)))
 
     def _output(self, row: PromptRow):
-        from cft.generate import Output, finish_reason
 
         text = self.tok.decode(row.ids, skip_special_tokens=True)
         entropy = row.entropy / len(row.ids) if row.rng is not None else None
-        return Output(row.ids, text, finish_reason(row.ids, self.eos, text, self.cfg), entropy)
+        return Output(row.ids, text, finish_reason(row.ids, self.eos, text, self.cfg.stop_at_answer), entropy)
 
     def _fill(self) -> list:
         """Refill free rows from the queue (prefilling new prompts in one forward); returns the outputs that

@@ -32,6 +32,7 @@ from typing import Literal
 
 from cft import verify
 from cft.artifacts import InputError, ResumableWriter, environment, load_records, read_meta, record_key, write_meta
+from cft.benchmarks import BENCHMARKS
 from cft.config import MODEL_HELP, attn_option, device_option, dtype_option, from_args, model_option, option
 from cft.data import Problem, load_problems
 from cft.generate import DecodeConfig, decode_groups, resolve_backend, verify_error
@@ -46,7 +47,6 @@ METRICS = "metrics.json"
 @dataclass
 class EvalConfig:
     """Resolved config of ``cft eval`` (its options, ``CONFIGS``); recorded in the samples sidecar."""
-
     model: str = model_option(help="the model to evaluate: records in --out made under the same name are reused; "
                                     + MODEL_HELP)
     benchmarks: list[str] = option(help="benchmark names (gsm8k, math500, ...), specs such as gsm8k:test or "
@@ -95,7 +95,6 @@ class EvalConfig:
 @dataclass(frozen=True)
 class Item:
     """One problem of one benchmark, with its rendered prompt."""
-
     benchmark: str
     problem: Problem
     prompt_ids: list[int]
@@ -276,8 +275,6 @@ def print_table(metrics: dict[str, dict], title: str = "") -> None:
 
 def load_benchmark_problems(cfg: EvalConfig) -> list[tuple[str, Problem]]:
     """Problems of every benchmark, validated; a bare benchmark name (``gsm8k``) means its test split."""
-    from cft.benchmarks import BENCHMARKS
-
     pairs = []
     for bench in cfg.benchmarks:
         spec = f"{bench}:test" if bench in BENCHMARKS else bench

@@ -28,27 +28,34 @@ and the others are graded as usual.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
 
 from cft import verify
 from cft.artifacts import InputError, ResumableWriter, environment, invalid_count, record_key
 from cft.config import attn_option, device_option, dtype_option, from_args, internal, model_option, option
 from cft.data import Problem, load_problems
+from cft.decoding import (
+    AnswerStop,
+    Output,
+    finish_reason,
+    is_out_of_memory,
+    left_pad,
+    pinned_generate,
+    pinned_generation_config,
+    trigger_tokens,
+)
+from cft.engine import PromptDecoder, Request, check_supported
 from cft.models import load_model, stop_token_ids, vocab_rows
 from cft.progress import Progress
 from cft.prompts import render_ids, template_text
 
 log = logging.getLogger(__name__)
-OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-OUT_OF_MEMORY_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory")  # MPS/XPU, CPU
 BACKENDS = ("engine", "hf")
 
 
@@ -75,31 +82,6 @@ class DecodeConfig:
                   "note); hf: transformers' model.generate in fixed batches. Greedy outputs are the same tokens")
 
 
-@dataclass
-class Output:
-    ids: list[int]
-    text: str
-    finish: str  # "eos" | "answer" | "length"
-    entropy: float | None = None  # mean per-token entropy of the sampling distribution
-
-
-class _AnswerStop(StoppingCriteria):
-    """Per-row stop once ``verify.answer_complete`` holds for the new text (checked on trigger tokens)."""
-
-    def __init__(self, tok, prompt_len: int, trigger: torch.Tensor):
-        self.tok, self.prompt_len, self.trigger = tok, prompt_len, trigger
-        self.lengths: dict[int, int] = {}  # row -> response length when it stopped (later tokens are padding)
-
-    def __call__(self, input_ids, scores, **kwargs):
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for row in torch.nonzero(self.trigger[input_ids[:, -1]]).flatten().tolist():
-            text = self.tok.decode(input_ids[row, self.prompt_len :], skip_special_tokens=True)
-            done[row] = verify.answer_complete(text)
-            if done[row]:
-                self.lengths.setdefault(row, input_ids.shape[1] - self.prompt_len)
-        return done
-
-
 class _Temperature(LogitsProcessor):
     """Apply the temperature ourselves and record each step's entropy of the sampling distribution."""
 
@@ -112,59 +94,6 @@ class _Temperature(LogitsProcessor):
         logp = torch.log_softmax(scores, dim=-1)
         self.entropies.append(-(logp.exp() * logp).nan_to_num().sum(-1))
         return scores
-
-
-@functools.lru_cache(maxsize=8)
-def trigger_tokens(tok, size: int) -> torch.Tensor:
-    """Per token id below ``size``: can its text complete an answer ('.', '}', newline)? Only these trigger a check.
-
-    ``size`` is the model's vocabulary (``models.vocab_rows``), which can exceed the tokenizer's
-    (Qwen2.5: 151936 rows for 151665 tokens); a sampled id past the tokenizer has no text and is False.
-    Cached per tokenizer: a scan of a large vocabulary costs about a second, and every decode call,
-    engine and evaluation chunk needs the same flags.
-    """
-    known = min(len(tok), size)
-    texts = tok.batch_decode([[i] for i in range(known)])
-    flags = [any(c in text for c in ".}\n") for text in texts] + [False] * (size - known)
-    return torch.tensor(flags, dtype=torch.bool)
-
-
-def pinned_generation_config(eos: list[int], pad: int, max_new_tokens: int,
-                             do_sample: bool = False) -> GenerationConfig:
-    """The one generation setup of every cft decoder: ours, and neutral in everything else.
-
-    Temperature is not here: sampling applies it in ``_Temperature`` (which also records entropy), so
-    the config's own stays 1.0. Use it through ``pinned_generate``, which also keeps the checkpoint's
-    settings from filling the fields whose neutral value is None.
-    """
-    return GenerationConfig(
-        max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=do_sample, num_beams=1,
-        num_return_sequences=1, temperature=1.0, top_k=0 if do_sample else None, top_p=1.0 if do_sample else None,
-        typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
-        no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, length_penalty=1.0, bad_words_ids=None,
-        eos_token_id=list(eos), pad_token_id=pad, use_cache=True, renormalize_logits=False,
-        remove_invalid_values=False, output_scores=False, return_dict_in_generate=False,
-    )
-
-
-@contextlib.contextmanager
-def _only(model, gen_config: GenerationConfig):
-    """``model.generation_config`` is ``gen_config`` for the duration: generate fills every field a
-    config leaves None from the model's (bad_words_ids, suppress_tokens, forced_*_token_id,
-    sequence_bias, stop_strings, max_time, watermarking, ...), so only this leaves nothing to inherit.
-    """
-    saved = model.generation_config
-    model.generation_config = gen_config
-    try:
-        yield
-    finally:
-        model.generation_config = saved
-
-
-def pinned_generate(model, gen_config: GenerationConfig, **inputs) -> torch.Tensor:
-    """``model.generate(**inputs)`` under ``gen_config`` alone, nothing taken from the checkpoint."""
-    with _only(model, gen_config):
-        return model.generate(**inputs, generation_config=gen_config)
 
 
 def decoding_settings(model, tok, cfg: DecodeConfig) -> dict:
@@ -184,7 +113,6 @@ def resolve_backend(model, cfg: DecodeConfig, name: str = "model") -> DecodeConf
     if cfg.backend not in BACKENDS:
         raise ValueError(f"unknown backend {cfg.backend!r}; choose from {', '.join(BACKENDS)}")
     if cfg.backend == "engine":
-        from cft.engine import check_supported
 
         try:
             check_supported(model, name, fallback="decoding with model.generate instead (--backend hf)")
@@ -192,20 +120,6 @@ def resolve_backend(model, cfg: DecodeConfig, name: str = "model") -> DecodeConf
             log.warning("note: %s", exc)
             return replace(cfg, backend="hf")
     return cfg
-
-
-def finish_reason(ids: list[int], eos: set[int], text: str, cfg: DecodeConfig) -> str:
-    if ids and ids[-1] in eos:
-        return "eos"
-    if cfg.stop_at_answer and verify.answer_complete(text):
-        return "answer"
-    return "length"
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, or the RuntimeError other backends raise for the same condition."""
-    return isinstance(exc, OUT_OF_MEMORY) or (
-        isinstance(exc, RuntimeError) and any(m in str(exc) for m in OUT_OF_MEMORY_MESSAGES))
 
 
 def decode(model, tok, prompts: list[list[int]], cfg: DecodeConfig,
@@ -229,7 +143,6 @@ def decode_groups(model, tok, groups: list[tuple[list[list[int]], DecodeConfig]]
         for g, (prompts, cfg) in enumerate(groups):
             yield g, _decode_hf(model, tok, prompts, replace(cfg, backend="hf"), progress)
         return
-    from cft.engine import PromptDecoder
 
     shared = ("max_new_tokens", "stop_at_answer", "batch_size")
     results: list[list[list[Output | None]]] = []
@@ -258,7 +171,6 @@ def engine_requests(prompts: list[list[int]], cfg: DecodeConfig, group: int = 0)
     A sampled request's random stream is a hash of (seed, prompt, sample index), the index counting on
     over earlier identical prompts of the call, so outputs do not depend on batch size or prompt order.
     """
-    from cft.engine import Request
 
     seen: dict[tuple[int, ...], int] = {}
     requests = []
@@ -305,20 +217,12 @@ def _decode_hf(model, tok, prompts: list[list[int]], cfg: DecodeConfig,
     return results
 
 
-def left_pad(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Input ids and attention mask of prompts padded on the left to the longest (decoding appends on the right)."""
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    return ids, mask
-
-
 def _decode_batch(model, tok, prompts: list[list[int]], cfg: DecodeConfig, eos: list[int], trigger) -> list[Output]:
     """One ``model.generate`` call over left-padded prompts: one output per prompt."""
     pad = tok.pad_token_id
     input_ids, mask = left_pad(prompts, pad, model.device)
     width = input_ids.shape[1]
-    answer_stop = _AnswerStop(tok, width, trigger) if trigger is not None else None
+    answer_stop = AnswerStop(tok, width, trigger) if trigger is not None else None
     stops = StoppingCriteriaList([answer_stop] if answer_stop else [])
     temp = _Temperature(cfg.temperature) if cfg.temperature > 0 else None
     out = pinned_generate(
@@ -338,7 +242,7 @@ def _decode_batch(model, tok, prompts: list[list[int]], cfg: DecodeConfig, eos: 
         ids = ids[:end]
         text = tok.decode(ids, skip_special_tokens=True)
         mean_ent = sum(ent[row][: len(ids)]) / max(len(ids), 1) if ent else None
-        outputs.append(Output(ids, text, finish_reason(ids, set(eos), text, cfg), mean_ent))
+        outputs.append(Output(ids, text, finish_reason(ids, set(eos), text, cfg.stop_at_answer), mean_ent))
     return outputs
 
 

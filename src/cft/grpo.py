@@ -24,8 +24,13 @@ from typing import Any
 
 from trl import GRPOConfig
 
+from cft.artifacts import ArtifactLock, InputError, environment
 from cft.config import attn_option, dtype_option, from_args, internal, model_option, option
-from cft.train import CFTTrainingDefaults, split_options
+from cft.data import load_problems
+from cft.models import load_model
+from cft.prompts import QWEN_SYSTEM, template_text
+from cft.train import CFTTrainingDefaults, UsageError, last_checkpoint, process_state, split_options, with_output_dir
+from cft.verify import grade
 
 LOG = "grpo_log.jsonl"
 SUMMARY = "grpo_summary.json"
@@ -40,7 +45,6 @@ LOGGED = {
 @dataclass
 class GRPORunConfig:
     """cft's own options of a GRPO run (TRL's are ``CFTGRPOConfig``); saved in ``grpo_summary.json``."""
-
     init: str = model_option(help="starting checkpoint, e.g. the output folder of `cft train` (a full model or a "
                                   "LoRA adapter folder, merged onto its base), or any --model name")
     out: str = option(help="output folder (TRL's output_dir): the policy, grpo_log.jsonl, checkpoints")
@@ -55,7 +59,6 @@ class GRPORunConfig:
 @dataclass
 class CFTGRPOConfig(CFTTrainingDefaults, GRPOConfig):
     """TRL's ``GRPOConfig`` with cft's defaults (a CPU-sized run); every other GRPO option is TRL's own."""
-
     learning_rate: float = option(1e-6, "peak learning rate (AdamW)", aliases=("--lr",))
     max_steps: int = option(100, "optimizer steps")
     prompts_per_step: int = option(4, "prompts per process and step; each gets --num-generations completions")
@@ -84,8 +87,6 @@ def prompt_for(tok, question: str, template: str) -> str | list[dict[str, str]]:
     Chat templates go in conversational form (TRL applies the chat template with a generation prompt);
     plain templates as text (TRL tokenizes it with special tokens, as render_ids does).
     """
-    from cft.prompts import QWEN_SYSTEM, template_text
-
     plain = template_text(template)
     if plain is None and tok.chat_template:
         messages = [{"role": "user", "content": question}]
@@ -97,8 +98,6 @@ def prompt_for(tok, question: str, template: str) -> str | list[dict[str, str]]:
 
 def accuracy(completions: list, answer: list[str], **kwargs: Any) -> list[float]:
     """GRPO reward: 1.0 when the verifier accepts the completion's final answer, else 0.0."""
-    from cft.verify import grade
-
     texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
     return [float(grade(text, gold)[1]) for text, gold in zip(texts, answer, strict=True)]
 
@@ -108,7 +107,6 @@ def _log_callback(path: Path):
 
     class JsonlLog(TrainerCallback):
         """Appends one JSON line per logged step (main process only)."""
-
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero or not logs or "reward" not in logs:
                 return
@@ -135,11 +133,6 @@ def grpo(cfg: GRPORunConfig, args: CFTGRPOConfig | None = None, model=None, tok=
     from datasets import Dataset
     from transformers import set_seed
     from trl import GRPOTrainer
-
-    from cft.artifacts import ArtifactLock, environment
-    from cft.data import load_problems
-    from cft.models import load_model
-    from cft.train import UsageError, last_checkpoint, process_state, with_output_dir
 
     t0 = time.time()
     state, _ = process_state()
@@ -191,9 +184,6 @@ def config_from_args(args: argparse.Namespace) -> tuple[GRPORunConfig, CFTGRPOCo
 
 
 def run(args: argparse.Namespace) -> int:
-    from cft.artifacts import InputError
-    from cft.train import UsageError
-
     try:
         grpo(*config_from_args(args))
     except (UsageError, InputError) as exc:  # InputError: bad data, or another run on this --out

@@ -35,13 +35,12 @@ import os
 import random
 import time
 import weakref
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
 
-from cft import verify
-from cft.answer_watch import AnswerWatch, incremental_decoding
+from cft import models
 from cft.artifacts import (
     SCHEMAS,
     InputError,
@@ -54,8 +53,17 @@ from cft.artifacts import (
     record_key,
 )
 from cft.config import attn_option, device_option, dtype_option, from_args, internal, model_option, option
-from cft.models import cache_kwarg, load_model, resolve, stop_token_ids, vocab_rows
+from cft.decoding import AnswerStop, pinned_generate, pinned_generation_config
+from cft.engine import BranchDecoder, auto_batch_size, check_supported
+from cft.models import cache_kwarg, load_model, load_tokenizer, resolve
 from cft.progress import Progress
+from cft.protocol import (
+    Protocol,
+    Work,
+    branch_record,
+    finish_branch,
+    teacher_forced,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +83,6 @@ class IdentifyConfig:
     ``max_new_tokens``, ``stop_at_answer``, ``dtype`` and ``template`` default to None: they are then
     inherited from the generations' metadata (Stage A's protocol), see ``resolve_protocol``.
     """
-
     model: str = model_option()
     input: str = option(help="generations JSONL from `cft generate`")
     out: str = option(help="output labels JSONL (cft.labels/1)")
@@ -120,147 +127,6 @@ class IdentifyConfig:
         return self.tolerance if self.tolerance is not None else DEFAULT_TOLERANCE.get(self.dtype or "float32", 1e-3)
 
 
-@dataclass
-class Work:
-    """One response under identification and the outcome of its branches."""
-
-    key: str
-    record: dict
-    prompt_ids: list[int]
-    response_ids: list[int]
-    gold: str
-    alternatives: list[list[int]]  # per position, alternatives in rank order ([] = not tested)
-    greedy_mismatches: list[int]
-    results: list[list[dict | None]]  # per position, per alternative: branch outcome
-    open_branches: int = 0
-    ranks: list[list[int]] = field(default_factory=list)  # per position, each alternative's true rank
-    alt_margin: list[float | None] = field(default_factory=list)  # last alternative's logit minus the next one's
-
-    @property
-    def done(self) -> bool:
-        return self.open_branches == 0
-
-
-@dataclass
-class Verdict:
-    """A branch's grade: ``ok`` is None when the verifier failed twice (unknown, never wrong)."""
-
-    ok: bool | None
-    answer: str | None
-    error: str | None
-
-
-class Protocol:
-    """The stop rule and the verdict, shared by both engines so their labels agree."""
-
-    def __init__(self, tok, model, cfg: IdentifyConfig):
-        from cft.generate import trigger_tokens
-
-        self.tok, self.cfg = tok, cfg
-        self.eos = set(stop_token_ids(tok, model))
-        self.trigger = trigger_tokens(tok, vocab_rows(model)).tolist()
-        self.incremental = incremental_decoding(tok)
-
-    def watch(self) -> AnswerWatch | None:
-        """Incremental answer detection for one branch (None: the tokenizer decodes only as a whole)."""
-        return AnswerWatch(self.tok) if self.cfg.stop_at_answer and self.incremental else None
-
-    def budget(self, t: int) -> int:
-        """How many tokens may follow the alternative at response position t."""
-        left = self.cfg.max_new_tokens - (t + 1)
-        if self.cfg.continuation_cap is not None:
-            left = min(left, self.cfg.continuation_cap)
-        return max(left, 0)
-
-    def stopped(self, response: list[int], n_new: int, t: int, watch: AnswerWatch | None = None) -> bool:
-        """Whether a branch whose response is ``response`` (ending in ``n_new`` continuation tokens) ends.
-
-        ``watch`` (from ``watch``, fed this same growing list) gives the answer rule's verdict without
-        decoding the whole response at every trigger token.
-        """
-        last = response[-1]
-        if last in self.eos or n_new >= self.budget(t):
-            return True
-        if self.cfg.stop_at_answer and self.trigger[last]:
-            if watch is not None:
-                return watch.complete(response)
-            return verify.answer_complete(self.tok.decode(response, skip_special_tokens=True))
-        return False
-
-    def verdict(self, response: list[int], gold: str) -> Verdict:
-        """Grade a branch; a verifier timeout or crash is retried once, then the verdict is unknown.
-
-        The retry bypasses the verdict cache (which keeps timeouts), so machine load at one moment
-        cannot make a token critical.
-        """
-        text = self.tok.decode(response, skip_special_tokens=True)
-        result = verify.grade_detailed(text, gold)
-        if result.timed_out or result.error:
-            verify.clear_cache()
-            result = verify.grade_detailed(text, gold)
-        if result.timed_out or result.error:
-            return Verdict(None, result.prediction, "timeout" if result.timed_out else result.error)
-        return Verdict(result.correct, result.prediction, None)
-
-
-def ranked(logits: torch.Tensor, n: int, extra: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``n`` (values, ids) of every row in the stable order (-logit, then token id).
-
-    ``torch.topk`` leaves the order of exact ties unspecified (common in bf16); this sorts a few more
-    candidates by id and value, and sorts the whole row only when a tie reaches past them.
-    """
-    vocab = logits.shape[-1]
-    n = min(n, vocab)
-    m = min(n + extra, vocab)
-    vals, ids = torch.topk(logits, m, dim=-1)
-    ids, perm = torch.sort(ids, dim=-1)
-    vals = vals.gather(-1, perm)
-    order = torch.sort(vals, dim=-1, descending=True, stable=True).indices
-    vals, ids = vals.gather(-1, order), ids.gather(-1, order)
-    if m < vocab:
-        for row in torch.nonzero(vals[:, n - 1] == vals[:, m - 1]).flatten().tolist():
-            v, i = torch.sort(logits[row], descending=True, stable=True)
-            vals[row], ids[row] = v[:m], i[:m]
-    return vals[:, :n], ids[:, :n]
-
-
-def true_ranks(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Rank (1 = first) of ``tokens[t]`` in row t of ``logits`` under the order (-logit, then id)."""
-    own = logits.gather(-1, tokens[:, None])
-    ids = torch.arange(logits.shape[-1], device=logits.device)
-    ahead = (logits > own) | ((logits == own) & (ids[None, :] < tokens[:, None]))
-    return ahead.sum(-1) + 1
-
-
-@dataclass
-class Forced:
-    """The teacher-forced pass over prompt + Y: ranked candidates per position and Y's own ranks."""
-
-    values: list[list[float]]  # per position, the top k+1 logits in order
-    ids: list[list[int]]  # their token ids
-    y_rank: list[int]
-    top1_prob: list[float]
-    cache: object = None
-
-
-@torch.inference_mode()
-def teacher_forced(model, prompt_ids: list[int], response_ids: list[int], k: int, use_cache: bool = False) -> Forced:
-    """The top k+1 tokens at every response position (order (-logit, id)) from one forward pass."""
-    from transformers import DynamicCache
-
-    ids = torch.tensor([prompt_ids + response_ids], device=model.device)
-    # a plain DynamicCache keeps every layer's keys (a config-built one would drop a sliding layer's
-    # older keys, which the branches of later positions still need)
-    cache = {cache_kwarg(model): DynamicCache()} if use_cache else {}
-    out = model(input_ids=ids, use_cache=use_cache, **cache)
-    logits = out.logits[0, len(prompt_ids) - 1 : -1].float()
-    vals, top = ranked(logits, k + 1)
-    y = torch.tensor(response_ids, device=logits.device)
-    top1_prob = torch.exp(vals[:, 0] - torch.logsumexp(logits, dim=-1))
-    return Forced(vals.tolist(), top.tolist(), true_ranks(logits, y).tolist(), top1_prob.tolist(),
-                  getattr(out, cache_kwarg(model)) if use_cache else None)
-
-
 def prepare(model, tok, rec: dict, key: str, cfg: IdentifyConfig, proto: Protocol, use_cache: bool):
     """Alternatives per position (the order minus y_t, first k-1), their true ranks, the greedy check."""
     prompt, response = rec["prompt_ids"], rec["response_ids"]
@@ -283,28 +149,6 @@ def prepare(model, tok, rec: dict, key: str, cfg: IdentifyConfig, proto: Protoco
     work = Work(key, rec, prompt, response, rec["gold"], alternatives, mismatches,
                 [[None] * len(a) for a in alternatives], ranks=ranks, alt_margin=margins)
     return work, forced.cache
-
-
-def finish_branch(work: Work, t: int, j: int, cont: list[int], proto: Protocol, margin: float | None = None) -> bool:
-    """Record branch (t, j)'s outcome; True when it succeeded (the token is then replaceable).
-
-    ``margin`` is the smallest top-1 minus top-2 logit gap over the decoded continuation (None: nothing
-    decoded). An unknown verdict is not a success: the next rank still runs.
-    """
-    response = work.response_ids[:t] + [work.alternatives[t][j]] + cont
-    v = proto.verdict(response, work.gold)
-    work.results[t][j] = branch_record(work, t, j, ok=v.ok, answer=v.answer,
-                                       ids=cont if proto.cfg.store_continuations else None,
-                                       margin=margin, verify_error=v.error)
-    return v.ok is True
-
-
-def branch_record(work: Work, t: int, j: int, ok=None, answer=None, ids=None, margin=None, verify_error=None) -> dict:
-    """One branch of the labels file; every key present on every branch (``datasets`` needs one schema), and
-    ``verify_error`` a string ("" when grading went fine): a column null throughout the first block ``datasets``
-    reads cannot take a later error string (docs/FORMATS.md)."""
-    return {"token": work.alternatives[t][j], "rank": work.ranks[t][j], "ok": ok, "answer": answer, "ids": ids,
-            "margin": margin, "verify_error": verify_error or ""}
 
 
 def label_record(work: Work, tok, cfg: IdentifyConfig) -> dict:
@@ -364,14 +208,12 @@ def reference_branch(model, tok, proto: Protocol, prompt_ids: list[int], respons
     """
     from transformers import StoppingCriteriaList
 
-    from cft.generate import _AnswerStop, pinned_generate, pinned_generation_config
-
     if proto.stopped(response, 0, t):
         return [], None
     prefix = torch.tensor([prompt_ids + response], device=model.device)
     stops = []
     if proto.cfg.stop_at_answer:
-        stops = [_AnswerStop(tok, len(prompt_ids), torch.tensor(proto.trigger, device=model.device))]
+        stops = [AnswerStop(tok, len(prompt_ids), torch.tensor(proto.trigger, device=model.device))]
     # pinned: no repetition penalty, n-gram ban or minimum length from the checkpoint, as in the fast engine
     gen = pinned_generation_config(sorted(proto.eos), tok.pad_token_id, proto.budget(t))
     gen.output_logits = gen.return_dict_in_generate = True
@@ -469,8 +311,6 @@ _fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def weights_fingerprint(model) -> str:
     """``models.weights_fingerprint``, cached per model object (the resume key needs it once per run)."""
-    from cft import models
-
     if model not in _fingerprints:
         _fingerprints[model] = models.weights_fingerprint(model)
     return _fingerprints[model]
@@ -550,7 +390,6 @@ def resolve_protocol(cfg: IdentifyConfig, model=None) -> IdentifyConfig:
 @dataclass
 class Inputs:
     """The responses to label (all shards, in order) and what was left out."""
-
     records: list[dict]
     n_input: int
     excluded_truncated: int
@@ -625,7 +464,6 @@ def identify(cfg: IdentifyConfig, model=None, tok=None) -> dict:
     writer = ResumableWriter(out, "labels")
     todo = [(r, k) for r, k in zip(records, keys) if k not in writer.done]
     if cfg.engine == "fast":
-        from cft.engine import check_supported
 
         check_supported(model, cfg.model)
 
@@ -639,8 +477,6 @@ def identify(cfg: IdentifyConfig, model=None, tok=None) -> dict:
             run_reference(model, tok, _works(model, tok, [r for r, _ in todo], [k for _, k in todo], cfg, proto, False),
                           cfg, proto, on_done, progress)
         elif cfg.engine == "fast":
-            from cft.engine import BranchDecoder
-
             works = _works(model, tok, [r for r, _ in todo], [k for _, k in todo], cfg, proto, True)
             max_prompt = max((len(r["prompt_ids"]) for r, _ in todo), default=0)
             BranchDecoder(model, tok, cfg, proto).run(works, on_done, progress, max_prompt)
@@ -787,8 +623,6 @@ def merge_shards(out: str, count: int, wait: bool = False, poll_seconds: float =
     of every response key, which each rank computes) and exactly the keys its index implies. With
     ``wait`` (rank 0 under a launcher) shards still missing or stale are waited for, up to ``timeout``.
     """
-    from cft.models import load_tokenizer
-
     if count < 2:
         raise InputError("--num-shards", None, None, f"merging needs --num-shards >= 2, not {count}")
     paths = [shard_path(out, i, count) for i in range(count)]
@@ -851,8 +685,6 @@ def plan(cfg: IdentifyConfig) -> dict:
 def decode_rate(model, batch_size: int | None, width: int, steps: int = 8) -> float:
     """Tokens/s of batched one-token decode steps over a cache of ``width`` (synthetic tokens)."""
     from transformers import DynamicCache
-
-    from cft.engine import auto_batch_size
 
     n = batch_size or auto_batch_size(model, width * 2)
     ids = torch.randint(0, model.config.vocab_size, (n, width), device=model.device)

@@ -40,7 +40,9 @@ from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import pad
 
+from cft.artifacts import ArtifactLock, InputError, environment
 from cft.config import attn_option, dtype_option, from_args, internal, is_internal, model_option, option
+from cft.models import load_model
 from cft.selection import LOSS_NORMS, METHOD_HELP, METHODS, check_vocab, format_statistics, read_labels, select
 
 SUMMARY = "train_summary.json"
@@ -49,7 +51,6 @@ SUMMARY = "train_summary.json"
 @dataclass
 class TrainConfig:
     """cft's own options of a training run (TRL's are ``CFTSFTConfig``); saved in ``train_summary.json``."""
-
     model: str = model_option(help="starting model: 'testbed', 'zoo:FAMILY', a model folder, a PEFT adapter folder "
                                    "(merged onto its base), a .gguf file or a hub id")
     input: str = option(help="labels JSONL written by `cft identify`")
@@ -83,7 +84,6 @@ class CFTTrainingDefaults:
     """The ``TrainingArguments`` defaults cft changes in both ``cft train`` and ``cft grpo``, and the fields cft
     sets itself (``internal``: not options). Listed first among a config's bases, so these declarations replace
     TRL's in place; every other TRL training argument keeps TRL's default and is an option as it is."""
-
     output_dir: str | None = internal(None)  # set from --out
     seed: int = option(0, "random seed: data order, LoRA initialisation, random token selection, sampling")
     bf16: bool = option(False, "bfloat16 mixed precision (TRL's own default turns it on)")
@@ -113,7 +113,6 @@ class CFTTrainingDefaults:
 class CFTSFTConfig(CFTTrainingDefaults, SFTConfig):
     """TRL's ``SFTConfig`` with cft's defaults; the fields of dataset preparation and of TRL's loss are fixed
     (internal): the dataset is pre-tokenized with per-token weights and the loss is ``SelectiveTrainer``'s."""
-
     learning_rate: float = option(1e-5, "peak learning rate (AdamW)", aliases=("--lr",))
     num_train_epochs: float = option(3.0, "epochs over the selected responses (--max-steps > 0 overrides)",
                                      aliases=("--epochs",))
@@ -189,7 +188,6 @@ class UsageError(ValueError):
 
 class NonFiniteLossError(RuntimeError):
     """Training met a NaN/inf loss (or non-finite weights at a save) and stopped."""
-
     def __init__(self, step: int, what: str, checkpoint: str | None):
         self.step, self.checkpoint = step, checkpoint
         keep = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved before it"
@@ -238,7 +236,6 @@ def last_checkpoint(out: str | os.PathLike) -> str | None:
 @dataclass
 class WeightedCollator(DataCollatorForLanguageModeling):
     """TRL's collator (right padding, labels padded with -100) plus the per-token weights (padded with 0)."""
-
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = super().torch_call(examples)
         batch["weights"] = pad([torch.tensor(e["weights"], dtype=torch.float32) for e in examples],
@@ -249,7 +246,6 @@ class WeightedCollator(DataCollatorForLanguageModeling):
 class FiniteWeightsGuard(TrainerCallback):
     """Refuses to checkpoint non-finite weights. ``on_step_end``/``on_epoch_end`` run after the Trainer's flow
     callback has decided to save and before the save itself, so a bad step never reaches a checkpoint."""
-
     def __init__(self, trainer: SelectiveTrainer):
         self.trainer = trainer
 
@@ -269,7 +265,6 @@ class SelectiveTrainer(SFTTrainer):
     store ``self._metrics`` (``compute_loss`` adds entropy and token accuracy to it, as ``SFTTrainer.compute_loss``
     does, for ``SFTTrainer.log`` to average), hence ``trl<2`` in pyproject.toml.
     """
-
     loss_is_scaled_for_ga = True  # the loss is already divided by the whole step's weight
 
     def __init__(self, *args, dft: bool = False, **kwargs):
@@ -372,9 +367,6 @@ def train(cfg: TrainConfig, args: CFTSFTConfig | None = None, model=None, tok=No
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import set_seed
-
-    from cft.artifacts import ArtifactLock, environment
-    from cft.models import load_model
 
     _check(cfg)
     t0 = time.time()
@@ -492,8 +484,6 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, CFTSFTConfi
 
 
 def run(args: argparse.Namespace) -> int:
-    from cft.artifacts import InputError
-
     try:
         train(*config_from_args(args))
     except NonFiniteLossError as exc:
