@@ -132,7 +132,7 @@ def test_each_rank_loads_on_its_own_gpu(tmp_path, generations, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     seen = []
 
-    def fake_load(name, dtype, device):
+    def fake_load(name, dtype, device, attn_implementation=None):
         seen.append(device)
         raise RuntimeError("stop here")
 

@@ -179,7 +179,7 @@ def test_config_errors_name_file_line_and_key(tmp_path):
     ({"out": "a", "identify": {"engine": "slow"}}, "'identify.engine': invalid choice"),
     ({"out": "a", "generate": {"decode": {"temprature": 1}}}, "'generate.decode.temprature': not a field"),
     ({"out": "a", "methods": ["cft"], "grpo_from": ["sft"]}, "not in methods"),
-    ({"out": "a", "grpo": {"max_steps": 3}}, "without grpo_from"),
+    ({"out": "a", "grpo_args": {"max_steps": 3}}, "without grpo_from"),
     ({"out": "a", "methods": ["sft", "rho1"], "rho1_reference": "cft"}, "not in methods"),
 ])
 def test_config_errors_name_the_problem(raw, message):

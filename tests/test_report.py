@@ -100,7 +100,8 @@ def test_demo_folder_report(tmp_path):
     md, page = report(tmp_path / "demo")
     text = md.read_text()
     assert "| cft | 1 | 55.0 | +5.0 |" in text and " ± " not in text.split("## Results")[1]  # one seed: no intervals
-    assert "train: lr=0.0003, batch_size=16" in text and "D_correct = 40 of 300" in text  # epochs 3: the default
+    assert "train_args: num_train_epochs=3.0, learning_rate=0.0003, per_device_train_batch_size=16" in text
+    assert "D_correct = 40 of 300" in text
     plots = list((tmp_path / "demo" / "report").glob("*.png"))
     assert {p.name for p in plots} == {"accuracy.png", "pass_at_k.png", "maj_at_k.png", "entropy.png",
                                        "critical_by_kind.png", "train_loss.png"}

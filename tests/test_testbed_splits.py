@@ -77,8 +77,8 @@ def test_val_has_tests_distribution():
 
 
 def test_val_loads_wherever_test_does():
-    from cft.cli import data_spec
     from cft.data import load_problems
+    from cft.options import data_spec
 
     assert data_spec("testbed:val") == "testbed:val"
     problems = load_problems("testbed:val", seed=1, limit=20)

@@ -142,10 +142,11 @@ class Runner:
         if method.startswith(GRPO_PREFIX):
             start = method[len(GRPO_PREFIX):]
             return record_key("grpo", self.train_hash(model, start, seed), settings(c.grpo, "grpo"),
-                              c.generate.data, seed)
+                              settings(c.grpo_args, "grpo_args"), c.generate.data, seed)
         ref = c.rho1_reference if method == "rho1" else None
         ref_key = self.train_hash(model, ref, seed) if ref in c.methods else ref
-        return record_key("train", self.shared_hash(model), method, seed, settings(c.train, "train"), ref_key)
+        return record_key("train", self.shared_hash(model), method, seed, settings(c.train, "train"),
+                          settings(c.train_args, "train_args"), ref_key)
 
     def cell_hash(self, model: str, method: str, seed: int) -> str:
         c = self.cfg
