@@ -204,6 +204,21 @@ def _take_rows(buf: torch.Tensor, idx: torch.Tensor, live: slice, dim: int) -> t
     return front
 
 
+def _keep_rows(decoder, keep: int) -> None:
+    """Shrink a decoder (``BranchDecoder`` or ``PromptDecoder``) to its first ``keep`` rows after running out
+    of memory: cache buffers, mask and rows; the caller has requeued the rest."""
+    idx = torch.arange(keep, device=decoder.model.device)
+    live = slice(decoder.window.s, decoder.window.w)
+    for layer in decoder.cache.layers:
+        layer.kbuf = _take_rows(layer.kbuf, idx, live, 2)
+        layer.vbuf = _take_rows(layer.vbuf, idx, live, 2)
+    decoder.mbuf = _take_rows(decoder.mbuf, idx, live, 1)
+    decoder.rows = decoder.rows[:keep]
+    decoder.batch_size = keep
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class Window:
     """Columns ``[s, w)`` of the buffers are live; one object shared by every layer of the cache."""
 
@@ -401,16 +416,7 @@ class BranchDecoder:
                 self.queue.appendleft((row.work, row.t, row.j))
         log.warning("identify: out of memory with %d rows; continuing with %d", len(self.rows), keep)
         self.mbuf[:, self.window.w :] = 0  # the failed step's columns
-        idx = torch.arange(keep, device=self.model.device)
-        live = slice(self.window.s, self.window.w)
-        for layer in self.cache.layers:
-            layer.kbuf = _take_rows(layer.kbuf, idx, live, 2)
-            layer.vbuf = _take_rows(layer.vbuf, idx, live, 2)
-        self.mbuf = _take_rows(self.mbuf, idx, live, 1)
-        self.rows = self.rows[:keep]
-        self.batch_size = keep
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        _keep_rows(self, keep)
 
     # -- main loop ---------------------------------------------------------------------------
     def _fill(self, works) -> None:
@@ -734,16 +740,7 @@ class PromptDecoder:
                 key = tuple(row.request.prompt_ids)
                 self.uses[key] = self.uses.get(key, 0) + 1
         log.warning("decode: out of memory with %d rows; continuing with %d", len(self.rows), keep)
-        idx = torch.arange(keep, device=self.model.device)
-        live = slice(self.window.s, self.window.w)
-        for layer in self.cache.layers:
-            layer.kbuf = _take_rows(layer.kbuf, idx, live, 2)
-            layer.vbuf = _take_rows(layer.vbuf, idx, live, 2)
-        self.mbuf = _take_rows(self.mbuf, idx, live, 1)
-        self.rows = self.rows[:keep]
-        self.batch_size = keep
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        _keep_rows(self, keep)
 
     def _step(self) -> torch.Tensor | None:
         """One forward over every row's last token; its logits (B, V), or None when it ran out of memory."""
