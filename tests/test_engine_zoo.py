@@ -77,10 +77,10 @@ def test_fast_equals_reference_on_zoo_families(tmp_path, zoo_model, family):
     assert fast_vs_reference(tmp_path, zoo_model, family, n=3, max_new_tokens=32) > 30
 
 
-@pytest.mark.slow  # about half a minute per family here
+@pytest.mark.slow  # 15-70 s per family here (the large vocabularies of Qwen2.5 and Llama-3 cost the most)
 @pytest.mark.parametrize("family", zoo.FAMILIES)
-def test_fast_equals_reference_on_every_zoo_family_20_responses(tmp_path, zoo_model, family):
-    assert fast_vs_reference(tmp_path, zoo_model, family, n=20, max_new_tokens=24) > 200
+def test_fast_equals_reference_on_every_zoo_family_12_responses(tmp_path, zoo_model, family):
+    assert fast_vs_reference(tmp_path, zoo_model, family, n=12, max_new_tokens=24) > 120
 
 
 def test_checkpoint_generation_config_does_not_change_labels(tmp_path, zoo_model):
