@@ -83,7 +83,7 @@ def main() -> None:
     tokens = dict.fromkeys(backends, 0)
     outputs = dict.fromkeys(backends, 0)
     forwards = dict.fromkeys(backends, 0)
-    greedy_ids = {b: [] for b in backends}
+    greedy_ids = {b: {} for b in backends}  # by (split, problem): backends finish chunks in other orders
     greedy_ok = {b: [] for b in backends}
     sample_ok = {b: {} for b in backends}
     sample_ent = {b: {} for b in backends}
@@ -105,7 +105,7 @@ def main() -> None:
                     continue  # the sampled part's greedy responses (cft eval decodes them) repeat the greedy part's
                 ok = verify.grade(o.text, res["items"][i].problem.answer)[1]
                 if kind == "greedy":
-                    greedy_ids[backend].append(o.ids)
+                    greedy_ids[backend][split, i] = o.ids
                     greedy_ok[backend].append(ok)
                 else:
                     sample_ok[backend].setdefault((split, i), []).append(float(ok))
