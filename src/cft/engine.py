@@ -204,19 +204,16 @@ def _take_rows(buf: torch.Tensor, idx: torch.Tensor, live: slice, dim: int) -> t
     return front
 
 
-def _keep_rows(decoder, keep: int) -> None:
-    """Shrink a decoder (``BranchDecoder`` or ``PromptDecoder``) to its first ``keep`` rows after running out
-    of memory: cache buffers, mask and rows; the caller has requeued the rest."""
-    idx = torch.arange(keep, device=decoder.model.device)
+def _keep_rows(decoder, keep: list[int]) -> None:
+    """Keep only rows ``keep`` of a decoder (``BranchDecoder`` or ``PromptDecoder``): cache buffers, mask and
+    rows; the caller has requeued or finished the others."""
+    idx = torch.tensor(keep, dtype=torch.long, device=decoder.model.device)
     live = slice(decoder.window.s, decoder.window.w)
     for layer in decoder.cache.layers:
         layer.kbuf = _take_rows(layer.kbuf, idx, live, 2)
         layer.vbuf = _take_rows(layer.vbuf, idx, live, 2)
     decoder.mbuf = _take_rows(decoder.mbuf, idx, live, 1)
-    decoder.rows = decoder.rows[:keep]
-    decoder.batch_size = keep
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    decoder.rows = [decoder.rows[i] for i in keep]
 
 
 class Window:
@@ -388,13 +385,7 @@ class BranchDecoder:
         """
         keep = [i for i, r in enumerate(self.rows) if r is not None]
         if not self.queue and (not keep or len(keep) <= 0.75 * len(self.rows)):
-            idx = torch.tensor(keep, dtype=torch.long, device=self.model.device)
-            live = slice(self.window.s, self.window.w)
-            for layer in self.cache.layers:
-                layer.kbuf = _take_rows(layer.kbuf, idx, live, 2)
-                layer.vbuf = _take_rows(layer.vbuf, idx, live, 2)
-            self.mbuf = _take_rows(self.mbuf, idx, live, 1)
-            self.rows = [self.rows[i] for i in keep]
+            _keep_rows(self, keep)
         tight = 0
         if self.rows and self.window.w > self.window.s:
             mask = self.mbuf[:, self.window.s : self.window.w]
@@ -416,7 +407,10 @@ class BranchDecoder:
                 self.queue.appendleft((row.work, row.t, row.j))
         log.warning("identify: out of memory with %d rows; continuing with %d", len(self.rows), keep)
         self.mbuf[:, self.window.w :] = 0  # the failed step's columns
-        _keep_rows(self, keep)
+        _keep_rows(self, list(range(keep)))
+        self.batch_size = keep
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     # -- main loop ---------------------------------------------------------------------------
     def _fill(self, works) -> None:
@@ -709,13 +703,7 @@ class PromptDecoder:
         move the window back when the next step would not fit (rows hold no holes: a plain copy)."""
         keep = [i for i, r in enumerate(self.rows) if r is not None]
         if not self.queue and len(keep) <= 0.75 * len(self.rows):
-            idx = torch.tensor(keep, dtype=torch.long, device=self.model.device)
-            live = slice(self.window.s, self.window.w)
-            for layer in self.cache.layers:
-                layer.kbuf = _take_rows(layer.kbuf, idx, live, 2)
-                layer.vbuf = _take_rows(layer.vbuf, idx, live, 2)
-            self.mbuf = _take_rows(self.mbuf, idx, live, 1)
-            self.rows = [self.rows[i] for i in keep]
+            _keep_rows(self, keep)
         cached = [len(r.request.prompt_ids) + len(r.ids) - 1 for r in self.rows if r is not None]
         s, w = self.window.s, self.window.w
         self.window.s = s = w - max(cached, default=0)
@@ -740,7 +728,10 @@ class PromptDecoder:
                 key = tuple(row.request.prompt_ids)
                 self.uses[key] = self.uses.get(key, 0) + 1
         log.warning("decode: out of memory with %d rows; continuing with %d", len(self.rows), keep)
-        _keep_rows(self, keep)
+        _keep_rows(self, list(range(keep)))
+        self.batch_size = keep
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _step(self) -> torch.Tensor | None:
         """One forward over every row's last token; its logits (B, V), or None when it ran out of memory."""
