@@ -218,6 +218,26 @@ def compute_metrics(records: list[dict]) -> dict[str, dict]:
     return {bench: _benchmark_metrics(recs) for bench, recs in grouped.items()}
 
 
+def problem_scores(records: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per benchmark and metric, each problem's own score: greedy correctness (``accuracy``) and the unbiased
+    ``pass@k`` of its samples; the means over problems are ``compute_metrics``'. A paired bootstrap over problems
+    (``cft.stats.paired_bootstrap``) resamples these."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    samples: dict[tuple[str, str], list[dict]] = {}
+    for rec in records:
+        scores = out.setdefault(rec["benchmark"], {})
+        if rec["kind"] == "greedy":
+            scores.setdefault("accuracy", {})[rec["id"]] = float(bool(rec["correct"]))
+        else:
+            samples.setdefault((rec["benchmark"], rec["id"]), []).append(rec)
+    n_samples = {bench: min((len(rs) for (b, _), rs in samples.items() if b == bench), default=0) for bench in out}
+    for (bench, pid), rs in samples.items():
+        n, c = len(rs), sum(bool(r["correct"]) for r in rs)
+        for k in k_values(n_samples[bench]):
+            out[bench].setdefault(f"pass@{k}", {})[pid] = pass_at_k(n, c, k)
+    return out
+
+
 def _benchmark_metrics(records: list[dict]) -> dict:
     greedy = [r for r in records if r["kind"] == "greedy"]
     samples: dict[str, list[dict]] = {}

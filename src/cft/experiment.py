@@ -35,27 +35,40 @@ import json
 import re
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from cft import grpo as grpo_stage
-from cft.artifacts import record_key
+from cft.artifacts import load_records, record_key
 from cft.data import load_problems
-from cft.evaluate import METRICS, evaluate
-from cft.experiment_config import ExperimentConfig, ExperimentError, config_dict, load_config, settings
+from cft.evaluate import METRICS, SAMPLES, evaluate, problem_scores
+from cft.experiment_config import ExperimentConfig, ExperimentError, config_dict, grid_points, load_config, settings
 from cft.generate import generate
 from cft.identify import identify
 from cft.models import load_model
-from cft.stats import GRPO_PREFIX, aggregate, fmt_diff, fmt_stat, headline_metrics
+from cft.stats import GRPO_PREFIX, aggregate, fmt_diff, fmt_stat, headline_metrics, paired_bootstrap, summarize
 from cft.train import SUMMARY, CFTSFTConfig, train
 
 CELL = "cell.json"
 AGGREGATE = "aggregate.json"
 RESOLVED = "experiment.yaml"
 BASE = "base"
+Setting = dict[str, Any]  # a tuning grid point: TRL training arguments
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """What one evaluation decodes: greedy on ``limit`` problems per benchmark, ``n_samples`` samples on the first
+    ``sampled`` of them; written under the cell's ``sub`` folder."""
+
+    benchmarks: tuple[str, ...]
+    limit: int | None
+    sampled: int | None
+    n_samples: int
+    sub: str
 
 
 # ---------------------------------------------------------------- cells
@@ -68,9 +81,16 @@ def slug(text: str) -> str:
     return f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', Path(text).name).strip('-')}-{record_key(text)[:6]}"
 
 
-def cell_dir(cfg: ExperimentConfig, model: str, method: str, seed: int | None) -> Path:
+def setting_slug(setting: Setting) -> str:
+    return slug("_".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in setting.items()))
+
+
+def cell_dir(cfg: ExperimentConfig, model: str, method: str, seed: int | None, setting: Setting | None = None) -> Path:
+    """``OUT/MODEL/METHOD/seedS``; a tuning run ``OUT/MODEL/tune/METHOD/SETTING/seedS``."""
     name = method.replace(GRPO_PREFIX, "grpo-from-")
-    return Path(cfg.out) / slug(model) / name / ("seed-any" if seed is None else f"seed{seed}")
+    base = Path(cfg.out) / slug(model) / ("tune" if setting is not None else "")
+    return base / name / (setting_slug(setting) if setting is not None else "") / (
+        "seed-any" if seed is None else f"seed{seed}")
 
 
 def shared_paths(cfg: ExperimentConfig, model: str) -> tuple[Path, Path, Path]:
@@ -123,10 +143,25 @@ def claim_cell(path: Path, base: dict[str, Any]) -> dict[str, Any]:
 class Runner:
     """Runs the grid; loads models only for work that is not done yet."""
 
-    def __init__(self, cfg: ExperimentConfig, log=print):
+    def __init__(self, cfg: ExperimentConfig, log=print, chosen: dict[str, dict[str, Setting]] | None = None):
         self.cfg, self.log = cfg, log
         self.out = Path(cfg.out)
         self.counts = {"trained": 0, "evaluated": 0, "grpo": 0, "skipped": 0}
+        # model -> method -> the tuned training arguments (from this grid's tuning, or a parent's for ablations)
+        self.chosen: dict[str, dict[str, Setting]] = {m: dict(v) for m, v in (chosen or {}).items()}
+
+    def curve_methods(self) -> list[str]:
+        c = self.cfg.curves
+        return [] if c is None else [m for m in self.cfg.methods if c.methods is None or m in c.methods]
+
+    def train_args(self, model: str, method: str, setting: Setting | None = None) -> dict[str, Any]:
+        """TRL's training arguments of a run: the shared ones, the method's tuned (or the grid point's) setting,
+        and, for a run with a learning curve, a kept checkpoint at every ``1/points`` of training."""
+        tuned = setting if setting is not None else self.chosen.get(model, {}).get(method, {})
+        args = {**self.cfg.train_args, **tuned}
+        if setting is None and method in self.curve_methods():
+            args.update(save_strategy="steps", save_steps=1.0 / self.cfg.curves.points, save_total_limit=None)
+        return args
 
     # -------------------------------------------------- hashes: everything that determines an output
 
@@ -135,7 +170,7 @@ class Runner:
         return record_key("shared", model, settings(c.generate, "generate"), settings(c.identify, "identify"),
                           c.dtype)
 
-    def train_hash(self, model: str, method: str, seed: int) -> str:
+    def train_hash(self, model: str, method: str, seed: int, setting: Setting | None = None) -> str:
         c = self.cfg
         if method == BASE:
             return record_key("base", model, c.dtype)
@@ -146,12 +181,28 @@ class Runner:
         ref = c.rho1_reference if method == "rho1" else None
         ref_key = self.train_hash(model, ref, seed) if ref in c.methods else ref
         return record_key("train", self.shared_hash(model), method, seed, settings(c.train, "train"),
-                          settings(c.train_args, "train_args"), ref_key)
+                          self.train_args(model, method, setting), ref_key)
 
-    def cell_hash(self, model: str, method: str, seed: int) -> str:
+    def cell_hash(self, model: str, method: str, seed: int, setting: Setting | None = None) -> str:
         c = self.cfg
-        return record_key(self.train_hash(model, method, seed), c.benchmarks, settings(c.eval, "eval"),
-                          c.sample_limit, c.eval_data_seed)
+        plans = [self.tune_plan()] if setting is not None else [self.eval_plan()] + (
+            [self.curve_plan(0)] if method in (BASE, *self.curve_methods()) else [])
+        return record_key(self.train_hash(model, method, seed, setting), settings(c.eval, "eval"), c.eval_data_seed,
+                          [(p.benchmarks, p.limit, p.sampled, p.n_samples) for p in plans])
+
+    # -------------------------------------------------- what an evaluation decodes
+
+    def eval_plan(self) -> EvalPlan:
+        c = self.cfg
+        return EvalPlan(tuple(c.benchmarks), c.eval.limit, c.sampled, c.eval.n_samples, "eval")
+
+    def tune_plan(self) -> EvalPlan:
+        t = self.cfg.tune
+        return EvalPlan((t.benchmark,), t.limit, t.limit, 0, "tune-eval")
+
+    def curve_plan(self, step: int) -> EvalPlan:
+        c = self.cfg.curves
+        return EvalPlan(tuple(c.benchmarks), c.limit, c.sample_limit, c.n_samples, f"curve/step-{step}")
 
     # -------------------------------------------------- stages A and B, shared by every cell of a model
 
@@ -183,13 +234,12 @@ class Runner:
 
     # -------------------------------------------------- evaluation
 
-    def benchmark_input(self, bench: str) -> tuple[str, str | None]:
+    def benchmark_input(self, bench: str, n: int | None) -> tuple[str, str | None]:
         """(spec to evaluate, template). Testbed splits are drawn once (``eval_data_seed``) and written to
         ``OUT/data`` so that the evaluation seed changes only the sampling, never the problems."""
         c = self.cfg
         if not bench.startswith("testbed:"):
             return bench, c.eval.template
-        n = max(x for x in (c.eval.limit, c.sampled, 0) if x is not None) or None
         path = self.out / "data" / f"{slug(bench)}-s{c.eval_data_seed}-n{n or 'all'}.jsonl"
         if not path.exists():
             problems = load_problems(bench, seed=c.eval_data_seed, limit=n)
@@ -200,31 +250,38 @@ class Runner:
             tmp.replace(path)
         return str(path), c.eval.template or "chat"
 
-    def evaluate_checkpoint(self, name: str, model, tok, path: Path, seed: int) -> tuple[dict, list[str]]:
-        """Metrics per benchmark: greedy accuracy on ``eval.limit`` problems, sampling on ``sample_limit``.
+    def evaluate_checkpoint(self, name: str, model, tok, path: Path, seed: int,
+                            plan: EvalPlan) -> tuple[dict, list[str], dict]:
+        """Metrics per benchmark (greedy accuracy on ``plan.limit`` problems, sampling on ``plan.sampled``) and
+        each problem's scores (``cft.evaluate.problem_scores``) for the paired bootstrap.
 
         The benchmarks that share a prompt template are decoded in one ``evaluate`` call (one batching, as
         ``cft eval`` with several benchmarks does)."""
 
-        e, n_samples = self.cfg.eval, self.cfg.eval.n_samples
-        runs = [("all", e.limit, n_samples)] if self.cfg.sampled == e.limit or n_samples == 0 else [
-            ("greedy", e.limit, 0), ("sampled", self.cfg.sampled, n_samples)]
+        e, n_samples = self.cfg.eval, plan.n_samples
+        runs = [("all", plan.limit, n_samples)] if plan.sampled == plan.limit or n_samples == 0 else [
+            ("greedy", plan.limit, 0), ("sampled", plan.sampled, n_samples)]
+        n = max(x for x in (plan.limit, plan.sampled, 0) if x is not None) or None
         groups: dict[str | None, dict[str, str]] = {}  # template -> benchmark -> spec
-        for bench in self.cfg.benchmarks:
-            spec, template = self.benchmark_input(bench)
+        for bench in plan.benchmarks:
+            spec, template = self.benchmark_input(bench, n)
             groups.setdefault(template, {})[bench] = spec
         parts: dict[str, dict[str, dict]] = {}  # part -> benchmark -> metrics
+        problems: dict[str, dict[str, dict[str, float]]] = {}
         files = []
         for template, specs in groups.items():
-            for part, limit, n in runs:
-                out = path / "eval" / slug(template or "default") / part
+            for part, limit, k in runs:
+                out = path / plan.sub / slug(template or "default") / part
                 ecfg = replace(e, model=name, benchmarks=list(specs.values()), out=str(out), limit=limit,
-                               n_samples=n, template=template, seed=seed)
+                               n_samples=k, template=template, seed=seed)
                 result = evaluate(ecfg, model, tok)
                 parts.setdefault(part, {}).update({bench: result[spec] for bench, spec in specs.items()})
+                scores = problem_scores(load_records(out / SAMPLES, "samples"))
+                for bench, spec in specs.items():
+                    problems.setdefault(bench, {}).update(scores.get(spec, {}))
                 files.append(str((out / METRICS).relative_to(path)))
         metrics = {}
-        for bench in self.cfg.benchmarks:
+        for bench in plan.benchmarks:
             greedy = parts.get("greedy", parts.get("all"))[bench]
             sampled = parts.get("sampled", parts.get("all"))[bench]
             metrics[bench] = {"accuracy": greedy["accuracy"], "n": greedy["n"], "truncated": greedy["truncated"],
@@ -233,19 +290,48 @@ class Runner:
                               "n_sampled": sampled["n"] if sampled["n_samples"] else 0,
                               "n_samples": sampled["n_samples"]}
         self.counts["evaluated"] += 1
-        return metrics, files
+        return metrics, files, problems
+
+    def curve(self, model: str, path: Path, seed: int, base: tuple[Any, Any] | None = None) -> tuple[list, list]:
+        """The learning curve of a trained cell (each kept checkpoint, then the trained model), or the starting
+        model's single point (``base``: its loaded model and tokenizer)."""
+        if base is not None:
+            points, final_step = [(0, 0.0, model, base)], None
+        else:
+            train_dir = path / "train"
+            summary = json.loads((train_dir / SUMMARY).read_text())
+            final = summary["global_step"]
+            epochs = [h["epoch"] for h in summary["log_history"] if "epoch" in h]
+            points = []
+            for ckpt in sorted(train_dir.glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[1])):
+                step = int(ckpt.name.split("-")[1])
+                if step < final:
+                    state = json.loads((ckpt / "trainer_state.json").read_text())
+                    points.append((step, state.get("epoch"), str(ckpt), None))
+            points.append((final, epochs[-1] if epochs else None, str(train_dir), None))
+            final_step = final
+        out, files = [], []
+        for step, epoch, ckpt, loaded in points:
+            m, tok = loaded or load_model(ckpt, self.cfg.dtype, self.cfg.device)
+            metrics, f, _ = self.evaluate_checkpoint(ckpt, m, tok, path, seed, self.curve_plan(step))
+            files += f
+            fraction = 0.0 if final_step is None else step / final_step
+            out.append({"step": step, "epoch": epoch, "fraction": fraction,
+                        "metrics": {b: {"accuracy": v["accuracy"], "entropy": v["entropy"]} for b, v in metrics.items()}})
+        return out, files
 
     # -------------------------------------------------- one cell
 
-    def run_cell(self, model: str, method: str, seed: int, loaded) -> dict[str, Any]:
-        path = cell_dir(self.cfg, model, method, seed)
-        h = self.cell_hash(model, method, seed)
+    def run_cell(self, model: str, method: str, seed: int, loaded, setting: Setting | None = None) -> dict[str, Any]:
+        """Train (or GRPO) and evaluate one cell; a tuning run (``setting``) is scored on the tuning split only."""
+        path = cell_dir(self.cfg, model, method, seed, setting)
+        h = self.cell_hash(model, method, seed, setting)
         done = finished_cell(path, h)
         if done:
             self.counts["skipped"] += 1
             return done
-        base = {"model": model, "method": method, "seed": seed, "hash": h,
-                "train_hash": self.train_hash(model, method, seed)}
+        base = {"model": model, "method": method, "seed": seed, "hash": h, "setting": setting,
+                "train_hash": self.train_hash(model, method, seed, setting)}
         rec = claim_cell(path, base)
         seconds = dict(rec.get("seconds", {}))
         t0 = time.time()
@@ -256,35 +342,45 @@ class Runner:
             ckpt_dir = path / ("grpo" if method.startswith(GRPO_PREFIX) else "train")
             if rec["status"] != "trained":
                 rec.update(self.grpo_cell(model, method, seed, ckpt_dir) if method.startswith(GRPO_PREFIX)
-                           else self.train_cell(model, method, seed, ckpt_dir))
+                           else self.train_cell(model, method, seed, ckpt_dir, setting))
                 seconds["train"] = time.time() - t0
                 rec.update(status="trained", seconds=seconds)
                 write_json_if_changed(path / CELL, rec)
 
             ckpt = str(ckpt_dir)
             m, tok = load_model(ckpt, self.cfg.dtype, self.cfg.device)
+        problems: dict = {}
         if method.startswith(GRPO_PREFIX) and not self.cfg.evaluate_grpo:
             metrics, files = {}, []
         else:
             t1 = time.time()
-            metrics, files = self.evaluate_checkpoint(ckpt, m, tok, path, seed)
+            plan = self.tune_plan() if setting is not None else self.eval_plan()
+            metrics, files, problems = self.evaluate_checkpoint(ckpt, m, tok, path, seed, plan)
             seconds["eval"] = time.time() - t1
-        rec.update(status="finished", metrics=metrics, seconds=seconds,
+        if setting is None and method in (BASE, *self.curve_methods()) and self.cfg.curves:
+            t2 = time.time()
+            rec["curve"], curve_files = self.curve(model, path, seed, (m, tok) if method == BASE else None)
+            files += curve_files
+            seconds["curve"] = time.time() - t2
+        rec.update(status="finished", metrics=metrics, problems=problems, seconds=seconds,
                    files=[*rec.get("train_files", []), *files])
         write_json_if_changed(path / CELL, rec)
         accs = ", ".join(f"{b} {v['accuracy']:.3f}" for b, v in metrics.items())
-        self.log(f"[{model}] {method} seed {seed}: " + " ".join(f"{k} {v:.0f}s" for k, v in seconds.items())
+        label = f"{method} {setting_slug(setting)}" if setting is not None else method
+        self.log(f"[{model}] {label} seed {seed}: " + " ".join(f"{k} {v:.0f}s" for k, v in seconds.items())
                  + (f"; accuracy {accs}" if accs else ""))
         return rec
 
-    def train_cell(self, model: str, method: str, seed: int, out: Path) -> dict[str, Any]:
+    def train_cell(self, model: str, method: str, seed: int, out: Path,
+                   setting: Setting | None = None) -> dict[str, Any]:
 
         _, labels, _ = shared_paths(self.cfg, model)
         ref = self.cfg.rho1_reference if method == "rho1" else None
         if ref in self.cfg.methods:
             ref = str(cell_dir(self.cfg, model, ref, seed) / "train")
         summary = train(replace(self.cfg.train, model=model, input=str(labels), method=method, out=str(out),
-                                resume=True, reference=ref), CFTSFTConfig(**self.cfg.train_args, seed=seed))
+                                resume=True, reference=ref),
+                        CFTSFTConfig(**self.train_args(model, method, setting), seed=seed))
         self.counts["trained"] += 1
         tokens = {k: v for k, v in summary["tokens"].items() if k != "excluded_ids"}
         curve = [[h["step"], h["loss"]] for h in summary["log_history"] if "loss" in h]
@@ -301,6 +397,55 @@ class Runner:
         rows = [json.loads(line) for line in (out / grpo_stage.LOG).read_text().splitlines() if line.strip()]
         return {"grpo": {"global_step": summary.get("global_step"), "log": rows, "seconds": summary.get("seconds")},
                 "train_files": [f"grpo/{grpo_stage.SUMMARY}", f"grpo/{grpo_stage.LOG}"]}
+
+    # -------------------------------------------------- tuning
+
+    def tuned_methods(self) -> list[str]:
+        t = self.cfg.tune
+        return [] if t is None else [m for m in self.cfg.methods if m not in t.share and (
+            t.methods is None or m in t.methods)]
+
+    def tune_cells(self, model: str) -> list[tuple[str, Setting]]:
+        return [(m, point) for m in self.tuned_methods() for point in grid_points(self.cfg.tune)]
+
+    def tuning(self, model: str) -> dict[str, Any] | None:
+        """Each tuned method's runs (finished ones, read from disk) and, once all are finished, its chosen
+        setting: the best tuning-split accuracy, ties to the earlier grid point. Runs nothing."""
+        t = self.cfg.tune
+        if t is None:
+            return None
+        out: dict[str, Any] = {}
+        for method in self.tuned_methods():
+            runs = []
+            for point in grid_points(t):
+                rec = finished_cell(cell_dir(self.cfg, model, method, t.seed, point),
+                                    self.cell_hash(model, method, t.seed, point))
+                if rec:
+                    m = rec["metrics"][t.benchmark]
+                    runs.append({"setting": point, "accuracy": m["accuracy"], "n": m["n"]})
+            best = max(runs, key=lambda r: r["accuracy"]) if runs else None  # max keeps the first of equals
+            out[method] = {"benchmark": t.benchmark, "seed": t.seed, "metric": "accuracy", "runs": runs,
+                           "chosen": best["setting"] if best and len(runs) == len(grid_points(t)) else None,
+                           "from": None}
+        for method, source in t.share.items():
+            out[method] = {**out[source], "runs": [], "from": source}
+        return out
+
+    def choose(self, model: str) -> None:
+        """Fill ``chosen`` from the finished tuning runs (a method still being tuned stays unset)."""
+        for method, rec in (self.tuning(model) or {}).items():
+            if rec["chosen"] is not None:
+                self.chosen.setdefault(model, {})[method] = rec["chosen"]
+
+    def run_tuning(self, model: str, loaded) -> None:
+        t = self.cfg.tune
+        todo = self.tune_cells(model)
+        for i, (method, point) in enumerate(todo, 1):
+            self.log(f"[{model}] tuning {i}/{len(todo)}: {method} {setting_slug(point)} on {t.benchmark}")
+            self.run_cell(model, method, t.seed, loaded, point)
+        self.choose(model)
+        for method, point in self.chosen.get(model, {}).items():
+            self.log(f"[{model}] tuned {method}: {setting_slug(point)}")
 
     # -------------------------------------------------- the grid
 
@@ -340,16 +485,27 @@ class Runner:
 
             todo = [p for p in plan if p[0] == model]
             self.shared_stages(model, loaded)
+            if self.cfg.tune:
+                self.run_tuning(model, loaded)
             for i, (mdl, method, seed) in enumerate(todo, 1):
                 self.log(f"[{mdl}] cell {i}/{len(todo)}: {method} seed {seed} ({time.time() - t0:.0f}s elapsed)")
                 skipped = self.counts["skipped"]
                 self.run_cell(mdl, method, seed, loaded)
                 if self.counts["skipped"] == skipped:
                     self.write_aggregate(*self.collect())
+        for name, sub in self.cfg.ablations.items():
+            changes = yaml.safe_dump(self.cfg.ablation_overrides[name], default_flow_style=True).strip()
+            self.log(f"ablation {name}: {changes}")
+            runner = Runner(sub, self.log, self.chosen)
+            runner.run()
+            for key, value in runner.counts.items():
+                self.counts[key] += value
         return self.write_aggregate(*self.collect())
 
     def collect(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """The finished cells of the plan and the shared-stage records, read from disk; runs nothing."""
+        for model in self.cfg.models:
+            self.choose(model)
         cells = [rec for p in self.plan() if (rec := finished_cell(cell_dir(self.cfg, *p), self.cell_hash(*p)))]
         shared = {}
         for model in self.cfg.models:
@@ -375,10 +531,77 @@ class Runner:
                            "critical_by_kind": s["identify"]["critical_by_kind"],
                            "seconds": s.get("seconds")} for m, s in shared.items()},
             "cells": [{k: c.get(k) for k in ("model", "method", "seed", "status", "seconds", "train", "grpo",
-                                             "metrics")} for c in cells],
+                                             "metrics", "curve")} for c in cells],
         }
+        tuning = {m: t for m in self.cfg.models if (t := self.tuning(m))}
+        if tuning:
+            result["tuning"] = tuning
+        curves = self.curves(cells)
+        if curves:
+            result["curves"] = curves
+        if self.cfg.compare:
+            result["bootstrap"] = self.bootstrap(cells)
+        if self.cfg.ablations:
+            result["ablations"] = {}
+            for name, sub in self.cfg.ablations.items():
+                runner = Runner(sub, self.log, self.chosen)
+                cells_, shared_ = runner.collect()
+                agg = runner.write_aggregate(cells_, shared_)
+                result["ablations"][name] = {"overrides": self.cfg.ablation_overrides[name], **{
+                    k: agg.get(k) for k in ("results", "shared", "bootstrap", "finished_cells", "planned_cells")}}
         write_json_if_changed(self.out / AGGREGATE, result)
         return result
+
+    def curves(self, cells: list[dict[str, Any]]) -> dict[str, Any]:
+        """Per model and method: each seed's curve points, and per point the statistics over seeds; the
+        starting model's point (fraction 0) opens every method's curve."""
+        out: dict[str, Any] = {}
+        for model in self.cfg.models:
+            base = next((c["curve"] for c in cells if c["model"] == model and c["method"] == BASE and c.get("curve")),
+                        [])
+            for method in self.curve_methods():
+                seeds = {str(c["seed"]): base + c["curve"] for c in cells
+                         if c["model"] == model and c["method"] == method and c.get("curve")}
+                if not seeds:
+                    continue
+                n_points = min(len(v) for v in seeds.values())
+                points = []
+                for i in range(n_points):
+                    at = [v[i] for v in seeds.values()]
+                    benches = at[0]["metrics"]
+                    points.append({
+                        "fraction": at[0]["fraction"], "step": at[0]["step"],
+                        "epoch": at[0]["epoch"],
+                        "metrics": {b: {k: summarize([p["metrics"][b][k] for p in at if p["metrics"][b][k] is not None])
+                                        for k in ("accuracy", "entropy")} for b in benches}})
+                out.setdefault(model, {})[method] = {"points": points, "seeds": seeds}
+        return out
+
+    def bootstrap(self, cells: list[dict[str, Any]]) -> dict[str, Any]:
+        """``compare``'s paired bootstrap over problems and seeds, per model, benchmark and metric."""
+        out: dict[str, Any] = {}
+        for model in self.cfg.models:
+            by: dict[str, dict[int, dict]] = {}
+            for c in cells:
+                if c["model"] == model and c.get("problems"):
+                    by.setdefault(c["method"], {})[c["seed"]] = c["problems"]
+            for item in self.cfg.compare:
+                a, b = (m.strip() for m in item.split(" vs "))
+                if a not in by or b not in by:
+                    continue
+                for bench in self.cfg.benchmarks:
+                    metrics = set.intersection(*(set(p.get(bench, {})) for side in (by[a], by[b])
+                                                 for p in side.values()))
+                    row = {}
+                    for metric in sorted(metrics, key=lambda k: (k != "accuracy", len(k), k)):
+                        try:
+                            row[metric] = paired_bootstrap({s: p[bench][metric] for s, p in by[a].items()},
+                                                           {s: p[bench][metric] for s, p in by[b].items()},
+                                                           resamples=self.cfg.bootstrap_resamples)
+                        except ValueError as exc:  # e.g. seeds with different problems: say so, do not guess
+                            row[metric] = {"error": str(exc)}
+                    out.setdefault(model, {}).setdefault(bench, {})[f"{a} vs {b}"] = row
+        return out
 
 
 def run_experiment(cfg: ExperimentConfig, log=print) -> tuple[dict[str, Any], dict[str, int]]:

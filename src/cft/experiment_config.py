@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 import typing
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields, replace
@@ -65,6 +66,36 @@ REQUIRED_DEFAULTS = {"generate": {"data": "testbed:train"}}
 
 
 @dataclass
+class TuneConfig:
+    """Per-method hyper-parameter selection before the seeded grid: every combination of ``grid`` (TRL training
+    arguments) is trained once with ``seed`` and scored by greedy accuracy on ``benchmark``, a split the results
+    never report; each method's grid cells then train at its best setting (ties: the earlier grid point)."""
+
+    grid: dict[str, list[Any]] = option(factory=dict, help="TRL training arguments (train_args keys) and the values "
+                                                           "to try; every combination is one run")
+    benchmark: str = option("testbed:val", "the selection split (never reported as a result)")
+    limit: int = option(200, "greedy problems of the selection split")
+    seed: int = option(0, "the training seed of every tuning run")
+    methods: list[str] | None = option(None, "the methods tuned (null: every method of the grid not in share)")
+    share: dict[str, str] = option(factory=dict, help="methods that take another method's chosen setting, e.g. "
+                                                      "{cft_mix: cft} (also for the ablations' methods)")
+
+
+@dataclass
+class CurveConfig:
+    """Learning curves: checkpoints at ``points`` evenly spaced fractions of training (the last is the trained
+    model), each scored by greedy accuracy and sampled entropy on ``benchmarks``; the starting model is the
+    point at fraction 0."""
+
+    points: int = option(3, "evaluated checkpoints per training run (fractions 1/points, 2/points, ..., 1)")
+    methods: list[str] | None = option(None, "the methods with curves (null: every method)")
+    benchmarks: list[str] = option(factory=lambda: ["testbed:val", "testbed:test"], help="curve benchmarks")
+    limit: int = option(200, "greedy problems per benchmark")
+    n_samples: int = option(4, "samples per problem for the entropy (0: greedy only)")
+    sample_limit: int = option(50, "problems sampled per benchmark")
+
+
+@dataclass
 class ExperimentConfig:
     """The grid and the stage configs its cells share; saved (stage values that differ from the stage defaults)
     as ``OUT/experiment.yaml``."""
@@ -86,6 +117,9 @@ class ExperimentConfig:
     grpo_from: list[str] = option(factory=list, help="GRPO starts from the checkpoints of these methods ([]: none)")
     grpo_seeds: list[int] | None = option(None, "the seeds GRPO runs for (null: every seed of the grid)")
     evaluate_grpo: bool = option(True, "evaluate the GRPO policies")
+    compare: list[str] = option(factory=list, help='paired bootstrap comparisons over problems and seeds, "A vs B" '
+                                                   '(methods, or grpo:METHOD); each of accuracy and pass@k')
+    bootstrap_resamples: int = option(10_000, "resamples of the paired bootstrap")
     dtype: str = dtype_option("float32")
     device: str | None = device_option()
     generate: GenerateConfig = internal(None)
@@ -95,6 +129,11 @@ class ExperimentConfig:
     grpo: GRPORunConfig = internal(None)
     train_args: dict[str, Any] = internal(factory=dict)
     grpo_args: dict[str, Any] = internal(factory=dict)
+    tune: TuneConfig | None = internal(None)
+    curves: CurveConfig | None = internal(None)
+    # name -> the sub-experiment (OUT/ablations/NAME): this config with the overrides in ablation_overrides
+    ablations: dict[str, ExperimentConfig] = internal(factory=dict)
+    ablation_overrides: dict[str, dict[str, Any]] = internal(factory=dict)
 
     def __post_init__(self) -> None:
         for name in (n for n in SECTIONS if n not in VALUE_SECTIONS):
@@ -170,8 +209,14 @@ def settings(obj: Any, section: str | None = None) -> dict[str, Any]:
 
 def config_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     """The config as YAML: every experiment field, and each section's non-default values (loadable again)."""
-    top = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in SECTIONS}
-    return {**top, **{name: settings(getattr(cfg, name), name) for name in SECTIONS}}
+    top = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in SECTIONS and not is_internal(f)}
+    out = {**top, **{name: settings(getattr(cfg, name), name) for name in SECTIONS}}
+    for name in PLAIN:
+        if getattr(cfg, name) is not None:
+            out[name] = dataclasses.asdict(getattr(cfg, name))
+    if cfg.ablation_overrides:
+        out["ablations"] = cfg.ablation_overrides
+    return out
 
 
 # ---------------------------------------------------------------- reading and checking values
@@ -206,7 +251,7 @@ def _convert(cls: type, raw: Any, path: tuple[str, ...], where: Where, section: 
     out = {}
     for given, value in raw.items():
         key_path = (*path, str(given))
-        if given in SECTIONS and not path:
+        if not path and (given in SECTIONS or given in PLAIN or given == "ablations"):
             continue
         key = aliases.get(given, given)  # given by its name and an alias: the later wins (an override is later)
         if key not in allowed:
@@ -223,6 +268,92 @@ def _convert(cls: type, raw: Any, path: tuple[str, ...], where: Where, section: 
         except ValueError as exc:
             raise ExperimentError(f"{where(key_path)}: {exc}") from None
     return out
+
+
+PLAIN = {"tune": TuneConfig, "curves": CurveConfig}  # optional top-level mappings, checked by _plain
+
+
+def _plain(cls: type, raw: Any, path: tuple[str, ...], where: Where) -> Any:
+    """A ``TuneConfig`` / ``CurveConfig`` from its mapping: known keys, each value of its declared shape."""
+    if not isinstance(raw, dict):
+        raise ExperimentError(f"{where(path)}: {path[-1]} must be a mapping of {cls.__name__} fields")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in raw.items():
+        key_path = (*path, str(key))
+        if key not in hints:
+            raise ExperimentError(f"{where(key_path)}: not a field of {cls.__name__} (keys: {', '.join(hints)})")
+        hint = hints[key]
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+        if value is None and type(None) in args:
+            values[key] = None
+            continue
+        if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+            hint = next(a for a in args if a is not type(None))
+            origin, args = typing.get_origin(hint), typing.get_args(hint)
+        ok = (isinstance(value, dict) if origin is dict else
+              isinstance(value, list) and all(isinstance(v, args[0]) for v in value) if origin is list else
+              isinstance(value, (int, float)) and not isinstance(value, bool) if hint is float else
+              isinstance(value, hint) and not (hint is int and isinstance(value, bool)))
+        if not ok:
+            raise ExperimentError(f"{where(key_path)}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+        values[key] = value
+    return cls(**values)
+
+
+def _tune(raw: Any, where: Where) -> TuneConfig:
+    """The tuning section; every grid value is checked as a ``train_args`` value (TRL's types)."""
+    tune = _plain(TuneConfig, raw, ("tune",), where)
+    grid = {}
+    for key, values in tune.grid.items():
+        path = ("tune", "grid", str(key))
+        if not isinstance(values, list) or not values:
+            raise ExperimentError(f"{where(path)}: a grid entry is a non-empty list of values")
+        converted = [_convert(stage_class("train_args"), {key: v}, ("tune", "grid"), where, section="train_args")
+                     for v in values]
+        name = next(iter(converted[0]))  # an alias (lr) becomes its field (learning_rate)
+        grid[name] = [c[name] for c in converted]
+    if not grid:
+        raise ExperimentError(f"{where(('tune', 'grid'))}: tune needs a grid (e.g. learning_rate: [1e-4, 3e-4])")
+    return replace(tune, grid=grid)
+
+
+def grid_points(tune: TuneConfig) -> list[dict[str, Any]]:
+    """Every combination of the grid, the first key varying slowest (the YAML's order)."""
+    points: list[dict[str, Any]] = [{}]
+    for key, values in tune.grid.items():
+        points = [{**p, key: v} for p in points for v in values]
+    return points
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over`` merged in, mappings recursively (an ablation changes single keys of a section)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _ablations(raw: dict[str, Any], where: Where) -> tuple[dict[str, ExperimentConfig], dict[str, dict[str, Any]]]:
+    """Each ablation: the main config with its overrides, in ``OUT/ablations/NAME``, without the main grid's
+    base evaluation, tuning, curves, GRPO and further ablations (unless the overrides set them)."""
+    given = raw.get("ablations") or {}
+    if not isinstance(given, dict):
+        raise ExperimentError(f"{where(('ablations',))}: ablations must map a name to the keys it changes")
+    subs, overrides = {}, {}
+    inherited = {k: v for k, v in raw.items() if k not in ("ablations", "tune", "curves", "grpo", "grpo_args",
+                                                               "grpo_from", "grpo_seeds", "compare")}
+    for name, over in given.items():
+        path = ("ablations", str(name))
+        if not isinstance(over, dict) or not over:
+            raise ExperimentError(f"{where(path)}: an ablation maps the keys it changes to their values")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)):
+            raise ExperimentError(f"{where(path)}: an ablation name is a folder name (letters, digits, _ . -)")
+        sub = _merge({**inherited, "evaluate_base": False}, over)
+        sub["out"] = str(Path(raw["out"]) / "ablations" / str(name))
+        subs[str(name)] = build_config(sub, lambda p, path=path: where((*path, *p)))
+        overrides[str(name)] = over
+    return subs, overrides
 
 
 def _key_lines(text: str) -> dict[tuple[str, ...], int]:
@@ -274,6 +405,11 @@ def build_config(raw: dict[str, Any], where: Where | None = None) -> ExperimentC
     for name in SECTIONS:
         values = _convert(classes[name], raw.get(name), (name,), where, section=name)
         setattr(cfg, name, values if name in VALUE_SECTIONS else stage_config(cfg, name, values))
+    if raw.get("tune") is not None:
+        cfg.tune = _tune(raw["tune"], where)
+    if raw.get("curves") is not None:
+        cfg.curves = _plain(CurveConfig, raw["curves"], ("curves",), where)
+    cfg.ablations, cfg.ablation_overrides = _ablations(raw, where)
     if ("grpo" in raw or "grpo_args" in raw) and not cfg.grpo_from:
         raise ExperimentError(f"{where(('grpo',))}: GRPO settings without grpo_from (the methods it starts from)")
     check(cfg, METHODS)
@@ -296,6 +432,19 @@ def check(cfg: ExperimentConfig, methods: tuple[str, ...]) -> None:
     missing = [m for m in cfg.grpo_from if m not in cfg.methods]
     if missing:
         raise ExperimentError(f"grpo_from names method(s) not in methods: {', '.join(missing)}")
+    for item in cfg.compare:
+        pair = [m.strip() for m in item.split(" vs ")]
+        if len(pair) != 2 or not all(pair):
+            raise ExperimentError(f"compare entry {item!r} is not 'A vs B'")
+    if cfg.tune:
+        unknown = [m for m in [*(cfg.tune.methods or []), *cfg.tune.share.values()] if m not in cfg.methods]
+        if unknown:
+            raise ExperimentError(f"tune names method(s) not in methods: {', '.join(unknown)}")
+        bad = [m for m in cfg.tune.share if m not in methods]
+        if bad:
+            raise ExperimentError(f"tune.share: unknown method(s) {', '.join(bad)}")
+    if cfg.curves and cfg.curves.points < 1:
+        raise ExperimentError("curves.points must be at least 1")
     extra = [s for s in cfg.grpo_seeds or [] if s not in cfg.seeds]
     if extra:
         raise ExperimentError(f"grpo_seeds {extra} are not seeds of the grid")
