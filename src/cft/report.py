@@ -523,7 +523,8 @@ def bootstrap_tables(data: RunData) -> list[Block]:
                 for m in metrics:
                     row.append(fmt_bootstrap(by_metric.get(m), *_scale(m)))
                     if m in with_t:
-                        row.append(fmt_diff(seed_t[name].get(m), *_scale(m)) if name in seed_t else "")
+                        row.append("" if name not in seed_t else fmt_diff(seed_t[name].get(m), *_scale(m))
+                                   if m in by_metric else "-")
                 rows.append(row)
             every = [b for c in comparisons.values() for b in c.values()]
             sizes = "/".join(map(str, sorted({b["n_problems"] for b in every})))
