@@ -377,10 +377,10 @@ def curves_plot(data: RunData, path: Path) -> Path | None:
                        if bench in p["metrics"]]
                 if pts:
                     band(ax, *zip(*pts), color(method, i), method, scale)
-            ax.set_xlabel("fraction of training steps")
             ax.set_ylabel(ylabel)
-            ax.set_title(_label(model, bench, len(data.models)), fontsize=9)
             ax.grid(alpha=0.3)
+        axes[0][col].set_title(_label(model, bench, len(data.models)), fontsize=9)
+        axes[-1][col].set_xlabel("fraction of training steps")
     axes[0][-1].legend(fontsize=7)
     fig.suptitle("learning curves: checkpoints during training (0 = the base model); mean over seeds, band: 95% t "
                  "interval over seeds", fontsize=10)
