@@ -161,6 +161,7 @@ def test_report_of_the_optional_sections(experiment_dir):
     assert "| sft | 41.0 | 43.0 | 44.0 | **50.0** | lr 3e-4 · 3 ep |" in text
     assert "| cft | - | - | - | - | lr 3e-4 · 3 ep (setting of sft) |" in text
     assert "<td><b>50.0</b></td>" in page.read_text()
+    assert "(report/tuning.png)" in text  # the heatmap of the one method with runs
 
     # curves: sft at 0.5 is 40, 50 -> mean 45, half-width 12.706 * 7.07 / sqrt(2) = 63.5; one seed: no interval
     assert "| sft | 0.50 | 6 | 1.5 | 2 | 45.0 ± 63.5 | 22.5 ± 31.8 |" in text

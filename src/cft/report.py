@@ -387,6 +387,45 @@ def curves_plot(data: RunData, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def tuning_plot(data: RunData, path: Path) -> Path | None:
+    """Per model and tuned method: a heatmap of the validation score, first setting key down, the rest across,
+    the chosen setting outlined."""
+    panels = [(model, method, t) for model, methods in data.tuning.items() for method, t in methods.items()
+              if t.get("runs")]
+    if not panels:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (model, method, t) in zip(axes[0], panels):
+        metric = t.get("metric", "accuracy")
+        scale, digits = _scale(metric)
+        first = next(iter(t["runs"][0]["setting"]))
+        down = list(dict.fromkeys(r["setting"][first] for r in t["runs"]))
+        across = list(dict.fromkeys(fmt_setting({k: v for k, v in r["setting"].items() if k != first})
+                                    for r in t["runs"]))
+        grid = [[float("nan")] * len(across) for _ in down]
+        for r in t["runs"]:
+            rest = fmt_setting({k: v for k, v in r["setting"].items() if k != first})
+            if r.get(metric) is not None:
+                grid[down.index(r["setting"][first])][across.index(rest)] = scale * r[metric]
+        image = ax.imshow(grid, cmap="viridis", aspect="auto")
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):  # dark text on the light end of the colour map
+                ax.annotate(f"{v:.{digits}f}", (j, i), ha="center", va="center", fontsize=8,
+                            color="black" if image.norm(v) > 0.6 else "white")
+        chosen = t.get("chosen") or {}
+        if chosen.get(first) in down:
+            rest = fmt_setting({k: v for k, v in chosen.items() if k != first})
+            if rest in across:
+                ax.add_patch(plt.Rectangle((across.index(rest) - 0.5, down.index(chosen[first]) - 0.5), 1, 1,
+                                           fill=False, ec="#d62728", lw=2.5))
+        ax.set_yticks(range(len(down)), [fmt_setting({first: v}) for v in down])
+        ax.set_xticks(range(len(across)), across, rotation=30, ha="right")
+        ax.set_title(f"{method}" if len(data.tuning) == 1 else f"{model} · {method}", fontsize=9)
+    fig.suptitle("tuning: validation score per setting (red box: chosen)", fontsize=10, y=1.03)
+    return _save(fig, path)
+
+
 def make_plots(data: RunData, out_dir: Path) -> dict[str, Path]:
     """Every plot the data allows, by name."""
     plots = {
@@ -399,6 +438,7 @@ def make_plots(data: RunData, out_dir: Path) -> dict[str, Path]:
         "train_loss": loss_plot(data, out_dir / "train_loss.png"),
         "grpo": grpo_plot(data, out_dir / "grpo.png"),
         "curves": curves_plot(data, out_dir / "learning_curves.png"),
+        "tuning": tuning_plot(data, out_dir / "tuning.png"),
     }
     return {k: v for k, v in plots.items() if v is not None}
 
@@ -616,6 +656,7 @@ CAPTIONS = {
     "grpo": "GRPO reward and entropy per step: mean over seeds, shaded 95% t interval over seeds.",
     "curves": "Learning curves: accuracy and entropy against the fraction of training steps (mean over seeds, "
               "shaded 95% t interval over seeds).",
+    "tuning": "Hyperparameter tuning: the validation score of every grid point (percent; red box: the chosen one).",
 }
 
 
