@@ -10,7 +10,8 @@ import pytest
 
 from cft.experiment import Runner
 from cft.experiment_config import build_config, load_config
-from cft.report import load_run, report
+from cft.report import grpo_series, load_run, report
+from cft.stats import paired_bootstrap, summarize
 
 KINDS = {"digit": {"critical": 5, "tokens": 10, "fraction": 0.5},
          "other": {"critical": 1, "tokens": 20, "fraction": 0.05}}
@@ -74,6 +75,8 @@ def test_experiment_report(experiment_dir):
             "| +7.5 [-3.7, +18.7] | +5.0 [-2.5, +12.5] |") in text
     assert "| grpo:cft | 1 | 70.0 | +10.0 |" in text
     assert "Not finished" not in text  # the unfinished cell (seed 3) is outside the grid
+    for optional in ("Hyperparameter tuning", "Learning curves", "Paired bootstrap", "Ablations"):
+        assert optional not in text  # an aggregate without those keys shows none of their sections
     _assert_self_contained(page.read_text(), len(plots))
 
 
@@ -113,3 +116,88 @@ def test_cli_report_errors_on_a_folder_without_results(tmp_path, capsys):
 
     assert main(["report", str(tmp_path)]) == 2
     assert "holds no aggregate.json" in capsys.readouterr().err
+
+
+def _boot(delta: float) -> dict:
+    """A real paired bootstrap of two methods on 2 seeds x 20 problems, the first ahead by about ``delta``."""
+    a = {s: {p: float(p < 10 + delta * 20) for p in range(20)} for s in (0, 1)}
+    b = {s: {p: float(p < 10) for p in range(20)} for s in (0, 1)}
+    return paired_bootstrap(a, b, resamples=500)
+
+
+def _point(fraction: float, accs: list[float]) -> dict:
+    return {"fraction": fraction, "step": int(12 * fraction), "epoch": 3 * fraction,
+            "metrics": {bench: {"accuracy": summarize([a * k for a in accs]),
+                                "entropy": summarize([0.3 - a / 10 for a in accs])}
+                        for bench, k in (("testbed:test", 1.0), ("testbed:test_ood", 0.5))}}
+
+
+def test_report_of_the_optional_sections(experiment_dir):
+    """tuning, curves, bootstrap and ablations of aggregate.json: their tables, the learning-curve figure."""
+    agg = json.loads((experiment_dir / "aggregate.json").read_text())
+    grid = [{"learning_rate": lr, "num_train_epochs": ep} for lr in (1e-4, 3e-4) for ep in (1.0, 3.0)]
+    agg["tuning"] = {"testbed": {
+        "sft": {"benchmark": "testbed:val", "seed": 0, "metric": "accuracy", "from": None, "chosen": grid[3],
+                "runs": [{"setting": g, "accuracy": acc, "n": 200} for g, acc in zip(grid, (0.41, 0.43, 0.44, 0.5))]},
+        "cft": {"benchmark": "testbed:val", "seed": 0, "metric": "accuracy", "from": "sft", "chosen": grid[3],
+                "runs": []}}}
+    agg["curves"] = {"testbed": {
+        "sft": {"points": [_point(0.0, [0.3, 0.3]), _point(0.5, [0.4, 0.5]), _point(1.0, [0.5, 0.52])], "seeds": {}},
+        "cft": {"points": [_point(0.0, [0.3, 0.3]), _point(0.5, [0.45]), _point(1.0, [0.55, 0.6])], "seeds": {}}}}
+    boots = {"testbed:test": {"cft vs sft": {"accuracy": _boot(0.25), "pass@4": _boot(0.0)},
+                              "grpo:cft vs grpo:sft": {"accuracy": _boot(0.1)}}}
+    agg["bootstrap"] = {"testbed": boots}
+    results, shared = agg["results"], agg["shared"]
+    small = {"testbed": {**shared["testbed"], "d_correct": 30, "critical_fraction": 0.125}}
+    agg["ablations"] = {"k2": {"overrides": {"identify": {"k": 2}}, "description": "k = 2", "results": results,
+                               "shared": small, "bootstrap": {"testbed": boots}, "finished_cells": 8,
+                               "planned_cells": 9}}
+    (experiment_dir / "aggregate.json").write_text(json.dumps(agg))
+    md, page = report(experiment_dir)
+    text = md.read_text()
+
+    assert "## Hyperparameter tuning" in text and "accuracy on testbed:val, seed 0 (200 problems)" in text
+    assert "| method | lr 1e-4 · 1 ep | lr 1e-4 · 3 ep | lr 3e-4 · 1 ep | lr 3e-4 · 3 ep | chosen |" in text
+    assert "| sft | 41.0 | 43.0 | 44.0 | **50.0** | lr 3e-4 · 3 ep |" in text
+    assert "| cft | - | - | - | - | lr 3e-4 · 3 ep (setting of sft) |" in text
+    assert "<td><b>50.0</b></td>" in page.read_text()
+    assert "(report/tuning.png)" in text  # the heatmap of the one method with runs
+
+    # curves: sft at 0.5 is 40, 50 -> mean 45, half-width 12.706 * 7.07 / sqrt(2) = 63.5; one seed: no interval
+    assert "| sft | 0.50 | 6 | 1.5 | 2 | 45.0 ± 63.5 | 22.5 ± 31.8 |" in text
+    assert "| cft | 0.50 | 6 | 1.5 | 1 | 45.0 | 22.5 |" in text
+    assert "(report/learning_curves.png)" in text
+
+    # bootstrap: 5 more problems of 20 right in every seed -> exactly +25 points, an interval that excludes 0;
+    # beside it the seed-only t interval of the results table (cft - sft: +5.0 [-2.5, +12.5])
+    assert "## Paired bootstrap over problems and seeds: testbed:test\n" in text
+    assert ("| comparison | Δ accuracy (bootstrap) | Δ accuracy (seed-only t CI) | Δ pass@4 (bootstrap) "
+            "| Δ pass@4 (seed-only t CI) |") in text
+    row = next(line for line in text.splitlines() if line.startswith("| cft vs sft |")).split(" | ")
+    assert row[1].startswith("+25.0 [+") and row[1].endswith("]*") and row[2] == "+5.0 [-2.5, +12.5]"
+    assert row[3] == "+0.0 [+0.0, +0.0]"
+    grpo_row = next(line for line in text.splitlines() if line.startswith("| grpo:cft vs grpo:sft |"))
+    # one GRPO seed: a seed-level difference without a t interval; no pass@4 bootstrap, so no pass@4 beside it
+    assert grpo_row.endswith("] | +10.0 | - | - |")
+
+    assert "## Ablations" in text
+    main_row = next(line for line in text.splitlines() if line.startswith("| (main) |"))
+    assert main_row.startswith("| (main) | the experiment above |  | 9/9 | base | 40 | 20.0 | 30.0 |")
+    k2 = next(line for line in text.splitlines() if line.startswith("| k2 |"))
+    assert k2.startswith("| k2 | identify.k=2 | k = 2 | 8/9 | base | 30 | 12.5 | 30.0 | - |")
+    cft_k2 = [line for line in text.splitlines() if line.startswith("|  |  |  |  | cft |")][-1]
+    assert "| 55.0 ± 12.4 | +25.0 [+" in cft_k2
+    assert "vs grpo:sft" in next(line for line in text.splitlines() if line.startswith("|  |  |  |  | grpo:cft |"))
+    _assert_self_contained(page.read_text(), len(list((experiment_dir / "report").glob("*.png"))))
+
+
+def test_grpo_series_is_a_band_over_seeds():
+    """Each seed is smoothed first, then summarized per step; a step only one seed reached has no interval."""
+    logs = [[{"step": s, "reward": r} for s, r in ((1, 0.2), (2, 0.4))],
+            [{"step": s, "reward": r} for s, r in ((1, 0.4), (2, 0.6), (3, 0.8))]]
+    steps, stats = grpo_series(logs, "reward")
+    assert steps == [1, 2, 3]
+    # moving averages: seed 0 -> 0.2, 0.3; seed 1 -> 0.4, 0.5, 0.6
+    assert [round(s["mean"], 6) for s in stats] == [0.3, 0.4, 0.6]
+    assert stats[0]["ci95"] is not None and stats[2]["n"] == 1 and stats[2]["ci95"] is None
+    assert grpo_series([[{"step": 1, "reward": None}]], "reward") == ([], [])

@@ -3,7 +3,8 @@
 Reads the ``aggregate.json`` of a ``cft experiment`` folder (``cft demo`` writes one too) and draws, with
 matplotlib's Agg backend: accuracy by method with 95% intervals over seeds (in-distribution and OOD), paired
 differences against the baseline, pass@k and maj@k curves, output entropy, critical-token statistics by
-token kind, training loss curves and, when present, GRPO reward and entropy.
+token kind, training loss curves and, when present, GRPO reward and entropy over seeds, the hyperparameter
+tuning grid, learning curves over training, paired bootstrap intervals over problems and seeds, and ablations.
 The PNGs go to ``RUN_DIR/report/``; the HTML embeds them as base64 so it opens offline, anywhere.
 
 Both documents are rendered from one list of blocks (heading, text, table, figure), so they always say
@@ -16,17 +17,29 @@ import argparse
 import base64
 import html
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cft.config import from_args, option
 from cft.experiment import AGGREGATE
 from cft.experiment_config import SECTIONS
 from cft.extras import require
-from cft.stats import fmt_diff, fmt_stat, headline_metrics
+from cft.stats import (
+    fmt_bootstrap,
+    fmt_diff,
+    fmt_number,
+    fmt_overrides,
+    fmt_stat,
+    headline_metrics,
+    reference_method,
+    summarize,
+)
 
 PLOTS = "report"
+MAIN = "(main)"  # the ablation table's row name of the experiment itself
 SMOOTH = 5  # moving-average window of the GRPO curves (steps)
 
 
@@ -46,6 +59,12 @@ class RunData:
     grpo_logs: dict[str, list[list[dict]]] = field(default_factory=dict)  # method -> one log per seed
     setup: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)
+    # The optional sections of aggregate.json, as written there (model-keyed; see load_experiment).
+    tuning: dict[str, Any] = field(default_factory=dict)
+    curves: dict[str, Any] = field(default_factory=dict)
+    bootstrap: dict[str, Any] = field(default_factory=dict)
+    ablations: dict[str, Any] = field(default_factory=dict)  # the main run first, as "(main)", when any
 
 
 # ---------------------------------------------------------------- loading
@@ -88,13 +107,20 @@ def load_experiment(run_dir: Path) -> RunData:
         setup.append(f"GRPO from {', '.join(cfg['grpo_from'])}, seeds {cfg.get('grpo_seeds') or cfg['seeds']}")
     for model, s in agg.get("shared", {}).items():
         setup.append(f"{model}: D_correct = {s['d_correct']} of {s['train_problems']} training problems")
+    ablations = {}
+    if agg.get("ablations"):  # the main run is the reference row of the ablation table
+        ablations = {MAIN: {"overrides": {}, "results": results, "shared": agg.get("shared", {}),
+                            "bootstrap": agg.get("bootstrap", {}), "finished_cells": agg.get("finished_cells"),
+                            "planned_cells": agg.get("planned_cells")}, **agg["ablations"]}
     return RunData(
         title=f"cft experiment: {run_dir}", benchmarks=list(stats), methods=methods, stats=stats,
         paired=paired_stats, baseline=agg["baseline"], loss_curves=loss_curves, grpo_logs=grpo_logs,
         critical={m: {"critical_fraction": s["critical_fraction"], "critical_by_kind": s["critical_by_kind"]}
                   for m, s in agg.get("shared", {}).items()},
         setup=setup, missing=[f"{meth} seed {seed}" if n_models == 1 else f"{m}/{meth} seed {seed}"
-                              for m, meth, seed in agg.get("missing_cells", [])])
+                              for m, meth, seed in agg.get("missing_cells", [])],
+        models=list(results), tuning=agg.get("tuning") or {}, curves=agg.get("curves") or {},
+        bootstrap=agg.get("bootstrap") or {}, ablations=ablations)
 
 
 def load_run(run_dir: str | Path) -> RunData:
@@ -248,6 +274,32 @@ def critical_plot(data: RunData, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def seed_band(runs: list[list[tuple[float, float]]]) -> tuple[list[float], list[dict]]:
+    """Per x any seed has: ``summarize`` of the seeds' values there (one ``(x, value)`` series per seed)."""
+    by_x: dict[float, list[float]] = {}
+    for run in runs:
+        for x, v in run:
+            by_x.setdefault(x, []).append(v)
+    xs = sorted(by_x)
+    return xs, [summarize(by_x[x]) for x in xs]
+
+
+def band(ax, xs: list[float], stats: list[dict | None], c: str, label: str | None, scale: float = 1.0,
+         lw: float = 1.8) -> None:
+    """The mean over seeds as a line and, where there are 2+ seeds, the 95% t interval (``ci95``) shaded."""
+    pts = [(x, s) for x, s in zip(xs, stats) if s and s.get("mean") is not None]
+    if not pts:
+        return
+    xs, stats = zip(*pts)
+    ax.plot(xs, [scale * s["mean"] for s in stats], color=c, lw=lw, label=label, marker="o" if len(xs) < 12 else None,
+            ms=3)
+    has = [bool(s.get("ci95")) for s in stats]
+    if any(has):
+        lo = [scale * s["ci95"][0] if h else float("nan") for s, h in zip(stats, has)]
+        hi = [scale * s["ci95"][1] if h else float("nan") for s, h in zip(stats, has)]
+        ax.fill_between(xs, lo, hi, where=has, color=c, alpha=0.2, lw=0)
+
+
 def loss_plot(data: RunData, path: Path) -> Path | None:
     if not data.loss_curves:
         return None
@@ -257,9 +309,8 @@ def loss_plot(data: RunData, path: Path) -> Path | None:
         c = color(method, i)
         for run in runs:
             ax.plot(*zip(*run), color=c, alpha=0.25, lw=0.8)
-        steps = sorted({s for run in runs for s, _ in run})
-        by_step = [[v for run in runs for s, v in run if s == step] for step in steps]
-        ax.plot(steps, [sum(v) / len(v) for v in by_step], color=c, lw=1.8, label=method)
+        steps, stats = seed_band(runs)
+        ax.plot(steps, [s["mean"] for s in stats], color=c, lw=1.8, label=method)
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (mean over the trained tokens)")
@@ -275,28 +326,103 @@ def _smooth(values: list[float], window: int = SMOOTH) -> list[float]:
             for i in range(len(values))]
 
 
+def grpo_series(logs: list[list[dict]], key: str) -> tuple[list[float], list[dict]]:
+    """Per GRPO step: ``summarize`` over seeds of each seed's ``SMOOTH``-step moving average of ``key``."""
+    runs = []
+    for rows in logs:
+        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            steps, values = zip(*pts)
+            runs.append(list(zip(steps, _smooth(list(values)))))
+    return seed_band(runs)
+
+
 def grpo_plot(data: RunData, path: Path) -> Path | None:
     if not data.grpo_logs:
         return None
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for i, (method, runs) in enumerate(data.grpo_logs.items()):
-        c = color(method, i)
+    for i, (method, logs) in enumerate(data.grpo_logs.items()):
         for ax, key in zip(axes, ("reward", "entropy")):
-            for j, rows in enumerate(runs):
-                pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-                if not pts:
-                    continue
-                steps, values = zip(*pts)
-                ax.plot(steps, values, color=c, alpha=0.2, lw=0.8)
-                ax.plot(steps, _smooth(list(values)), color=c, lw=1.8, label=method if j == 0 else None)
+            band(ax, *grpo_series(logs, key), color(method, i), f"{method} ({len(logs)} seeds)")
     for ax, key in zip(axes, ("reward (= accuracy of the sampled completions)", "policy entropy")):
         ax.set_xlabel("GRPO step")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"GRPO from each starting checkpoint (faint: per step; thick: {SMOOTH}-step moving average)",
-                 fontsize=10)
+    fig.suptitle(f"GRPO from each starting checkpoint: mean over seeds of the {SMOOTH}-step moving average "
+                 "(band: 95% t interval over seeds)", fontsize=10)
+    return _save(fig, path)
+
+
+CURVE_METRICS = (("accuracy", "greedy accuracy (%)", 100.0), ("entropy", "mean token entropy (nats)", 1.0))
+
+
+def _curve_benches(methods: dict[str, Any]) -> list[str]:
+    return list(dict.fromkeys(b for curve in methods.values() for p in curve["points"] for b in p["metrics"]))
+
+
+def curves_plot(data: RunData, path: Path) -> Path | None:
+    """Rows: accuracy, entropy; columns: benchmarks; per method the mean over seeds with its 95% t band."""
+    columns = [(model, bench) for model, methods in data.curves.items() for bench in _curve_benches(methods)]
+    if not columns:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(CURVE_METRICS), len(columns), figsize=(4.4 * len(columns), 6.6), squeeze=False)
+    for col, (model, bench) in enumerate(columns):
+        for row, (metric, ylabel, scale) in enumerate(CURVE_METRICS):
+            ax = axes[row][col]
+            for i, (method, curve) in enumerate(data.curves[model].items()):
+                pts = [(p["fraction"], p["metrics"][bench].get(metric)) for p in curve["points"]
+                       if bench in p["metrics"]]
+                if pts:
+                    band(ax, *zip(*pts), color(method, i), method, scale)
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+        axes[0][col].set_title(_label(model, bench, len(data.models)), fontsize=9)
+        axes[-1][col].set_xlabel("fraction of training steps")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle("learning curves: checkpoints during training (0 = the base model); mean over seeds, band: 95% t "
+                 "interval over seeds", fontsize=10)
+    return _save(fig, path)
+
+
+def tuning_plot(data: RunData, path: Path) -> Path | None:
+    """Per model and tuned method: a heatmap of the validation score, first setting key down, the rest across,
+    the chosen setting outlined."""
+    panels = [(model, method, t) for model, methods in data.tuning.items() for method, t in methods.items()
+              if t.get("runs")]
+    if not panels:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (model, method, t) in zip(axes[0], panels):
+        metric = t.get("metric", "accuracy")
+        scale, digits = _scale(metric)
+        first = next(iter(t["runs"][0]["setting"]))
+        down = list(dict.fromkeys(r["setting"][first] for r in t["runs"]))
+        across = list(dict.fromkeys(fmt_setting({k: v for k, v in r["setting"].items() if k != first})
+                                    for r in t["runs"]))
+        grid = [[float("nan")] * len(across) for _ in down]
+        for r in t["runs"]:
+            rest = fmt_setting({k: v for k, v in r["setting"].items() if k != first})
+            if r.get(metric) is not None:
+                grid[down.index(r["setting"][first])][across.index(rest)] = scale * r[metric]
+        image = ax.imshow(grid, cmap="viridis", aspect="auto")
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):  # dark text on the light end of the colour map
+                ax.annotate(f"{v:.{digits}f}", (j, i), ha="center", va="center", fontsize=8,
+                            color="black" if image.norm(v) > 0.6 else "white")
+        chosen = t.get("chosen") or {}
+        if chosen.get(first) in down:
+            rest = fmt_setting({k: v for k, v in chosen.items() if k != first})
+            if rest in across:
+                ax.add_patch(plt.Rectangle((across.index(rest) - 0.5, down.index(chosen[first]) - 0.5), 1, 1,
+                                           fill=False, ec="#d62728", lw=2.5))
+        ax.set_yticks(range(len(down)), [fmt_setting({first: v}) for v in down])
+        ax.set_xticks(range(len(across)), across, rotation=30, ha="right")
+        ax.set_title(f"{method}" if len(data.tuning) == 1 else f"{model} · {method}", fontsize=9)
+    fig.suptitle("tuning: validation score per setting (red box: chosen)", fontsize=10, y=1.03)
     return _save(fig, path)
 
 
@@ -311,6 +437,8 @@ def make_plots(data: RunData, out_dir: Path) -> dict[str, Path]:
         "critical": critical_plot(data, out_dir / "critical_by_kind.png"),
         "train_loss": loss_plot(data, out_dir / "train_loss.png"),
         "grpo": grpo_plot(data, out_dir / "grpo.png"),
+        "curves": curves_plot(data, out_dir / "learning_curves.png"),
+        "tuning": tuning_plot(data, out_dir / "tuning.png"),
     }
     return {k: v for k, v in plots.items() if v is not None}
 
@@ -349,6 +477,163 @@ def result_tables(data: RunData) -> list[Block]:
     return blocks
 
 
+def _scale(metric: str) -> tuple[float, int]:
+    """Scale and digits of a metric in tables: rates in percent (points), entropy in nats."""
+    return (1.0, 3) if metric == "entropy" else (100.0, 1)
+
+
+SETTING_NAMES = {"learning_rate": "lr {}", "num_train_epochs": "{} ep"}
+
+
+def fmt_setting(setting: dict[str, Any]) -> str:
+    """A tuning grid point, short: {"learning_rate": 1e-4, "num_train_epochs": 1.0} -> "lr 1e-4 · 1 ep"."""
+    return " · ".join(SETTING_NAMES.get(k, f"{k} {{}}").format(fmt_number(v) if isinstance(v, (int, float)) else v)
+                      for k, v in setting.items())
+
+
+def tuning_tables(data: RunData) -> list[Block]:
+    """Per model: the validation score of every grid point per method, the chosen one in bold."""
+    blocks = []
+    for model, methods in data.tuning.items():
+        grid = list(dict.fromkeys(fmt_setting(r["setting"]) for t in methods.values() for r in t.get("runs", [])))
+        where = sorted({f"{t.get('metric', 'accuracy')} on {t['benchmark']}, seed {t['seed']}"
+                        for t in methods.values() if t.get("runs")})
+        sizes = sorted({r["n"] for t in methods.values() for r in t.get("runs", []) if r.get("n")})
+        rows = [["method", *grid, "chosen"]]
+        for method, t in methods.items():
+            chosen = fmt_setting(t["chosen"]) if t.get("chosen") else "-"
+            scale, digits = _scale(t.get("metric", "accuracy"))
+            scores = {fmt_setting(r["setting"]): r.get(t.get("metric", "accuracy")) for r in t.get("runs", [])}
+            cells = ["-" if scores.get(g) is None else f"{scale * scores[g]:.{digits}f}" for g in grid]
+            cells = [f"**{c}**" if g == chosen and c != "-" else c for g, c in zip(grid, cells)]
+            rows.append([method, *cells, f"{chosen} (setting of {t['from']})" if t.get("from") else chosen])
+        blocks += [Block("h2", "Hyperparameter tuning" + ("" if len(data.tuning) == 1 else f": {model}")),
+                   Block("p", f"Validation {'; '.join(where) or 'score'}"
+                              + (f" ({'/'.join(map(str, sizes))} problems)" if sizes else "")
+                              + ", in percent (entropy in nats), per grid point; bold: the chosen setting, "
+                                "which the test-set cells train with."),
+                   Block("table", rows=rows)]
+    return blocks
+
+
+def curve_tables(data: RunData) -> list[Block]:
+    """Per model: accuracy at every checkpoint of the learning curves, per method and benchmark."""
+    blocks = []
+    for model, methods in data.curves.items():
+        benches = _curve_benches(methods)
+        rows = [["method", "fraction", "step", "epoch", "seeds", *(f"{b} accuracy (%)" for b in benches)]]
+        for method, curve in methods.items():
+            for p in curve["points"]:
+                acc = [p["metrics"].get(b, {}).get("accuracy") for b in benches]
+                rows.append([method, f"{p['fraction']:.2f}", str(p.get("step", "-")),
+                             "-" if p.get("epoch") is None else fmt_number(p["epoch"]),
+                             str(max((a.get("n", 0) for a in acc if a), default=0)), *(fmt_stat(a) for a in acc)])
+        blocks += [Block("h2", "Learning curves" + ("" if len(data.curves) == 1 else f": {model}")),
+                   Block("table", rows=rows)]
+    return blocks
+
+
+def _split_comparison(name: str) -> tuple[str, str]:
+    first, _, second = name.partition(" vs ")
+    return first, second
+
+
+def bootstrap_tables(data: RunData) -> list[Block]:
+    """Per model and benchmark: the paired bootstrap difference of each comparison in every metric, beside the
+    seed-only t interval of the results table where the comparison is the one that table makes."""
+    blocks = []
+    for model, benches in data.bootstrap.items():
+        for bench, comparisons in benches.items():
+            label = _label(model, bench, len(data.models))
+            metrics = list(dict.fromkeys(k for c in comparisons.values() for k in c))
+            seed_t = {}  # comparison -> the results table's paired dicts (the same Δ over seeds)
+            for name in comparisons:
+                first, second = _split_comparison(name)
+                if data.baseline and reference_method(first, data.baseline) == second:
+                    seed_t[name] = data.paired.get(label, {}).get(first, {})
+            header, with_t = ["comparison"], []
+            for m in metrics:
+                header.append(f"Δ {m} (bootstrap)")
+                if any(m in d for d in seed_t.values()):
+                    with_t.append(m)
+                    header.append(f"Δ {m} (seed-only t CI)")
+            rows = [header]
+            for name, by_metric in comparisons.items():
+                row = [name]
+                for m in metrics:
+                    row.append(fmt_bootstrap(by_metric.get(m), *_scale(m)))
+                    if m in with_t:
+                        row.append("" if name not in seed_t else fmt_diff(seed_t[name].get(m), *_scale(m))
+                                   if m in by_metric else "-")
+                rows.append(row)
+            every = [b for c in comparisons.values() for b in c.values()]
+            sizes = "/".join(map(str, sorted({b["n_problems"] for b in every})))
+            seeds = "/".join(map(str, sorted({b["n_seeds"] for b in every})))
+            level = every[0]["level"] if every else 0.95
+            blocks += [Block("h2", f"Paired bootstrap over problems and seeds: {label}"),
+                       Block("p", f"Δ = first − second method in percentage points (entropy in nats) [{level:.0%} "
+                                  f"percentile interval of {every[0]['resamples'] if every else '-'} resamples that "
+                                  f"draw the {sizes} problems and the {seeds} seeds with replacement, the same draw "
+                                  "for both methods]; * marks an interval that excludes 0. The seed-only t CI is "
+                                  "the results table's 95% t interval of the per-seed differences.", ),
+                       Block("table", rows=rows)]
+    return blocks
+
+
+def _bootstrap_against(comparisons: dict[str, Any], method: str, baseline: str | None) -> tuple[str, dict] | None:
+    """The comparison of ``method`` with its reference (the baseline), else with whatever it is compared with."""
+    mine = [n for n in comparisons if _split_comparison(n)[0] == method]
+    if not mine:
+        return None
+    ref = reference_method(method, baseline) if baseline else None
+    name = next((n for n in mine if _split_comparison(n)[1] == ref), mine[0])
+    return _split_comparison(name)[1], comparisons[name]
+
+
+def ablation_table(data: RunData) -> list[Block]:
+    """One row per ablation, model and method: what changed, stage A/B outcomes and accuracy per benchmark."""
+    if not data.ablations:
+        return []
+    runs = data.ablations
+    benches = list(dict.fromkeys(b for a in runs.values() for per in a["results"].values() for b in per))
+    models = list(dict.fromkeys(m for a in runs.values() for m in a["results"]))
+    described = any(a.get("description") for a in runs.values())
+    booted = any(a.get("bootstrap") for a in runs.values())
+    ref = data.baseline or "sft"
+    header = ["ablation", "change", *(["description"] if described else []), "cells",
+              *(["model"] if len(models) > 1 else []), "method", "D_correct", "critical (%)"]
+    for b in benches:
+        header += [f"{b} accuracy (%)", *([f"{b} Δ accuracy vs {ref} (bootstrap)"] if booted else [])]
+    rows = [header]
+    for name, a in runs.items():
+        first = True
+        cells = (f"{a['finished_cells']}/{a['planned_cells']}" if a.get("planned_cells") is not None else "-")
+        for model, per_bench in a["results"].items():
+            shared = (a.get("shared") or {}).get(model, {})
+            for method in dict.fromkeys(m for per_method in per_bench.values() for m in per_method):
+                head = [name, "the experiment above" if name == MAIN else fmt_overrides(a.get("overrides") or {}),
+                        *([a.get("description") or ""] if described else []), cells]
+                row = head if first else [""] * len(head)  # an ablation's columns once, on its first row
+                first = False
+                cf = shared.get("critical_fraction")
+                row += [*([model] if len(models) > 1 else []), method, str(shared.get("d_correct", "-")),
+                        "-" if cf is None else f"{100 * cf:.1f}"]
+                for b in benches:
+                    result = per_bench.get(b, {}).get(method)
+                    row.append(fmt_stat(result["metrics"].get("accuracy")) if result else "-")
+                    if booted:
+                        found = _bootstrap_against(((a.get("bootstrap") or {}).get(model) or {}).get(b) or {},
+                                                   method, data.baseline)
+                        text = fmt_bootstrap(found[1].get("accuracy")) if found else "-"
+                        row.append(text if not found or found[0] == ref else f"{text} vs {found[0]}")
+                rows.append(row)
+    return [Block("h2", "Ablations"),
+            Block("p", "Each ablation reruns the experiment with the change shown (the first row is the experiment "
+                       "itself). Accuracy: mean over seeds ± 95% t half-width, in percent; Δ: paired bootstrap over "
+                       "problems and seeds, percentage points [95% interval], * when it excludes 0."),
+            Block("table", rows=rows)]
+
+
 def critical_table(data: RunData) -> list[Block]:
     if not data.critical:
         return []
@@ -368,7 +653,10 @@ CAPTIONS = {
     "entropy": "Mean per-token entropy of the sampling distribution (diversity).",
     "critical": "Critical-token share by token kind.",
     "train_loss": "Training loss curves.",
-    "grpo": "GRPO reward and entropy.",
+    "grpo": "GRPO reward and entropy per step: mean over seeds, shaded 95% t interval over seeds.",
+    "curves": "Learning curves: accuracy and entropy against the fraction of training steps (mean over seeds, "
+              "shaded 95% t interval over seeds).",
+    "tuning": "Hyperparameter tuning: the validation score of every grid point (percent; red box: the chosen one).",
 }
 
 
@@ -381,7 +669,8 @@ def build_blocks(data: RunData, plots: dict[str, Path]) -> list[Block]:
                              "equivalent answers as one and breaks ties toward the answer sampled first."))
     if data.missing:
         blocks.append(Block("p", f"Not finished (not in the statistics): {', '.join(data.missing)}."))
-    blocks += result_tables(data) + critical_table(data) + [Block("h2", "Plots")]
+    blocks += (result_tables(data) + bootstrap_tables(data) + critical_table(data) + tuning_tables(data)
+               + curve_tables(data) + ablation_table(data) + [Block("h2", "Plots")])
     blocks += [Block("figure", CAPTIONS[name], path=path) for name, path in plots.items()]
     return blocks
 
@@ -410,6 +699,11 @@ STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto
          "img{max-width:100%}figure{margin:1.5em 0}figcaption{color:#555;font-size:14px}")
 
 
+def _inline(text: str) -> str:
+    """A table cell as HTML: escaped, with markdown's **bold** kept as bold."""
+    return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(text))
+
+
 def render_html(blocks: list[Block]) -> str:
     """One HTML file with every image inline (base64 PNG): no network, no sibling files."""
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
@@ -422,7 +716,7 @@ def render_html(blocks: list[Block]) -> str:
         elif b.kind == "table":
             header, *rows = b.rows
             out.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
-                       + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+                       + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rows)
                        + "</table>")
         elif b.kind == "figure":
             data = base64.b64encode(b.path.read_bytes()).decode("ascii")

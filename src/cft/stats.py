@@ -161,11 +161,43 @@ def fmt_stat(s: dict[str, Any] | None, scale: float = 100.0, digits: int = 1) ->
     return text if s.get("half_width") is None else f"{text} ± {scale * s['half_width']:.{digits}f}"
 
 
+def _fmt_delta(mean: float, ci: list[float] | None, excludes_zero: bool | None, scale: float, digits: int) -> str:
+    text = f"{scale * mean:+.{digits}f}"
+    if ci:
+        lo, hi = ci
+        text += f" [{scale * lo:+.{digits}f}, {scale * hi:+.{digits}f}]" + ("*" if excludes_zero else "")
+    return text
+
+
 def fmt_diff(s: dict[str, Any] | None, scale: float = 100.0, digits: int = 1) -> str:
+    """A ``paired`` dict as "+5.0 [-2.5, +12.5]" (* when the 95% t interval excludes 0)."""
     if not s or s.get("mean") is None:
         return "-"
-    text = f"{scale * s['mean']:+.{digits}f}"
-    if s.get("ci95"):
-        lo, hi = s["ci95"]
-        text += f" [{scale * lo:+.{digits}f}, {scale * hi:+.{digits}f}]" + ("*" if s["excludes_zero"] else "")
-    return text
+    return _fmt_delta(s["mean"], s.get("ci95"), s.get("excludes_zero"), scale, digits)
+
+
+def fmt_bootstrap(b: dict[str, Any] | None, scale: float = 100.0, digits: int = 1) -> str:
+    """A ``paired_bootstrap`` dict in the same form as ``fmt_diff`` (its percentile interval)."""
+    if not b or b.get("mean") is None:
+        return "-"
+    return _fmt_delta(b["mean"], b.get("ci"), b.get("excludes_zero"), scale, digits)
+
+
+def fmt_overrides(mapping: Mapping[str, Any], prefix: str = "") -> str:
+    """A nested override mapping as dotted assignments: {"identify": {"k": 2}} -> "identify.k=2"."""
+    parts = []
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            parts.append(fmt_overrides(value, f"{name}."))
+        else:
+            parts.append(f"{name}={value}")
+    return ", ".join(parts)
+
+
+def fmt_number(v: float) -> str:
+    """Compact: 0.0001 -> "1e-4", 2.5e-05 -> "2.5e-5", 3.0 -> "3", 0.5 -> "0.5"."""
+    if v != 0 and not 1e-2 <= abs(v) < 1e4:
+        mantissa, exp = f"{v:.2e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exp)}"
+    return f"{v:g}"
