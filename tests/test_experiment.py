@@ -356,3 +356,106 @@ def test_default_config_is_valid():
     assert isinstance(build_config({"out": "x"}), ExperimentConfig)
     for path in sorted(Path(__file__).resolve().parent.parent.glob("configs/experiment/*.yaml")):
         load_config(path)
+
+
+# ---------------------------------------------------------------- tuning, curves, bootstrap and ablations
+
+
+STUDY = {**{k: v for k, v in TINY.items() if not k.startswith("grpo")}, "methods": ["sft", "cft"],
+         "tune": {"grid": {"lr": [1e-4, 1e-3]}, "limit": 4, "share": {"cft_mix": "cft"}},
+         "curves": {"points": 2, "methods": ["cft"], "benchmarks": ["testbed:test"], "limit": 3, "n_samples": 2,
+                    "sample_limit": 2},
+         "compare": ["cft vs sft"],
+         "ablations": {"k2": {"identify": {"k": 2}, "methods": ["cft_mix"], "seeds": [0, 1],
+                              "train": {"mix_lambda": 0.5}}}}
+
+
+def test_grid_points_and_study_config_errors():
+    from cft.experiment_config import grid_points
+
+    cfg = build_config({"out": "a", "tune": {"grid": {"lr": [1e-4, 1e-3], "epochs": [1, 3]}}})
+    assert grid_points(cfg.tune) == [{"learning_rate": 1e-4, "num_train_epochs": 1.0},
+                                     {"learning_rate": 1e-4, "num_train_epochs": 3.0},
+                                     {"learning_rate": 1e-3, "num_train_epochs": 1.0},
+                                     {"learning_rate": 1e-3, "num_train_epochs": 3.0}]
+    sub = build_config({"out": "a", "seeds": [0, 1], "ablations": {"k5": {"identify": {"k": 5}, "seeds": [1]}}})
+    k5 = sub.ablations["k5"]
+    assert k5.identify.k == 5 and k5.seeds == [1] and k5.out == str(Path("a") / "ablations" / "k5")
+    assert not k5.evaluate_base and sub.identify.k == 3
+    assert config_dict(sub)["ablations"] == {"k5": {"identify": {"k": 5}, "seeds": [1]}}
+    for raw, message in [
+        ({"tune": {"grid": {"lrr": [1]}}}, "'tune.grid.lrr': not a field of CFTSFTConfig"),
+        ({"tune": {"grid": {"lr": [-1.0]}}}, "'tune.grid.lr': must be > 0"),
+        ({"tune": {"grid": {"lr": []}}}, "'tune.grid.lr': a grid entry is a non-empty list"),
+        ({"tune": {"grid": {}}}, "tune needs a grid"),
+        ({"tune": {"grid": {"lr": [1e-4]}, "limt": 3}}, "'tune.limt': not a field of TuneConfig"),
+        ({"tune": {"grid": {"lr": [1e-4]}, "share": {"cft_mix": "dft"}}}, "not in methods"),
+        ({"curves": {"points": "three"}}, "'curves.points': expected int"),
+        ({"ablations": {"a/b": {"seeds": [0]}}}, "a folder name"),
+        ({"ablations": {"k2": {"identify": {"kk": 2}}}}, "'ablations.k2.identify.kk': not a field of IdentifyConfig"),
+        ({"compare": ["cft against sft"]}, "is not 'A vs B'"),
+    ]:
+        with pytest.raises(ExperimentError, match=message):
+            build_config({"out": "a", **raw})
+
+
+@pytest.fixture(scope="module")
+def study_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "run"
+    cfg = build_config({**STUDY, "out": str(out)})
+    result, counts = run_experiment(cfg, log=lambda msg: None)
+    return cfg, result, counts
+
+
+def test_study_tunes_each_method_and_trains_at_its_choice(study_run):
+    cfg, result, counts = study_run
+    # 4 tuning + 4 grid + 2 ablation runs; 11 cell evaluations + 5 curve points (base; cft: 2 seeds x 2)
+    assert counts == {"trained": 10, "grpo": 0, "evaluated": 16, "skipped": 0}
+    tuning = result["tuning"]["testbed"]
+    for method in ("sft", "cft"):
+        runs = tuning[method]["runs"]
+        assert [r["setting"]["learning_rate"] for r in runs] == [1e-4, 1e-3] and all(r["n"] == 4 for r in runs)
+        best = max(runs, key=lambda r: r["accuracy"])  # the first of equals
+        assert tuning[method]["chosen"] == best["setting"]
+        for seed in (0, 1):
+            summary = json.loads((cell_dir(cfg, "testbed", method, seed) / "train" / "train_summary.json").read_text())
+            assert summary["training_args"]["learning_rate"] == best["setting"]["learning_rate"]
+    assert tuning["cft_mix"]["from"] == "cft" and tuning["cft_mix"]["chosen"] == tuning["cft"]["chosen"]
+    mix = cell_dir(cfg.ablations["k2"], "testbed", "cft_mix", 0) / "train" / "train_summary.json"
+    assert json.loads(mix.read_text())["training_args"]["learning_rate"] == tuning["cft"]["chosen"]["learning_rate"]
+    # tuning runs are scored on the validation split only
+    tune_cell = json.loads((cell_dir(cfg, "testbed", "sft", 0, {"learning_rate": 1e-4}) / "cell.json").read_text())
+    assert set(tune_cell["metrics"]) == {"testbed:val"}
+
+
+def test_study_curves_bootstrap_and_ablation(study_run):
+    cfg, result, _ = study_run
+    cell = json.loads((cell_dir(cfg, "testbed", "cft", 1) / "cell.json").read_text())
+    assert [p["step"] for p in cell["curve"]] == [1, 2] and [p["fraction"] for p in cell["curve"]] == [0.5, 1.0]
+    assert (cell_dir(cfg, "testbed", "cft", 1) / "train" / "checkpoint-1").is_dir()
+    assert "curve" not in json.loads((cell_dir(cfg, "testbed", "sft", 1) / "cell.json").read_text())
+    points = result["curves"]["testbed"]["cft"]["points"]
+    assert [p["fraction"] for p in points] == [0.0, 0.5, 1.0] and points[0]["step"] == 0  # the base model first
+    assert points[2]["metrics"]["testbed:test"]["accuracy"]["n"] == 2
+    boot = result["bootstrap"]["testbed"]["testbed:test"]["cft vs sft"]
+    assert set(boot) == {"accuracy", "pass@1", "pass@2"}
+    assert boot["accuracy"]["n_seeds"] == 2 and boot["accuracy"]["n_problems"] == 4
+    rows = result["results"]["testbed"]["testbed:test"]
+    observed = rows["cft"]["metrics"]["accuracy"]["mean"] - rows["sft"]["metrics"]["accuracy"]["mean"]
+    assert boot["accuracy"]["mean"] == pytest.approx(observed)
+    lo, hi = boot["accuracy"]["ci"]
+    assert lo <= boot["accuracy"]["mean"] <= hi
+    k2 = result["ablations"]["k2"]
+    assert k2["overrides"]["identify"] == {"k": 2} and k2["finished_cells"] == k2["planned_cells"] == 2
+    assert k2["shared"]["testbed"]["critical_fraction"] >= result["shared"]["testbed"]["critical_fraction"]
+    assert set(k2["results"]["testbed"]["testbed:test"]) == {"cft_mix"} and "bootstrap" not in k2  # compare: main only
+
+
+def test_study_rerun_does_nothing(study_run, monkeypatch):
+    cfg, result, _ = study_run
+    before = _snapshot(Path(cfg.out))
+    calls = _forbid_work(monkeypatch)
+    again, counts = run_experiment(cfg, log=lambda msg: None)
+    assert calls == {name: 0 for _, name in STAGES}
+    assert counts == {"trained": 0, "grpo": 0, "evaluated": 0, "skipped": 11}
+    assert again == result and _snapshot(Path(cfg.out)) == before

@@ -316,8 +316,8 @@ class Runner:
             metrics, f, _ = self.evaluate_checkpoint(ckpt, m, tok, path, seed, self.curve_plan(step))
             files += f
             fraction = 0.0 if final_step is None else step / final_step
-            out.append({"step": step, "epoch": epoch, "fraction": fraction,
-                        "metrics": {b: {"accuracy": v["accuracy"], "entropy": v["entropy"]} for b, v in metrics.items()}})
+            scores = {b: {"accuracy": v["accuracy"], "entropy": v["entropy"]} for b, v in metrics.items()}
+            out.append({"step": step, "epoch": epoch, "fraction": fraction, "metrics": scores})
         return out, files
 
     # -------------------------------------------------- one cell
@@ -547,8 +547,9 @@ class Runner:
                 runner = Runner(sub, self.log, self.chosen)
                 cells_, shared_ = runner.collect()
                 agg = runner.write_aggregate(cells_, shared_)
-                result["ablations"][name] = {"overrides": self.cfg.ablation_overrides[name], **{
-                    k: agg.get(k) for k in ("results", "shared", "bootstrap", "finished_cells", "planned_cells")}}
+                keys = ("results", "shared", "bootstrap", "finished_cells", "planned_cells")
+                result["ablations"][name] = {"overrides": self.cfg.ablation_overrides[name],
+                                             **{k: agg[k] for k in keys if k in agg}}
         write_json_if_changed(self.out / AGGREGATE, result)
         return result
 
