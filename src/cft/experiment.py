@@ -187,7 +187,8 @@ class Runner:
         c = self.cfg
         plans = [self.tune_plan()] if setting is not None else [self.eval_plan()] + (
             [self.curve_plan(0)] if method in (BASE, *self.curve_methods()) else [])
-        return record_key(self.train_hash(model, method, seed, setting), settings(c.eval, "eval"), c.eval_data_seed,
+        decoding = {k: v for k, v in settings(c.eval, "eval").items() if k not in ("limit", "n_samples")}  # in plans
+        return record_key(self.train_hash(model, method, seed, setting), decoding, c.eval_data_seed,
                           [(p.benchmarks, p.limit, p.sampled, p.n_samples) for p in plans])
 
     # -------------------------------------------------- what an evaluation decodes
@@ -650,11 +651,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
             print(yaml.safe_dump(config_dict(cfg), sort_keys=False))
-            runner = Runner(cfg)
-            for model, method, seed in runner.plan():
-                state = "done" if finished_cell(cell_dir(cfg, model, method, seed),
-                                                runner.cell_hash(model, method, seed)) else "todo"
-                print(f"{state}  {model}  {method}  seed {seed}")
+            print_plan(Runner(cfg))
             return 0
         if args.aggregate_only:
             runner = Runner(cfg)
@@ -672,6 +669,24 @@ def run(args: argparse.Namespace) -> int:
     print(f"experiment finished in {time.time() - t0:.0f}s: {work_done(counts)}; "
           f"aggregate in {Path(cfg.out) / AGGREGATE}")
     return 0
+
+
+def print_plan(runner: Runner, prefix: str = "") -> None:
+    """Every cell with its state: tuning runs first, then the grid (cells that wait for a method's tuned
+    setting are 'todo'), then each ablation's."""
+    cfg = runner.cfg
+    for model in cfg.models:
+        runner.choose(model)
+        for method, point in runner.tune_cells(model):
+            done = finished_cell(cell_dir(cfg, model, method, cfg.tune.seed, point),
+                                 runner.cell_hash(model, method, cfg.tune.seed, point))
+            print(f"{prefix}{'done' if done else 'todo'}  {model}  tune {method} {setting_slug(point)}")
+    for model, method, seed in runner.plan():
+        tuned = method in runner.tuned_methods() and method not in runner.chosen.get(model, {})
+        done = not tuned and finished_cell(cell_dir(cfg, model, method, seed), runner.cell_hash(model, method, seed))
+        print(f"{prefix}{'done' if done else 'todo'}  {model}  {method}  seed {seed}")
+    for name, sub in cfg.ablations.items():
+        print_plan(Runner(sub, chosen=runner.chosen), f"{prefix}[{name}] ")
 
 
 def work_done(counts: dict[str, int]) -> str:
