@@ -368,7 +368,8 @@ def curves_plot(data: RunData, path: Path) -> Path | None:
     if not columns:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(len(CURVE_METRICS), len(columns), figsize=(4.4 * len(columns), 6.6), squeeze=False)
+    fig, axes = plt.subplots(len(CURVE_METRICS), len(columns), figsize=(4.8 * len(columns), 6.6), squeeze=False,
+                             layout="constrained")
     for col, (model, bench) in enumerate(columns):
         for row, (metric, ylabel, scale) in enumerate(CURVE_METRICS):
             ax = axes[row][col]
