@@ -186,7 +186,7 @@ class Runner:
     def cell_hash(self, model: str, method: str, seed: int, setting: Setting | None = None) -> str:
         c = self.cfg
         plans = [self.tune_plan()] if setting is not None else [self.eval_plan()] + (
-            [self.curve_plan(0)] if method in (BASE, *self.curve_methods()) else [])
+            [self.curve_plan(0)] if self.cfg.curves and method in (BASE, *self.curve_methods()) else [])
         decoding = {k: v for k, v in settings(c.eval, "eval").items() if k not in ("limit", "n_samples")}  # in plans
         return record_key(self.train_hash(model, method, seed, setting), decoding, c.eval_data_seed,
                           [(p.benchmarks, p.limit, p.sampled, p.n_samples) for p in plans])
