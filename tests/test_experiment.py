@@ -362,7 +362,7 @@ def test_default_config_is_valid():
 
 
 STUDY = {**{k: v for k, v in TINY.items() if not k.startswith("grpo")}, "methods": ["sft", "cft"],
-         "tune": {"grid": {"lr": [1e-4, 1e-3]}, "limit": 4, "share": {"cft_mix": "cft"}},
+         "tune": {"grid": {"lr": [1e-4, 1e-3]}, "limit": 4, "methods": ["cft"], "share": {"cft_mix": "cft"}},
          "curves": {"points": 2, "methods": ["cft"], "benchmarks": ["testbed:test"], "limit": 3, "n_samples": 2,
                     "sample_limit": 2},
          "compare": ["cft vs sft"],
@@ -409,22 +409,23 @@ def study_run(tmp_path_factory):
 
 def test_study_tunes_each_method_and_trains_at_its_choice(study_run):
     cfg, result, counts = study_run
-    # 4 tuning + 4 grid + 2 ablation runs; 11 cell evaluations + 5 curve points (base; cft: 2 seeds x 2)
-    assert counts == {"trained": 10, "grpo": 0, "evaluated": 16, "skipped": 0}
+    # 2 tuning + 4 grid + 2 ablation runs; 9 cell evaluations + 5 curve points (base; cft: 2 seeds x 2)
+    assert counts == {"trained": 8, "grpo": 0, "evaluated": 14, "skipped": 0}
     tuning = result["tuning"]["testbed"]
-    for method in ("sft", "cft"):
-        runs = tuning[method]["runs"]
-        assert [r["setting"]["learning_rate"] for r in runs] == [1e-4, 1e-3] and all(r["n"] == 4 for r in runs)
-        best = max(runs, key=lambda r: r["accuracy"])  # the first of equals
-        assert tuning[method]["chosen"] == best["setting"]
+    assert set(tuning) == {"cft", "cft_mix"}  # tune.methods: sft trains at train_args' lr
+    runs = tuning["cft"]["runs"]
+    assert [r["setting"]["learning_rate"] for r in runs] == [1e-4, 1e-3] and all(r["n"] == 4 for r in runs)
+    best = max(runs, key=lambda r: r["accuracy"])  # the first of equals
+    assert tuning["cft"]["chosen"] == best["setting"]
+    for method, lr in (("cft", best["setting"]["learning_rate"]), ("sft", TINY["train_args"]["lr"])):
         for seed in (0, 1):
             summary = json.loads((cell_dir(cfg, "testbed", method, seed) / "train" / "train_summary.json").read_text())
-            assert summary["training_args"]["learning_rate"] == best["setting"]["learning_rate"]
-    assert tuning["cft_mix"]["from"] == "cft" and tuning["cft_mix"]["chosen"] == tuning["cft"]["chosen"]
+            assert summary["training_args"]["learning_rate"] == lr
+    assert tuning["cft_mix"]["from"] == "cft" and tuning["cft_mix"]["chosen"] == best["setting"]
     mix = cell_dir(cfg.ablations["k2"], "testbed", "cft_mix", 0) / "train" / "train_summary.json"
     assert json.loads(mix.read_text())["training_args"]["learning_rate"] == tuning["cft"]["chosen"]["learning_rate"]
     # tuning runs are scored on the validation split only
-    tune_cell = json.loads((cell_dir(cfg, "testbed", "sft", 0, {"learning_rate": 1e-4}) / "cell.json").read_text())
+    tune_cell = json.loads((cell_dir(cfg, "testbed", "cft", 0, {"learning_rate": 1e-4}) / "cell.json").read_text())
     assert set(tune_cell["metrics"]) == {"testbed:val"}
 
 
@@ -457,5 +458,5 @@ def test_study_rerun_does_nothing(study_run, monkeypatch):
     calls = _forbid_work(monkeypatch)
     again, counts = run_experiment(cfg, log=lambda msg: None)
     assert calls == {name: 0 for _, name in STAGES}
-    assert counts == {"trained": 0, "grpo": 0, "evaluated": 0, "skipped": 11}
+    assert counts == {"trained": 0, "grpo": 0, "evaluated": 0, "skipped": 9}
     assert again == result and _snapshot(Path(cfg.out)) == before
