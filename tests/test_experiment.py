@@ -242,12 +242,26 @@ def _forbid_work(monkeypatch) -> dict[str, int]:
     return calls
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("experiment") / "run"
-    cfg = build_config({**TINY, "out": str(out)})
+def _run_grid(tmp_path_factory, raw: dict) -> tuple:
+    cfg = build_config({**raw, "out": str(tmp_path_factory.mktemp("experiment") / "run")})
     result, counts = run_experiment(cfg, log=lambda msg: None)
     return cfg, result, counts
+
+
+def _rerun_does_nothing(grid, monkeypatch, cells: int) -> None:
+    """A second run of a finished grid calls no stage, rewrites no file and returns the same aggregate."""
+    cfg, result, _ = grid
+    before = _snapshot(Path(cfg.out))
+    calls = _forbid_work(monkeypatch)
+    again, counts = run_experiment(cfg, log=lambda msg: None)
+    assert calls == {name: 0 for _, name in STAGES}
+    assert counts == {"trained": 0, "grpo": 0, "evaluated": 0, "skipped": cells}
+    assert again == result and _snapshot(Path(cfg.out)) == before
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    return _run_grid(tmp_path_factory, TINY)
 
 
 def test_tiny_grid_outputs(tiny_run):
@@ -303,14 +317,7 @@ def test_eval_problems_are_the_same_for_every_seed(tiny_run):
 
 
 def test_rerun_of_a_finished_grid_does_nothing(tiny_run, monkeypatch):
-    cfg, result, _ = tiny_run
-    before = _snapshot(Path(cfg.out))
-    calls = _forbid_work(monkeypatch)
-    again, counts = run_experiment(cfg, log=lambda msg: None)
-    assert calls == {name: 0 for _, name in STAGES}
-    assert counts == {"trained": 0, "grpo": 0, "evaluated": 0, "skipped": 9}
-    assert again["results"] == result["results"]
-    assert _snapshot(Path(cfg.out)) == before  # not a single file rewritten
+    _rerun_does_nothing(tiny_run, monkeypatch, cells=9)
 
 
 def test_interrupted_evaluation_resumes_without_training(tiny_run, monkeypatch):
@@ -401,10 +408,7 @@ def test_grid_points_and_study_config_errors():
 
 @pytest.fixture(scope="module")
 def study_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("study") / "run"
-    cfg = build_config({**STUDY, "out": str(out)})
-    result, counts = run_experiment(cfg, log=lambda msg: None)
-    return cfg, result, counts
+    return _run_grid(tmp_path_factory, STUDY)
 
 
 def test_study_tunes_each_method_and_trains_at_its_choice(study_run):
@@ -453,10 +457,4 @@ def test_study_curves_bootstrap_and_ablation(study_run):
 
 
 def test_study_rerun_does_nothing(study_run, monkeypatch):
-    cfg, result, _ = study_run
-    before = _snapshot(Path(cfg.out))
-    calls = _forbid_work(monkeypatch)
-    again, counts = run_experiment(cfg, log=lambda msg: None)
-    assert calls == {name: 0 for _, name in STAGES}
-    assert counts == {"trained": 0, "grpo": 0, "evaluated": 0, "skipped": 9}
-    assert again == result and _snapshot(Path(cfg.out)) == before
+    _rerun_does_nothing(study_run, monkeypatch, cells=9)
