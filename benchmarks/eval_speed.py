@@ -1,6 +1,6 @@
 """Stage D speed: ``cft eval``'s decoding on the ``hf`` backend vs the ``engine`` backend, in one process.
 
-The work is the testbed study's evaluation (configs/experiment/testbed_study.yaml): per split
+The work is the evaluation of round one of the testbed study (docs/RESULTS.md, in git history): per split
 (testbed:test, testbed:test_ood) one greedy response to each of 200 problems and 16 samples at
 temperature 1.0 for the first 40, max_new_tokens 256, stop at a complete answer, batch size 64. Each
 (split, part) unit is decoded by both backends in turn (who goes first alternates), through the same
