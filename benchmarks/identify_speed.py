@@ -85,9 +85,11 @@ def collect_responses(model, tok, args, work: Path) -> Path:
         for r in records:
             r["gold"] = extract_answer(r["response"]) or "<none>"
             r["correct"] = True
-    chosen = [r for r in records if r["correct"]][: args.responses]
+    # stage B skips responses cut at the length cap (their answer may be a fallback): choose finished ones
+    chosen = [r for r in records if r["correct"] and r.get("finish") != "length"][: args.responses]
     if len(chosen) < args.responses:
-        raise SystemExit(f"only {len(chosen)} correct responses in {len(records)} problems; raise --problems")
+        raise SystemExit(f"only {len(chosen)} correct, finished responses in {len(records)} problems; raise "
+                         "--problems or --max-new-tokens")
     out = work / "chosen.jsonl"
     out.write_text("".join(json.dumps(r) + "\n" for r in chosen))
     return out

@@ -49,7 +49,16 @@ from cft.experiment_config import ExperimentConfig, ExperimentError, config_dict
 from cft.generate import generate
 from cft.identify import identify
 from cft.models import load_model
-from cft.stats import GRPO_PREFIX, aggregate, fmt_diff, fmt_stat, headline_metrics, paired_bootstrap, summarize
+from cft.stats import (
+    GRPO_PREFIX,
+    aggregate,
+    fmt_bootstrap,
+    fmt_diff,
+    fmt_stat,
+    headline_metrics,
+    paired_bootstrap,
+    summarize,
+)
 from cft.train import SUMMARY, CFTSFTConfig, train
 
 CELL = "cell.json"
@@ -634,6 +643,17 @@ def print_aggregate(result: dict[str, Any]) -> None:
                               *(fmt_stat(m.get(k)) for k in shown), *(fmt_diff(d.get(k)) for k in deltas),
                               fmt_stat(m.get("entropy"), 1.0, 3), fmt_diff(d.get("entropy"), 1.0, 3))
             console.print(table)
+    for model, methods in result.get("tuning", {}).items():
+        for method, t in methods.items():
+            if t.get("chosen") is not None:
+                source = f" (setting of {t['from']})" if t.get("from") else ""
+                console.print(f"{model} {method}: tuned on {t['benchmark']}: {setting_slug(t['chosen'])}{source}")
+    for model, benches in result.get("bootstrap", {}).items():
+        for bench, rows in benches.items():
+            for comparison, metrics in rows.items():
+                shown = ", ".join(f"{k} {fmt_bootstrap(v)}" for k, v in metrics.items() if "error" not in v)
+                console.print(f"{model} {bench} {comparison} (paired bootstrap over problems and seeds, "
+                              f"points): {shown}")
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
