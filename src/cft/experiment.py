@@ -163,6 +163,15 @@ class Runner:
         c = self.cfg.curves
         return [] if c is None else [m for m in self.cfg.methods if c.methods is None or m in c.methods]
 
+    def has_curve(self, method: str) -> bool:
+        """Whether a grid cell of ``method`` records a learning curve (the base model: its point at 0)."""
+        return self.cfg.curves is not None and method in (BASE, *self.curve_methods())
+
+    def finished(self, model: str, method: str, seed: int, setting: Setting | None = None) -> dict[str, Any] | None:
+        """The cell's record if it is finished under the current config (``finished_cell``)."""
+        return finished_cell(cell_dir(self.cfg, model, method, seed, setting),
+                             self.cell_hash(model, method, seed, setting))
+
     def train_args(self, model: str, method: str, setting: Setting | None = None) -> dict[str, Any]:
         """TRL's training arguments of a run: the shared ones, the method's tuned (or the grid point's) setting,
         and, for a run with a learning curve, a kept checkpoint at every ``1/points`` of training."""
@@ -195,7 +204,7 @@ class Runner:
     def cell_hash(self, model: str, method: str, seed: int, setting: Setting | None = None) -> str:
         c = self.cfg
         plans = [self.tune_plan()] if setting is not None else [self.eval_plan()] + (
-            [self.curve_plan(0)] if self.cfg.curves and method in (BASE, *self.curve_methods()) else [])
+            [self.curve_plan(0)] if self.has_curve(method) else [])
         decoding = {k: v for k, v in settings(c.eval, "eval").items() if k not in ("limit", "n_samples")}  # in plans
         return record_key(self.train_hash(model, method, seed, setting), decoding, c.eval_data_seed,
                           [(p.benchmarks, p.limit, p.sampled, p.n_samples) for p in plans])
@@ -367,7 +376,7 @@ class Runner:
             plan = self.tune_plan() if setting is not None else self.eval_plan()
             metrics, files, problems = self.evaluate_checkpoint(ckpt, m, tok, path, seed, plan)
             seconds["eval"] = time.time() - t1
-        if setting is None and method in (BASE, *self.curve_methods()) and self.cfg.curves:
+        if setting is None and self.has_curve(method):
             t2 = time.time()
             rec["curve"], curve_files = self.curve(model, path, seed, (m, tok) if method == BASE else None)
             files += curve_files
@@ -415,7 +424,7 @@ class Runner:
         return [] if t is None else [m for m in self.cfg.methods if m not in t.share and (
             t.methods is None or m in t.methods)]
 
-    def tune_cells(self, model: str) -> list[tuple[str, Setting]]:
+    def tune_cells(self) -> list[tuple[str, Setting]]:
         return [(m, point) for m in self.tuned_methods() for point in grid_points(self.cfg.tune)]
 
     def tuning(self, model: str) -> dict[str, Any] | None:
@@ -428,8 +437,7 @@ class Runner:
         for method in self.tuned_methods():
             runs = []
             for point in grid_points(t):
-                rec = finished_cell(cell_dir(self.cfg, model, method, t.seed, point),
-                                    self.cell_hash(model, method, t.seed, point))
+                rec = self.finished(model, method, t.seed, point)
                 if rec:
                     m = rec["metrics"][t.benchmark]
                     runs.append({"setting": point, "accuracy": m["accuracy"], "n": m["n"]})
@@ -449,7 +457,7 @@ class Runner:
 
     def run_tuning(self, model: str, loaded) -> None:
         t = self.cfg.tune
-        todo = self.tune_cells(model)
+        todo = self.tune_cells()
         for i, (method, point) in enumerate(todo, 1):
             self.log(f"[{model}] tuning {i}/{len(todo)}: {method} {setting_slug(point)} on {t.benchmark}")
             self.run_cell(model, method, t.seed, loaded, point)
@@ -516,7 +524,7 @@ class Runner:
         """The finished cells of the plan and the shared-stage records, read from disk; runs nothing."""
         for model in self.cfg.models:
             self.choose(model)
-        cells = [rec for p in self.plan() if (rec := finished_cell(cell_dir(self.cfg, *p), self.cell_hash(*p)))]
+        cells = [rec for p in self.plan() if (rec := self.finished(*p))]
         shared = {}
         for model in self.cfg.models:
             marker = shared_paths(self.cfg, model)[2]
@@ -697,13 +705,12 @@ def print_plan(runner: Runner, prefix: str = "") -> None:
     cfg = runner.cfg
     for model in cfg.models:
         runner.choose(model)
-        for method, point in runner.tune_cells(model):
-            done = finished_cell(cell_dir(cfg, model, method, cfg.tune.seed, point),
-                                 runner.cell_hash(model, method, cfg.tune.seed, point))
+        for method, point in runner.tune_cells():
+            done = runner.finished(model, method, cfg.tune.seed, point)
             print(f"{prefix}{'done' if done else 'todo'}  {model}  tune {method} {setting_slug(point)}")
     for model, method, seed in runner.plan():
         tuned = method in runner.tuned_methods() and method not in runner.chosen.get(model, {})
-        done = not tuned and finished_cell(cell_dir(cfg, model, method, seed), runner.cell_hash(model, method, seed))
+        done = not tuned and runner.finished(model, method, seed)
         print(f"{prefix}{'done' if done else 'todo'}  {model}  {method}  seed {seed}")
     for name, sub in cfg.ablations.items():
         print_plan(Runner(sub, chosen=runner.chosen), f"{prefix}[{name}] ")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import re
+import types
 import typing
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields, replace
@@ -288,7 +289,7 @@ def _plain(cls: type, raw: Any, path: tuple[str, ...], where: Where) -> Any:
         if value is None and type(None) in args:
             values[key] = None
             continue
-        if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if origin in (typing.Union, types.UnionType):
             hint = next(a for a in args if a is not type(None))
             origin, args = typing.get_origin(hint), typing.get_args(hint)
         ok = (isinstance(value, dict) if origin is dict else
