@@ -98,7 +98,7 @@ def collect_responses(model, tok, args, work: Path) -> Path:
 def run_engine(model, tok, args, gen: Path, work: Path, engine_name: str) -> tuple[dict, list[dict]]:
     out = work / f"labels-{engine_name}-{gen.stem}.jsonl"
     cfg = IdentifyConfig(model=args.model, input=str(gen), out=str(out), engine=engine_name, k=args.k,
-                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, draft=args.draft)
     with PeakMemory(model.device) as mem:
         s = identify(cfg, model=model, tok=tok)
     s["peak_memory_mb"] = mem.peak / 2**20
@@ -222,17 +222,16 @@ def main() -> None:
     p.add_argument("--gen-batch-size", type=int, default=64)
     p.add_argument("--ceiling-tokens", type=int, default=128)
     p.add_argument("--chunks", type=int, default=4, help="alternate the engines over this many chunks")
-    p.add_argument("--draft", type=int, default=None, help="fast engine draft tokens (default: the engine's)")
+    p.add_argument("--draft", type=int, default=None, help="fast engine draft tokens (default: the engine's tuner)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default=None)
     p.add_argument("--keep", default=None, help="keep the generations and both engines' labels in this folder")
     args = p.parse_args()
 
     model, tok = load_model(args.model, args.dtype, args.device)
-    if args.draft is not None:
-        engine.DRAFT_TOKENS[model.device.type] = args.draft
     print(f"model={args.model} device={model.device} dtype={args.dtype} threads={torch.get_num_threads()} "
-          f"draft={engine.default_draft(model.device)} ngram={engine.DRAFT_NGRAM}")
+          f"draft={args.draft if args.draft is not None else f'tuned up to {engine.default_draft(model.device)}'} "
+          f"ngram={engine.DRAFT_NGRAM}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.keep or tmp)
         work.mkdir(parents=True, exist_ok=True)

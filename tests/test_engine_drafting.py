@@ -36,9 +36,10 @@ def test_draft_index_prefers_longest_suffix_and_the_match_at_or_after_the_cursor
     assert index.propose([42], cursor=3, size=5) == (3, [])
 
 
-def _labels(tmp_path, monkeypatch, model, tok, records, draft: int, engine_name="fast", max_new_tokens=32, **kw):
-    """Labels by ``engine_name`` with ``draft`` tokens a step, and the fast engine's counts."""
-    monkeypatch.setitem(engine.DRAFT_TOKENS, model.device.type, draft)
+def _labels(tmp_path, monkeypatch, model, tok, records, draft: int | None, engine_name="fast", max_new_tokens=32, **kw):
+    """Labels by ``engine_name`` with ``draft`` tokens a step (None: tuned), and the fast engine's counts."""
+    if engine_name == "fast":
+        kw["draft"] = draft
     folder = tmp_path / f"{engine_name}-{draft}"
     folder.mkdir(parents=True)
     out = folder / "labels.jsonl"
@@ -91,6 +92,42 @@ def test_drafting_on_testbed_responses_halves_the_steps(tmp_path, monkeypatch):
     assert [without_margins(r) for r in off] == [without_margins(r) for r in on]
     assert on_stats.tokens == off_stats.tokens
     assert on_stats.tokens_per_forward >= 2.0, on_stats
+    tuned, tuned_stats = _labels(tmp_path, monkeypatch, model, tok, records, None, batch_size=32)
+    assert [without_margins(r) for r in off] == [without_margins(r) for r in tuned]  # widths change mid-run
+    assert len(tuned_stats.widths) > 1 and tuned_stats.tokens == off_stats.tokens
+
+
+def _tune(rates: dict[int, float], most: int, steps: int = 40) -> tuple[int | None, list[int]]:
+    """Run a tuner on a machine where width w decodes ``rates[w]`` tokens a second; its choice and widths run."""
+    tuner, run = engine.DraftTuner(most), []
+    for _ in range(steps):
+        w = tuner.choose()
+        run.append(w)
+        tuner.record(w, 1.0, rates[w] if len(run) > 4 else 1.0)  # the untimed first round's timings are junk
+    return tuner.chosen, run
+
+
+@pytest.mark.parametrize("rates,most,chosen", [
+    ({0: 155, 1: 80, 2: 60, 4: 53}, 4, 0),  # SmolLM2 on a CPU: every draft column costs compute
+    ({0: 7258, 1: 6998, 2: 7477, 4: 7402}, 4, 4),  # the testbed on a CPU: even, so the widest
+    ({0: 100, 1: 160, 2: 210, 4: 260, 8: 300}, 8, 8),  # a GPU: columns nearly free
+    ({0: 100, 1: 130, 2: 150, 4: 90, 8: 40}, 8, 2),  # a peak in between
+    ({0: 100, 1: 60, 2: 95, 4: 30}, 4, 0),  # a slow width walls off the wider ones
+])
+def test_draft_tuner_keeps_the_fastest_width_after_comparing_neighbouring_steps(rates, most, chosen):
+    got, run = _tune(rates, most)
+    assert got == chosen
+    assert run[-10:] == [chosen] * 10
+    assert run[:len(rates)] == sorted(rates)  # the untimed first round takes every width, narrowest first
+    if rates[1] < 0.7 * rates[0] and rates[1] < rates[0]:
+        assert set(run[2 * len(rates):]) == {0}  # after one timed round, the slow width and all past it are dropped
+
+
+def test_draft_tuner_fixed_width_and_no_drafts():
+    fixed = engine.DraftTuner(4, fixed=True)
+    assert [fixed.choose() for _ in range(5)] == [4] * 5
+    none = engine.DraftTuner(0)
+    assert [none.choose() for _ in range(5)] == [0] * 5
 
 
 def test_many_holes_force_rebases_that_squeeze_them_out(tmp_path, monkeypatch, random_model_dir, testbed_tokenizer):

@@ -43,6 +43,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass, field
@@ -63,20 +64,18 @@ from cft.protocol import Protocol, Work, finish_branch
 log = logging.getLogger(__name__)
 
 
-# Draft tokens verified per row and step, by device type (0: one-token decoding). Counted on 20
-# testbed responses (ngram 3): decoded tokens per row-step 2.13 / 2.71 / 3.10 / 3.28 for 2 / 4 / 6 / 8
-# drafts, all with output identical to one-token decoding. A CPU pays for every query column: the
-# testbed's bare forward loop costs 4.0 ms + rows * (0.095 + 0.082 q) ms (1 thread, 16..190 rows, q 1..5),
-# so a 5-column step costs 2.6x a 1-column one at 190 rows. On 10 testbed responses in 4 chunks (1 thread,
-# load 3-7, alternating, 2026-12) 1 / 2 / 3 / 4 drafts decoded 1.67 / 2.12 / 2.43 / 2.69 tokens per
-# row-step in 290 / 244 / 227 / 205 forwards; that cost model rates 2 drafts 11% above 4, the measured
-# wall times were equal within noise (2701 / 2824 / 2837 tok/s for 2 / 3 / 4), since the engine's
-# per-step host work favours fewer forwards. An adaptive width (each step's q chosen from per-row
-# acceptance odds and that cost model) matched 2 drafts and was dropped. A GPU step is bound by reading
-# weights and cache, nearly free in extra columns, so it takes 8.
+# The most draft tokens verified per row and step, by device type; each run chooses the width it uses
+# (``DraftTuner``). A GPU step is bound by reading weights and cache, nearly free in extra columns; a CPU
+# pays for every query column. Measured on this project's 2-core CPU (fast engine alone, alternating, 2
+# threads): 40 testbed responses at 0 / 1 / 2 / 4 drafts ran at 7258 / 6998 / 7477 / 7402 tok/s (2.68
+# tokens per row-step at 4); 10 SmolLM2-135M responses at 0 / 1 / 4 at 155 / 80 / 53 tok/s (1.32 at 4).
 DRAFT_TOKENS = {"cpu": 4, "cuda": 8}
 DRAFT_NGRAM = 3  # the longest branch suffix looked up in the original (shorter ones are tried next;
 # 1..4 differ by under 2% in forwards)
+DRAFT_ROUNDS = 3  # rounds of timing every width in turn, one step each, before the tuner chooses
+DRAFT_SLOW = 0.7  # after a round, a width under this fraction of the best rate (and every wider one) is dropped
+DRAFT_EVEN = 0.9  # widths within this fraction of the best rate count as even: the widest of them runs, for
+# fewer forwards
 
 
 SQUEEZE_WIDTH = 1.5  # squeeze holes out once the window is this many times its fullest row, plus 4 steps
@@ -86,6 +85,54 @@ SQUEEZE_WIDTH = 1.5  # squeeze holes out once the window is this many times its 
 
 def default_draft(device: torch.device) -> int:
     return DRAFT_TOKENS.get(device.type, DRAFT_TOKENS["cpu"])
+
+
+class DraftTuner:
+    """The draft width of a run's steps, chosen by timing: decoded tokens per second at each width.
+
+    Output does not depend on the width (a draft only saves forwards when greedy decoding reproduces it), so
+    the choice is free to follow the machine: extra query columns cost little where a step reads weights and
+    cache (a GPU) and nearly their share of compute where it multiplies (a CPU on a larger model). The first
+    steps take the widths in turn, one step each, so that neighbouring steps (the same batch, nearly) are
+    compared; the first round is not timed (a shape's first use costs more), after each later one the
+    clearly slower widths drop out, and after ``DRAFT_ROUNDS`` timed rounds the fastest stays for the rest
+    of the run (the widest of those within ``DRAFT_EVEN`` of it). ``fixed`` keeps the widest width from the
+    start.
+    """
+
+    def __init__(self, most: int, fixed: bool = False):
+        self.widths = sorted({most, *(w for w in (0, 1, 2, 4, 8) if w < most)})
+        self.chosen = most if fixed or most == 0 else None
+        self.seconds = dict.fromkeys(self.widths, 0.0)
+        self.tokens = dict.fromkeys(self.widths, 0)
+        self.plan: deque[int] = deque()
+        self.rounds = 0  # the first round is not timed: a width's first step pays for its shapes' first use
+
+    def rate(self, width: int) -> float:
+        return self.tokens[width] / max(self.seconds[width], 1e-9)
+
+    def choose(self) -> int:
+        if self.chosen is None and not self.plan:
+            if self.rounds > 1:
+                top = max(map(self.rate, self.widths))
+                best = next(w for w in self.widths if self.rate(w) == top)
+                slow = [w for w in self.widths if self.rate(w) < DRAFT_SLOW * top]
+                wall = min((w for w in slow if w > best), default=math.inf)  # rates fall past it
+                self.widths = [w for w in self.widths if w not in slow and w < wall]
+                if self.rounds == DRAFT_ROUNDS + 1 or len(self.widths) == 1:
+                    self.chosen = max(w for w in self.widths if self.rate(w) >= DRAFT_EVEN * top)
+            self.rounds += 1
+            self.plan.extend(self.widths)
+        return self.chosen if self.chosen is not None else self.plan.popleft()
+
+    def record(self, width: int, seconds: float, tokens: int) -> None:
+        if self.rounds == 1:
+            return
+        self.seconds[width] += seconds
+        self.tokens[width] += tokens
+
+    def __repr__(self) -> str:
+        return f"chosen={self.chosen} " + " ".join(f"{w}@{self.rate(w):.0f}" for w in self.seconds)
 
 
 @dataclass
@@ -260,13 +307,16 @@ class WindowLayer(DynamicLayer):
 class BranchDecoder:
     """Decode every branch of a stream of responses, ``batch_size`` rows at a time.
 
-    ``draft`` tokens per row and step are proposed from the row's original response by the longest
-    matching suffix of at most ``ngram`` tokens (``draft=0``: plain one-token steps).
+    Up to ``draft`` tokens per row and step are proposed from the row's original response by the longest
+    matching suffix of at most ``ngram`` tokens (``draft=0``: plain one-token steps). The width of each step
+    is ``DraftTuner``'s choice, or ``draft`` itself when ``cfg.draft`` sets it.
     """
 
     def __init__(self, model, tok, cfg, proto: Protocol, draft: int | None = None,
                  ngram: int | None = None):
         self.model, self.tok, self.cfg, self.proto = model, tok, cfg, proto
+        fixed = draft is not None or getattr(cfg, "draft", None) is not None
+        draft = draft if draft is not None else getattr(cfg, "draft", None)
         self.draft = default_draft(model.device) if draft is None else draft
         self.ngram = DRAFT_NGRAM if ngram is None else ngram
         if self.draft < 0 or (self.draft and self.ngram < 1):
@@ -280,6 +330,7 @@ class BranchDecoder:
         self.prefix_kv: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.index: dict[str, DraftIndex] = {}
         self.stats = EngineStats()
+        self.tuner = DraftTuner(self.draft, fixed)
 
     # -- queue -------------------------------------------------------------------------------
     def _admit(self, work: Work, cache) -> None:
@@ -425,11 +476,11 @@ class BranchDecoder:
                 self._admit(*nxt)
             self._place(i, *self.queue.popleft())
 
-    def _drafts(self) -> list[tuple[int, list[int]]]:
-        """Per row: (source position in the original, draft tokens), within the row's token budget."""
+    def _drafts(self, width: int) -> list[tuple[int, list[int]]]:
+        """Per row: (source position in the original, up to ``width`` draft tokens), within the row's token budget."""
         out = []
         for row in self.rows:
-            room = 0 if row is None else min(self.draft, self.proto.budget(row.t) - row.n_new - 1)
+            room = 0 if row is None else min(width, self.proto.budget(row.t) - row.n_new - 1)
             out.append(self.index[row.work.key].propose(row.response, row.cursor, room) if room > 0 else (0, []))
         return out
 
@@ -500,8 +551,11 @@ class BranchDecoder:
             self._compact()
             if not self.rows:
                 return
-            drafts = self._drafts() if self.draft else [(0, [])] * len(self.rows)
+            width = self.tuner.choose()
+            t0 = time.perf_counter()
+            drafts = self._drafts(width) if width else [(0, [])] * len(self.rows)
             out = self._step(drafts)
+            seconds = time.perf_counter() - t0  # the width's own cost (finishing responses, timed here, is not)
             if out is None:
                 self._halve()
                 continue
@@ -524,6 +578,7 @@ class BranchDecoder:
                     src, d = drafts[i]
                     row.cursor = src + accepted[i] + 1 if d else row.cursor + 1
             self.stats.tokens += decoded
+            self.tuner.record(width, seconds, decoded)
             progress.advance(0, tokens=decoded)
 
 
