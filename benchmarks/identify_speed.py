@@ -1,7 +1,8 @@
 """Stage B speed: the reference engine vs the fast engine on the same responses, in one process.
 
-The responses are split into ``--chunks`` chunks and the two engines alternate chunk by chunk (in
-turn first), so machine noise hits both alike. Prints, for each engine, branches, decoded tokens,
+The reference engine labels the responses in ``--chunks`` chunks; the fast engine labels all of them at
+once (its batch, as in use) ``--fast-runs`` times, spread among the reference's chunks, so machine noise
+hits both alike (its time: the mean of its runs, which must agree). Prints, for each engine, branches, decoded tokens,
 tokens/s, wall time and peak memory (the fast engine also its forwards and decoded tokens per row and
 forward); the bare-forward ceiling: a loop of the model's forward alone at the engine's batch size and
 mean cache width over a preallocated ``StaticCache``, argmax only, for one-token steps and for the
@@ -28,7 +29,6 @@ import json
 import tempfile
 import threading
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import psutil
@@ -38,7 +38,7 @@ from cft import engine
 from cft.artifacts import load_records
 from cft.engine import EngineStats
 from cft.generate import DecodeConfig, GenerateConfig, generate, left_pad
-from cft.identify import IdentifyConfig, identify, summarize
+from cft.identify import IdentifyConfig, identify, summarize, without_margins
 from cft.models import cache_kwarg, load_model
 from cft.verify import extract_answer
 
@@ -92,11 +92,12 @@ def collect_responses(model, tok, args, work: Path) -> Path:
                          "--problems or --max-new-tokens")
     out = work / "chosen.jsonl"
     out.write_text("".join(json.dumps(r) + "\n" for r in chosen))
+    Path(str(out) + ".meta.json").write_text(Path(str(gen) + ".meta.json").read_text())  # stage A's protocol
     return out
 
 
-def run_engine(model, tok, args, gen: Path, work: Path, engine_name: str) -> tuple[dict, list[dict]]:
-    out = work / f"labels-{engine_name}-{gen.stem}.jsonl"
+def run_engine(model, tok, args, gen: Path, work: Path, engine_name: str, tag: str = "") -> tuple[dict, list[dict]]:
+    out = work / f"labels-{engine_name}-{gen.stem}{tag}.jsonl"
     cfg = IdentifyConfig(model=args.model, input=str(gen), out=str(out), engine=engine_name, k=args.k,
                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, draft=args.draft)
     with PeakMemory(model.device) as mem:
@@ -106,32 +107,47 @@ def run_engine(model, tok, args, gen: Path, work: Path, engine_name: str) -> tup
 
 
 def alternate(model, tok, args, chosen: Path, work: Path) -> tuple[dict, EngineStats]:
-    """Both engines on every chunk of the responses, taking turns to go first; totals per engine.
+    """The reference engine chunk by chunk, and the fast engine on all the responses between its chunks.
 
-    Returns {engine: totals with its labels} and the fast engine's summed counts.
+    The fast engine runs ``--fast-runs`` times on every response at once (its batch is all of them, as in
+    use), spread evenly among the reference's chunks (before the first, between, after the last), so that
+    machine noise hits both alike; its time is the mean of its runs, and every run must give the same
+    labels. Returns {engine: totals with its labels} and the fast engine's counts (of its last run).
     """
     records = load_records(chosen, "generations")
     n = max(1, min(args.chunks, len(records)))
+    runs = max(1, args.fast_runs)
+    slots = [round(i * n / max(runs - 1, 1)) for i in range(runs)] if runs > 1 else [0]
     totals = {e: {"labels": [], "seconds": 0.0, "decoded_tokens": 0, "branches": 0, "peak_memory_mb": 0.0}
               for e in ("reference", "fast")}
-    stats = EngineStats()
-    for c in range(n):
+    fast_labels, fast_seconds = [], []
+    meta = Path(str(chosen) + ".meta.json")
+    for c in range(n + 1):
+        for _ in range(slots.count(c)):
+            s, labels = run_engine(model, tok, args, chosen, work, "fast", tag=f"run{len(fast_seconds)}")
+            fast_seconds.append(s["seconds"])
+            fast_labels.append(labels)
+            t = totals["fast"]
+            t.update(labels=labels, decoded_tokens=s["decoded_tokens"], branches=s["branches"],
+                     peak_memory_mb=max(t["peak_memory_mb"], s["peak_memory_mb"]))
+            stats = engine.last_stats
+        if c == n:
+            break
         part = work / f"chunk{c}.jsonl"
         part.write_text("".join(json.dumps(r) + "\n" for r in records[c::n]))
-        for name in ("reference", "fast") if c % 2 == 0 else ("fast", "reference"):
-            s, labels = run_engine(model, tok, args, part, work, name)
-            t = totals[name]
-            t["labels"] += labels
-            t["seconds"] += s["seconds"]
-            t["decoded_tokens"] += s["decoded_tokens"]
-            t["branches"] += s["branches"]
-            t["peak_memory_mb"] = max(t["peak_memory_mb"], s["peak_memory_mb"])
-            if name == "fast":
-                for f in fields(EngineStats):
-                    a, b = getattr(stats, f.name), getattr(engine.last_stats, f.name)
-                    merged = ({k: a.get(k, 0) + b.get(k, 0) for k in {*a, *b}} if isinstance(a, dict)
-                              else max(a, b) if f.name == "batch_size" else a + b)
-                    setattr(stats, f.name, merged)
+        if meta.exists():  # stage A's protocol, for identify to inherit
+            Path(str(part) + ".meta.json").write_text(meta.read_text())
+        s, labels = run_engine(model, tok, args, part, work, "reference")
+        t = totals["reference"]
+        t["labels"] += labels
+        t["seconds"] += s["seconds"]
+        t["decoded_tokens"] += s["decoded_tokens"]
+        t["branches"] += s["branches"]
+        t["peak_memory_mb"] = max(t["peak_memory_mb"], s["peak_memory_mb"])
+    totals["fast"]["seconds"] = sum(fast_seconds) / len(fast_seconds)
+    totals["fast"]["runs_seconds"] = fast_seconds
+    first = [without_margins(r) for r in fast_labels[0]]
+    totals["fast"]["runs_identical"] = all([without_margins(r) for r in x] == first for x in fast_labels)
     order = {str(r["id"]): i for i, r in enumerate(records)}
     for t in totals.values():  # back into input order (chunk c holds responses c, c+n, ...)
         t["labels"].sort(key=lambda r: order[str(r["id"])])
@@ -221,7 +237,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=None, help="fast engine rows (default: auto)")
     p.add_argument("--gen-batch-size", type=int, default=64)
     p.add_argument("--ceiling-tokens", type=int, default=128)
-    p.add_argument("--chunks", type=int, default=4, help="alternate the engines over this many chunks")
+    p.add_argument("--chunks", type=int, default=4, help="the reference engine's chunks (the fast engine runs between)")
+    p.add_argument("--fast-runs", type=int, default=3, help="fast engine runs on all the responses, spread among the "
+                                                            "reference's chunks")
     p.add_argument("--draft", type=int, default=None, help="fast engine draft tokens (default: the engine's tuner)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default=None)
@@ -239,10 +257,13 @@ def main() -> None:
         results, stats = alternate(model, tok, args, gen, work)
         for name, s in results.items():  # each engine's labels of every chunk, in one file (read by the tests)
             (work / f"labels-{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in s["labels"]))
+        widths = ",".join(f"{q}:{n}" for q, n in sorted(stats.widths.items()))  # forwards per query width
         for name, s in results.items():
             extra = (f" forwards={stats.forwards} mean_rows={stats.batch_rows / max(stats.forwards, 1):.1f} "
                      f"mean_q={stats.query_columns / max(stats.forwards, 1):.2f} "
-                     f"tokens_per_forward={stats.tokens_per_forward:.2f}" if name == "fast" else "")
+                     f"tokens_per_forward={stats.tokens_per_forward:.2f} query_widths={widths} "
+                     f"runs={'/'.join(f'{x:.1f}' for x in s['runs_seconds'])}s "
+                     f"runs_identical={str(s['runs_identical']).lower()}" if name == "fast" else "")
             print(f"{name:9s} responses={s['responses']} branches={s['branches']} "
                   f"decoded_tokens={s['decoded_tokens']} tok/s={s['tokens_per_second']:.0f} "
                   f"wall={s['seconds']:.1f}s peak_mem={s['peak_memory_mb']:.0f}MB "
@@ -260,7 +281,8 @@ def main() -> None:
         identical, shared, differ = compare(results["reference"]["labels"], fast["labels"])
         print(f"branches run by both engines: {shared}, with different continuation ids or verdicts: {differ}")
         speedup = results["reference"]["seconds"] / fast["seconds"]
-        print(f"speedup={speedup:.1f} labels_identical={str(identical and differ == 0).lower()} "
+        same = identical and differ == 0 and fast["runs_identical"]
+        print(f"speedup={speedup:.1f} labels_identical={str(same).lower()} "
               f"ceiling_fraction={fast['tokens_per_second'] / ceil:.2f} "
               f"forward_ceiling_tok_s={bare[1][1]:.0f} vs_bare={fast['tokens_per_second'] / bare[1][1]:.2f} "
               f"step_efficiency={stats.forwards / fast['seconds'] / bare[q][0]:.2f} "
