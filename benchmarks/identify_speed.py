@@ -13,10 +13,15 @@ concatenating cache: a reference point, not a bound); and as its last line
     forward_ceiling_tok_s=<bare one-token tok/s> vs_bare=<fast tok/s / bare one-token tok/s>
     step_efficiency=<fast forwards/s / bare forwards/s of the same query width> tokens_per_forward=<...>
 
-(one line). ``vs_bare`` above 1 is possible only by verifying drafts: several tokens per row and forward.
+(one line; with ``--compare-dtype D`` it goes on with ``dtype_speedup=<fast tok/s in D / in --dtype>
+crosschecked=.. disagreements=.. disagreements_near_tie=..``, the crosscheck of the fast engine in D against
+the reference engine in D). ``vs_bare`` above 1 is possible only by verifying drafts: several tokens per
+row and forward.
 
     python benchmarks/identify_speed.py                      # testbed model, 200 correct responses
     python benchmarks/identify_speed.py --model smollm2 --responses 10 --gold self --max-new-tokens 64
+    python benchmarks/identify_speed.py --model smollm2 --responses 10 --gold self --max-new-tokens 64 \
+        --compare-dtype bfloat16
 
 ``--gold self`` takes each response's own final answer as its gold, so every response is identified
 (for a model that rarely solves a problem); the check is then on continuation token ids as well.
@@ -96,10 +101,11 @@ def collect_responses(model, tok, args, work: Path) -> Path:
     return out
 
 
-def run_engine(model, tok, args, gen: Path, work: Path, engine_name: str, tag: str = "") -> tuple[dict, list[dict]]:
+def run_engine(model, tok, args, gen: Path, work: Path, engine_name: str, tag: str = "",
+               **options) -> tuple[dict, list[dict]]:
     out = work / f"labels-{engine_name}-{gen.stem}{tag}.jsonl"
     cfg = IdentifyConfig(model=args.model, input=str(gen), out=str(out), engine=engine_name, k=args.k,
-                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, draft=args.draft)
+                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, draft=args.draft, **options)
     with PeakMemory(model.device) as mem:
         s = identify(cfg, model=model, tok=tok)
     s["peak_memory_mb"] = mem.peak / 2**20
@@ -155,6 +161,31 @@ def alternate(model, tok, args, chosen: Path, work: Path) -> tuple[dict, EngineS
         t["tokens_per_second"] = t["decoded_tokens"] / max(t["seconds"], 1e-9)
         t["critical_fraction"] = summarize(t["labels"], tok)["critical_fraction"]
     return totals, stats
+
+
+def compare_dtype(model, tok, args, chosen: Path, work: Path) -> dict:
+    """The fast engine on the same responses in ``--dtype`` and in ``--compare-dtype``, ``--fast-runs`` times each,
+    alternating (who goes first alternates too); the first run of the other dtype is crosschecked against
+    the reference engine in that dtype (``--crosscheck`` random branches plus every near-tie).
+
+    Returns tokens/s per dtype, their ratio, and the crosscheck's counts."""
+    other, _ = load_model(args.model, args.compare_dtype, args.device)
+    models = {args.dtype: model, args.compare_dtype: other}
+    seconds = {d: [] for d in models}
+    tokens, check = {}, {}
+    for i in range(max(1, args.fast_runs)):
+        for dtype in list(models) if i % 2 == 0 else list(models)[::-1]:
+            first = dtype == args.compare_dtype and not seconds[dtype]
+            s, _ = run_engine(models[dtype], tok, args, chosen, work, "fast", tag=f"-{dtype}{i}", dtype=dtype,
+                              force_protocol=True, crosscheck=args.crosscheck if first else None)
+            seconds[dtype].append(s["seconds"])
+            tokens[dtype] = s["decoded_tokens"]
+            if first:
+                check = {k: s[k] for k in ("crosschecked", "crosschecked_near_ties", "disagreements",
+                                           "disagreements_near_tie", "near_ties", "branches")}
+    rate = {d: tokens[d] / (sum(seconds[d]) / len(seconds[d])) for d in models}
+    return {"seconds": seconds, "tokens": tokens, "rate": rate, "ratio": rate[args.compare_dtype] / rate[args.dtype],
+            **check}
 
 
 @torch.inference_mode()
@@ -242,6 +273,10 @@ def main() -> None:
                                                             "reference's chunks")
     p.add_argument("--draft", type=int, default=None, help="fast engine draft tokens (default: the engine's tuner)")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--compare-dtype", default=None, help="also time the fast engine in this dtype (e.g. bfloat16) on "
+                                                         "the same responses, alternating with --dtype")
+    p.add_argument("--crosscheck", type=int, default=50, help="with --compare-dtype: random branches re-decoded by the "
+                                                              "reference engine in that dtype, besides every near-tie")
     p.add_argument("--device", default=None)
     p.add_argument("--keep", default=None, help="keep the generations and both engines' labels in this folder")
     args = p.parse_args()
@@ -280,13 +315,24 @@ def main() -> None:
         print(f"ceiling   plain batched greedy generate: batch={batch} new_tokens={steps} tok/s={ceil:.0f}")
         identical, shared, differ = compare(results["reference"]["labels"], fast["labels"])
         print(f"branches run by both engines: {shared}, with different continuation ids or verdicts: {differ}")
+        dtypes = ""
+        if args.compare_dtype:
+            c = compare_dtype(model, tok, args, gen, work)
+            for d in c["rate"]:
+                print(f"dtype     {d}: fast engine tok/s={c['rate'][d]:.0f} decoded_tokens={c['tokens'][d]} "
+                      f"runs={'/'.join(f'{x:.1f}' for x in c['seconds'][d])}s")
+            print(f"crosscheck ({args.compare_dtype}, fast vs reference engine): {c['crosschecked']} re-decoded "
+                  f"({c['crosschecked_near_ties']} near-ties of {c['branches']} branches), {c['disagreements']} "
+                  f"disagreements, {c['disagreements_near_tie']} of them on near-ties")
+            dtypes = (f" dtype_speedup={c['ratio']:.2f} crosschecked={c['crosschecked']} "
+                      f"disagreements={c['disagreements']} disagreements_near_tie={c['disagreements_near_tie']}")
         speedup = results["reference"]["seconds"] / fast["seconds"]
         same = identical and differ == 0 and fast["runs_identical"]
         print(f"speedup={speedup:.1f} labels_identical={str(same).lower()} "
               f"ceiling_fraction={fast['tokens_per_second'] / ceil:.2f} "
               f"forward_ceiling_tok_s={bare[1][1]:.0f} vs_bare={fast['tokens_per_second'] / bare[1][1]:.2f} "
               f"step_efficiency={stats.forwards / fast['seconds'] / bare[q][0]:.2f} "
-              f"tokens_per_forward={stats.tokens_per_forward:.2f}")
+              f"tokens_per_forward={stats.tokens_per_forward:.2f}{dtypes}")
 
 
 if __name__ == "__main__":

@@ -17,13 +17,19 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_identify_speed_prints_identical_labels_and_a_full_length_ceiling(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "identify_speed.py"), "--responses", "2", "--problems", "20",
-           "--max-new-tokens", "96", "--ceiling-tokens", "12", "--batch-size", "16", "--keep", str(tmp_path)]
+           "--max-new-tokens", "96", "--ceiling-tokens", "12", "--batch-size", "16", "--keep", str(tmp_path),
+           "--fast-runs", "2", "--compare-dtype", "bfloat16", "--crosscheck", "3"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
     last = (r"speedup=\d+\.\d labels_identical=true ceiling_fraction=\d+\.\d\d forward_ceiling_tok_s=\d+ "
-            r"vs_bare=\d+\.\d\d step_efficiency=\d+\.\d\d tokens_per_forward=\d+\.\d\d")
-    assert re.fullmatch(last, lines[-1]), lines[-1]
+            r"vs_bare=\d+\.\d\d step_efficiency=\d+\.\d\d tokens_per_forward=\d+\.\d\d "
+            r"dtype_speedup=\d+\.\d\d crosschecked=(\d+) disagreements=(\d+) disagreements_near_tie=(\d+)")
+    m = re.fullmatch(last, lines[-1])
+    assert m, lines[-1]
+    crosschecked, disagreements, near = map(int, m.groups())
+    assert crosschecked >= 3 and near == disagreements  # bf16 against bf16: any disagreement is a near-tie
+    assert sum(x.startswith("dtype ") for x in lines) == 2
     # the script's own verdict is not trusted: the two engines' labels are compared here
     ref, fast = (load_records(tmp_path / f"labels-{e}.jsonl", "labels") for e in ("reference", "fast"))
     assert len(ref) == len(fast) == 2
