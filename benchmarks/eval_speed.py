@@ -2,17 +2,21 @@
 
 The work is the evaluation of round one of the testbed study (docs/RESULTS.md, in git history): per split
 (testbed:test, testbed:test_ood) one greedy response to each of 200 problems and 16 samples at
-temperature 1.0 for the first 40, max_new_tokens 256, stop at a complete answer, batch size 64. Each
-(split, part) unit is decoded by both backends in turn (who goes first alternates), through the same
-``evaluate.plan`` / ``decode_chunks`` / ``generate.decode_groups`` calls ``cft eval`` makes, so machine
-noise hits both alike. Grading is not timed. Prints per backend outputs, tokens, tokens/s, wall time,
-model forwards (prefills included) and decoded tokens per forward (how full the rows were kept: at
-most the batch size), the metrics of both, and as its last line
+temperature 1.0 for the first 40, max_new_tokens 256, stop at a complete answer, ``cft eval``'s defaults
+otherwise: batch size 64 (the hf backend's rows) and ``--rows 0`` (the engine's rows: from free memory,
+256 on a CPU). A third run, ``hf_rows``, decodes on ``model.generate`` in batches as large as the engine's
+rows, so the engine is also compared at an equal batch. Each (split, part) unit is decoded by the three in
+turn (who goes first alternates), through the same ``evaluate.plan`` / ``decode_chunks`` /
+``generate.decode_groups`` calls ``cft eval`` makes, so machine noise hits all alike. Grading is not
+timed. Prints per run outputs, tokens, tokens/s, wall time, model forwards (prefills included), decoded
+tokens per forward (how full the rows were kept: at most the rows) and rows, the metrics of hf and
+engine, and as its last line
 
     speedup=<hf wall / engine wall> greedy_identical=<true|false> greedy_acc_hf=.. greedy_acc_engine=..
     sample_acc_hf=.. sample_acc_engine=.. entropy_hf=.. entropy_engine=.. sampled_z=<max |z|> hf_s=.. engine_s=..
+    speedup_same_rows=<hf_rows wall / engine wall> hf_rows_s=.. rows=<the engine's rows>
 
-(one line). ``greedy_identical``: every greedy response has the same token ids on both. The sampled
+(one line). ``greedy_identical``: every greedy response has the same token ids on all three. The sampled
 metrics cannot be equal (the backends draw different random numbers); ``sampled_z`` is the largest
 |difference| / standard error of sample accuracy and mean entropy, paired by problem: below ~3 is
 sampling noise.
@@ -29,7 +33,7 @@ import time
 
 import torch
 
-from cft import verify
+from cft import engine, verify
 from cft.evaluate import EvalConfig, decode_chunks, load_items, plan
 from cft.generate import decode_groups
 from cft.models import load_model
@@ -67,7 +71,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16, help="samples per sampled problem")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=64, help="cft eval's --batch-size (hf's rows)")
+    ap.add_argument("--rows", type=int, default=0, help="cft eval's --rows (the engine's; 0: from free memory)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default=None)
     args = ap.parse_args()
@@ -78,7 +83,8 @@ def main() -> None:
     print(f"model={args.model} device={model.device} dtype={args.dtype} threads={torch.get_num_threads()} "
           f"problems={args.problems} sampled={args.sampled_problems}x{args.samples} T={args.temperature} "
           f"max_new_tokens={args.max_new_tokens} batch={args.batch_size}")
-    backends = ("hf", "engine")
+    backends = ("hf", "engine", "hf_rows")
+    rows = {}  # the engine's rows, read from its first run: hf_rows decodes in batches of as many
     seconds = dict.fromkeys(backends, 0.0)
     tokens = dict.fromkeys(backends, 0)
     outputs = dict.fromkeys(backends, 0)
@@ -90,12 +96,15 @@ def main() -> None:
     units = [(split, n, limit) for split in args.splits.split(",")
              for n, limit in ((0, args.problems), (args.samples, args.sampled_problems)) if limit > 0]
     for u, (split, n, limit) in enumerate(units):
-        for backend in backends if u % 2 == 0 else backends[::-1]:
+        for backend in ("hf", "engine", "hf_rows") if u % 2 == 0 else ("engine", "hf_rows", "hf"):
+            batch = rows.get("engine", args.batch_size) if backend == "hf_rows" else args.batch_size
             cfg = EvalConfig(model=args.model, benchmarks=[split], out="-", limit=limit, n_samples=n,
-                             temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                             batch_size=args.batch_size, stop_at_answer=True, backend=backend)
+                             temperature=args.temperature, max_new_tokens=args.max_new_tokens, batch_size=batch,
+                             rows=args.rows, stop_at_answer=True, backend=backend.removesuffix("_rows"))
             before = calls[0]
             took, res = decode_unit(model, tok, cfg)
+            if backend == "engine":
+                rows.setdefault("engine", engine.last_stats.batch_size)
             seconds[backend] += took
             forwards[backend] += calls[0] - before
             for (kind, i, _), o in res["outs"].items():
@@ -113,7 +122,8 @@ def main() -> None:
             print(f"  {split} {'sampled' if n else 'greedy'} {backend}: {took:.1f}s", flush=True)
     for b in backends:
         print(f"{b:7s} outputs={outputs[b]} tokens={tokens[b]} tok/s={tokens[b] / seconds[b]:.0f} "
-              f"seconds={seconds[b]:.1f} forwards={forwards[b]} tokens_per_forward={tokens[b] / forwards[b]:.1f}")
+              f"seconds={seconds[b]:.1f} forwards={forwards[b]} tokens_per_forward={tokens[b] / forwards[b]:.1f} "
+              f"rows={rows['engine'] if b != 'hf' else args.batch_size}")
 
     def mean(xs) -> float:
         return sum(xs) / max(len(xs), 1)
@@ -123,12 +133,14 @@ def main() -> None:
 
     z = max(paired_z(sample_ok["engine"], sample_ok["hf"]), paired_z(sample_ent["engine"], sample_ent["hf"])) \
         if sample_ok["hf"] else 0.0
-    identical = greedy_ids["hf"] == greedy_ids["engine"]
+    identical = greedy_ids["hf"] == greedy_ids["engine"] == greedy_ids["hf_rows"]
     print(f"speedup={seconds['hf'] / seconds['engine']:.2f} greedy_identical={str(identical).lower()} "
           f"greedy_acc_hf={mean(greedy_ok['hf']):.4f} greedy_acc_engine={mean(greedy_ok['engine']):.4f} "
           f"sample_acc_hf={pooled(sample_ok['hf']):.4f} sample_acc_engine={pooled(sample_ok['engine']):.4f} "
           f"entropy_hf={pooled(sample_ent['hf']):.4f} entropy_engine={pooled(sample_ent['engine']):.4f} "
-          f"sampled_z={z:.2f} hf_s={seconds['hf']:.1f} engine_s={seconds['engine']:.1f}")
+          f"sampled_z={z:.2f} hf_s={seconds['hf']:.1f} engine_s={seconds['engine']:.1f} "
+          f"speedup_same_rows={seconds['hf_rows'] / seconds['engine']:.2f} hf_rows_s={seconds['hf_rows']:.1f} "
+          f"rows={rows['engine']}")
 
 
 if __name__ == "__main__":

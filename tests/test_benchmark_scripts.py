@@ -62,13 +62,15 @@ def test_eval_speed_runs_both_backends_and_reports_identical_greedy_outputs():
     lines = proc.stdout.strip().splitlines()
     last = (r"speedup=\d+\.\d\d greedy_identical=true greedy_acc_hf=(\S+) greedy_acc_engine=(\S+) "
             r"sample_acc_hf=[\d.]+ sample_acc_engine=[\d.]+ entropy_hf=[\d.]+ entropy_engine=[\d.]+ "
-            r"sampled_z=[\d.]+ hf_s=[\d.]+ engine_s=[\d.]+")
+            r"sampled_z=[\d.]+ hf_s=[\d.]+ engine_s=[\d.]+ speedup_same_rows=[\d.]+ hf_rows_s=[\d.]+ rows=(\d+)")
     m = re.fullmatch(last, lines[-1])
     assert m, lines[-1]
     assert m[1] == m[2]
+    assert int(m[3]) >= 8  # the engine's rows: at least the batch size, from free memory
     backends = {x.split()[0]: dict(kv.split("=") for kv in x.split()[1:])
-                for x in lines if x.startswith(("hf ", "engine "))}
+                for x in lines if x.startswith(("hf ", "engine ", "hf_rows "))}
     # 6 greedy; 2 problems x (1 greedy + 4 samples)
-    assert backends["hf"]["outputs"] == backends["engine"]["outputs"] == "16"
+    assert backends["hf"]["outputs"] == backends["engine"]["outputs"] == backends["hf_rows"]["outputs"] == "16"
+    assert backends["hf"]["rows"] == "8" and backends["engine"]["rows"] == backends["hf_rows"]["rows"] == m[3]
     for b in backends.values():
-        assert int(b["forwards"]) > 0 and 0 < float(b["tokens_per_forward"]) <= 8  # at most one token per row
+        assert int(b["forwards"]) > 0 and 0 < float(b["tokens_per_forward"]) <= int(b["rows"])  # a token a row

@@ -102,8 +102,8 @@ def _tune(rates: dict[int, float], most: int, steps: int = 40) -> tuple[int | No
     tuner, run = engine.DraftTuner(most), []
     for _ in range(steps):
         w = tuner.choose()
+        tuner.record(w, 1.0, rates[w] if w in run else 1e-3)  # a width's first step (its shapes' first use): junk
         run.append(w)
-        tuner.record(w, 1.0, rates[w] if len(run) > 4 else 1.0)  # the untimed first round's timings are junk
     return tuner.chosen, run
 
 
@@ -112,15 +112,17 @@ def _tune(rates: dict[int, float], most: int, steps: int = 40) -> tuple[int | No
     ({0: 7258, 1: 6998, 2: 7477, 4: 7402}, 4, 4),  # the testbed on a CPU: even, so the widest
     ({0: 100, 1: 160, 2: 210, 4: 260, 8: 300}, 8, 8),  # a GPU: columns nearly free
     ({0: 100, 1: 130, 2: 150, 4: 90, 8: 40}, 8, 2),  # a peak in between
-    ({0: 100, 1: 60, 2: 95, 4: 30}, 4, 0),  # a slow width walls off the wider ones
+    ({0: 100, 1: 60, 2: 95, 4: 30}, 4, 0),  # a slow width ends the trial of the wider ones
 ])
 def test_draft_tuner_keeps_the_fastest_width_after_comparing_neighbouring_steps(rates, most, chosen):
     got, run = _tune(rates, most)
     assert got == chosen
     assert run[-10:] == [chosen] * 10
-    assert run[:len(rates)] == sorted(rates)  # the untimed first round takes every width, narrowest first
-    if rates[1] < 0.7 * rates[0] and rates[1] < rates[0]:
-        assert set(run[2 * len(rates):]) == {0}  # after one timed round, the slow width and all past it are dropped
+    assert run[:4] == [0, 0, 1, 1]  # narrowest first, each width an untimed then a timed step
+    if rates[1] < 0.7 * rates[0]:  # width 1 is clearly slower: 2 and wider are never tried
+        assert set(run) == {0, 1} and run[4:] == [0] * (len(run) - 4)
+    slow = [w for w in rates if w > chosen and rates[w] < 0.7 * max(v for u, v in rates.items() if u < w)]
+    assert not [w for w in run if slow and w > slow[0]]  # nothing past the first slow width is tried
 
 
 def test_draft_tuner_fixed_width_and_no_drafts():

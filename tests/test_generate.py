@@ -131,6 +131,25 @@ def test_engine_greedy_equals_generate_on_the_testbed(testbed, kw):
     assert finishes == ({"eos"} if kw["max_new_tokens"] == 256 else {"length"})  # whole solutions / cut short
 
 
+def test_engine_buffers_start_uninitialised(testbed, monkeypatch):
+    """Filled with NaN here: every column the window reaches is written or zeroed first, so nothing changes."""
+    new_batch = engine.PromptDecoder._new_batch
+
+    def poisoned(self, kv):
+        new_batch(self, kv)
+        for layer in self.cache.layers:
+            layer.kbuf.fill_(float("nan"))
+            layer.vbuf.fill_(float("nan"))
+
+    monkeypatch.setattr(engine.PromptDecoder, "_new_batch", poisoned)
+    model, tok = testbed
+    prompts = [render_ids(tok, p.question) for p in generate_split("test", 40)]
+    hf, eng = _both(model, tok, prompts, max_new_tokens=256, batch_size=16, n=2, temperature=1.0)
+    greedy_hf, greedy_eng = _both(model, tok, prompts, max_new_tokens=256, batch_size=16)
+    assert greedy_eng == greedy_hf
+    assert all(o.entropy is not None and o.entropy == o.entropy for outs in eng for o in outs)  # no NaN
+
+
 @pytest.mark.parametrize("family, generation_config", [("qwen2.5", PENALIZED), ("gemma2", None), ("phi3", None)])
 def test_engine_greedy_equals_generate_on_zoo_families(zoo_model, family, generation_config):
     """Padded vocabulary, pad == EOS and a checkpoint repetition penalty / n-gram ban (qwen2.5: neither acts);
@@ -159,6 +178,10 @@ def test_engine_sampling_is_reproducible_and_independent_of_the_batch(testbed):
     assert decode(model, tok, prompts, cfg) == first
 
     assert _same(decode(model, tok, prompts, replace(cfg, batch_size=5)), first)
+    assert engine.last_stats.batch_size == 5  # rows: the batch size, unless asked for more
+    assert _same(decode(model, tok, prompts, replace(cfg, batch_size=5, rows=0)), first)
+    assert engine.last_stats.batch_size > 5  # as many rows as memory holds (capped)
+    assert _same(decode(model, tok, prompts, replace(cfg, rows=3)), first)
     assert _same(decode(model, tok, prompts[::-1], cfg), first[::-1])
     other = decode(model, tok, prompts, replace(cfg, seed=4))
     assert [o.ids for outs in other for o in outs] != [o.ids for outs in first for o in outs]

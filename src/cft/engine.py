@@ -55,7 +55,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from cft import verify
-from cft.answer_watch import AnswerWatch
+from cft.answer_watch import AnswerWatch, incremental_decoding
 from cft.artifacts import InputError
 from cft.decoding import Output, finish_reason, is_out_of_memory, left_pad, trigger_tokens
 from cft.models import cache_kwarg, stop_token_ids, vocab_rows
@@ -72,8 +72,8 @@ log = logging.getLogger(__name__)
 DRAFT_TOKENS = {"cpu": 4, "cuda": 8}
 DRAFT_NGRAM = 3  # the longest branch suffix looked up in the original (shorter ones are tried next;
 # 1..4 differ by under 2% in forwards)
-DRAFT_ROUNDS = 3  # rounds of timing every width in turn, one step each, before the tuner chooses
-DRAFT_SLOW = 0.7  # after a round, a width under this fraction of the best rate (and every wider one) is dropped
+DRAFT_ROUNDS = 3  # rounds of timing every width, one step each, before the tuner chooses
+DRAFT_SLOW = 0.7  # a width under this fraction of the best rate is dropped (and every wider one, past the best)
 DRAFT_EVEN = 0.9  # widths within this fraction of the best rate count as even: the widest of them runs, for
 # fewer forwards
 
@@ -93,11 +93,12 @@ class DraftTuner:
     Output does not depend on the width (a draft only saves forwards when greedy decoding reproduces it), so
     the choice is free to follow the machine: extra query columns cost little where a step reads weights and
     cache (a GPU) and nearly their share of compute where it multiplies (a CPU on a larger model). The first
-    steps take the widths in turn, one step each, so that neighbouring steps (the same batch, nearly) are
-    compared; the first round is not timed (a shape's first use costs more), after each later one the
-    clearly slower widths drop out, and after ``DRAFT_ROUNDS`` timed rounds the fastest stays for the rest
-    of the run (the widest of those within ``DRAFT_EVEN`` of it). ``fixed`` keeps the widest width from the
-    start.
+    steps try the widths narrowest first, each with one untimed step (a shape's first use costs more) and
+    one timed step; a width clearly slower than the best so far ends the trial of it and of every wider one
+    (rates rise, then fall, with width). Then the remaining widths take one timed step each in turn, for
+    ``DRAFT_ROUNDS`` rounds in all, so that neighbouring steps (the same batch, nearly) are compared, the
+    clearly slower ones dropping out after each round; the fastest stays for the rest of the run (the widest
+    of those within ``DRAFT_EVEN`` of it). ``fixed`` keeps the widest width from the start.
     """
 
     def __init__(self, most: int, fixed: bool = False):
@@ -105,31 +106,38 @@ class DraftTuner:
         self.chosen = most if fixed or most == 0 else None
         self.seconds = dict.fromkeys(self.widths, 0.0)
         self.tokens = dict.fromkeys(self.widths, 0)
-        self.plan: deque[int] = deque()
-        self.rounds = 0  # the first round is not timed: a width's first step pays for its shapes' first use
+        self.plan: deque[tuple[int, bool]] = deque((w, timed) for w in self.widths for timed in (False, True))
+        self.step: tuple[int, bool] = (most, False)
+        self.rounds = 1
 
     def rate(self, width: int) -> float:
         return self.tokens[width] / max(self.seconds[width], 1e-9)
 
     def choose(self) -> int:
         if self.chosen is None and not self.plan:
-            if self.rounds > 1:
-                top = max(map(self.rate, self.widths))
-                best = next(w for w in self.widths if self.rate(w) == top)
-                slow = [w for w in self.widths if self.rate(w) < DRAFT_SLOW * top]
-                wall = min((w for w in slow if w > best), default=math.inf)  # rates fall past it
-                self.widths = [w for w in self.widths if w not in slow and w < wall]
-                if self.rounds == DRAFT_ROUNDS + 1 or len(self.widths) == 1:
-                    self.chosen = max(w for w in self.widths if self.rate(w) >= DRAFT_EVEN * top)
+            top = max(map(self.rate, self.widths))
+            best = next(w for w in self.widths if self.rate(w) == top)
+            slow = [w for w in self.widths if self.rate(w) < DRAFT_SLOW * top]
+            wall = min((w for w in slow if w > best), default=math.inf)  # rates fall past it
+            self.widths = [w for w in self.widths if w not in slow and w < wall]
+            if self.rounds == DRAFT_ROUNDS or len(self.widths) == 1:
+                self.chosen = max(w for w in self.widths if self.rate(w) >= DRAFT_EVEN * top)
             self.rounds += 1
-            self.plan.extend(self.widths)
-        return self.chosen if self.chosen is not None else self.plan.popleft()
+            self.plan.extend((w, True) for w in self.widths)
+        if self.chosen is not None:
+            return self.chosen
+        self.step = self.plan.popleft()
+        return self.step[0]
 
     def record(self, width: int, seconds: float, tokens: int) -> None:
-        if self.rounds == 1:
+        if self.chosen is not None or not self.step[1]:
             return
         self.seconds[width] += seconds
         self.tokens[width] += tokens
+        narrower = [self.rate(w) for w in self.widths if w < width]
+        if self.rounds == 1 and narrower and self.rate(width) < DRAFT_SLOW * max(narrower):  # the first trial
+            self.widths = [w for w in self.widths if w < width]
+            self.plan = deque(x for x in self.plan if x[0] < width)
 
     def __repr__(self) -> str:
         return f"chosen={self.chosen} " + " ".join(f"{w}@{self.rate(w):.0f}" for w in self.seconds)
@@ -615,6 +623,7 @@ class PromptRow:
     ids: list[int]  # decoded so far; the last one is not in the cache yet
     rng: random.Random | None
     entropy: float = 0.0  # summed per-token entropy of the sampling distribution
+    watch: AnswerWatch | None = None  # the answer rule's incremental state for ``ids``
 
 
 class PromptDecoder:
@@ -624,7 +633,8 @@ class PromptDecoder:
     ``batch_size``; temperature and randomness per request): greedy is the argmax of the raw logits and
     sampling draws from softmax(logits / T), nothing else applied, as under ``pinned_generation_config``
     (a checkpoint's repetition penalty, n-gram ban, top-k/top-p... never act). A row stops at EOS, once
-    ``verify.answer_complete`` holds after a trigger token, or at ``max_new_tokens``; the output, finish
+    ``verify.answer_complete`` holds after a trigger token (checked incrementally, ``cft.answer_watch``, where
+    the tokenizer allows), or at ``max_new_tokens``; the output, finish
     reason and mean entropy are built as ``generate._decode_batch`` builds them.
 
     New rows are prefilled together in one left-padded forward (a prompt shared by several requests once)
@@ -637,6 +647,7 @@ class PromptDecoder:
         self.batch_size = batch_size or cfg.batch_size
         self.eos = set(stop_token_ids(tok, model))
         self.trigger = trigger_tokens(tok, vocab_rows(model)).tolist() if cfg.stop_at_answer else None
+        self.incremental = cfg.stop_at_answer and incremental_decoding(tok)
         self.cache_arg = cache_kwarg(model)
         self.pad = tok.pad_token_id or 0
         self.stats = EngineStats()
@@ -672,7 +683,8 @@ class PromptDecoder:
         n = len(self.rows)
         self.window = Window(self.max_len, self.max_len)
         cap = self.max_len + min(self.max_len, STEP_ROOM) + 1  # every STEP_ROOM steps the window moves back
-        layers = [WindowLayer(k.new_zeros(n, k.shape[1], cap, k.shape[3]), v.new_zeros(n, v.shape[1], cap, v.shape[3]),
+        # uninitialised, as BranchDecoder's: columns are zeroed (_place) or written before the window reaches them
+        layers = [WindowLayer(k.new_empty(n, k.shape[1], cap, k.shape[3]), v.new_empty(n, v.shape[1], cap, v.shape[3]),
                               self.window) for k, v in kv]
         self.cache = DynamicCache()
         self.cache.layers = layers
@@ -681,8 +693,11 @@ class PromptDecoder:
     def _place(self, i: int, kv: list, p: int) -> None:
         """Row i holds a prompt of p tokens: its key/values right-aligned at w, the rest masked."""
         w = self.window.w
-        if w - p < self.window.s:
+        if w - p < self.window.s:  # new columns for every row: masked, and finite (0 * NaN would poison attention)
             self.mbuf[:, w - p : self.window.s] = 0
+            for layer in self.cache.layers:
+                layer.kbuf[:, :, w - p : self.window.s] = 0
+                layer.vbuf[:, :, w - p : self.window.s] = 0
             self.window.s = w - p
         for layer, (k, v) in zip(self.cache.layers, kv):
             layer.kbuf[i, :, w - p : w] = k[0]
@@ -712,8 +727,11 @@ class PromptDecoder:
         last = row.ids[-1]
         if last in self.eos or len(row.ids) >= self.cfg.max_new_tokens:
             return True
-        return bool(self.trigger is not None and self.trigger[last]
-                    and verify.answer_complete(self.tok.decode(row.ids, skip_special_tokens=True)))
+        if self.trigger is None or not self.trigger[last]:
+            return False
+        if row.watch is not None:
+            return row.watch.complete(row.ids)
+        return verify.answer_complete(self.tok.decode(row.ids, skip_special_tokens=True))
 
     def _output(self, row: PromptRow):
 
@@ -744,7 +762,8 @@ class PromptDecoder:
             self.uses[key] -= 1
             if not self.uses[key]:
                 del self.prefilled[key]
-            row = PromptRow(req, [], random.Random(req.stream) if req.temperature > 0 else None)
+            row = PromptRow(req, [], random.Random(req.stream) if req.temperature > 0 else None,
+                            watch=AnswerWatch(self.tok) if self.incremental else None)
             row.ids.append(self._choose(logits[None], [row])[0])
             if self._ended(row):
                 done.append((req, self._output(row)))
@@ -815,6 +834,13 @@ class PromptDecoder:
         self.stats.query_columns += 1
         return logits
 
+    def _row_count(self) -> int:
+        """``cfg.rows`` (None: the batch size; 0: what memory holds, at least the batch size)."""
+        rows = getattr(self.cfg, "rows", None)
+        if rows is None:
+            return self.batch_size
+        return rows or max(self.batch_size, auto_batch_size(self.model, self.max_len))
+
     # -- main loop ---------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, requests: list[Request], progress=None):
@@ -827,7 +853,7 @@ class PromptDecoder:
         self.queue.extend(requests)
         for r in requests:
             self.uses[tuple(r.prompt_ids)] = self.uses.get(tuple(r.prompt_ids), 0) + 1
-        self.rows: list[PromptRow | None] = [None] * (self.batch_size or auto_batch_size(self.model, self.max_len))
+        self.rows: list[PromptRow | None] = [None] * self._row_count()
         while True:
             done = self._fill()
             if self.cache is not None:

@@ -59,7 +59,11 @@ class EvalConfig:
                                         "testbed specs, qwen25-math-cot otherwise)")
     data_dir: str | None = option(None, "benchmark data folder (default: $CFT_DATA_DIR or ../shared/data)")
     max_new_tokens: int = option(1024, "decoding budget per response")
-    batch_size: int = option(64, "greedy responses decoded together (sampled: this divided by --n-samples)")
+    batch_size: int = option(64, "greedy responses decoded together (sampled: this divided by --n-samples); on "
+                                 "the engine backend, the chunk of problems its random streams are drawn for")
+    rows: int = option(0, "engine backend: rows decoded together (0: as many as a quarter of free memory holds, "
+                          "at least --batch-size, at most 256 on a CPU and 1024 on a GPU; continuous batching keeps "
+                          "them full). Outputs do not depend on it")
     stop_at_answer: bool = option(False, "SPEED KNOB: stop a response once its final answer is complete instead "
                                          "of at EOS (the toolkit decodes to EOS)")
     seed: int = option(0, "which testbed problems; the sampling seed")
@@ -88,7 +92,7 @@ class EvalConfig:
         """The decoding of one kind of response; the seed is replaced per chunk."""
         sampled = kind == "sample"
         return DecodeConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature if sampled else 0.0,
-                            n=self.n_samples if sampled else 1, batch_size=self.batch_size,
+                            n=self.n_samples if sampled else 1, batch_size=self.batch_size, rows=self.rows,
                             stop_at_answer=self.stop_at_answer, seed=self.seed, backend=self.backend)
 
 

@@ -74,6 +74,9 @@ class DecodeConfig:
     temperature: float = internal(0.0)  # 0 = greedy
     n: int = internal(1)
     batch_size: int = option(64, "responses decoded together (a batch that runs out of memory is retried in halves)")
+    rows: int | None = option(None, "engine backend: rows decoded together (default: --batch-size; 0: as many as "
+                                    "a quarter of free memory holds, at least --batch-size, at most 256 on a CPU "
+                                    "and 1024 on a GPU). Outputs do not depend on it")
     stop_at_answer: bool = option(True, "stop a response once its final answer is complete (--no-stop-at-answer: "
                                         "decode to EOS)")
     seed: int = internal(0)
@@ -144,7 +147,7 @@ def decode_groups(model, tok, groups: list[tuple[list[list[int]], DecodeConfig]]
             yield g, _decode_hf(model, tok, prompts, replace(cfg, backend="hf"), progress)
         return
 
-    shared = ("max_new_tokens", "stop_at_answer", "batch_size")
+    shared = ("max_new_tokens", "stop_at_answer", "batch_size", "rows")
     results: list[list[list[Output | None]]] = []
     left: list[int] = []
     requests = []
@@ -281,7 +284,8 @@ def verify_error(result: verify.GradeResult) -> str:
 
 def generation_key(p: Problem, prompt_ids: list[int], model_name: str, cfg: DecodeConfig) -> str:
     """Everything that determines a record; the id too, so two problems with the same text stay two records."""
-    settings = {k: v for k, v in asdict(cfg).items() if k != "backend" or cfg.temperature > 0}  # greedy: either
+    settings = {k: v for k, v in asdict(cfg).items()  # greedy: either backend; the engine's rows: any
+                if (k != "backend" or cfg.temperature > 0) and k != "rows"}
     return record_key(model_name, p.id, prompt_ids, settings, p.answer)
 
 
