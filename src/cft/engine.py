@@ -19,7 +19,9 @@ substituted token. Each row proposes up to ``draft`` tokens from its own origina
 the query holds the last accepted token plus the drafts, and a row keeps the longest draft prefix that
 greedy decoding reproduces plus the model's next token (standard greedy speculative acceptance), so the
 output is greedy decoding token for token, only fewer forwards. Rows with fewer drafts share the step;
-their extra query columns are junk, discarded and masked out afterwards.
+their extra query columns are junk, discarded and masked out afterwards. Whether drafts pay depends on
+the machine and the model (a CPU pays for every query column), so each run times its first steps at
+several widths and keeps the fastest (``DraftTuner``); the output is the same at any width.
 
 The shared cache is a window ``[s, w)`` over preallocated buffers: a step writes columns ``[w, w+q)``
 in place (no per-step concatenation), placing a longer prefix moves ``s`` left, and trimming columns no
@@ -66,9 +68,10 @@ log = logging.getLogger(__name__)
 
 # The most draft tokens verified per row and step, by device type; each run chooses the width it uses
 # (``DraftTuner``). A GPU step is bound by reading weights and cache, nearly free in extra columns; a CPU
-# pays for every query column. Measured on this project's 2-core CPU (fast engine alone, alternating, 2
-# threads): 40 testbed responses at 0 / 1 / 2 / 4 drafts ran at 7258 / 6998 / 7477 / 7402 tok/s (2.68
-# tokens per row-step at 4); 10 SmolLM2-135M responses at 0 / 1 / 4 at 155 / 80 / 53 tok/s (1.32 at 4).
+# pays for every query column. On this project's 2-core CPU (fast engine alone, the width fixed, one run
+# each, back to back, 2 threads): 40 testbed responses at 0 / 1 / 2 / 4 drafts ran at 7258 / 6998 / 7477 /
+# 7402 tok/s (2.68 tokens per row-step at 4); 10 SmolLM2-135M responses at 0 / 1 / 4 at 155 / 80 / 53 tok/s
+# (1.32 at 4).
 DRAFT_TOKENS = {"cpu": 4, "cuda": 8}
 DRAFT_NGRAM = 3  # the longest branch suffix looked up in the original (shorter ones are tried next;
 # 1..4 differ by under 2% in forwards)
@@ -195,7 +198,7 @@ class EngineStats:
     query_columns: int = 0  # sum over forwards of the query width q
     rebases: int = 0  # window copies (each squeezes out the holes of rejected drafts)
     width_sum: int = 0  # sum over forwards of the cache window's width before the step
-    batch_size: int = 0  # rows of the first step (the batch the engine chose or was given)
+    batch_size: int = 0  # rows the engine allocated (chose or was given)
     widths: dict[int, int] = field(default_factory=dict)  # forwards per query width
 
     @property
@@ -854,6 +857,7 @@ class PromptDecoder:
         for r in requests:
             self.uses[tuple(r.prompt_ids)] = self.uses.get(tuple(r.prompt_ids), 0) + 1
         self.rows: list[PromptRow | None] = [None] * self._row_count()
+        self.stats.batch_size = len(self.rows)  # as allocated (rows nothing can fill are dropped before a step)
         while True:
             done = self._fill()
             if self.cache is not None:
