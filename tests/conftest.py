@@ -64,6 +64,19 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
+def poison_new_buffers(monkeypatch, decoder_class) -> None:
+    """Fill the cache buffers a decoder class allocates with NaN: a column read before it is written shows."""
+    new_batch = decoder_class._new_batch
+
+    def poisoned(self, first):
+        new_batch(self, first)
+        for layer in self.cache.layers:
+            layer.kbuf.fill_(float("nan"))
+            layer.vbuf.fill_(float("nan"))
+
+    monkeypatch.setattr(decoder_class, "_new_batch", poisoned)
+
+
 def generation(tok, question: str, response_ids: list[int], gold: str, correct: bool = True, rid: str = "p0") -> dict:
     """A ``cft.generations/1`` record built by hand."""
     text = tok.decode(response_ids, skip_special_tokens=True)

@@ -17,7 +17,7 @@ from cft.models import load_model
 from cft.prompts import render_ids
 from cft.testbed.problems import generate_split
 from cft.verify import extract_answer
-from tests.conftest import generation, write_jsonl
+from tests.conftest import generation, poison_new_buffers, write_jsonl
 from tests.test_identify import _fake_correct
 
 
@@ -165,15 +165,7 @@ def test_unwritten_cache_columns_are_never_read(tmp_path, monkeypatch, random_mo
     """The buffers start uninitialised: filled with NaN here, no label or continuation may change."""
     model, tok, records = _fake_correct(testbed_tokenizer, random_model_dir, tmp_path, n=4, max_new_tokens=12)
     want, _ = _labels(tmp_path, monkeypatch, model, tok, records, 3, batch_size=5)
-    new_batch = engine.BranchDecoder._new_batch
-
-    def poisoned(self, work):
-        new_batch(self, work)
-        for layer in self.cache.layers:
-            layer.kbuf.fill_(float("nan"))
-            layer.vbuf.fill_(float("nan"))
-
-    monkeypatch.setattr(engine.BranchDecoder, "_new_batch", poisoned)
+    poison_new_buffers(monkeypatch, engine.BranchDecoder)
     got, stats = _labels(tmp_path / "nan", monkeypatch, model, tok, records, 3, batch_size=5)
     assert stats.rebases >= 1 and stats.forwards > 10
     assert [without_margins(r) for r in got] == [without_margins(r) for r in want]

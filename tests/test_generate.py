@@ -15,6 +15,7 @@ from cft.generate import DecodeConfig, GenerateConfig, decode, generate, trigger
 from cft.models import load_model, stop_token_ids, vocab_rows
 from cft.prompts import render_ids
 from cft.testbed.problems import generate_split
+from tests.conftest import poison_new_buffers
 
 NEAR_TIE = 1e-4  # top-1/top-2 logit gap under which a cached step and a full forward may pick differently (fp32)
 HAS = 264  # " has" in the testbed tokenizer
@@ -133,18 +134,10 @@ def test_engine_greedy_equals_generate_on_the_testbed(testbed, kw):
 
 def test_engine_buffers_start_uninitialised(testbed, monkeypatch):
     """Filled with NaN here: every column the window reaches is written or zeroed first, so nothing changes."""
-    new_batch = engine.PromptDecoder._new_batch
-
-    def poisoned(self, kv):
-        new_batch(self, kv)
-        for layer in self.cache.layers:
-            layer.kbuf.fill_(float("nan"))
-            layer.vbuf.fill_(float("nan"))
-
-    monkeypatch.setattr(engine.PromptDecoder, "_new_batch", poisoned)
+    poison_new_buffers(monkeypatch, engine.PromptDecoder)
     model, tok = testbed
     prompts = [render_ids(tok, p.question) for p in generate_split("test", 40)]
-    hf, eng = _both(model, tok, prompts, max_new_tokens=256, batch_size=16, n=2, temperature=1.0)
+    eng = decode(model, tok, prompts, DecodeConfig(max_new_tokens=256, batch_size=16, n=2, temperature=1.0))
     greedy_hf, greedy_eng = _both(model, tok, prompts, max_new_tokens=256, batch_size=16)
     assert greedy_eng == greedy_hf
     assert all(o.entropy is not None and o.entropy == o.entropy for outs in eng for o in outs)  # no NaN

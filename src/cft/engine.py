@@ -137,13 +137,10 @@ class DraftTuner:
             return
         self.seconds[width] += seconds
         self.tokens[width] += tokens
-        narrower = [self.rate(w) for w in self.widths if w < width]
-        if self.rounds == 1 and narrower and self.rate(width) < DRAFT_SLOW * max(narrower):  # the first trial
+        first_trial = self.rounds == 1 and width > self.widths[0]  # narrower widths are timed already
+        if first_trial and self.rate(width) < DRAFT_SLOW * max(self.rate(w) for w in self.widths if w < width):
             self.widths = [w for w in self.widths if w < width]
             self.plan = deque(x for x in self.plan if x[0] < width)
-
-    def __repr__(self) -> str:
-        return f"chosen={self.chosen} " + " ".join(f"{w}@{self.rate(w):.0f}" for w in self.seconds)
 
 
 @dataclass
@@ -262,6 +259,17 @@ def _take_rows(buf: torch.Tensor, idx: torch.Tensor, live: slice, dim: int) -> t
     return front
 
 
+def _open_columns(decoder, start: int) -> None:
+    """Move a decoder's window start left to ``start``: the new columns, for every row, masked and finite
+    (the buffers start uninitialised, and 0 * NaN would poison attention)."""
+    s = decoder.window.s
+    decoder.mbuf[:, start:s] = 0
+    for layer in decoder.cache.layers:
+        layer.kbuf[:, :, start:s] = 0
+        layer.vbuf[:, :, start:s] = 0
+    decoder.window.s = start
+
+
 def _keep_rows(decoder, keep: list[int]) -> None:
     """Keep only rows ``keep`` of a decoder (``BranchDecoder`` or ``PromptDecoder``): cache buffers, mask and
     rows; the caller has requeued or finished the others."""
@@ -326,8 +334,8 @@ class BranchDecoder:
     def __init__(self, model, tok, cfg, proto: Protocol, draft: int | None = None,
                  ngram: int | None = None):
         self.model, self.tok, self.cfg, self.proto = model, tok, cfg, proto
-        fixed = draft is not None or getattr(cfg, "draft", None) is not None
-        draft = draft if draft is not None else getattr(cfg, "draft", None)
+        draft = cfg.draft if draft is None else draft
+        fixed = draft is not None
         self.draft = default_draft(model.device) if draft is None else draft
         self.ngram = DRAFT_NGRAM if ngram is None else ngram
         if self.draft < 0 or (self.draft and self.ngram < 1):
@@ -394,6 +402,7 @@ class BranchDecoder:
         self.cache.layers = layers
         self.mbuf = torch.zeros(n, cap, dtype=torch.long, device=self.model.device)
         self.rows = [None] * n
+        self.stats.batch_size = n
 
     def _rebase(self, need: int) -> None:
         """Copy the live window so that it ends at ``max_len``, squeezing out every row's holes.
@@ -425,12 +434,8 @@ class BranchDecoder:
         if p > self.window.w:
             self._rebase(p)
         w = self.window.w
-        if w - p < self.window.s:  # new columns for every row: masked, and finite (0 * NaN would poison attention)
-            self.mbuf[:, w - p : self.window.s] = 0
-            for layer in self.cache.layers:
-                layer.kbuf[:, :, w - p : self.window.s] = 0
-                layer.vbuf[:, :, w - p : self.window.s] = 0
-            self.window.s = w - p
+        if w - p < self.window.s:
+            _open_columns(self, w - p)
         for layer, (pk, pv) in zip(self.cache.layers, self.prefix_kv[work.key]):
             layer.kbuf[i, :, w - p : w] = pk[0, :, :p]
             layer.vbuf[i, :, w - p : w] = pv[0, :, :p]
@@ -536,7 +541,6 @@ class BranchDecoder:
         self.window.w = w + q
         self.stats.forwards += 1
         self.stats.width_sum += w - s
-        self.stats.batch_size = self.stats.batch_size or len(self.rows)
         self.stats.row_steps += sum(r is not None for r in self.rows)
         self.stats.batch_rows += len(self.rows)
         self.stats.query_columns += q
@@ -644,10 +648,9 @@ class PromptDecoder:
     and their key/values copied into free rows, right-aligned at the window's end like a branch prefix.
     """
 
-    def __init__(self, model, tok, cfg, batch_size: int | None = None):
-
+    def __init__(self, model, tok, cfg):
         self.model, self.tok, self.cfg = model, tok, cfg
-        self.batch_size = batch_size or cfg.batch_size
+        self.batch_size = cfg.batch_size
         self.eos = set(stop_token_ids(tok, model))
         self.trigger = trigger_tokens(tok, vocab_rows(model)).tolist() if cfg.stop_at_answer else None
         self.incremental = cfg.stop_at_answer and incremental_decoding(tok)
@@ -696,12 +699,8 @@ class PromptDecoder:
     def _place(self, i: int, kv: list, p: int) -> None:
         """Row i holds a prompt of p tokens: its key/values right-aligned at w, the rest masked."""
         w = self.window.w
-        if w - p < self.window.s:  # new columns for every row: masked, and finite (0 * NaN would poison attention)
-            self.mbuf[:, w - p : self.window.s] = 0
-            for layer in self.cache.layers:
-                layer.kbuf[:, :, w - p : self.window.s] = 0
-                layer.vbuf[:, :, w - p : self.window.s] = 0
-            self.window.s = w - p
+        if w - p < self.window.s:
+            _open_columns(self, w - p)
         for layer, (k, v) in zip(self.cache.layers, kv):
             layer.kbuf[i, :, w - p : w] = k[0]
             layer.vbuf[i, :, w - p : w] = v[0]
@@ -831,7 +830,6 @@ class PromptDecoder:
         live = sum(r is not None for r in self.rows)
         self.stats.forwards += 1
         self.stats.width_sum += w - s
-        self.stats.batch_size = self.stats.batch_size or len(self.rows)
         self.stats.row_steps += live
         self.stats.batch_rows += len(self.rows)
         self.stats.query_columns += 1
@@ -839,10 +837,9 @@ class PromptDecoder:
 
     def _row_count(self) -> int:
         """``cfg.rows`` (None: the batch size; 0: what memory holds, at least the batch size)."""
-        rows = getattr(self.cfg, "rows", None)
-        if rows is None:
+        if self.cfg.rows is None:
             return self.batch_size
-        return rows or max(self.batch_size, auto_batch_size(self.model, self.max_len))
+        return self.cfg.rows or max(self.batch_size, auto_batch_size(self.model, self.max_len))
 
     # -- main loop ---------------------------------------------------------------------------
     @torch.inference_mode()
