@@ -28,7 +28,7 @@ from cft import engine
 from cft.identify import IdentifyConfig, Protocol, prepare
 from cft.models import DTYPES, load_model
 from cft.progress import Progress
-from cft.verify import GradeResult
+from cft.protocol import Verdict
 
 # Shapes of the published configs (hidden, MLP, layers, heads, KV heads, vocabulary, tied embeddings).
 SHAPES = {
@@ -55,7 +55,7 @@ class AllWrong(Protocol):
         self.tok, self.cfg, self.eos, self.trigger = None, cfg, set(), []
 
     def verdict(self, response, gold):
-        return GradeResult(prediction=None, correct=False, method="none")
+        return Verdict(False, None, None)
 
 
 def build(shape: dict, dtype: torch.dtype, device: str) -> Qwen2ForCausalLM:
@@ -128,14 +128,15 @@ def throughput(name: str, args) -> None:
 
 
 def agreement(args) -> None:
-    """Reference vs fast engine on testbed responses, alternated chunk by chunk (fp32: the testbed's dtype).
+    """Reference vs fast engine on testbed responses, alternated as identify_speed does (fp32: the testbed's dtype).
 
     Each response's own answer is its gold (``--gold self``), so short responses count too.
     """
     model, tok = load_model("testbed", "float32", args.device)
     opts = argparse.Namespace(model="testbed", data="testbed:train", template="chat", problems=60,
                               responses=args.testbed_responses, gold="self", k=3,
-                              max_new_tokens=args.testbed_tokens, batch_size=None, gen_batch_size=64, chunks=2)
+                              max_new_tokens=args.testbed_tokens, batch_size=None, gen_batch_size=64, chunks=2,
+                              fast_runs=2, draft=None)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         results, stats = alternate(model, tok, opts, collect_responses(model, tok, opts, work), work)
