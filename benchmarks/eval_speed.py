@@ -15,11 +15,19 @@ engine, and as its last line
     speedup=<hf wall / engine wall> greedy_identical=<true|false> greedy_acc_hf=.. greedy_acc_engine=..
     sample_acc_hf=.. sample_acc_engine=.. entropy_hf=.. entropy_engine=.. sampled_z=<max |z|> hf_s=.. engine_s=..
     speedup_same_rows=<hf_rows wall / engine wall> hf_rows_s=.. rows=<the engine's rows>
+    forward_ceiling_tok_s=<bare one-token forward loop> engine_vs_bare=<engine tok/s / that>
+    needed_vs_bare=<2 x hf tok/s / that>
 
 (one line). ``greedy_identical``: every greedy response has the same token ids on all three. The sampled
 metrics cannot be equal (the backends draw different random numbers); ``sampled_z`` is the largest
 |difference| / standard error of sample accuracy and mean entropy, paired by problem: below ~3 is
 sampling noise.
+
+The bare forward loop (``identify_speed.bare_forward``: a preallocated ``StaticCache``, argmax only, every
+column valid) runs at the engine's mean rows and cache width per step, after the decoding: the rate at which
+this machine runs the model's one-token forward, with no batching, stopping or sampling work at all.
+``needed_vs_bare`` is the fraction of it that a 2x speed-up over ``hf`` takes; above 1 it is out of reach
+of one-token decoding on this machine.
 
     python benchmarks/eval_speed.py                       # the study's size (a few minutes on a CPU)
     python benchmarks/eval_speed.py --problems 40 --samples 8 --sampled-problems 8
@@ -32,6 +40,7 @@ import math
 import time
 
 import torch
+from identify_speed import bare_forward
 
 from cft import engine, verify
 from cft.evaluate import EvalConfig, decode_chunks, load_items, plan
@@ -85,6 +94,7 @@ def main() -> None:
           f"max_new_tokens={args.max_new_tokens} batch={args.batch_size}")
     backends = ("hf", "engine", "hf_rows")
     rows = {}  # the engine's rows, read from its first run: hf_rows decodes in batches of as many
+    shape = [0, 0, 0]  # the engine's summed cache width before each step and rows computed, and its steps
     seconds = dict.fromkeys(backends, 0.0)
     tokens = dict.fromkeys(backends, 0)
     outputs = dict.fromkeys(backends, 0)
@@ -105,6 +115,9 @@ def main() -> None:
             took, res = decode_unit(model, tok, cfg)
             if backend == "engine":
                 rows.setdefault("engine", engine.last_stats.batch_size)
+                shape[0] += engine.last_stats.width_sum
+                shape[1] += engine.last_stats.batch_rows
+                shape[2] += engine.last_stats.forwards
             seconds[backend] += took
             forwards[backend] += calls[0] - before
             for (kind, i, _), o in res["outs"].items():
@@ -124,6 +137,10 @@ def main() -> None:
         print(f"{b:7s} outputs={outputs[b]} tokens={tokens[b]} tok/s={tokens[b] / seconds[b]:.0f} "
               f"seconds={seconds[b]:.1f} forwards={forwards[b]} tokens_per_forward={tokens[b] / forwards[b]:.1f} "
               f"rows={rows['engine'] if b != 'hf' else args.batch_size}")
+    width, batch = (max(1, round(x / max(shape[2], 1))) for x in shape[:2])
+    _, bare = bare_forward(model, batch, width, 1)
+    print(f"bare    forward loop (StaticCache, argmax only): batch={batch} width={width} q=1 tok/s={bare:.0f}")
+    rate = {b: tokens[b] / seconds[b] for b in backends}
 
     def mean(xs) -> float:
         return sum(xs) / max(len(xs), 1)
@@ -140,7 +157,8 @@ def main() -> None:
           f"entropy_hf={pooled(sample_ent['hf']):.4f} entropy_engine={pooled(sample_ent['engine']):.4f} "
           f"sampled_z={z:.2f} hf_s={seconds['hf']:.1f} engine_s={seconds['engine']:.1f} "
           f"speedup_same_rows={seconds['hf_rows'] / seconds['engine']:.2f} hf_rows_s={seconds['hf_rows']:.1f} "
-          f"rows={rows['engine']}")
+          f"rows={rows['engine']} forward_ceiling_tok_s={bare:.0f} engine_vs_bare={rate['engine'] / bare:.2f} "
+          f"needed_vs_bare={2 * rate['hf'] / bare:.2f}")
 
 
 if __name__ == "__main__":

@@ -62,11 +62,14 @@ def test_eval_speed_runs_both_backends_and_reports_identical_greedy_outputs():
     lines = proc.stdout.strip().splitlines()
     last = (r"speedup=\d+\.\d\d greedy_identical=true greedy_acc_hf=(\S+) greedy_acc_engine=(\S+) "
             r"sample_acc_hf=[\d.]+ sample_acc_engine=[\d.]+ entropy_hf=[\d.]+ entropy_engine=[\d.]+ "
-            r"sampled_z=[\d.]+ hf_s=[\d.]+ engine_s=[\d.]+ speedup_same_rows=[\d.]+ hf_rows_s=[\d.]+ rows=(\d+)")
+            r"sampled_z=[\d.]+ hf_s=[\d.]+ engine_s=[\d.]+ speedup_same_rows=[\d.]+ hf_rows_s=[\d.]+ rows=(\d+) "
+            r"forward_ceiling_tok_s=(\d+) engine_vs_bare=([\d.]+) needed_vs_bare=([\d.]+)")
     m = re.fullmatch(last, lines[-1])
     assert m, lines[-1]
     assert m[1] == m[2]
     assert int(m[3]) >= 8  # the engine's rows: at least the batch size, from free memory
+    assert int(m[4]) > 0 and float(m[5]) > 0 and float(m[6]) > 0
+    assert re.search(rf"^bare    forward loop .* batch=\d+ width=\d+ q=1 tok/s={m[4]}$", proc.stdout, re.M)
     backends = {x.split()[0]: dict(kv.split("=") for kv in x.split()[1:])
                 for x in lines if x.startswith(("hf ", "engine ", "hf_rows "))}
     # 6 greedy; 2 problems x (1 greedy + 4 samples)

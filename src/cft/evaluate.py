@@ -62,7 +62,7 @@ class EvalConfig:
     batch_size: int = option(64, "greedy responses decoded together (sampled: this divided by --n-samples); on "
                                  "the engine backend, the chunk of problems its random streams are drawn for")
     rows: int = option(0, "engine backend: rows decoded together (0: as many as a quarter of free memory holds, "
-                          "at least --batch-size, at most 256 on a CPU and 1024 on a GPU; continuous batching keeps "
+                          "at least --batch-size, at most 512 on a CPU and 1024 on a GPU; continuous batching keeps "
                           "them full). Outputs do not depend on it")
     stop_at_answer: bool = option(False, "SPEED KNOB: stop a response once its final answer is complete instead "
                                          "of at EOS (the toolkit decodes to EOS)")

@@ -75,7 +75,7 @@ class DecodeConfig:
     n: int = internal(1)
     batch_size: int = option(64, "responses decoded together (a batch that runs out of memory is retried in halves)")
     rows: int | None = option(None, "engine backend: rows decoded together (default: --batch-size; 0: as many as "
-                                    "a quarter of free memory holds, at least --batch-size, at most 256 on a CPU "
+                                    "a quarter of free memory holds, at least --batch-size, at most 512 on a CPU "
                                     "and 1024 on a GPU). Outputs do not depend on it")
     stop_at_answer: bool = option(True, "stop a response once its final answer is complete (--no-stop-at-answer: "
                                         "decode to EOS)")
