@@ -5,18 +5,22 @@ once (its batch, as in use) ``--fast-runs`` times, spread among the reference's 
 hits both alike (its time: the mean of its runs, which must agree). Prints, for each engine, branches, decoded tokens,
 tokens/s, wall time and peak memory (the fast engine also its forwards and decoded tokens per row and
 forward); the bare-forward ceiling: a loop of the model's forward alone at the engine's batch size and
-mean cache width over a preallocated ``StaticCache``, argmax only, for one-token steps and for the
-engine's most common query width; the throughput of plain batched greedy ``model.generate`` (a
-concatenating cache: a reference point, not a bound); and as its last line
+mean cache width over a preallocated ``StaticCache``, argmax only, for one-token steps, for the
+engine's most common query width and for its widest (1 + the most drafts); the throughput of plain
+batched greedy ``model.generate`` (a concatenating cache: a reference point, not a bound); and as its last
+line
 
     speedup=<reference wall / fast wall> labels_identical=<true|false> ceiling_fraction=<fast / generate tok/s>
     forward_ceiling_tok_s=<bare one-token tok/s> vs_bare=<fast tok/s / bare one-token tok/s>
     step_efficiency=<fast forwards/s / bare forwards/s of the same query width> tokens_per_forward=<...>
+    vs_bare_bound=<the most bare tok/s of any query width / bare one-token tok/s>
 
 (one line; with ``--compare-dtype D`` it goes on with ``dtype_speedup=<fast tok/s in D / in --dtype>
 crosschecked=.. disagreements=.. disagreements_near_tie=..``, the crosscheck of the fast engine in D against
 the reference engine in D). ``vs_bare`` above 1 is possible only by verifying drafts: several tokens per
-row and forward.
+row and forward. ``vs_bare_bound`` is what an engine would reach if every draft were accepted and it cost
+nothing beyond the forward: the bare loop's own tokens/s at a wider query over its one-token tokens/s. No
+engine's ``vs_bare`` can exceed it on the machine that printed it.
 
     python benchmarks/identify_speed.py                      # testbed model, 200 correct responses
     python benchmarks/identify_speed.py --model smollm2 --responses 10 --gold self --max-new-tokens 64
@@ -307,7 +311,8 @@ def main() -> None:
         batch = stats.batch_size
         width = round(stats.width_sum / max(stats.forwards, 1))
         q = max(stats.widths, key=stats.widths.get)
-        bare = {w: bare_forward(model, batch, width, w) for w in sorted({1, q})}
+        widest = 1 + (args.draft if args.draft is not None else engine.default_draft(model.device))
+        bare = {w: bare_forward(model, batch, width, w) for w in sorted({1, q, widest})}
         for w, (fps, tps) in bare.items():
             print(f"bare      forward loop (StaticCache, argmax only): batch={batch} width={width} q={w} "
                   f"forwards/s={fps:.1f} tok/s={tps:.0f}")
@@ -332,7 +337,8 @@ def main() -> None:
               f"ceiling_fraction={fast['tokens_per_second'] / ceil:.2f} "
               f"forward_ceiling_tok_s={bare[1][1]:.0f} vs_bare={fast['tokens_per_second'] / bare[1][1]:.2f} "
               f"step_efficiency={stats.forwards / fast['seconds'] / bare[q][0]:.2f} "
-              f"tokens_per_forward={stats.tokens_per_forward:.2f}{dtypes}")
+              f"tokens_per_forward={stats.tokens_per_forward:.2f} "
+              f"vs_bare_bound={max(t for _, t in bare.values()) / bare[1][1]:.2f}{dtypes}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ def test_identify_speed_prints_identical_labels_and_a_full_length_ceiling(tmp_pa
     lines = proc.stdout.strip().splitlines()
     last = (r"speedup=\d+\.\d labels_identical=true ceiling_fraction=\d+\.\d\d forward_ceiling_tok_s=\d+ "
             r"vs_bare=\d+\.\d\d step_efficiency=\d+\.\d\d tokens_per_forward=\d+\.\d\d "
-            r"dtype_speedup=\d+\.\d\d crosschecked=(\d+) disagreements=(\d+) disagreements_near_tie=(\d+)")
+            r"vs_bare_bound=\d+\.\d\d dtype_speedup=\d+\.\d\d crosschecked=(\d+) disagreements=(\d+) "
+            r"disagreements_near_tie=(\d+)")
     m = re.fullmatch(last, lines[-1])
     assert m, lines[-1]
     crosschecked, disagreements, near = map(int, m.groups())
