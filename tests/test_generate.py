@@ -173,7 +173,9 @@ def test_engine_sampling_is_reproducible_and_independent_of_the_batch(testbed):
     assert _same(decode(model, tok, prompts, replace(cfg, batch_size=5)), first)
     assert engine.last_stats.batch_size == 5  # rows: the batch size, unless asked for more
     assert _same(decode(model, tok, prompts, replace(cfg, batch_size=5, rows=0)), first)
-    assert engine.last_stats.batch_size > 5  # as many rows as memory holds (capped)
+    stats = engine.last_stats
+    assert stats.batch_size > len(prompts) * cfg.n  # as many rows as memory holds (capped): more than requests,
+    assert stats.batch_rows <= stats.forwards * len(prompts) * cfg.n  # but no step computes more rows than those
     assert _same(decode(model, tok, prompts, replace(cfg, rows=3)), first)
     assert _same(decode(model, tok, prompts[::-1], cfg), first[::-1])
     other = decode(model, tok, prompts, replace(cfg, seed=4))

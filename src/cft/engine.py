@@ -195,7 +195,7 @@ class EngineStats:
     query_columns: int = 0  # sum over forwards of the query width q
     rebases: int = 0  # window copies (each squeezes out the holes of rejected drafts)
     width_sum: int = 0  # sum over forwards of the cache window's width before the step
-    batch_size: int = 0  # rows the engine allocated (chose or was given)
+    batch_size: int = 0  # rows the engine chose or was given (a prompt run allocates at most one per request)
     widths: dict[int, int] = field(default_factory=dict)  # forwards per query width
 
     @property
@@ -759,23 +759,26 @@ class PromptDecoder:
             ready = takewhile(lambda r: tuple(r.prompt_ids) in self.prefilled, islice(self.queue, len(free)))
             free = free[: sum(1 for _ in ready)]
         take = [self.queue.popleft() for _ in range(min(len(free), len(self.queue)))]
+        if not take:
+            return []
         new = list(dict.fromkeys(tuple(r.prompt_ids) for r in take if tuple(r.prompt_ids) not in self.prefilled))
         if new:
             self.prefilled.update(self._prefill(new))
         if self.cache is None:  # the first prefill sizes the buffers (layers, heads, dtype)
             self._new_batch(self.prefilled[new[0]][0])
+        rows = [PromptRow(req, [], random.Random(req.stream) if req.temperature > 0 else None,
+                          watch=AnswerWatch(self.tok) if self.incremental else None) for req in take]
+        first = self._choose(torch.stack([self.prefilled[tuple(r.prompt_ids)][1] for r in take]), rows)
         done = []
-        for i, req in zip(free, take):
-            key = tuple(req.prompt_ids)
-            kv, logits = self.prefilled[key]
+        for i, row, token in zip(free, rows, first):
+            key = tuple(row.request.prompt_ids)
+            kv = self.prefilled[key][0]
             self.uses[key] -= 1
             if not self.uses[key]:
                 del self.prefilled[key]
-            row = PromptRow(req, [], random.Random(req.stream) if req.temperature > 0 else None,
-                            watch=AnswerWatch(self.tok) if self.incremental else None)
-            row.ids.append(self._choose(logits[None], [row])[0])
+            row.ids.append(token)
             if self._ended(row):
-                done.append((req, self._output(row)))
+                done.append((row.request, self._output(row)))
                 continue
             self._place(i, kv, len(key))
             self.rows[i] = row
@@ -860,8 +863,9 @@ class PromptDecoder:
         self.queue.extend(requests)
         for r in requests:
             self.uses[tuple(r.prompt_ids)] = self.uses.get(tuple(r.prompt_ids), 0) + 1
-        self.rows: list[PromptRow | None] = [None] * self._row_count()
-        self.stats.batch_size = len(self.rows)  # as allocated (rows nothing can fill are dropped before a step)
+        self.stats.batch_size = self._row_count()
+        # no more rows than requests (rows nothing can fill later are dropped before a step)
+        self.rows: list[PromptRow | None] = [None] * min(self.stats.batch_size, len(requests))
         while True:
             done = self._fill()
             if self.cache is not None:
