@@ -60,7 +60,7 @@ from cft import verify
 from cft.answer_watch import AnswerWatch, incremental_decoding
 from cft.artifacts import InputError
 from cft.decoding import Output, finish_reason, is_out_of_memory, left_pad, trigger_tokens
-from cft.models import cache_kwarg, stop_token_ids, vocab_rows
+from cft.models import cache_kwarg, last_logits_only, stop_token_ids, vocab_rows
 from cft.protocol import Protocol, Work, finish_branch
 
 log = logging.getLogger(__name__)
@@ -258,14 +258,6 @@ def auto_batch_size(model, max_len: int) -> int:
     return int(max(1, min(cap, free // 4 // (kv_bytes_per_token(model) * max(max_len, 1) * 2))))
 
 
-def _take_rows(buf: torch.Tensor, idx: torch.Tensor, live: slice, dim: int) -> torch.Tensor:
-    """Move rows ``idx`` to the front of a buffer, in place, copying only its live columns (along ``dim``)."""
-    cols = (slice(None),) * dim + (live,)
-    front = buf[: len(idx)]
-    front[cols] = buf[cols].index_select(0, idx)
-    return front
-
-
 def _open_columns(decoder, start: int) -> None:
     """Move a decoder's window start left to ``start``: the new columns, for every row, masked and finite
     (the buffers start uninitialised, and 0 * NaN would poison attention)."""
@@ -278,15 +270,30 @@ def _open_columns(decoder, start: int) -> None:
 
 
 def _keep_rows(decoder, keep: list[int]) -> None:
-    """Keep only rows ``keep`` of a decoder (``BranchDecoder`` or ``PromptDecoder``): cache buffers, mask and
-    rows; the caller has requeued or finished the others."""
-    idx = torch.tensor(keep, dtype=torch.long, device=decoder.model.device)
-    live = slice(decoder.window.s, decoder.window.w)
+    """Keep only rows ``keep`` (ascending) of a decoder (``BranchDecoder`` or ``PromptDecoder``): cache buffers,
+    mask and rows; the caller has requeued or finished the others.
+
+    The first ``len(keep)`` rows stay; only kept rows past them move, into the dropped rows' places (their live
+    columns alone), so shrinking copies at most the dropped share of the cache. Row order does not matter.
+    """
+    n = len(keep)
+    kept = set(keep)
+    holes = [i for i in range(n) if i not in kept]
+    movers = [i for i in keep if i >= n]
+    if movers:
+        dev = decoder.model.device
+        dst, src = torch.tensor(holes, device=dev), torch.tensor(movers, device=dev)
+        live = slice(decoder.window.s, decoder.window.w)
+        for layer in decoder.cache.layers:
+            for buf in (layer.kbuf, layer.vbuf):
+                buf[dst, :, live] = buf[src, :, live]
+        decoder.mbuf[dst, live] = decoder.mbuf[src, live]
+        for h, m in zip(holes, movers):
+            decoder.rows[h] = decoder.rows[m]
     for layer in decoder.cache.layers:
-        layer.kbuf = _take_rows(layer.kbuf, idx, live, 2)
-        layer.vbuf = _take_rows(layer.vbuf, idx, live, 2)
-    decoder.mbuf = _take_rows(decoder.mbuf, idx, live, 1)
-    decoder.rows = [decoder.rows[i] for i in keep]
+        layer.kbuf, layer.vbuf = layer.kbuf[:n], layer.vbuf[:n]
+    decoder.mbuf = decoder.mbuf[:n]
+    decoder.rows = decoder.rows[:n]
 
 
 class Window:
@@ -662,6 +669,7 @@ class PromptDecoder:
         self.trigger = trigger_tokens(tok, vocab_rows(model)).tolist() if cfg.stop_at_answer else None
         self.incremental = cfg.stop_at_answer and incremental_decoding(tok)
         self.cache_arg = cache_kwarg(model)
+        self.last_only = last_logits_only(model)
         self.pad = tok.pad_token_id or 0
         self.stats = EngineStats()
         self.prefills = 0  # prefill forwards (not in stats.forwards, which counts decode steps)
@@ -678,7 +686,7 @@ class PromptDecoder:
         positions = (mask.cumsum(-1) - 1).clamp_(min=0)
         try:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                             **{self.cache_arg: DynamicCache()})
+                             **{self.cache_arg: DynamicCache()}, **self.last_only)
         except RuntimeError as exc:
             if not is_out_of_memory(exc) or len(prompts) == 1:
                 raise

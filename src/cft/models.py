@@ -226,6 +226,15 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def last_logits_only(model) -> dict[str, int]:
+    """Forward arguments that compute logits at the last position only (``logits_to_keep=1``), where the model
+    takes them: a prefill of B prompts of T tokens otherwise holds B x T x vocabulary logits (gigabytes at a
+    150k vocabulary), as ``model.generate`` avoids the same way."""
+    import inspect
+
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 def vocab_rows(model) -> int:
     """How many token ids the model can emit: its embedding rows, or ``config.vocab_size`` if larger.
 
