@@ -36,6 +36,21 @@ def test_draft_index_prefers_longest_suffix_and_the_match_at_or_after_the_cursor
     assert index.propose([42], cursor=3, size=5) == (3, [])
 
 
+def test_draft_index_pool_of_decoded_continuations_wins_on_a_longer_match_and_never_spans_two():
+    index = DraftIndex([1, 2, 3, 9, 5, 2, 3, 4, 6, 2, 3, 4, 7], ngram=3)
+    index.add([9, 2, 3, 8, 8])
+    index.add([])  # a branch that decoded nothing adds nothing
+    # (9, 2, 3) is in the pool only: its continuation, up to the end of that continuation (no pool position)
+    assert index.propose([5, 9, 2, 3], cursor=5, size=4) == (None, [8, 8])
+    # a tie (2, 3 in both) goes to the original, at the cursor
+    assert index.propose([7, 2, 3], cursor=8, size=2) == (11, [4, 7])
+    # the pool's longer match ends its continuation: the original's shorter one proposes (here nothing)
+    assert index.propose([2, 3, 8, 8], cursor=5, size=4) == (5, [])
+    index.add([4, 6, 5, 1])
+    assert index.propose([0, 4, 6], cursor=0, size=4) == (9, [2, 3, 4, 7])  # (4, 6): a tie, the original's
+    assert index.propose([3, 4, 6, 5], cursor=0, size=4) == (None, [1])  # the latest continuation, not past it
+
+
 def _labels(tmp_path, monkeypatch, model, tok, records, draft: int | None, engine_name="fast", max_new_tokens=32, **kw):
     """Labels by ``engine_name`` with ``draft`` tokens a step (None: tuned), and the fast engine's counts."""
     if engine_name == "fast":
