@@ -804,17 +804,17 @@ class PromptDecoder:
         take = [self.queue.popleft() for _ in range(min(len(free), len(self.queue)))]
         if not take:
             return []
-        new = list(dict.fromkeys(tuple(r.prompt_ids) for r in take if tuple(r.prompt_ids) not in self.prefilled))
+        keys = [tuple(r.prompt_ids) for r in take]
+        new = list(dict.fromkeys(k for k in keys if k not in self.prefilled))
         if new:
             self.prefilled.update(self._prefill(new))
         if self.cache is None:  # the first prefill sizes the buffers (layers, heads, dtype)
             self._new_batch(self.prefilled[new[0]][0])
         rows = [PromptRow(req, [], random.Random(req.stream) if req.temperature > 0 else None,
                           watch=AnswerWatch(self.tok) if self.incremental else None) for req in take]
-        first = self._choose(torch.stack([self.prefilled[tuple(r.prompt_ids)][1] for r in take]), rows)
+        first = self._choose(torch.stack([self.prefilled[k][1] for k in keys]), rows)
         done = []
-        for i, row, token in zip(free, rows, first):
-            key = tuple(row.request.prompt_ids)
+        for i, row, key, token in zip(free, rows, keys, first):
             kv = self.prefilled[key][0]
             self.uses[key] -= 1
             if not self.uses[key]:

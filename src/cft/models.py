@@ -219,20 +219,22 @@ def load_model(name: str, dtype: str = "float32", device: str | None = None, att
     return model, tok
 
 
-def cache_kwarg(model) -> str:
-    """The forward argument that takes a KV cache (``cache`` in newer transformers, else ``past_key_values``)."""
+def _forward_takes(model, name: str) -> bool:
     import inspect
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return name in inspect.signature(model.forward).parameters
+
+
+def cache_kwarg(model) -> str:
+    """The forward argument that takes a KV cache (``cache`` in newer transformers, else ``past_key_values``)."""
+    return "cache" if _forward_takes(model, "cache") else "past_key_values"
 
 
 def last_logits_only(model) -> dict[str, int]:
     """Forward arguments that compute logits at the last position only (``logits_to_keep=1``), where the model
     takes them: a prefill of B prompts of T tokens otherwise holds B x T x vocabulary logits (gigabytes at a
     150k vocabulary), as ``model.generate`` avoids the same way."""
-    import inspect
-
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    return {"logits_to_keep": 1} if _forward_takes(model, "logits_to_keep") else {}
 
 
 def vocab_rows(model) -> int:
