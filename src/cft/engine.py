@@ -75,8 +75,8 @@ log = logging.getLogger(__name__)
 # (1.32 at 4).
 DRAFT_TOKENS = {"cpu": 4, "cuda": 8}
 DRAFT_NGRAM = 4  # the longest branch suffix looked up (shorter ones are tried next). On the demo's stage A
-# (132 responses, 4-token drafts, stored continuations replayed): 3.01 / 3.14 / 3.19 decoded tokens per
-# row-step at 3 / 4 / 6, the original alone 2.69 at any of them
+# (132 responses, 4-token drafts, stored continuations replayed): 3.01 / 3.14 decoded tokens per row-step at
+# 3 / 4, the original alone 2.69 at 3, 4 or 6
 DRAFT_ROUNDS = 3  # rounds of timing every width, one step each, before the tuner chooses
 DRAFT_SLOW = 0.7  # a width under this fraction of the best rate is dropped (and every wider one, past the best)
 DRAFT_EVEN = 0.9  # widths within this fraction of the best rate count as even: the widest of them runs, for
