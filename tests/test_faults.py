@@ -141,11 +141,12 @@ def test_disk_full_while_finalizing_keeps_the_partial(tmp_path, monkeypatch):
 
 
 def test_the_cli_reports_a_full_disk_in_one_line_and_the_rerun_finishes(tmp_path, monkeypatch, capsys):
-    """``cft generate`` (in-process) hits ENOSPC on its second batch; the same command then completes."""
+    """``cft generate`` (in-process) hits ENOSPC on its third response (each is appended as it ends); the same
+    command then completes."""
     argv = ["generate", "--model", "testbed", "--device", "cpu", "--data", "testbed:train", "--limit", "6",
             "--batch-size", "2", "--max-new-tokens", "24"]
     assert main([*argv, "--out", str(tmp_path / "ref.jsonl")]) == 0
-    fill_disk_after(monkeypatch, good_calls=1)
+    fill_disk_after(monkeypatch, good_calls=2)
     out = tmp_path / "G.jsonl"
     assert main([*argv, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -225,9 +225,10 @@ def read_meta(out: str | os.PathLike) -> dict:
 
 
 def flush_every() -> int:
-    """Records buffered by ``ResumableWriter.add`` before a flush: ``$CFT_FLUSH_EVERY``, default 16.
+    """Records appended by ``ResumableWriter.add`` between two fsyncs: ``$CFT_FLUSH_EVERY``, default 16.
 
-    Each flush is an fsync; 1 makes every finished record durable at once (what a kill test needs).
+    Every record reaches the file (the kernel's page cache) at once, so a killed process loses none; the
+    fsync, against a power cut or an OS crash, is what is batched. 1 syncs every record.
     """
     value = os.environ.get("CFT_FLUSH_EVERY", "16")
     if not value.isdigit() or int(value) < 1:
@@ -339,8 +340,9 @@ class ResumableWriter:
     """Append records as they finish; ``finalize`` writes them in input order, atomically.
 
     ``done`` holds the records recovered from an interrupted earlier run of the same output.
-    ``write`` makes a batch durable at once; ``add`` buffers single records and flushes every
-    ``flush_every()`` records or ``flush_seconds``, so a fast stream does not fsync per record.
+    ``write`` appends a batch and syncs it to disk at once; ``add`` appends one record at once (a SIGKILL
+    loses no finished record) and syncs every ``flush_every()`` records or ``flush_seconds``, so a fast
+    stream does not fsync per record.
     The writer holds the output's ``ArtifactLock`` from construction until ``finalize`` or ``close``.
     """
 
@@ -354,7 +356,7 @@ class ResumableWriter:
         if self.lock.took_over is not None:
             print(f"note: took over the lock of a run that is gone (pid {self.lock.took_over}) on {self.out}",
                   file=sys.stderr, flush=True)
-        self._pending: list[dict] = []
+        self._unsynced = 0  # records appended since the last fsync
         self._last_flush = time.time()
         self.done: dict[str, dict] = {}
         self._durable: set[str] = set()  # keys whose line is complete in the partial file
@@ -382,27 +384,31 @@ class ResumableWriter:
         return done
 
     def write(self, records: Iterable[dict]) -> None:
-        """Append records (and any buffered ones) and make them durable now.
+        """Append records and make them (and every record ``add`` appended) durable now.
 
         On a full disk the partial file is cut back to its last complete record, the writer closes,
         and ``DiskFullError`` is raised: a rerun resumes from the records that were durable.
         """
-        batch = [*self._pending, *records]
-        self._pending.clear()
+        self._append(list(records), sync=True)
+
+    def _append(self, batch: list[dict], sync: bool) -> None:
         for rec in batch:
             rec.setdefault("schema", self.schema)
             self.done[rec["key"]] = rec
         data = "".join(_dump(rec) for rec in batch).encode("utf-8")
         try:
             _write_fully(self._fd, data)
-            os.fsync(self._fd)
+            if sync:
+                os.fsync(self._fd)
         except OSError as exc:
             if exc.errno not in _FULL:
                 raise
             self._disk_full()
         self._size += len(data)
         self._durable.update(rec["key"] for rec in batch)
-        self._last_flush = time.time()
+        self._unsynced = 0 if sync else self._unsynced + len(batch)
+        if sync:
+            self._last_flush = time.time()
 
     def _disk_full(self):
         """Drop the torn tail and the records that never reached the disk, release everything, and raise."""
@@ -413,10 +419,9 @@ class ResumableWriter:
         raise DiskFullError(self.out, kept) from None
 
     def add(self, record: dict) -> None:
-        """Buffer one finished record; flush when enough are buffered or enough time has passed."""
-        self._pending.append(record)
-        if len(self._pending) >= self.flush_every or time.time() - self._last_flush > self.flush_seconds:
-            self.write([])
+        """Append one finished record now; fsync once enough are unsynced or enough time has passed."""
+        self._append([record], sync=self._unsynced + 1 >= self.flush_every
+                     or time.time() - self._last_flush > self.flush_seconds)
 
     def close(self) -> None:
         """Close the partial file and release the lock, without finalizing (the partial stays for a rerun)."""
@@ -427,7 +432,7 @@ class ResumableWriter:
 
     def finalize(self, order: list[str], meta: dict) -> Path:
         """Write the records of ``order`` (keys), in that order, to the final path."""
-        if self._pending:
+        if self._unsynced:
             self.write([])
         missing = [k for k in order if k not in self.done]
         if missing:

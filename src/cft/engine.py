@@ -923,6 +923,8 @@ class PromptDecoder:
                 tokens = self._choose(logits if len(live) == len(self.rows) else logits[[i for i, _ in live]],
                                       [r for _, r in live])
                 self.stats.tokens += len(live)
+                if progress:  # per step: a log's tokens/s moves before any response ends
+                    progress.advance(0, tokens=len(live))
                 for (i, row), t in zip(live, tokens):
                     row.ids.append(t)
                     if self._ended(row):
@@ -932,6 +934,6 @@ class PromptDecoder:
             for req, out in done:
                 yield req, out
                 if progress:
-                    progress.advance(1, tokens=len(out.ids))
+                    progress.advance(1, tokens=1)  # its first token, from the prefill; the rest counted per step
             if not live_rows and not self.queue:
                 return

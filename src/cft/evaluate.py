@@ -13,9 +13,9 @@ Problems are decoded in chunks of similar prompt length (less left padding). Sam
 per chunk: each chunk's seed is a hash of what it decodes (``--seed``, problem ids, prompts, sample
 indices; not the model's name or any folder), so a resumed run re-decodes a torn chunk exactly as the first
 run did, and the models of one comparison share their random numbers. The ``engine`` backend (default, see
-``generate``) decodes every chunk in one continuous batch and writes each chunk once it is complete; ``hf``
-decodes chunk by chunk. The backend that ran is recorded, and is part of a sampled record's key (the two
-draw different samples).
+``generate``) decodes every chunk in one continuous batch and keeps each response as it ends (a resumed run
+decodes only the missing ones, each from its own random stream); ``hf`` decodes chunk by chunk. The backend
+that ran is recorded, and is part of a sampled record's key (the two draw different samples).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from cft.artifacts import InputError, ResumableWriter, environment, load_records
 from cft.benchmarks import BENCHMARKS
 from cft.config import MODEL_HELP, attn_option, device_option, dtype_option, from_args, model_option, option
 from cft.data import Problem, load_problems
-from cft.generate import DecodeConfig, decode_groups, resolve_backend, verify_error
+from cft.generate import DecodeConfig, decode_outputs, resolve_backend, verify_error
 from cft.models import load_model
 from cft.progress import Progress
 from cft.prompts import QWEN_SYSTEM, render_ids, template_text
@@ -367,12 +367,20 @@ def evaluate(cfg: EvalConfig, model=None, tok=None) -> dict[str, dict]:
                 writer.done.setdefault(rec["key"], rec)
     chunks = [c for c in chunks if any(keys[c[0], i, j] not in writer.done for i in c[2] for j in range(c[1]))]
 
+    def key(c: int, k: int, j: int) -> str:  # of chunk c's k-th problem's j-th response
+        return keys[chunks[c][0], chunks[c][2][k], j]
+
+    pending = sum(n * len(idx) for _, n, idx in chunks) if cfg.backend == "hf" else sum(  # hf decodes a chunk whole
+        key(c, k, j) not in writer.done for c, (_, n, idx) in enumerate(chunks) for k in range(len(idx))
+        for j in range(n))
     t0 = time.time()
-    with Progress("eval", total=sum(n * len(idx) for _, n, idx in chunks)) as progress:
-        for c, outs in decode_groups(model, tok, decode_chunks(cfg, items, chunks, keys), progress):
-            kind, n, idx = chunks[c]
-            writer.write(_record(keys[kind, i, j], items[i], kind, j, outs[k][j])
-                         for k, i in enumerate(idx) for j in range(n) if keys[kind, i, j] not in writer.done)
+    with Progress("eval", total=pending) as progress:
+        # each response is kept as it ends (``add`` flushes every few seconds): a kill loses little decoding
+        for c, k, j, out in decode_outputs(model, tok, decode_chunks(cfg, items, chunks, keys), progress,
+                                           lambda c, k, j: key(c, k, j) in writer.done):
+            kind, _, idx = chunks[c]
+            writer.add(_record(key(c, k, j), items[idx[k]], kind, j, out))
+        writer.write([])
         decoded_tokens = progress.tokens
 
     order = [keys[kind, i, j] for i in range(len(items)) for kind, n, _ in kinds for j in range(n)]

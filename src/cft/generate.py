@@ -133,39 +133,52 @@ def decode(model, tok, prompts: list[list[int]], cfg: DecodeConfig,
 
 def decode_groups(model, tok, groups: list[tuple[list[list[int]], DecodeConfig]], progress: Progress | None = None):
     """Decode groups of prompts, each under its own config; yield ``(group index, outputs)`` (outputs as
-    ``decode`` returns them) as each group completes.
-
-    ``hf`` decodes group by group. ``engine`` puts every group's outputs through one continuous batch, so
-    rows stay full across groups (groups then finish out of order); its groups may differ in temperature,
-    ``n`` and seed only, and the first group's backend decides for all.
-    """
-    if not groups:
-        return
-    first = resolve_backend(model, groups[0][1])
-    if first.backend == "hf":
-        for g, (prompts, cfg) in enumerate(groups):
-            yield g, _decode_hf(model, tok, prompts, replace(cfg, backend="hf"), progress)
-        return
-
-    shared = ("max_new_tokens", "stop_at_answer", "batch_size", "rows")
-    results: list[list[list[Output | None]]] = []
-    left: list[int] = []
-    requests = []
-    for g, (prompts, cfg) in enumerate(groups):
-        if any(getattr(cfg, k) != getattr(first, k) for k in shared):
-            raise ValueError(f"decode_groups: group {g} differs from group 0 in {shared} (one engine run decodes all)")
-        results.append([[None] * cfg.n for _ in prompts])
-        left.append(len(prompts) * cfg.n)
-        requests += engine_requests(prompts, cfg, g)
+    ``decode`` returns them) as each group completes (``decode_outputs`` yields each output as it ends)."""
+    results = [[[None] * cfg.n for _ in prompts] for prompts, cfg in groups]
+    left = [len(prompts) * cfg.n for prompts, cfg in groups]
     for g, n in enumerate(left):
         if not n:
             yield g, results[g]
-    for req, out in PromptDecoder(model, tok, first).run(requests, progress):
-        g, i, j = req.tag
+    for g, i, j, out in decode_outputs(model, tok, groups, progress):
         results[g][i][j] = out
         left[g] -= 1
         if not left[g]:
             yield g, results[g]
+
+
+def decode_outputs(model, tok, groups: list[tuple[list[list[int]], DecodeConfig]], progress: Progress | None = None,
+                   skip=None):
+    """Decode groups of prompts, each under its own config; yield ``(group, prompt index, sample index, Output)``
+    for every output as it ends, so a caller can keep each one at once.
+
+    ``skip(group, prompt index, sample index)``: True for an output not wanted (kept from an earlier run).
+    ``engine`` leaves its request out, and the others keep their own random streams, so what is decoded is
+    what a run of every output would give. ``hf`` decodes group by group (its sampling draws from one
+    generator per call), so a group with any wanted output is decoded whole and only those are yielded.
+    ``engine`` puts every group's outputs through one continuous batch, so rows stay full across groups;
+    its groups may differ in temperature, ``n`` and seed only, and the first group's backend decides for all.
+    """
+    if not groups:
+        return
+    wanted = (lambda g, i, j: True) if skip is None else (lambda g, i, j: not skip(g, i, j))
+    first = resolve_backend(model, groups[0][1])
+    if first.backend == "hf":
+        for g, (prompts, cfg) in enumerate(groups):
+            keep = [(i, j) for i in range(len(prompts)) for j in range(cfg.n) if wanted(g, i, j)]
+            if not keep:
+                continue
+            outs = _decode_hf(model, tok, prompts, replace(cfg, backend="hf"), progress)
+            yield from ((g, i, j, outs[i][j]) for i, j in keep)
+        return
+
+    shared = ("max_new_tokens", "stop_at_answer", "batch_size", "rows")
+    requests = []
+    for g, (prompts, cfg) in enumerate(groups):
+        if any(getattr(cfg, k) != getattr(first, k) for k in shared):
+            raise ValueError(f"decode_groups: group {g} differs from group 0 in {shared} (one engine run decodes all)")
+        requests += [r for r in engine_requests(prompts, cfg, g) if wanted(*r.tag)]
+    for req, out in PromptDecoder(model, tok, first).run(requests, progress):
+        yield (*req.tag, out)
 
 
 def engine_requests(prompts: list[list[int]], cfg: DecodeConfig, group: int = 0) -> list:
@@ -339,10 +352,15 @@ def generate(cfg: GenerateConfig, model=None, tok=None) -> dict:
     batches = [by_length[s : s + cfg.decode.batch_size] for s in range(0, len(kept), cfg.decode.batch_size)]
     todo = [b for b in batches if any(keys[i] not in writer.done for i in b)]
     dcfg = resolve_backend(model, cfg.decode, cfg.model)
+    groups = [([prompts[i] for i in batch], dcfg) for batch in todo]
+    pending = sum(map(len, todo)) if dcfg.backend == "hf" else sum(keys[i] not in writer.done for b in todo for i in b)
     t0 = time.time()
-    with Progress("generate", total=sum(map(len, todo))) as progress:
-        for b, outs in decode_groups(model, tok, [([prompts[i] for i in batch], dcfg) for batch in todo], progress):
-            writer.write([generation_record(keys[i], problems[i], prompts[i], o[0]) for i, o in zip(todo[b], outs)])
+    with Progress("generate", total=pending) as progress:  # hf decodes a batch whole, engine what is missing
+        # each response is kept as it ends (``add`` flushes every few seconds): a kill loses little decoding
+        for b, k, _, o in decode_outputs(model, tok, groups, progress, lambda b, k, j: keys[todo[b][k]] in writer.done):
+            i = todo[b][k]
+            writer.add(generation_record(keys[i], problems[i], prompts[i], o))
+        writer.write([])
     records = [writer.done[keys[i]] for i in kept]
     summary = {
         "n": len(records),
