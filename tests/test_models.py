@@ -93,3 +93,49 @@ def test_zoo_names_build_once_into_the_cache(tmp_path, monkeypatch):
     assert models.resolve("zoo:mistral") == spec
     assert (Path(spec.path) / "model.safetensors").stat().st_mtime_ns == stamp  # not built again
     assert [p.name for p in (tmp_path / "zoo").iterdir()] == [Path(spec.path).name]  # no temporary left over
+
+
+@pytest.fixture(scope="module")
+def bf16_model_dir(tmp_path_factory, testbed_tokenizer):
+    """A tiny Llama saved in bfloat16, as SmolLM2's checkpoint is."""
+    from cft.testbed.pretrain import PretrainConfig, build_model
+
+    model = build_model(testbed_tokenizer, PretrainConfig(hidden_size=32, layers=1, heads=2, intermediate_size=64))
+    path = tmp_path_factory.mktemp("bf16_model")
+    model.to(torch.bfloat16).save_pretrained(path)
+    testbed_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_a_cpu_without_native_bf16_gets_float32_for_auto_and_one_warning_for_bf16(bf16_model_dir, monkeypatch,
+                                                                               caplog):
+    """AVX2-only CPUs emulate bfloat16 (several times slower than float32). No such CPU is at hand, so the detection
+    is patched; ``get_cpu_capability()`` is not what decides (it says AVX512 with and without AVX512-BF16)."""
+    monkeypatch.setattr(models, "cpu_bf16_native", lambda: False)
+    caplog.set_level("WARNING", logger="cft.models")
+    model, _ = models.load_model(str(bf16_model_dir), "auto", "cpu")
+    assert next(model.parameters()).dtype == torch.float32
+    assert not caplog.records
+    model, _ = models.load_model(str(bf16_model_dir), "bfloat16", "cpu")
+    assert next(model.parameters()).dtype == torch.bfloat16  # asked for: kept, with the warning
+    [warning] = caplog.records
+    message = warning.getMessage()
+    assert "\n" not in message and "several times slower than float32" in message and "AVX512-BF16" in message
+    assert models.resolve_dtype("auto", "cuda") == "auto"  # a GPU keeps the checkpoint's dtype
+    assert models.resolve_dtype("float32", "cpu") == "float32"
+
+
+def test_a_cpu_with_native_bf16_keeps_the_checkpoint_dtype_without_a_warning(bf16_model_dir, monkeypatch, caplog):
+    monkeypatch.setattr(models, "cpu_bf16_native", lambda: True)
+    caplog.set_level("WARNING", logger="cft.models")
+    model, _ = models.load_model(str(bf16_model_dir), "auto", "cpu")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    models.load_model(str(bf16_model_dir), "bfloat16", "cpu")
+    assert not caplog.records
+
+
+def test_machine_line_names_the_cpu_and_its_capability():
+    line = models.machine_line()
+    assert f"capability={torch.backends.cpu.get_cpu_capability()}" in line
+    assert f"cpu={models.cpu_name()!r}" in line and models.cpu_name()
+    assert f"native_bf16={str(models.cpu_bf16_native()).lower()}" in line

@@ -161,6 +161,52 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def cpu_bf16_native() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX). Without either, torch converts
+    bfloat16 to float32 around every product: an 8192x576 by 576x1536 matmul on an AVX2-only CPU runs 8x slower
+    than in float32 (3.3 against 25.6 GFLOP/s, one thread). ``get_cpu_capability()`` does not tell: it says
+    ``AVX512`` for an AVX512-BF16 CPU and for one without, hence the feature checks."""
+    return any(getattr(torch.cpu, probe, lambda: False)()
+               for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; else what ``platform`` says)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine_line() -> str:
+    """One line naming the machine a measurement was made on (benchmark headers)."""
+    gpu = f" gpu={torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"cpu={cpu_name()!r} cores={os.cpu_count()} capability={torch.backends.cpu.get_cpu_capability()} "
+            f"native_bf16={str(cpu_bf16_native()).lower()} threads={torch.get_num_threads()}{gpu} "
+            f"torch={torch.__version__}")
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """The dtype to load in: ``auto`` on a CPU without native bfloat16 is float32 (the checkpoint's bfloat16 would
+    run several times slower there); elsewhere ``auto`` keeps the checkpoint's. ``bfloat16`` on such a CPU is
+    kept, with a one-line warning."""
+    if torch.device(device).type != "cpu" or cpu_bf16_native():
+        return dtype
+    if dtype == "auto":
+        return "float32"
+    if dtype == "bfloat16":
+        log.warning("--dtype bfloat16 on this CPU (%s, %s) will run several times slower than float32: it has no "
+                    "native bfloat16 (AVX512-BF16 or AMX), so torch emulates every bfloat16 product; --dtype float32 "
+                    "(or auto) is faster here", cpu_name(), torch.backends.cpu.get_cpu_capability())
+    return dtype
+
+
 def load_tokenizer(name: str):
     return _load_tokenizer(converted(resolve(name), create=False))
 
@@ -194,13 +240,19 @@ def _load_tokenizer(spec: ModelSpec):
 def load_model(name: str, dtype: str = "float32", device: str | None = None, attn_implementation: str | None = None):
     """Return ``(model, tokenizer)`` in eval mode on ``device`` (default: CUDA when present).
 
-    ``dtype`` "auto" keeps the checkpoint's own; a PEFT adapter folder is loaded onto its base model and
-    merged into it (the stages then see a plain model).
+    ``dtype`` "auto" keeps the checkpoint's own (float32 on a CPU without native bfloat16; see
+    ``resolve_dtype``); a PEFT adapter folder is loaded onto its base model and merged into it (the stages then
+    see a plain model).
     """
-    from transformers import AutoModelForCausalLM
-
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    device = device or default_device()
+    return _load_model(name, resolve_dtype(dtype, device), device, attn_implementation)
+
+
+def _load_model(name: str, dtype: str, device: str, attn_implementation: str | None):
+    from transformers import AutoModelForCausalLM
+
     spec = converted(resolve(name), create=True)
     tok = _load_tokenizer(spec)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
@@ -208,12 +260,12 @@ def load_model(name: str, dtype: str = "float32", device: str | None = None, att
     if base is not None:
         from peft import PeftModel
 
-        model, _ = load_model(base, dtype, "cpu", attn_implementation)
+        model, _ = _load_model(base, dtype, "cpu", attn_implementation)  # merged on the CPU, then moved
         model = PeftModel.from_pretrained(model, spec.path).merge_and_unload()
         model.requires_grad_(True)  # PEFT froze the base weights for inference; a plain model trains them all
     else:
         model = AutoModelForCausalLM.from_pretrained(spec.path, gguf_file=spec.gguf_file, dtype=DTYPES[dtype], **extra)
-    model.to(device or default_device()).eval()
+    model.to(device).eval()
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     return model, tok
