@@ -60,21 +60,23 @@ def tear_last_line(path: Path) -> None:
     path.write_bytes(data[: start + (len(data) - start) // 2])
 
 
-def kill_and_resume(argv: list[str], cwd: Path, partial: Path, seed: int, pace: float, kills: int = 3) -> list[int]:
+def kill_and_resume(argv: list[str], cwd: Path, partial: Path, seed: int, pace: float, kills: int = 3,
+                    env: dict[str, str] | None = None) -> list[int]:
     """SIGKILL the command ``kills`` times, each a seeded random delay after it wrote a new record; then finish it.
 
     The delay is under half of ``pace`` (the seconds between two writes, measured on the reference run),
     so every kill lands mid-run on a fast machine as on a slow one. After the second kill the last record
     is torn, so recovery from a half-written line is exercised too. Returns the complete records of the
-    partial file after each kill.
+    partial file after each kill. ``env``: the subprocesses' environment (default ``cli_env()``).
     """
+    env = cli_env() if env is None else env
     rng = random.Random(seed)
     counts = []
     for n in range(kills):
         before = complete_lines(partial)
         err_path = cwd / f"stderr-{n}.txt"
         with open(err_path, "wb") as err:
-            proc = subprocess.Popen([sys.executable, "-m", "cft", *argv], cwd=cwd, env=cli_env(),
+            proc = subprocess.Popen([sys.executable, "-m", "cft", *argv], cwd=cwd, env=env,
                                     stdout=subprocess.DEVNULL, stderr=err)
         deadline = time.time() + 300
         while complete_lines(partial) <= before:
@@ -87,7 +89,7 @@ def kill_and_resume(argv: list[str], cwd: Path, partial: Path, seed: int, pace: 
         counts.append(complete_lines(partial))
         if n == 1:
             tear_last_line(partial)
-    done = subprocess.run([sys.executable, "-m", "cft", *argv], cwd=cwd, env=cli_env(), capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "cft", *argv], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert not partial.exists()

@@ -333,3 +333,16 @@ def test_mix_lambda_belongs_to_cft_mix(tiny, tmp_path):
         train(*_cfg(tiny, tmp_path / "a", method="cft_mix"))
     with pytest.raises(UsageError, match="not of cft"):
         train(*_cfg(tiny, tmp_path / "b", method="cft", mix_lambda=0.5))
+
+
+def test_training_logs_one_readable_line_per_logging_step(tiny, tmp_path, capsys):
+    """Not transformers' raw dict: ``train step 1/2: loss 0.1234, ...`` on stdout, through ``TrainProgress``."""
+    summary = train(*_cfg(tiny, tmp_path / "out", disable_tqdm=True))
+    out = capsys.readouterr().out
+    assert "{'" not in out
+    steps = [line for line in out.splitlines() if line.startswith("train step ")]
+    assert [line.split(":")[0] for line in steps] == ["train step 1/2", "train step 2/2", "train step 2/2"]
+    logged = [h for h in summary["log_history"] if "loss" in h]
+    assert [f"loss {h['loss']:.4g}" in line for h, line in zip(logged, steps, strict=False)] == [True, True]
+    assert all(h["num_tokens"] > 0 for h in logged)  # what the progress line's tokens/s is made of
+    assert "train_runtime" in steps[-1]

@@ -49,6 +49,7 @@ from cft.experiment_config import ExperimentConfig, ExperimentError, config_dict
 from cft.generate import generate
 from cft.identify import identify
 from cft.models import load_model
+from cft.progress import clock
 from cft.stats import (
     GRPO_PREFIX,
     aggregate,
@@ -505,11 +506,16 @@ class Runner:
             self.shared_stages(model, loaded)
             if self.cfg.tune:
                 self.run_tuning(model, loaded)
+            cells_t0, worked = time.time(), 0
             for i, (mdl, method, seed) in enumerate(todo, 1):
-                self.log(f"[{mdl}] cell {i}/{len(todo)}: {method} seed {seed} ({time.time() - t0:.0f}s elapsed)")
+                pace = (time.time() - cells_t0) / worked if worked else None  # of the cells this run did
+                eta = "?" if pace is None else clock(pace * (len(todo) - i + 1))
+                self.log(f"[{mdl}] cell {i}/{len(todo)}: {method} seed {seed} (elapsed {clock(time.time() - t0)}, "
+                         f"ETA {eta})")
                 skipped = self.counts["skipped"]
                 self.run_cell(mdl, method, seed, loaded)
                 if self.counts["skipped"] == skipped:
+                    worked += 1
                     self.write_aggregate(*self.collect())
         for name, sub in self.cfg.ablations.items():
             changes = yaml.safe_dump(self.cfg.ablation_overrides[name], default_flow_style=True).strip()

@@ -353,10 +353,11 @@ def generate(cfg: GenerateConfig, model=None, tok=None) -> dict:
     todo = [b for b in batches if any(keys[i] not in writer.done for i in b)]
     dcfg = resolve_backend(model, cfg.decode, cfg.model)
     groups = [([prompts[i] for i in batch], dcfg) for batch in todo]
+    # hf decodes a batch whole, the engine only what is missing
     pending = sum(map(len, todo)) if dcfg.backend == "hf" else sum(keys[i] not in writer.done for b in todo for i in b)
     t0 = time.time()
-    with Progress("generate", total=pending) as progress:  # hf decodes a batch whole, engine what is missing
-        # each response is kept as it ends (``add`` flushes every few seconds): a kill loses little decoding
+    with Progress("generate", total=pending, unit="resp") as progress:
+        # each response is appended as it ends: a kill loses only the responses being decoded
         for b, k, _, o in decode_outputs(model, tok, groups, progress, lambda b, k, j: keys[todo[b][k]] in writer.done):
             i = todo[b][k]
             writer.add(generation_record(keys[i], problems[i], prompts[i], o))

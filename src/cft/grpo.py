@@ -29,7 +29,15 @@ from cft.config import attn_option, dtype_option, from_args, internal, model_opt
 from cft.data import load_problems
 from cft.models import load_model
 from cft.prompts import QWEN_SYSTEM, template_text
-from cft.train import CFTTrainingDefaults, UsageError, last_checkpoint, process_state, split_options, with_output_dir
+from cft.train import (
+    CFTTrainingDefaults,
+    TrainProgress,
+    UsageError,
+    last_checkpoint,
+    process_state,
+    split_options,
+    with_output_dir,
+)
 from cft.verify import grade
 
 LOG = "grpo_log.jsonl"
@@ -157,6 +165,7 @@ def grpo(cfg: GRPORunConfig, args: CFTGRPOConfig | None = None, model=None, tok=
         [{"prompt": prompt_for(tok, p.question, cfg.template), "answer": p.answer, "id": p.id} for p in problems])
     trainer = GRPOTrainer(model=model, reward_funcs=[accuracy], args=args, train_dataset=dataset,
                           processing_class=tok, callbacks=[_log_callback(log_path)])
+    TrainProgress.install(trainer, "grpo")
     result = trainer.train(resume_from_checkpoint=last)
     trainer.save_model(str(out))  # on every process: ZeRO-3 and FSDP gather the shards here
     summary: dict[str, Any] = {}

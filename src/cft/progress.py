@@ -41,19 +41,20 @@ class Progress:
 
     ``bar``: None decides by whether stderr is a terminal. Without a bar a line like
     ``eval: 12/48 item (25%), 310 tok/s, elapsed 1:02, ETA 3:06`` goes to stderr every ``seconds``
-    (default ``progress_seconds()``), and a last one when a job that printed any ends.
+    (default ``progress_seconds()``), and a last one when a job that printed any ends. ``initial``: items
+    done before (a resumed run); they count as done, not in the pace.
     """
 
     def __init__(self, desc: str, total: int, unit: str = "item", bar: bool | None = None,
-                 seconds: float | None = None):
+                 seconds: float | None = None, initial: int = 0):
         self.desc, self.total, self.unit = desc, total, unit
-        self.done = 0
+        self.done = self.initial = initial
         self.tokens = 0
         self.t0 = time.time()
         self.lines = 0  # timed lines printed
         use_bar = sys.stderr.isatty() if bar is None else bar
         self.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
-                        mininterval=1.0) if use_bar else None
+                        mininterval=1.0, initial=initial) if use_bar else None
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
         if self.bar is None:
@@ -85,7 +86,8 @@ class Progress:
         if self.done >= self.total:
             parts.append("done")
         else:
-            parts.append(f"ETA {clock(elapsed * (self.total - self.done) / self.done)}" if self.done else "ETA ?")
+            pace = elapsed / (self.done - self.initial) if self.done > self.initial else None
+            parts.append(f"ETA {clock(pace * (self.total - self.done))}" if pace is not None else "ETA ?")
         return ", ".join(parts)
 
     def _tick(self, interval: float) -> None:

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import SchedulerType
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -43,6 +44,7 @@ from trl.trainer.utils import pad
 from cft.artifacts import ArtifactLock, InputError, environment
 from cft.config import attn_option, dtype_option, from_args, internal, is_internal, model_option, option
 from cft.models import load_model
+from cft.progress import Progress
 from cft.selection import LOSS_NORMS, METHOD_HELP, METHODS, check_vocab, format_statistics, read_labels, select
 
 SUMMARY = "train_summary.json"
@@ -95,7 +97,8 @@ class CFTTrainingDefaults:
                                                        "all (the integration must be installed)")
     logging_steps: float = option(1, "log every N optimizer steps")
     save_total_limit: int | None = option(1, "checkpoints kept in --out")
-    disable_tqdm: bool | None = option(None, "hide progress bars (default: when stderr is not a terminal)")
+    disable_tqdm: bool | None = option(None, "progress as a line every $CFT_PROGRESS_SECONDS (30) instead of a bar "
+                                                 "(default: when stderr is not a terminal)")
     use_cpu: bool = internal(factory=cpu_only)  # decided before the model loads (see process_state)
     model_init_kwargs: dict[str, Any] | str | None = internal(None)  # cft loads the model (--dtype, ...)
     resume_from_checkpoint: str | None = internal(None)  # --resume picks the last complete checkpoint
@@ -256,6 +259,46 @@ class FiniteWeightsGuard(TrainerCallback):
     on_epoch_end = on_step_end
 
 
+class TrainProgress(TrainerCallback):
+    """The progress of a Trainer (``train`` and ``grpo``) through ``cft.progress.Progress``: a bar in a terminal,
+    a timed line in a log (steps, tokens/s, elapsed, ETA), and one readable line per logging step in place of
+    the raw dict transformers prints (``install`` removes its ``ProgressCallback``/``PrinterCallback``)."""
+
+    def __init__(self, desc: str):
+        self.desc = desc
+        self.progress: Progress | None = None
+
+    @classmethod
+    def install(cls, trainer, desc: str) -> None:
+        trainer.pop_callback(ProgressCallback)
+        trainer.pop_callback(PrinterCallback)
+        trainer.add_callback(cls(desc))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_local_process_zero:
+            self.progress = Progress(self.desc, state.max_steps, unit="step", bar=not args.disable_tqdm,
+                                     initial=state.global_step)
+            self.tokens_before = state.num_input_tokens_seen  # a resumed run's (GRPO counts on from it)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.advance(state.global_step - self.progress.done)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.progress is None or not logs:
+            return
+        if "num_tokens" in logs:  # cumulative tokens trained on (TRL's metric)
+            self.progress.tokens = max(int(logs["num_tokens"]) - self.tokens_before, 0)
+        values = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                           for k, v in logs.items() if k != "total_flos")
+        self.progress.write(f"{self.desc} step {state.global_step}/{state.max_steps}: {values}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
+
+
 class SelectiveTrainer(SFTTrainer):
     """SFTTrainer with the weighted, step-normalised loss above and a NaN/inf guard.
 
@@ -270,6 +313,8 @@ class SelectiveTrainer(SFTTrainer):
     def __init__(self, *args, dft: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.dft = dft  # DFT's weight sg(p) on each token's loss (cft's --method dft; TRL's loss_type is unused)
+        self.tokens_trained = 0  # logged as ``num_tokens``, as SFTTrainer.compute_loss (replaced below) does
+        TrainProgress.install(self, "train")
         self.add_callback(FiniteWeightsGuard(self))  # last: after every callback that may touch the weights
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
@@ -302,6 +347,9 @@ class SelectiveTrainer(SFTTrainer):
             self._metrics[mode]["mean_token_accuracy"].append((gather(outputs.is_top1.sum()).sum() / n).item())
         if self.aux_loss_enabled:
             self._metrics[mode]["aux_loss"].append(gather(outputs.aux_loss.detach()).mean().item())
+        if mode == "train":
+            self.tokens_trained += int(gather(inputs["attention_mask"].sum()).sum())
+            self._metrics[mode]["num_tokens"] = [self.tokens_trained]
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
