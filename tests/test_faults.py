@@ -188,6 +188,32 @@ def test_eval_killed_resumes_to_the_same_records(tmp_path, monkeypatch):
     assert not (tmp_path / "killed" / "E" / "samples.jsonl.lock").exists()
 
 
+@pytest.mark.slow
+def test_eval_killed_inside_its_first_chunk_keeps_finished_responses_and_resumes_to_the_same_metrics(tmp_path):
+    """``cft eval`` on the engine backend decodes its one chunk of 24 problems as one continuous batch; a SIGKILL
+    before that chunk completes still leaves every response that had ended (each is appended as it ends, with
+    the default flushing), and the rerun decodes only the missing ones into the samples and metrics of an
+    uninterrupted run, byte for byte (greedy: the same tokens whatever rows surround them)."""
+    from tests.test_reliability import kill_and_resume
+
+    argv = ["eval", "--model", "testbed", "--device", "cpu", "--benchmarks", "testbed:test", "--limit", "24",
+            "--n-samples", "0", "--batch-size", "64", "--max-new-tokens", "64", "--out", "E"]
+    env = {k: v for k, v in cli_env().items() if k != "CFT_FLUSH_EVERY"}
+    for run in ("killed", "reference"):
+        (tmp_path / run).mkdir()
+    done = subprocess.run([sys.executable, "-m", "cft", *argv], cwd=tmp_path / "reference", env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    reference = read_meta(tmp_path / "reference" / "E" / "samples.jsonl")["timing"]
+    counts = kill_and_resume(argv, tmp_path / "killed", tmp_path / "killed" / "E" / "samples.jsonl.partial",
+                             seed=5, pace=reference["seconds"] / 24, kills=2, env=env)
+    assert 0 < counts[0] < 24, counts  # killed inside the only chunk, with finished responses kept
+    for name in ("samples.jsonl", "metrics.json"):
+        assert (tmp_path / "killed" / "E" / name).read_bytes() == (tmp_path / "reference" / "E" / name).read_bytes()
+    resumed = read_meta(tmp_path / "killed" / "E" / "samples.jsonl")["timing"]
+    assert resumed["decoded_tokens"] < reference["decoded_tokens"]  # the kept responses were not decoded again
+
+
 def test_train_killed_resumes_from_its_last_checkpoint_to_the_same_weights(tmp_path, testbed_tokenizer):
     """``cft train`` SIGKILLed once its step-2 checkpoint is complete, then ``--resume``: the final weights equal an
     uninterrupted run's on the same seed. A checkpoint folder cut short by the kill is skipped, not loaded."""
