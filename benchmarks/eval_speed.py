@@ -45,7 +45,7 @@ from identify_speed import bare_forward
 from cft import engine, verify
 from cft.evaluate import EvalConfig, decode_chunks, load_items, plan
 from cft.generate import decode_groups
-from cft.models import load_model
+from cft.models import load_model, machine_line
 
 
 def decode_unit(model, tok, cfg: EvalConfig) -> tuple[float, dict]:
@@ -85,6 +85,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default=None)
     args = ap.parse_args()
+    print(f"machine: {machine_line()}", flush=True)  # the CPU, its capability and bf16 support: which machine
 
     model, tok = load_model(args.model, args.dtype, args.device)
     calls = [0]

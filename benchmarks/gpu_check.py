@@ -26,7 +26,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from cft import engine
 from cft.identify import IdentifyConfig, Protocol, prepare
-from cft.models import DTYPES, load_model
+from cft.models import DTYPES, load_model, machine_line
 from cft.progress import Progress
 from cft.protocol import Verdict
 
@@ -166,6 +166,7 @@ def main() -> None:
     args.testbed_responses = args.testbed_responses or (1 if args.small else 3)
     args.testbed_tokens = args.testbed_tokens or (48 if args.small else 96)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(f"machine: {machine_line()}", flush=True)
     print(f"device={args.device} ({name}) torch={torch.__version__} small={args.small}", flush=True)
     t0 = time.perf_counter()
     for m in args.models:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cft.artifacts import load_records
 from cft.identify import IdentifyConfig, identify
-from cft.models import load_model
+from cft.models import load_model, machine_line
 
 
 def precision_recall(exact: list[dict], approx: list[dict]) -> tuple[float, float]:
@@ -36,6 +36,7 @@ def main() -> None:
     p.add_argument("--responses", type=int, default=60)
     p.add_argument("--problems", type=int, default=200)
     args = p.parse_args()
+    print(f"machine: {machine_line()}", flush=True)  # the CPU, its capability and bf16 support: which machine
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))

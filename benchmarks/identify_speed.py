@@ -48,7 +48,7 @@ from cft.artifacts import load_records
 from cft.engine import EngineStats
 from cft.generate import DecodeConfig, GenerateConfig, generate, left_pad
 from cft.identify import IdentifyConfig, identify, summarize, without_margins
-from cft.models import cache_kwarg, load_model
+from cft.models import cache_kwarg, load_model, machine_line
 from cft.verify import extract_answer
 
 
@@ -284,6 +284,7 @@ def main() -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--keep", default=None, help="keep the generations and both engines' labels in this folder")
     args = p.parse_args()
+    print(f"machine: {machine_line()}", flush=True)  # the CPU, its capability and bf16 support: which machine
 
     model, tok = load_model(args.model, args.dtype, args.device)
     print(f"model={args.model} device={model.device} dtype={args.dtype} threads={torch.get_num_threads()} "

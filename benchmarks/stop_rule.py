@@ -23,7 +23,7 @@ from pathlib import Path
 from cft.artifacts import load_records
 from cft.generate import DecodeConfig, GenerateConfig, generate
 from cft.identify import IdentifyConfig, identify
-from cft.models import load_model
+from cft.models import load_model, machine_line
 from cft.verify import extract_answer
 
 
@@ -67,6 +67,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default=None)
     args = p.parse_args()
+    print(f"machine: {machine_line()}", flush=True)  # the CPU, its capability and bf16 support: which machine
     model, tok = load_model(args.model, args.dtype, args.device)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -68,6 +68,9 @@ def test_eval_speed_runs_both_backends_and_reports_identical_greedy_outputs():
     m = re.fullmatch(last, lines[-1])
     assert m, lines[-1]
     assert m[1] == m[2]
+    # the header names the machine: its CPU, torch's CPU capability and whether bfloat16 is native
+    assert re.fullmatch(r"machine: cpu='.+' cores=\d+ capability=\w+ native_bf16=(true|false) threads=\d+ .*torch=\S+",
+                        lines[0]), lines[0]
     assert int(m[3]) >= 8  # the engine's rows: at least the batch size, from free memory
     assert int(m[4]) > 0 and float(m[5]) > 0 and float(m[6]) > 0
     assert re.search(rf"^bare    forward loop .* batch=\d+ width=\d+ q=1 tok/s={m[4]}$", proc.stdout, re.M)
