@@ -10,7 +10,7 @@ import pytest
 from cft import progress as progress_mod
 from cft.progress import Progress, progress_seconds
 
-LINE = re.compile(r"eval: (\d+)/10 resp \(\d+%\), \d+ tok/s, elapsed \d\d:\d\d, (ETA \d\d:\d\d|ETA \?|done)")
+LINE = re.compile(r"eval: (\d+)/10 resp \(\d+%\), \d+ tok/s, elapsed \d\d:\d\d, (ETA \d\d:\d\d|done)")
 
 
 def test_a_log_gets_timed_lines_with_rate_and_eta(capsys):
@@ -35,6 +35,19 @@ def test_eta_is_the_pace_of_this_run_and_resumed_items_do_not_count(monkeypatch)
     assert p.line() == "train: 6/10 step (60%), 10 tok/s, elapsed 01:00, ETA 02:00"
     p.advance(4)
     assert p.line().endswith("done")
+    p.close()
+
+
+def test_before_any_item_is_done_the_eta_is_the_token_budget_bound(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(progress_mod.time, "time", lambda: now[0])
+    p = Progress("eval", total=48, unit="resp", bar=False, seconds=3600, max_tokens=48 * 256)
+    assert p.line() == "eval: 0/48 resp (0%), 0 tok/s, elapsed 00:00, ETA ?"
+    now[0] += 30
+    p.advance(0, tokens=3000)  # 100 tok/s; at most 12288 - 3000 tokens left
+    assert p.line() == "eval: 0/48 resp (0%), 100 tok/s, elapsed 00:30, ETA <= 01:32"
+    p.advance(12)  # then the items' own pace: 12 in 30 s, 36 left
+    assert p.line() == "eval: 12/48 resp (25%), 100 tok/s, elapsed 00:30, ETA 01:30"
     p.close()
 
 

@@ -374,7 +374,7 @@ def evaluate(cfg: EvalConfig, model=None, tok=None) -> dict[str, dict]:
         key(c, k, j) not in writer.done for c, (_, n, idx) in enumerate(chunks) for k in range(len(idx))
         for j in range(n))
     t0 = time.time()
-    with Progress("eval", total=pending, unit="resp") as progress:
+    with Progress("eval", total=pending, unit="resp", max_tokens=pending * cfg.max_new_tokens) as progress:
         # each response is appended as it ends: a kill loses only the responses being decoded
         for c, k, j, out in decode_outputs(model, tok, decode_chunks(cfg, items, chunks, keys), progress,
                                            lambda c, k, j: key(c, k, j) in writer.done):

@@ -356,7 +356,7 @@ def generate(cfg: GenerateConfig, model=None, tok=None) -> dict:
     # hf decodes a batch whole, the engine only what is missing
     pending = sum(map(len, todo)) if dcfg.backend == "hf" else sum(keys[i] not in writer.done for b in todo for i in b)
     t0 = time.time()
-    with Progress("generate", total=pending, unit="resp") as progress:
+    with Progress("generate", total=pending, unit="resp", max_tokens=pending * dcfg.max_new_tokens) as progress:
         # each response is appended as it ends: a kill loses only the responses being decoded
         for b, k, _, o in decode_outputs(model, tok, groups, progress, lambda b, k, j: keys[todo[b][k]] in writer.done):
             i = todo[b][k]

@@ -163,8 +163,8 @@ def default_device() -> str:
 
 def cpu_bf16_native() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX). Without either, torch converts
-    bfloat16 to float32 around every product: an 8192x576 by 576x1536 matmul on an AVX2-only CPU runs 8x slower
-    than in float32 (3.3 against 25.6 GFLOP/s, one thread). ``get_cpu_capability()`` does not tell: it says
+    bfloat16 to float32 around every product: an 8192x576 by 576x1536 matmul on an AVX2-only CPU ran 8x slower
+    than in float32 (3.3 against 25.6 GFLOP/s, one thread; issue #25). ``get_cpu_capability()`` does not tell: it says
     ``AVX512`` for an AVX512-BF16 CPU and for one without, hence the feature checks."""
     return any(getattr(torch.cpu, probe, lambda: False)()
                for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))

@@ -42,13 +42,16 @@ class Progress:
     ``bar``: None decides by whether stderr is a terminal. Without a bar a line like
     ``eval: 12/48 item (25%), 310 tok/s, elapsed 1:02, ETA 3:06`` goes to stderr every ``seconds``
     (default ``progress_seconds()``), and a last one when a job that printed any ends. ``initial``: items
-    done before (a resumed run); they count as done, not in the pace.
+    done before (a resumed run); they count as done, not in the pace. ``max_tokens``: the most tokens the job
+    can decode (its items times their budget); until an item is done the ETA is the bound it gives
+    (``ETA <= 9:30``): a continuous batch may finish its first item late.
     """
 
     def __init__(self, desc: str, total: int, unit: str = "item", bar: bool | None = None,
-                 seconds: float | None = None, initial: int = 0):
+                 seconds: float | None = None, initial: int = 0, max_tokens: int | None = None):
         self.desc, self.total, self.unit = desc, total, unit
         self.done = self.initial = initial
+        self.max_tokens = max_tokens
         self.tokens = 0
         self.t0 = time.time()
         self.lines = 0  # timed lines printed
@@ -80,14 +83,18 @@ class Progress:
         elapsed = time.time() - self.t0
         share = f" ({self.done / self.total:.0%})" if self.total else ""
         parts = [f"{self.desc}: {self.done}/{self.total} {self.unit}{share}"]
-        if self.tokens:
+        if self.tokens or self.max_tokens is not None:
             parts.append(f"{self.rate():.0f} tok/s")
         parts.append(f"elapsed {clock(elapsed)}")
         if self.done >= self.total:
             parts.append("done")
         else:
-            pace = elapsed / (self.done - self.initial) if self.done > self.initial else None
-            parts.append(f"ETA {clock(pace * (self.total - self.done))}" if pace is not None else "ETA ?")
+            if self.done > self.initial:
+                parts.append(f"ETA {clock(elapsed / (self.done - self.initial) * (self.total - self.done))}")
+            elif self.max_tokens is not None and self.tokens:
+                parts.append(f"ETA <= {clock((self.max_tokens - self.tokens) / self.rate())}")
+            else:
+                parts.append("ETA ?")
         return ", ".join(parts)
 
     def _tick(self, interval: float) -> None:
