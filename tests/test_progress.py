@@ -48,6 +48,9 @@ def test_before_any_item_is_done_the_eta_is_the_token_budget_bound(monkeypatch):
     assert p.line() == "eval: 0/48 resp (0%), 100 tok/s, elapsed 00:30, ETA <= 01:32"
     p.advance(12)  # then the items' own pace: 12 in 30 s, 36 left
     assert p.line() == "eval: 12/48 resp (25%), 100 tok/s, elapsed 00:30, ETA 01:30"
+    now[0] += 600
+    p.advance(1)  # 13 in 10:30: the pace says 28:16 for the 35 left; their budget at 5 tok/s, 31:22 at most
+    assert p.line() == "eval: 13/48 resp (27%), 5 tok/s, elapsed 10:30, ETA 28:16"
     p.close()
 
 

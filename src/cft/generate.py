@@ -336,9 +336,10 @@ def split_by_context(prompts: list[list[int]], model, max_new_tokens: int) -> tu
 def generate(cfg: GenerateConfig, model=None, tok=None) -> dict:
     """Run stage A; returns the summary also written to the metadata sidecar.
 
-    Batches are fixed slices of the problems sorted by prompt length (less left padding), so a resumed
-    run decodes exactly the batches an uninterrupted run would (a batch whose records were not all
-    written is decoded again). Records are written in problem order.
+    Batches are fixed slices of the problems sorted by prompt length (less left padding). Each response is
+    appended to the partial file as it ends; a resumed run decodes only the missing ones on the engine
+    backend, and on ``hf`` every batch with a missing one (``decode_outputs``). The final file is in problem
+    order.
     """
     problems = load_problems(cfg.data, seed=cfg.seed, limit=cfg.limit,
                              question_field=cfg.question_field, answer_field=cfg.answer_field)

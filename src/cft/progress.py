@@ -43,8 +43,10 @@ class Progress:
     ``eval: 12/48 item (25%), 310 tok/s, elapsed 1:02, ETA 3:06`` goes to stderr every ``seconds``
     (default ``progress_seconds()``), and a last one when a job that printed any ends. ``initial``: items
     done before (a resumed run); they count as done, not in the pace. ``max_tokens``: the most tokens the job
-    can decode (its items times their budget); until an item is done the ETA is the bound it gives
-    (``ETA <= 9:30``): a continuous batch may finish its first item late.
+    can decode (its items times their budget). The ETA is the items' pace so far, capped by the time the items
+    left need to decode their whole budget at the current tokens/s; until an item is done it is that bound alone
+    (``ETA <= 9:30``). A continuous batch finishes its short items first, so the items' pace alone would
+    promise hours where minutes remain.
     """
 
     def __init__(self, desc: str, total: int, unit: str = "item", bar: bool | None = None,
@@ -89,12 +91,16 @@ class Progress:
         if self.done >= self.total:
             parts.append("done")
         else:
-            if self.done > self.initial:
-                parts.append(f"ETA {clock(elapsed / (self.done - self.initial) * (self.total - self.done))}")
-            elif self.max_tokens is not None and self.tokens:
-                parts.append(f"ETA <= {clock((self.max_tokens - self.tokens) / self.rate())}")
+            by_items = elapsed / (self.done - self.initial) * (self.total - self.done) if self.done > self.initial \
+                else None
+            bound = None
+            if self.max_tokens is not None and self.tokens:  # the items left can decode at most their budget
+                left = min(self.max_tokens - self.tokens, (self.total - self.done) * self.max_tokens / self.total)
+                bound = left / self.rate()
+            if by_items is None:
+                parts.append("ETA ?" if bound is None else f"ETA <= {clock(bound)}")
             else:
-                parts.append("ETA ?")
+                parts.append(f"ETA {clock(by_items if bound is None else min(by_items, bound))}")
         return ", ".join(parts)
 
     def _tick(self, interval: float) -> None:
