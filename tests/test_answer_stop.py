@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from argparse import Namespace
 
 import pytest
 import torch
@@ -150,3 +151,25 @@ def _stop_rule_script():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.mark.parametrize("family,seed", [("qwen2.5", 7)])
+def test_default_labels_agree_with_a_plain_decode_to_eos_on_a_zoo_model_the_tests_do_not_build(tmp_path, family,
+                                                                                               seed):
+    """Default labels vs ``benchmarks/stop_rule.py``'s reference (its own ranking, a plain greedy loop per branch
+    to EOS or stage A's cap, ``cft.verify`` on the whole text): equal on every position that is not a near-tie."""
+    from cft import zoo
+    from cft.models import load_model
+
+    script = _stop_rule_script()
+    path = zoo.build(family, tmp_path / "zoo", seed=seed)
+    model, tok = load_model(str(path), "float32", "cpu")
+    args = Namespace(model=str(path), data="testbed:test", template="chat", problems=2, dtype="float32",
+                     device="cpu", max_new_tokens=96, gold="self", responses=2, k=3)
+    gen = script.responses(model, tok, args, tmp_path)
+    default, summary, _ = script.labels(model, tok, args, gen, tmp_path, False)
+    assert summary["stop_audit"] is None and len(default) == 2
+    # a seeded sample of positions keeps it CPU-cheap; benchmarks/stop_rule.py checks every position
+    check = script.compare_with_reference(model, tok, default, 3, 96, 1e-3, sample=30, seed=seed)
+    assert check["changed"] == 0, check["details"]
+    assert check["positions"] >= 15  # a near-tie (either side's gap below 1e-3) may go either way
