@@ -173,3 +173,18 @@ def test_default_labels_agree_with_a_plain_decode_to_eos_on_a_zoo_model_the_test
     check = script.compare_with_reference(model, tok, default, 3, 96, 1e-3, sample=30, seed=seed)
     assert check["changed"] == 0, check["details"]
     assert check["positions"] >= 15  # a near-tie (either side's gap below 1e-3) may go either way
+
+
+def test_eval_answer_stop_reports_the_greedy_verdicts_it_changed(tmp_path, scripted):
+    from cft import evaluate as ev
+
+    model, tok, _, _ = scripted
+    data = tmp_path / "q.jsonl"
+    data.write_text(json.dumps({"id": "q0", "question": QUESTION, "answer": GOLD}) + "\n")
+    common = {"model": "scripted", "benchmarks": [str(data)], "n_samples": 0, "max_new_tokens": 40, "template": "chat"}
+    stopped = ev.evaluate(ev.EvalConfig(out=str(tmp_path / "stop"), stop_at_answer=True, **common), model, tok)
+    full = ev.evaluate(ev.EvalConfig(out=str(tmp_path / "full"), **common), model, tok)
+    assert stopped[str(data)]["accuracy"] == 0.0 and full[str(data)]["accuracy"] == 1.0
+    audit = read_meta(tmp_path / "stop" / ev.SAMPLES)["stop_audit"]
+    assert (audit["stopped"], audit["verdicts_changed"]) == (1, 1)
+    assert read_meta(tmp_path / "full" / ev.SAMPLES)["stop_audit"] is None
