@@ -175,7 +175,7 @@ def test_default_labels_agree_with_a_plain_decode_to_eos_on_a_zoo_model_the_test
     assert check["positions"] >= 15  # a near-tie (either side's gap below 1e-3) may go either way
 
 
-def test_eval_answer_stop_reports_the_greedy_verdicts_it_changed(tmp_path, scripted):
+def test_eval_answer_stop_reports_the_greedy_verdicts_it_changed(tmp_path, scripted, monkeypatch):
     from cft import evaluate as ev
 
     model, tok, _, _ = scripted
@@ -188,3 +188,10 @@ def test_eval_answer_stop_reports_the_greedy_verdicts_it_changed(tmp_path, scrip
     audit = read_meta(tmp_path / "stop" / ev.SAMPLES)["stop_audit"]
     assert (audit["stopped"], audit["verdicts_changed"]) == (1, 1)
     assert read_meta(tmp_path / "full" / ev.SAMPLES)["stop_audit"] is None
+    # a rerun on the finished folder decodes nothing, its audit included (the experiment relies on it)
+    import cft.generate as g
+
+    monkeypatch.setattr(g, "decode_on", lambda *a, **k: pytest.fail("decoded again"))
+    monkeypatch.setattr(ev, "decode_groups", lambda model, tok, groups, progress=None: groups and pytest.fail("again"))
+    assert ev.evaluate(ev.EvalConfig(out=str(tmp_path / "stop"), stop_at_answer=True, **common), model, tok) == stopped
+    assert read_meta(tmp_path / "stop" / ev.SAMPLES)["stop_audit"] == audit

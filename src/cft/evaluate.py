@@ -35,7 +35,15 @@ from cft.artifacts import InputError, ResumableWriter, environment, load_records
 from cft.benchmarks import BENCHMARKS
 from cft.config import MODEL_HELP, attn_option, device_option, dtype_option, from_args, model_option, option
 from cft.data import Problem, load_problems
-from cft.generate import DecodeConfig, decode_groups, print_stop_audit, resolve_backend, stage_a_audit, verify_error
+from cft.generate import (
+    DecodeConfig,
+    decode_groups,
+    earlier_audit,
+    print_stop_audit,
+    resolve_backend,
+    stage_a_audit,
+    verify_error,
+)
 from cft.models import load_model
 from cft.progress import Progress
 from cft.prompts import QWEN_SYSTEM, render_ids, template_text
@@ -381,7 +389,10 @@ def evaluate(cfg: EvalConfig, model=None, tok=None) -> dict[str, dict]:
     seconds = time.time() - t0
     greedy = [writer.done[keys["greedy", i, 0]] for i in range(len(items))]
     # the knob's effect on accuracy: greedy responses it stopped, decoded on to EOS (samples cannot be)
-    audit = stage_a_audit(model, tok, greedy, cfg.decoding("greedy")) if cfg.stop_at_answer else None
+    audit = None
+    if cfg.stop_at_answer:
+        audit = (not chunks and earlier_audit(out_dir / SAMPLES, asdict(cfg))) or stage_a_audit(
+            model, tok, greedy, cfg.decoding("greedy"))
     meta = {
         "stage": "eval",
         "config": asdict(cfg),

@@ -28,6 +28,7 @@ and the others are graded as usual.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -38,7 +39,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
 
 from cft import verify
-from cft.artifacts import InputError, ResumableWriter, environment, invalid_count, record_key
+from cft.artifacts import InputError, ResumableWriter, environment, invalid_count, read_meta, record_key
 from cft.config import attn_option, device_option, dtype_option, from_args, internal, model_option, option
 from cft.data import Problem, load_problems
 from cft.decoding import (
@@ -458,6 +459,14 @@ def stage_a_audit(model, tok, records: list[dict], cfg: DecodeConfig) -> dict:
     summary["changed"] = [{"id": stopped[i]["id"], "correct_at_stop": stops[i].ok, "correct_at_end": ok}
                           for i, ok in sorted(full.items()) if ok != stops[i].ok][:100]
     return summary
+
+
+def earlier_audit(out, config: dict) -> dict | None:
+    """The stop audit a finished earlier run with this config recorded in ``out``'s metadata (None: none), for
+    a rerun that decoded nothing new (``cft eval`` reuses a finished run's samples): it audits the same records,
+    so it is not decoded again."""
+    meta = read_meta(out)
+    return meta.get("stop_audit") if meta.get("config") == json.loads(json.dumps(config, default=str)) else None
 
 
 def print_stop_audit(audit: dict | None, what: str) -> None:
