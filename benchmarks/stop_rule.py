@@ -8,9 +8,9 @@ ranking, a plain greedy loop over the model's forward per branch to EOS or stage
 ``cft.verify`` on the whole text. The lines printed:
 
     rule=eos|answer decoded_tokens=<n> seconds=<s> ...     the decoding cost of each rule (seconds are wall time)
+    label_changes=<share> positions=<n> changed=<n> branch_verdicts_changed=<n of branches run by both>
     reference ...                                          the reference's own cost
     default_label_changes=<share> positions=<n> changed=<n> near_tie_positions=<n>
-    label_changes=<share> positions=<n> changed=<n> branch_verdicts_changed=<n of branches run by both>
 
 ``default_label_changes`` compares the default labels with the reference on every position that is not a
 near-tie (a branch or alternative logit gap below the tolerance, in either); it must be 0. ``label_changes``
@@ -209,13 +209,6 @@ def main() -> None:
           f"stopped={audit['stopped']} audit_checked={audit['checked']} "
           f"audit_verdicts_changed={audit['verdicts_changed']} audit_labels_changed={audit['labels_changed']} "
           f"audit_labels_unsettled={audit['labels_unsettled']}")
-    if not args.no_reference:
-        ref = compare_with_reference(model, tok, default, args.k, args.max_new_tokens, tol, args.reference_sample)
-        print(f"reference (own ranking, a plain greedy loop per branch to EOS/cap, cft.verify) "
-              f"positions_sampled={args.reference_sample or 'all'} branches={ref['branches']} "
-              f"decoded_tokens={ref['tokens']} seconds={ref['seconds']:.1f}")
-        print(f"default_label_changes={ref['changed'] / max(ref['positions'], 1):.4f} positions={ref['positions']} "
-              f"changed={ref['changed']} near_tie_positions={ref['near_ties']} (tolerance {tol:g}) {ref['details']}")
     positions = changed = branches = verdicts = 0
     for a, b in zip(early, default, strict=True):
         for ca, cb, ea, eb, ba, bb in zip(a["critical"], b["critical"], a["eligible"], b["eligible"],
@@ -229,6 +222,13 @@ def main() -> None:
                     verdicts += x["ok"] != y["ok"]
     print(f"label_changes={changed / max(positions, 1):.4f} positions={positions} changed={changed} "
           f"branch_verdicts_changed={verdicts} of {branches}")
+    if not args.no_reference:
+        ref = compare_with_reference(model, tok, default, args.k, args.max_new_tokens, tol, args.reference_sample)
+        print(f"reference (own ranking, a plain greedy loop per branch to EOS/cap, cft.verify) "
+              f"positions_sampled={args.reference_sample or 'all'} branches={ref['branches']} "
+              f"decoded_tokens={ref['tokens']} seconds={ref['seconds']:.1f}")
+        print(f"default_label_changes={ref['changed'] / max(ref['positions'], 1):.4f} positions={ref['positions']} "
+              f"changed={ref['changed']} near_tie_positions={ref['near_ties']} (tolerance {tol:g}) {ref['details']}")
 
 
 if __name__ == "__main__":
