@@ -145,9 +145,9 @@ def test_generate_nests_its_decoding_options(tmp_path):
     from cft.generate import DecodeConfig, config_from_args
 
     args, _ = cli.parse(["generate", "--model", "testbed", "--data", "testbed:train", "--out",
-                         str(tmp_path / "g.jsonl"), "--seed", "3", "--no-stop-at-answer", "--max-new-tokens", "16"])
+                         str(tmp_path / "g.jsonl"), "--seed", "3", "--stop-at-answer", "--max-new-tokens", "16"])
     cfg = config_from_args(args)
-    assert cfg.seed == 3 and cfg.decode == DecodeConfig(max_new_tokens=16, stop_at_answer=False, seed=3)
+    assert cfg.seed == 3 and cfg.decode == DecodeConfig(max_new_tokens=16, stop_at_answer=True, seed=3)
 
 
 def test_a_model_must_be_named(tmp_path, capsys):

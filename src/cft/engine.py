@@ -671,6 +671,7 @@ class Request:
     temperature: float = 0.0
     stream: str = ""
     tag: object = None  # the caller's
+    max_new_tokens: int | None = None  # this request's own cap, at most the config's (None: the config's)
 
 
 @dataclass
@@ -777,13 +778,17 @@ class PromptDecoder:
 
     def _ended(self, row: PromptRow) -> bool:
         last = row.ids[-1]
-        if last in self.eos or len(row.ids) >= self.cfg.max_new_tokens:
+        if last in self.eos or len(row.ids) >= self._cap(row.request):
             return True
         if self.trigger is None or not self.trigger[last]:
             return False
         if row.watch is not None:
             return row.watch.complete(row.ids)
         return verify.answer_complete(self.tok.decode(row.ids, skip_special_tokens=True))
+
+    def _cap(self, request: Request) -> int:
+        cap = self.cfg.max_new_tokens
+        return cap if request.max_new_tokens is None else min(cap, request.max_new_tokens)
 
     def _output(self, row: PromptRow):
 
@@ -902,7 +907,7 @@ class PromptDecoder:
         last_stats = self.stats
         if not requests:
             return
-        self.max_len = max(len(r.prompt_ids) for r in requests) + self.cfg.max_new_tokens
+        self.max_len = max(len(r.prompt_ids) + self._cap(r) for r in requests)
         self.queue.extend(requests)
         for r in requests:
             self.uses[tuple(r.prompt_ids)] = self.uses.get(tuple(r.prompt_ids), 0) + 1

@@ -35,7 +35,15 @@ from cft.artifacts import InputError, ResumableWriter, environment, load_records
 from cft.benchmarks import BENCHMARKS
 from cft.config import MODEL_HELP, attn_option, device_option, dtype_option, from_args, model_option, option
 from cft.data import Problem, load_problems
-from cft.generate import DecodeConfig, decode_outputs, resolve_backend, verify_error
+from cft.generate import (
+    DecodeConfig,
+    decode_outputs,
+    earlier_audit,
+    print_stop_audit,
+    resolve_backend,
+    stage_a_audit,
+    verify_error,
+)
 from cft.models import load_model
 from cft.progress import Progress
 from cft.prompts import QWEN_SYSTEM, render_ids, template_text
@@ -64,8 +72,9 @@ class EvalConfig:
     rows: int = option(0, "engine backend: rows decoded together (0: as many as a quarter of free memory holds, "
                           "at least --batch-size, at most 512 on a CPU and 1024 on a GPU; continuous batching keeps "
                           "them full). Outputs do not depend on it")
-    stop_at_answer: bool = option(False, "SPEED KNOB: stop a response once its final answer is complete instead "
-                                         "of at EOS (the toolkit decodes to EOS)")
+    stop_at_answer: bool = option(False, "SPEED KNOB: stop a response once its first final answer is complete "
+                                         "instead of at EOS (the toolkit decodes to EOS); the run decodes the greedy "
+                                         "responses it stopped on to EOS and reports the verdicts it changed")
     seed: int = option(0, "which testbed problems; the sampling seed")
     question_field: str = option("question", "question field of JSONL files")
     answer_field: str = option("answer", "answer field of JSONL files")
@@ -386,6 +395,12 @@ def evaluate(cfg: EvalConfig, model=None, tok=None) -> dict[str, dict]:
     order = [keys[kind, i, j] for i in range(len(items)) for kind, n, _ in kinds for j in range(n)]
     metrics = compute_metrics([writer.done[k] for k in order])
     seconds = time.time() - t0
+    greedy = [writer.done[keys["greedy", i, 0]] for i in range(len(items))]
+    # the knob's effect on accuracy: greedy responses it stopped, decoded on to EOS (samples cannot be)
+    audit = None
+    if cfg.stop_at_answer:
+        audit = (not chunks and earlier_audit(out_dir / SAMPLES, asdict(cfg))) or stage_a_audit(
+            model, tok, greedy, cfg.decoding("greedy"))
     meta = {
         "stage": "eval",
         "config": asdict(cfg),
@@ -396,6 +411,7 @@ def evaluate(cfg: EvalConfig, model=None, tok=None) -> dict[str, dict]:
         "timing": {"seconds": seconds, "decoded_tokens": decoded_tokens,
                    "tokens_per_second": decoded_tokens / max(seconds, 1e-9)},
         "summary": metrics,
+        "stop_audit": audit,
     }
     writer.finalize(order, meta)
     write_meta(out_dir / METRICS, metrics)
@@ -502,5 +518,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     metrics = evaluate(cfg)
     print_table(metrics, title=f"{cfg.model}")
+    print_stop_audit(read_meta(Path(cfg.out) / SAMPLES).get("stop_audit"), "greedy responses")
     print(f"wrote {Path(cfg.out) / METRICS} and {Path(cfg.out) / SAMPLES}")
     return 0

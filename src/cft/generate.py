@@ -28,7 +28,9 @@ and the others are graded as usual.
 
 from __future__ import annotations
 
+import json
 import logging
+import random
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Literal
@@ -37,7 +39,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
 
 from cft import verify
-from cft.artifacts import InputError, ResumableWriter, environment, invalid_count, record_key
+from cft.artifacts import InputError, ResumableWriter, environment, invalid_count, read_meta, record_key
 from cft.config import attn_option, device_option, dtype_option, from_args, internal, model_option, option
 from cft.data import Problem, load_problems
 from cft.decoding import (
@@ -77,8 +79,12 @@ class DecodeConfig:
     rows: int | None = option(None, "engine backend: rows decoded together (default: --batch-size; 0: as many as "
                                     "a quarter of free memory holds, at least --batch-size, at most 512 on a CPU "
                                     "and 1024 on a GPU). Outputs do not depend on it")
-    stop_at_answer: bool = option(True, "stop a response once its final answer is complete (--no-stop-at-answer: "
-                                        "decode to EOS)")
+    stop_at_answer: bool = option(False, "SPEED KNOB: stop a response once its first final answer is complete "
+                                         "instead of at EOS or the cap; `correct` then grades that first answer, "
+                                         "not the last one `cft eval` grades, so the run audits the stop "
+                                         "(--stop-audit) and records what it changed")
+    stop_audit: int = option(64, "with --stop-at-answer: responses it stopped re-decoded to EOS, a seeded sample "
+                                 "(besides every stopped response whose verdict flips at its next answer)")
     seed: int = internal(0)
     backend: Literal["engine", "hf"] = option(
         "engine", "engine: cft.engine's continuous batching (a model it does not support falls back to hf, with a "
@@ -107,8 +113,15 @@ def decoding_settings(model, tok, cfg: DecodeConfig) -> dict:
                 if v is not None and not k.startswith("_") and k != "transformers_version"}
     return {"generation_config": settings, "temperature": cfg.temperature,
             "temperature_applied_by": "cft" if cfg.temperature > 0 else None,
-            "stop_at_answer": cfg.stop_at_answer, "stop_rule": "verify.answer_complete",
+            "stop_at_answer": cfg.stop_at_answer, "stop_rule": stop_rule(cfg.stop_at_answer),
             "inherited_from_checkpoint": ["eos_token_id"], "backend": cfg.backend}
+
+
+def stop_rule(stop_at_answer: bool) -> str:
+    """Where a response ends, in words for the metadata (generations' ``decoding``, labels' ``protocol``)."""
+    if stop_at_answer:
+        return "first complete answer (verify.answer_complete; opt-in speed knob, audited), EOS or the length cap"
+    return "EOS or the length cap (the whole response is graded, as cft eval grades it)"
 
 
 def resolve_backend(model, cfg: DecodeConfig, name: str = "model") -> DecodeConfig:
@@ -262,6 +275,74 @@ def _decode_batch(model, tok, prompts: list[list[int]], cfg: DecodeConfig, eos: 
     return outputs
 
 
+def decode_on(model, tok, starts: list[tuple[list[int], int]], until_answer: bool, cfg: DecodeConfig) -> list[Output]:
+    """Greedy continuations of ``(ids, cap)`` pairs, each at most ``cap`` tokens, ending at EOS, at the cap or
+    (``until_answer``) once the continuation's own text holds a complete answer.
+
+    The engine gives every request its own cap; ``hf`` decodes to the largest and cuts (a greedy decode cut at
+    n tokens is the decode capped at n).
+    """
+    if not starts:
+        return []
+    dcfg = resolve_backend(model, replace(cfg, max_new_tokens=max(c for _, c in starts), temperature=0.0, n=1,
+                                          stop_at_answer=until_answer))
+    if dcfg.backend == "engine":
+        outs: list[Output | None] = [None] * len(starts)
+        requests = [Request(ids, tag=i, max_new_tokens=cap) for i, (ids, cap) in enumerate(starts)]
+        for req, out in PromptDecoder(model, tok, dcfg).run(requests):
+            outs[req.tag] = out
+        return outs
+    eos = set(stop_token_ids(tok, model))
+    cut = []
+    for (_, cap), (out,) in zip(starts, _decode_hf(model, tok, [ids for ids, _ in starts], dcfg)):
+        ids = out.ids[:cap]
+        text = tok.decode(ids, skip_special_tokens=True)
+        cut.append(Output(ids, text, finish_reason(ids, eos, text, until_answer)))
+    return cut
+
+
+@dataclass
+class Stop:
+    """A response (or branch) the answer stop ended before EOS and the cap, with the verdict it got there."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]  # the graded response so far, ending where the stop rule ended it
+    cap: int  # tokens it could still have decoded (> 0)
+    gold: str
+    ok: bool | None  # its verdict at the stop
+
+
+def audit_stops(model, tok, stops: list[Stop], grade, sample: int, seed: int, cfg: DecodeConfig) -> tuple[dict, dict]:
+    """What the answer stop changed: the verdicts of stopped responses decoded on to EOS or the cap.
+
+    Every stop is decoded on to its next complete answer (or EOS/cap); one that reached EOS or the cap has
+    the default rule's verdict already, and one whose verdict flipped at that next answer is decoded on to
+    EOS/cap, as is a seeded sample of ``sample`` stops. ``grade(response_ids, gold)`` is the caller's verdict
+    (``ok``: bool or None). Returns the summary and ``{stop index: verdict decoded to EOS/cap}`` of every stop
+    whose full verdict is known.
+    """
+    ahead = decode_on(model, tok, [(s.prompt_ids + s.response_ids, s.cap) for s in stops], True, cfg)
+    full: dict[int, bool | None] = {}
+    flips = []
+    for i, (s, out) in enumerate(zip(stops, ahead)):
+        ok = grade(s.response_ids + out.ids, s.gold)
+        if ok != s.ok:
+            flips.append(i)
+        if out.finish != "answer" or len(out.ids) >= s.cap:
+            full[i] = ok
+    sampled = random.Random(seed).sample(range(len(stops)), min(sample, len(stops)))
+    rest = sorted((set(sampled) | set(flips)) - set(full))
+    tail = decode_on(model, tok, [(stops[i].prompt_ids + stops[i].response_ids + ahead[i].ids,
+                                   stops[i].cap - len(ahead[i].ids)) for i in rest], False, cfg)
+    for i, out in zip(rest, tail):
+        full[i] = grade(stops[i].response_ids + ahead[i].ids + out.ids, stops[i].gold)
+    changed = sorted(i for i, ok in full.items() if ok != stops[i].ok)
+    summary = {"stopped": len(stops), "sample": len(sampled), "flipped_at_next_answer": len(flips),
+               "checked": len(full), "verdicts_changed": len(changed),
+               "decoded_tokens": sum(len(o.ids) for o in ahead) + sum(len(o.ids) for o in tail)}
+    return summary, full
+
+
 @dataclass
 class GenerateConfig:
     """Resolved config of ``cft generate``.
@@ -298,7 +379,7 @@ def verify_error(result: verify.GradeResult) -> str:
 def generation_key(p: Problem, prompt_ids: list[int], model_name: str, cfg: DecodeConfig) -> str:
     """Everything that determines a record; the id too, so two problems with the same text stay two records."""
     settings = {k: v for k, v in asdict(cfg).items()  # greedy: either backend; the engine's rows: any
-                if (k != "backend" or cfg.temperature > 0) and k != "rows"}
+                if (k != "backend" or cfg.temperature > 0) and k not in ("rows", "stop_audit")}
     return record_key(model_name, p.id, prompt_ids, settings, p.answer)
 
 
@@ -364,6 +445,7 @@ def generate(cfg: GenerateConfig, model=None, tok=None) -> dict:
             writer.add(generation_record(keys[i], problems[i], prompts[i], o))
         writer.write([])
     records = [writer.done[keys[i]] for i in kept]
+    audit = stage_a_audit(model, tok, records, dcfg) if dcfg.stop_at_answer else None
     summary = {
         "n": len(records),
         "correct": sum(r["correct"] for r in records),
@@ -373,6 +455,7 @@ def generate(cfg: GenerateConfig, model=None, tok=None) -> dict:
         "verify_errors": sum(bool(r.get("verify_error")) for r in records),
         "max_prompt_tokens": max_prompt_tokens(model, cfg.decode.max_new_tokens),
         "seconds": time.time() - t0,
+        "stop_audit": audit,
     }
     meta = {"stage": "generate", "config": asdict(cfg), "seed": cfg.seed,
             "prompt_template": template_text(cfg.template) or cfg.template,
@@ -381,6 +464,41 @@ def generate(cfg: GenerateConfig, model=None, tok=None) -> dict:
             "skipped_too_long_ids": [problems[i].id for i in too_long]}
     writer.finalize([keys[i] for i in kept], meta)
     return summary
+
+
+def stage_a_audit(model, tok, records: list[dict], cfg: DecodeConfig) -> dict:
+    """``audit_stops`` over the responses the answer stop ended: how many `correct` verdicts it changed."""
+    stopped = [r for r in records if r["finish"] == "answer" and len(r["response_ids"]) < cfg.max_new_tokens]
+    stops = [Stop(r["prompt_ids"], r["response_ids"], cfg.max_new_tokens - len(r["response_ids"]), r["gold"],
+                  r["correct"]) for r in stopped]
+
+    def grade(ids: list[int], gold: str) -> bool:
+        return verify.grade_detailed(tok.decode(ids, skip_special_tokens=True), gold).correct
+
+    summary, full = audit_stops(model, tok, stops, grade, cfg.stop_audit, cfg.seed, cfg)
+    summary["changed"] = [{"id": stopped[i]["id"], "correct_at_stop": stops[i].ok, "correct_at_end": ok}
+                          for i, ok in sorted(full.items()) if ok != stops[i].ok][:100]
+    return summary
+
+
+def earlier_audit(out, config: dict) -> dict | None:
+    """The stop audit a finished earlier run with this config recorded in ``out``'s metadata (None: none), for
+    a rerun that decoded nothing new (``cft eval`` reuses a finished run's samples): it audits the same records,
+    so it is not decoded again."""
+    meta = read_meta(out)
+    return meta.get("stop_audit") if meta.get("config") == json.loads(json.dumps(config, default=str)) else None
+
+
+def print_stop_audit(audit: dict | None, what: str) -> None:
+    """One line on what the answer stop changed (nothing without the stop), and a warning when it changed any."""
+    if not audit:
+        return
+    print(f"answer stop audit: {audit['stopped']} {what} stopped at their first answer; {audit['checked']} decoded "
+          f"on to EOS or the cap ({audit['flipped_at_next_answer']} flipped at their next answer, a sample of "
+          f"{audit['sample']}): {audit['verdicts_changed']} verdicts changed")
+    if audit["verdicts_changed"]:
+        print(f"WARNING: the answer stop changed {audit['verdicts_changed']} verdicts of the {audit['checked']} "
+              "checked; the default (no --stop-at-answer) grades what cft eval grades")
 
 
 CONFIGS = (GenerateConfig, DecodeConfig)
@@ -399,6 +517,7 @@ def run(args) -> int:
         print(f"skipped {s['skipped_too_long']} problems whose prompt is longer than {s['max_prompt_tokens']} tokens "
               f"(the model's context minus --max-new-tokens {cfg.decode.max_new_tokens}); their ids are in "
               f"{cfg.out}.meta.json")
+    print_stop_audit(s["stop_audit"], "responses")
     if s["verify_errors"]:
         print(f"the verifier failed or timed out on {s['verify_errors']} responses (graded wrong, field verify_error)")
     return 0

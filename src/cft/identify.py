@@ -9,10 +9,13 @@ timeout or crash is retried once, then the branch is unknown (``ok`` None, ``ver
 an unknown never makes a token critical.
 
 A branch is a response decoded under Stage A's protocol (max_new_tokens, stop rule, dtype are
-inherited from the generations' metadata, see ``resolve_protocol``): it stops at EOS, once its final
-answer is complete (``verify.answer_complete`` on the whole response text, checked after every token
-including a itself), or when the response reaches ``max_new_tokens`` tokens. Both engines apply
-exactly this rule:
+inherited from the generations' metadata, see ``resolve_protocol``): it ends at EOS or when the response
+reaches ``max_new_tokens`` tokens, and its verdict is ``verify.grade_detailed`` of the whole text, the last
+answer the evaluation's grader extracts (one definition of a response's answer in stages A, B and D).
+With ``--stop-at-answer`` (an opt-in speed knob) a branch also ends once its first final answer is
+complete (``verify.answer_complete``, checked after every token including a itself); a model that writes
+a second answer then gets another verdict, so such a run audits itself (``branch_stop_audit``) and records
+the verdicts and labels the stop changed. Both engines apply exactly this rule:
 
 - ``reference``: one pinned greedy ``generate`` per branch from the full token prefix, every alternative.
 - ``fast`` (default, ``cft.engine``): the prompt + response KV cache is computed once and shared by
@@ -55,6 +58,7 @@ from cft.artifacts import (
 from cft.config import attn_option, device_option, dtype_option, from_args, internal, model_option, option
 from cft.decoding import AnswerStop, pinned_generate, pinned_generation_config
 from cft.engine import BranchDecoder, auto_batch_size, check_supported
+from cft.generate import DecodeConfig, Stop, audit_stops, print_stop_audit, stop_rule
 from cft.models import cache_kwarg, load_model, load_tokenizer, resolve
 from cft.progress import Progress
 from cft.protocol import (
@@ -70,7 +74,7 @@ log = logging.getLogger(__name__)
 # Bumped when a rule that changes labels changes (tie order, unknown verdicts), so a resume never
 # mixes records made under two rules.
 LABEL_RULES = "cft.identify/2: order (-logit, id); verifier failure = unknown"
-PROTOCOL_DEFAULTS = {"max_new_tokens": 256, "stop_at_answer": True, "dtype": "float32", "template": None}
+PROTOCOL_DEFAULTS = {"max_new_tokens": 256, "stop_at_answer": False, "dtype": "float32", "template": None}
 # A branch whose smallest top-1/top-2 logit gap is below this is a near-tie: another batch shape or
 # kernel may flip its argmax. Per dtype, overridable with --tolerance.
 DEFAULT_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.1}
@@ -92,7 +96,12 @@ class IdentifyConfig:
     k: int = option(3, "alternatives are the rank-2..k tokens", aliases=("-k",))
     max_new_tokens: int | None = option(
         None, "response length cap of a branch (default: Stage A's, from the generations' metadata)")
-    stop_at_answer: bool | None = option(None, "end a branch once its answer is complete (default: as Stage A did)")
+    stop_at_answer: bool | None = option(
+        None, "SPEED KNOB: end a branch once its first final answer is complete instead of at EOS or the cap; the run "
+              "audits what it changed (--stop-audit). Default: as Stage A did, which by default decodes to EOS; "
+              "generations made with the answer stop need this flag")
+    stop_audit: int = option(64, "with --stop-at-answer: stopped branches re-decoded to EOS, a seeded sample "
+                                 "(--crosscheck-seed) besides every one whose verdict flips at its next answer")
     include_eos: bool = option(False, "also test the final EOS position")
     batch_size: int | None = option(None, "fast engine rows (default: from free memory)")
     draft: int | None = option(None, "fast engine: draft tokens verified per row and step (default: the width "
@@ -115,7 +124,7 @@ class IdentifyConfig:
                                           "engine and compare (0: the near-ties only)", metavar="N")
     tolerance: float | None = option(None, "a branch whose smallest top-1/top-2 logit gap is below T is a near-tie "
                                            f"(default per dtype: {DEFAULT_TOLERANCE})", metavar="T")
-    crosscheck_seed: int = option(0, "seed of the crosscheck's random sample of branches")
+    crosscheck_seed: int = option(0, "seed of the crosscheck's and the stop audit's random samples of branches")
     # Opt-in approximations (off by default; recorded in the metadata).
     skip_confident: float | None = option(None, "APPROXIMATION: skip positions whose top-1 probability >= TAU",
                                           metavar="TAU")
@@ -274,6 +283,55 @@ def crosscheck(model, tok, labels: list[dict], cfg: IdentifyConfig, proto: Proto
             "disagreement_details": disagreements[:100]}
 
 
+def branch_stop_audit(model, tok, labels: list[dict], cfg: IdentifyConfig, proto: Protocol) -> dict:
+    """What ``--stop-at-answer`` changed: ``audit_stops`` over the graded branches it ended, and their labels.
+
+    A branch ended by the stop is one whose stored continuation ends neither at EOS nor at the cap (without
+    stored continuations every graded branch counts, and the look-ahead only finds its stop again). A
+    position's label changes when a changed verdict changes it; it is unsettled when a success turned into a
+    failure and the fast engine never ran the later ranks (it stops at the first success).
+    """
+    stops, where = [], []
+    for i, rec in enumerate(labels):
+        for t, br in enumerate(rec["branches"]):
+            for j, b in enumerate(br):
+                if b["ok"] is None:
+                    continue
+                response = rec["response_ids"][:t] + [b["token"]] + (b["ids"] or [])
+                done = len(b["ids"] or [])
+                if (b["ids"] is not None and response[-1] in proto.eos) or done >= proto.budget(t):
+                    continue
+                stops.append(Stop(rec["prompt_ids"], response, proto.budget(t) - done, rec["gold"], b["ok"]))
+                where.append((i, t, j))
+    dcfg = DecodeConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size or 64,
+                        rows=None if cfg.batch_size else 0)
+    summary, full = audit_stops(model, tok, stops, lambda ids, gold: proto.verdict(ids, gold).ok,
+                                cfg.stop_audit, cfg.crosscheck_seed, dcfg)
+    changed = {where[n]: ok for n, ok in full.items() if ok != stops[n].ok}
+    labels_changed = unsettled = 0
+    for i, t in {(i, t) for i, t, _ in changed}:
+        branches = labels[i]["branches"][t]
+        oks = [changed.get((i, t, j), b["ok"]) for j, b in enumerate(branches)]
+        skipped = any(b["ok"] is None and not b["verify_error"] for b in branches)
+        if any(ok is True for ok in oks):
+            critical = 0
+        elif skipped:
+            unsettled += 1
+            continue
+        else:
+            critical = int(all(ok is False for ok in oks))
+        labels_changed += critical != labels[i]["critical"][t]
+    summary.update(labels_changed=labels_changed, labels_unsettled=unsettled,
+                   changed=[_changed_branch(labels[i], t, j, ok) for (i, t, j), ok in sorted(changed.items())][:100])
+    return summary
+
+
+def _changed_branch(rec: dict, t: int, j: int, ok_at_end: bool | None) -> dict:
+    b = rec["branches"][t][j]
+    return {"key": rec["key"], "id": rec["id"], "position": t, "rank": b["rank"], "ok_at_stop": b["ok"],
+            "answer_at_stop": b["answer"], "ok_at_end": ok_at_end}
+
+
 def _near(branch: dict, tol: float) -> bool:
     return branch.get("margin") is not None and branch["margin"] < tol
 
@@ -367,8 +425,16 @@ def resolve_protocol(cfg: IdentifyConfig, model=None) -> IdentifyConfig:
             log.warning("%s has no metadata (%s.meta.json): Stage A's protocol is unknown; using identify's "
                         "settings as given", cfg.input, cfg.input)
         stage_a = {}
+    if stage_a.get("stop_at_answer") and cfg.stop_at_answer is None:
+        raise InputError(f"{cfg.input}.meta.json", None, "stop_at_answer",
+                         "these responses were made with the answer stop (each ends at its first complete answer "
+                         "and `correct` grades that answer, not the last one cft eval grades); label them with "
+                         "the rule they were made with by passing --stop-at-answer (its effect is audited and "
+                         "recorded), or regenerate them without --stop-at-answer")
+    # the answer stop over responses decoded to EOS is the opt-in speed knob, not a conflict (it is audited)
     conflicts = [name for name, value in stage_a.items()
-                 if value is not None and getattr(cfg, name) is not None and getattr(cfg, name) != value]
+                 if value is not None and getattr(cfg, name) is not None and getattr(cfg, name) != value
+                 and not (name == "stop_at_answer" and cfg.stop_at_answer)]
     if conflicts and not cfg.force_protocol:
         what = "; ".join(f"{name} {getattr(cfg, name)!r} (Stage A: {stage_a[name]!r})" for name in conflicts)
         raise InputError(f"{cfg.input}.meta.json", None, conflicts[0],
@@ -385,7 +451,8 @@ def resolve_protocol(cfg: IdentifyConfig, model=None) -> IdentifyConfig:
                 inherited.append(name)
     if not cfg.protocol:
         cfg.protocol = {"source": "generations metadata" if meta else "defaults (no generations metadata)",
-                        "inherited": inherited, "forced": conflicts if cfg.force_protocol else []}
+                        "inherited": inherited, "forced": conflicts if cfg.force_protocol else [],
+                        "branch_end": stop_rule(cfg.stop_at_answer)}
     return cfg
 
 
@@ -494,6 +561,7 @@ def identify(cfg: IdentifyConfig, model=None, tok=None) -> dict:
     if cfg.crosscheck is not None and cfg.engine == "fast":  # the reference engine is its own crosscheck
         check = crosscheck(model, tok, labels, cfg, proto)
     summary.update(check)
+    summary["stop_audit"] = branch_stop_audit(model, tok, labels, cfg, proto) if cfg.stop_at_answer else None
     summary.update(n_input=inputs.n_input, responses=len(labels), invalid_skipped=invalid_count(cfg.input),
                    excluded_truncated=inputs.excluded_truncated,
                    seconds=seconds, decoded_tokens=decoded,
@@ -574,6 +642,11 @@ def print_summary(s: dict) -> None:
         print(f"near ties (margin < {s['tolerance']:g}): {s['near_ties']} branches, {s['near_tie_positions']} "
               f"positions; crosschecked {s.get('crosschecked', 0)} branches with the reference engine: "
               f"{s.get('disagreements', 0)} disagreements ({s.get('disagreements_near_tie', 0)} on near ties)")
+    audit = s.get("stop_audit")
+    print_stop_audit(audit, "branches")
+    if audit:
+        print(f"answer stop audit: {audit['labels_changed']} labels changed, {audit['labels_unsettled']} unsettled "
+              "(a success became a failure where later ranks never ran)")
     unexplained = s.get("disagreements", 0) - s.get("disagreements_near_tie", 0)
     if unexplained:
         print(f"WARNING: {unexplained} disagreements between the engines are not near ties; see "

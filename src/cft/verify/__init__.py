@@ -4,7 +4,9 @@ Public API: ``extract_answer(text) -> str | None``, ``is_equivalent(prediction, 
 ``grade(text, gold) -> (prediction, correct)`` and ``grade_detailed`` / ``check`` which also say how a
 verdict was reached and whether it timed out or failed. Extraction follows the Qwen2.5-Math toolkit's
 order: the last ``\\boxed{}``, else "the answer is", else GSM8K's ``#### N``, else the last number.
-``answer_complete`` tells a decoder when a final answer can no longer change, so branches can stop early.
+``grade_detailed`` of the whole response decoded to EOS or the cap is a response's verdict in every stage
+(A's ``correct``, B's branches, D's evaluation). ``answer_complete`` tells a decoder when the first final
+answer is complete, for the opt-in ``--stop-at-answer`` speed knob (a later answer can still change it).
 
 Equivalence runs cheapest first and stops at the first conclusive step:
 

@@ -90,10 +90,11 @@ def answer_complete(text: str) -> bool:
     """True once the text holds a final answer that parses (``answer_parses``) and tokens cannot extend.
 
     A closed ``\\boxed{X}``, "the answer is X." followed by whitespace, or a ``#### X`` line ended by a
-    newline, where X parses as an answer; "the answer is not obvious." never stops a response. Decoders
-    stop a continuation here (the same rule in every engine, so labels agree). The rule looks at the
-    first complete answer only: a response that boxes 5 and later corrects itself to 7 stops at 5 (and
-    is graded 5); ``benchmarks/stop_rule.py`` measures how often labels differ from decoding to EOS.
+    newline, where X parses as an answer; "the answer is not obvious." never stops a response. Under the
+    opt-in ``--stop-at-answer`` speed knob decoders stop a response or branch here (the same rule in every
+    engine); by default they decode to EOS or the cap. The rule looks at the first complete answer only: a
+    response that boxes 5 and later corrects itself to 7 stops at 5 (and is graded 5, where the evaluation
+    grades 7), so a run with the knob audits what it changed; ``benchmarks/stop_rule.py`` measures it.
     """
     if ("\\boxed" in text or "\\fbox" in text) and answer_parses(_last_boxed(text, bare=False)):
         return True
