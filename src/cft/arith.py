@@ -2,7 +2,8 @@
 
 Sized to SmolLM2-135M-Instruct (greedy accuracy on ``arith:test`` 30-60%; the testbed's word problems are
 out of a 135M model's reach). A problem is a start value and one or two operations (+, -, *) applied left to
-right, stated as a bare expression, a "Compute ..." instruction, in words, or a one-sentence story.
+right, stated as a bare expression (with or without spaces), a "Compute ..." instruction, in words, or a
+one-sentence story.
 
 Splits: ``train``, ``val`` (choosing settings) and ``test`` share one distribution and are disjoint by
 construction: a problem belongs to the split its canonical form (the numbers and operations, whatever the
@@ -27,8 +28,10 @@ OOD_ITEMS = ["bottles", "tickets", "stamps", "bricks", "candles", "ribbons"]
 
 SYMBOL = {"+": "+", "-": "-", "*": "*"}
 WORD = {"+": "plus", "-": "minus", "*": "times"}
-# Instructions in words: the start value, then each operation in order.
+# Instructions in words: the start value, then each operation in order; one operation as one instruction.
 STEP_WORDS = {"+": "add {b}", "-": "subtract {b}", "*": "multiply by {b}"}
+ONE_STEP = {"+": "add {b} to {a}", "-": "subtract {b} from {a}", "*": "multiply {a} by {b}"}
+COMPUTE = ["Compute {e}.", "What is {e}?", "Calculate {e}.", "Work out {e}.", "Find the value of {e}."]
 
 # Story templates: the opening (the start value), each operation as a clause, and the question.
 # ``*`` as the first operation opens with groups ("{a} bags with {b} ... in each"); later it scales the amount.
@@ -51,19 +54,20 @@ STORIES = {
     },
 }
 
-# The in-distribution shape (train, val, test) and the out-of-distribution one: operation counts, the start
+# The in-distribution shape (train, val, test) and the out-of-distribution one: operation counts (drawn
+# uniformly from the tuple: in distribution, three quarters of the problems have one operation), the start
 # value's range, the ranges of + , - and * operands (a - operand is also at most the running value), and the
 # most any value may reach.  test_ood's ranges start where train's end.
 SHAPES = {
-    "in": {"ops": (1, 2), "start": (2, 30), "add": (2, 30), "sub": (1, 30), "mul": (2, 5), "max": 200},
-    "ood": {"ops": (3, 3), "start": (31, 99), "add": (31, 99), "sub": (31, 99), "mul": (6, 9), "max": 2000},
+    "in": {"ops": (1, 1, 1, 2), "start": (2, 20), "add": (2, 20), "sub": (1, 20), "mul": (2, 5), "max": 100},
+    "ood": {"ops": (3,), "start": (31, 99), "add": (31, 99), "sub": (31, 99), "mul": (6, 9), "max": 2000},
 }
 # Split -> (shape, hash buckets of the canonical form, out of BUCKETS); the in-distribution splits partition them.
 BUCKETS = 20
 SPLITS = {
-    "train": ("in", range(0, 16)),
-    "val": ("in", range(16, 18)),
-    "test": ("in", range(18, 20)),
+    "train": ("in", range(0, 14)),
+    "val": ("in", range(14, 17)),
+    "test": ("in", range(17, 20)),
     "test_ood": ("ood", range(0, BUCKETS)),
 }
 PHRASINGS = ("expression", "compute", "words", "story")
@@ -97,7 +101,7 @@ def draw_canonical(rng: random.Random, shape: dict) -> tuple:
     """Start value and operations; every value stays in [0, shape['max']]."""
     value = rng.randint(*shape["start"])
     start, ops = value, []
-    for _ in range(rng.randint(*shape["ops"])):
+    for _ in range(rng.choice(shape["ops"])):
         choices = [op for op, ok in (("+", value + shape["add"][0] <= shape["max"]), ("-", value >= shape["sub"][0]),
                                      ("*", 2 <= value <= shape["max"] // shape["mul"][0])) if ok]
         op = rng.choice(choices)
@@ -143,13 +147,15 @@ def story(rng: random.Random, canonical: tuple, templates: dict, names: list[str
 
 def render(rng: random.Random, canonical: tuple, phrasing: str, ood: bool) -> str:
     if phrasing == "expression":
-        return f"{expression(canonical)} = ?"
+        text = f"{expression(canonical)} = ?"
+        return text if rng.random() < 0.5 else text.replace(" ", "")
     if phrasing == "compute":
-        return rng.choice(["Compute {e}.", "What is {e}?", "Calculate {e}."]).format(e=expression(canonical))
+        return rng.choice(COMPUTE).format(e=expression(canonical))
     if phrasing == "words":
         if len(canonical[1]) == 1:
-            op, b = canonical[1][0]
-            return f"What is {canonical[0]} {WORD[op]} {b}?"
+            (op, b), a = canonical[1][0], canonical[0]
+            return rng.choice([f"What is {a} {WORD[op]} {b}?", f"What do you get if you {ONE_STEP[op]}?"]).format(
+                a=a, b=b)
         steps = [STEP_WORDS[op].format(b=b) for op, b in canonical[1]]
         return f"Start with {canonical[0]}, " + ", then ".join(steps) + ". What number do you get?"
     if ood:
@@ -164,12 +170,16 @@ def generate_split(split: str, n: int, seed: int = 0) -> list[Problem]:
     shape_name, buckets = SPLITS[split]
     rng = random.Random(f"arith-{split}-{seed}")
     out: list[Problem] = []
-    while len(out) < n:
+    asked: set[str] = set()
+    while len(out) < n:  # ids count kept problems, so a skipped draw never leaves a gap
         canonical = draw_canonical(rng, SHAPES[shape_name])
         if bucket(canonical) not in buckets:
             continue
         phrasing = rng.choice(PHRASINGS)
         question = render(rng, canonical, phrasing, ood=shape_name == "ood")
+        if question in asked:  # a split states a question once (the same arithmetic may come in other words)
+            continue
+        asked.add(question)
         out.append(Problem(f"arith-{split}-s{seed}-{len(out)}", question, str(evaluate(canonical)), canonical,
                            phrasing))
     return out
