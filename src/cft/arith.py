@@ -2,13 +2,17 @@
 
 Sized to SmolLM2-135M-Instruct (greedy accuracy on ``arith:test`` 30-60%; the testbed's word problems are
 out of a 135M model's reach). A problem is a start value and one or two operations (+, -, *) applied left to
-right, stated as a bare expression (with or without spaces), a "Compute ..." instruction, in words, or a
-one-sentence story.
+right, stated as a bare expression, a "Compute ..." instruction, in words, or a one-sentence story.
 
 Splits: ``train``, ``val`` (choosing settings) and ``test`` share one distribution and are disjoint by
 construction: a problem belongs to the split its canonical form (the numbers and operations, whatever the
 phrasing) hashes to, for every seed. ``test_ood`` has what ``train`` never has: three operations (four
 operands), operands above ``train``'s ranges, and story templates of its own.
+
+Problems are drawn independently, as from a distribution: the in-distribution pool is small (about 640
+one-operation forms over the three splits), so a few hundred problems of one split repeat some arithmetic and,
+now and then, a whole question (300 ``test`` problems of seed 0: 152 distinct canonical forms, 270 distinct
+questions); a repeat is a second draw, so accuracies stay unbiased estimates of the split's distribution.
 
 Answers are exact non-negative integers: a subtraction never takes away more than the running value, so no
 intermediate or final value is negative (a sign is one more thing a small model can get wrong, and the
@@ -28,10 +32,9 @@ OOD_ITEMS = ["bottles", "tickets", "stamps", "bricks", "candles", "ribbons"]
 
 SYMBOL = {"+": "+", "-": "-", "*": "*"}
 WORD = {"+": "plus", "-": "minus", "*": "times"}
-# Instructions in words: the start value, then each operation in order; one operation as one instruction.
+# Instructions in words: the start value, then each operation in order.
 STEP_WORDS = {"+": "add {b}", "-": "subtract {b}", "*": "multiply by {b}"}
-ONE_STEP = {"+": "add {b} to {a}", "-": "subtract {b} from {a}", "*": "multiply {a} by {b}"}
-COMPUTE = ["Compute {e}.", "What is {e}?", "Calculate {e}.", "Work out {e}.", "Find the value of {e}."]
+COMPUTE = ["Compute {e}.", "What is {e}?", "Calculate {e}."]
 
 # Story templates: the opening (the start value), each operation as a clause, and the question.
 # ``*`` as the first operation opens with groups ("{a} bags with {b} ... in each"); later it scales the amount.
@@ -147,15 +150,13 @@ def story(rng: random.Random, canonical: tuple, templates: dict, names: list[str
 
 def render(rng: random.Random, canonical: tuple, phrasing: str, ood: bool) -> str:
     if phrasing == "expression":
-        text = f"{expression(canonical)} = ?"
-        return text if rng.random() < 0.5 else text.replace(" ", "")
+        return f"{expression(canonical)} = ?"
     if phrasing == "compute":
         return rng.choice(COMPUTE).format(e=expression(canonical))
     if phrasing == "words":
         if len(canonical[1]) == 1:
-            (op, b), a = canonical[1][0], canonical[0]
-            return rng.choice([f"What is {a} {WORD[op]} {b}?", f"What do you get if you {ONE_STEP[op]}?"]).format(
-                a=a, b=b)
+            op, b = canonical[1][0]
+            return f"What is {canonical[0]} {WORD[op]} {b}?"
         steps = [STEP_WORDS[op].format(b=b) for op, b in canonical[1]]
         return f"Start with {canonical[0]}, " + ", then ".join(steps) + ". What number do you get?"
     if ood:
@@ -170,16 +171,12 @@ def generate_split(split: str, n: int, seed: int = 0) -> list[Problem]:
     shape_name, buckets = SPLITS[split]
     rng = random.Random(f"arith-{split}-{seed}")
     out: list[Problem] = []
-    asked: set[str] = set()
-    while len(out) < n:  # ids count kept problems, so a skipped draw never leaves a gap
+    while len(out) < n:
         canonical = draw_canonical(rng, SHAPES[shape_name])
         if bucket(canonical) not in buckets:
             continue
         phrasing = rng.choice(PHRASINGS)
         question = render(rng, canonical, phrasing, ood=shape_name == "ood")
-        if question in asked:  # a split states a question once (the same arithmetic may come in other words)
-            continue
-        asked.add(question)
         out.append(Problem(f"arith-{split}-s{seed}-{len(out)}", question, str(evaluate(canonical)), canonical,
                            phrasing))
     return out
