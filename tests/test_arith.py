@@ -107,3 +107,15 @@ def test_specs_resolve_in_the_data_loader():
                                                            for p in generate_split("test_ood", 5, 2)]
     with pytest.raises(ValueError, match="unknown arith split 'dev'"):
         load_problems("arith:dev", limit=1)
+
+
+def test_an_unknown_split_is_one_line_at_the_command_line(tmp_path, capsys):
+    from cft.cli import main
+
+    for spec, message in (("arith:dev", "unknown arith split 'dev'; choose from train, val, test, test_ood"),
+                          ("testbed:dev", "unknown testbed split 'dev'")):
+        with pytest.raises(SystemExit) as exc:
+            main(["generate", "--model", "testbed", "--data", spec, "--out", str(tmp_path / "g.jsonl")])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err

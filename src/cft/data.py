@@ -15,16 +15,24 @@ from cft.artifacts import InputError, read_valid
 from cft.problem import Problem
 from cft.testbed import problems as testbed
 
-__all__ = ["GENERATED", "TESTBED_DEFAULT_SIZE", "Problem", "is_generated", "load_jsonl_problems", "load_problems"]
+__all__ = ["GENERATED", "TESTBED_DEFAULT_SIZE", "Problem", "is_generated", "load_jsonl_problems", "load_problems",
+           "unknown_split"]
 
 TESTBED_DEFAULT_SIZE = 1000  # problems of a generated split when no --limit is given
-# Built-in tasks whose splits are generated from a seed: the prefix of a spec -> its generate_split.
-GENERATED = {"testbed": testbed.generate_split, "arith": arith.generate_split}
+# Built-in tasks whose splits are generated from a seed: the prefix of a spec -> its module (generate_split, SPLITS).
+GENERATED = {"testbed": testbed, "arith": arith}
 
 
 def is_generated(spec: str) -> bool:
     """Whether a spec names a generated split (``testbed:test``, ``arith:train``, ...), whatever the split."""
     return spec.split(":", 1)[0] in GENERATED and ":" in spec
+
+
+def unknown_split(spec: str) -> str | None:
+    """What is wrong with a generated spec's split name, or None."""
+    task, split = spec.split(":", 1)
+    splits = GENERATED[task].SPLITS
+    return None if split in splits else f"unknown {task} split {split!r}; choose from {', '.join(splits)}"
 
 
 def load_problems(spec: str, seed: int = 0, limit: int | None = None,
@@ -33,7 +41,7 @@ def load_problems(spec: str, seed: int = 0, limit: int | None = None,
     if is_generated(spec):
         task, split = spec.split(":", 1)
         return [Problem(p.id, p.question, p.answer)
-                for p in GENERATED[task](split, limit or TESTBED_DEFAULT_SIZE, seed)]
+                for p in GENERATED[task].generate_split(split, limit or TESTBED_DEFAULT_SIZE, seed)]
     bench = benchmarks.parse_spec(spec)
     if bench is not None and not Path(spec).exists():
         problems = benchmarks.load_benchmark(*bench, data_dir=data_dir)
