@@ -62,15 +62,15 @@ STORIES = {
 # value's range, the ranges of + , - and * operands (a - operand is also at most the running value), and the
 # most any value may reach.  test_ood's ranges start where train's end.
 SHAPES = {
-    "in": {"ops": (1, 1, 1, 2), "start": (2, 20), "add": (2, 20), "sub": (1, 20), "mul": (2, 5), "max": 100},
+    "in": {"ops": (1, 1, 1, 2), "start": (2, 12), "add": (1, 12), "sub": (1, 12), "mul": (2, 5), "max": 60},
     "ood": {"ops": (3,), "start": (31, 99), "add": (31, 99), "sub": (31, 99), "mul": (6, 9), "max": 2000},
 }
 # Split -> (shape, hash buckets of the canonical form, out of BUCKETS); the in-distribution splits partition them.
 BUCKETS = 20
 SPLITS = {
-    "train": ("in", range(0, 14)),
-    "val": ("in", range(14, 17)),
-    "test": ("in", range(17, 20)),
+    "train": ("in", range(0, 12)),
+    "val": ("in", range(12, 15)),
+    "test": ("in", range(15, 20)),
     "test_ood": ("ood", range(0, BUCKETS)),
 }
 PHRASINGS = ("expression", "compute", "words", "story")
