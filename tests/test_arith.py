@@ -19,6 +19,8 @@ def test_deterministic_stable_prefixes_and_ids():
     assert long[:40] == short and generate_split("test", 200, 3) == long
     assert [p.id for p in long] == [f"arith-test-s3-{i}" for i in range(200)]
     assert [p.question for p in generate_split("test", 40, 4)] != [p.question for p in short]
+    pinned = generate_split("test", 300, 0)  # the figures cft/arith.py's docstring quotes
+    assert len({p.canonical for p in pinned}) == 127 and len({p.question for p in pinned}) == 239
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -9,10 +9,11 @@ construction: a problem belongs to the split its canonical form (the numbers and
 phrasing) hashes to, for every seed. ``test_ood`` has what ``train`` never has: three operations (four
 operands), operands above ``train``'s ranges, and story templates of its own.
 
-Problems are drawn independently, as from a distribution: the in-distribution pool is small (about 640
-one-operation forms over the three splits), so a few hundred problems of one split repeat some arithmetic and,
-now and then, a whole question (300 ``test`` problems of seed 0: 152 distinct canonical forms, 270 distinct
-questions); a repeat is a second draw, so accuracies stay unbiased estimates of the split's distribution.
+Problems are drawn independently, as from a distribution. The in-distribution pool of one-operation problems
+is small (253 forms: 149 in ``train``'s buckets, 65 in ``test``'s), so a few hundred problems of one split
+repeat some arithmetic in other words and now and then a whole question (300 ``test`` problems of seed 0: 127
+distinct canonical forms, 239 distinct questions); a repeat is a second draw, so an accuracy is still an
+unbiased estimate for the split's distribution, with fewer independent problems behind it than its n.
 
 Answers are exact non-negative integers: a subtraction never takes away more than the running value, so no
 intermediate or final value is negative (a sign is one more thing a small model can get wrong, and the
