@@ -1,7 +1,7 @@
 """Seeded arithmetic in natural language at a small real model's level: the built-in ``arith`` task.
 
-Sized to SmolLM2-135M-Instruct (greedy accuracy on ``arith:test`` 30-60%; the testbed's word problems are
-out of a 135M model's reach). A problem is a start value and one or two operations (+, -, *) applied left to
+Sized for SmolLM2-135M-Instruct, whose greedy accuracy on ``arith:test`` should be 30-60% (the calibration
+runs are in docs/RESULTS.md; word-problem benchmarks are out of a 135M model's reach). A problem is a start value and one or two operations (+, -, *) applied left to
 right, stated as a bare expression, a "Compute ..." instruction, in words, or a one-sentence story.
 
 Splits: ``train``, ``val`` (choosing settings) and ``test`` share one distribution and are disjoint by
