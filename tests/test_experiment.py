@@ -365,6 +365,33 @@ def test_default_config_is_valid():
         load_config(path)
 
 
+def test_smollm2_study_preset_plans_its_cells(tmp_path, capsys):
+    """The SmolLM2 study (issue #26): arith data, float32 with a crosscheck, four methods tuned then 3 seeds,
+    GRPO from sft and cft; every cell todo on a fresh folder, and the arith splits written as evaluated."""
+    from cft.cli import main
+    from cft.data import load_problems
+
+    path = Path(__file__).resolve().parent.parent / "configs/experiment/smollm2_study.yaml"
+    cfg = load_config(path, [f"out={tmp_path / 'study'}"])
+    assert cfg.models == ["smollm2"] and cfg.dtype == "float32" and cfg.identify.crosscheck is not None
+    assert cfg.generate.data == "arith:train" and cfg.benchmarks[0] == "arith:test"
+    assert {"arith:test_ood", "mawps:addsub", "mawps:singleop"} <= set(cfg.benchmarks)
+    assert cfg.eval.limit >= 300 and cfg.eval.n_samples >= 4 and cfg.sampled >= 100
+    assert cfg.tune.benchmark == "arith:val"
+    assert main(["experiment", str(path), f"out={tmp_path / 'study'}", "--dry-run"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("todo", "done"))]
+    methods, grid, seeds = ["sft", "cft", "random", "dft"], cfg.tune.grid["learning_rate"], [0, 1, 2]
+    tune = [f"todo  smollm2  tune {m} learning_rate-{lr:g}" for m in methods for lr in grid]
+    cells = ["todo  smollm2  base  seed 0"] + [
+        f"todo  smollm2  {m}  seed {seed}" for seed in seeds for m in [*methods, "grpo:sft", "grpo:cft"]]
+    assert lines == tune + cells
+    spec, template = experiment.Runner(cfg).benchmark_input("arith:test", 300)
+    written = [json.loads(line) for line in Path(spec).read_text().splitlines()]
+    assert template == "chat" and [(r["question"], r["answer"]) for r in written] == [
+        (p.question, p.answer) for p in load_problems("arith:test", seed=cfg.eval_data_seed, limit=300)]
+    assert experiment.Runner(cfg).benchmark_input("mawps:addsub", 300) == ("mawps:addsub", "chat")
+
+
 # ---------------------------------------------------------------- tuning, curves, bootstrap and ablations
 
 

@@ -34,7 +34,7 @@ from cft import verify
 from cft.artifacts import InputError, ResumableWriter, environment, load_records, read_meta, record_key, write_meta
 from cft.benchmarks import BENCHMARKS
 from cft.config import MODEL_HELP, attn_option, device_option, dtype_option, from_args, model_option, option
-from cft.data import Problem, load_problems
+from cft.data import Problem, is_generated, load_problems
 from cft.generate import (
     DecodeConfig,
     decode_outputs,
@@ -58,13 +58,13 @@ class EvalConfig:
     model: str = model_option(help="the model to evaluate: records in --out made under the same name are reused; "
                                     + MODEL_HELP)
     benchmarks: list[str] = option(help="benchmark names (gsm8k, math500, ...), specs such as gsm8k:test or "
-                                        "testbed:test, or JSONL files; space- or comma-separated")
+                                        "testbed:test or arith:test, or JSONL files; space- or comma-separated")
     out: str = option(help="output folder: metrics.json, samples.jsonl and its .meta.json sidecar")
     limit: int | None = option(None, "first N problems of each benchmark")
     n_samples: int = option(4, "sampled responses per problem for pass@k and maj@k (0: none)")
     temperature: float = option(0.6, "sampling temperature (> 0)")
     template: str | None = option(None, "chat, qwen25-math-cot, gsm8k or a template file (default: chat for "
-                                        "testbed specs, qwen25-math-cot otherwise)")
+                                        "testbed: and arith: specs, qwen25-math-cot otherwise)")
     data_dir: str | None = option(None, "benchmark data folder (default: $CFT_DATA_DIR or ../shared/data)")
     max_new_tokens: int = option(1024, "decoding budget per response")
     batch_size: int = option(64, "greedy responses decoded together (sampled: this divided by --n-samples); on "
@@ -75,7 +75,7 @@ class EvalConfig:
     stop_at_answer: bool = option(False, "SPEED KNOB: stop a response once its first final answer is complete "
                                          "instead of at EOS (the toolkit decodes to EOS); the run decodes the greedy "
                                          "responses it stopped on to EOS and reports the verdicts it changed")
-    seed: int = option(0, "which testbed problems; the sampling seed")
+    seed: int = option(0, "which testbed: or arith: problems; the sampling seed")
     question_field: str = option("question", "question field of JSONL files")
     answer_field: str = option("answer", "answer field of JSONL files")
     dtype: str = dtype_option()
@@ -95,7 +95,7 @@ class EvalConfig:
     def template_for(self, benchmark: str) -> str:
         if self.template is not None:
             return self.template
-        return "chat" if benchmark.startswith("testbed:") else "qwen25-math-cot"
+        return "chat" if is_generated(benchmark) else "qwen25-math-cot"
 
     def decoding(self, kind: str) -> DecodeConfig:
         """The decoding of one kind of response; the seed is replaced per chunk."""

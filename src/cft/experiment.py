@@ -43,7 +43,7 @@ import yaml
 
 from cft import grpo as grpo_stage
 from cft.artifacts import load_records, record_key
-from cft.data import load_problems
+from cft.data import is_generated, load_problems
 from cft.evaluate import METRICS, SAMPLES, evaluate, problem_scores
 from cft.experiment_config import ExperimentConfig, ExperimentError, config_dict, grid_points, load_config, settings
 from cft.generate import generate
@@ -255,10 +255,10 @@ class Runner:
     # -------------------------------------------------- evaluation
 
     def benchmark_input(self, bench: str, n: int | None) -> tuple[str, str | None]:
-        """(spec to evaluate, template). Testbed splits are drawn once (``eval_data_seed``) and written to
-        ``OUT/data`` so that the evaluation seed changes only the sampling, never the problems."""
+        """(spec to evaluate, template). Generated splits (testbed:, arith:) are drawn once (``eval_data_seed``)
+        and written to ``OUT/data`` so that the evaluation seed changes only the sampling, never the problems."""
         c = self.cfg
-        if not bench.startswith("testbed:"):
+        if not is_generated(bench):
             return bench, c.eval.template
         path = self.out / "data" / f"{slug(bench)}-s{c.eval_data_seed}-n{n or 'all'}.jsonl"
         if not path.exists():

@@ -354,12 +354,13 @@ class GenerateConfig:
     """
 
     model: str = model_option()
-    data: str = option(help="testbed:train|test|test_ood, a benchmark spec such as gsm8k:train, or a JSONL file")
+    data: str = option(help="testbed:SPLIT or arith:SPLIT (train|val|test|test_ood), a benchmark spec such as "
+                            "gsm8k:train, or a JSONL file")
     out: str = option(help="output JSONL (cft.generations/1)")
     template: str = option("chat", "chat, qwen25-math-cot, gsm8k, or a template file")
     question_field: str = option("question", "question field of JSONL input")
     answer_field: str = option("answer", "answer field of JSONL input")
-    seed: int = option(0, "which testbed problems are drawn (also the decoding seed)")
+    seed: int = option(0, "which testbed: or arith: problems are drawn (also the decoding seed)")
     limit: int | None = option(None, "at most this many problems")
     dtype: str = dtype_option()
     device: str | None = device_option()

@@ -56,7 +56,7 @@ class GRPORunConfig:
     init: str = model_option(help="starting checkpoint, e.g. the output folder of `cft train` (a full model or a "
                                   "LoRA adapter folder, merged onto its base), or any --model name")
     out: str = option(help="output folder (TRL's output_dir): the policy, grpo_log.jsonl, checkpoints")
-    data: str = option("testbed:train", "testbed:<split> or a JSONL file with question and answer")
+    data: str = option("testbed:train", "testbed:<split>, arith:<split> or a JSONL file with question and answer")
     limit: int | None = option(1000, "number of training problems")
     template: str = option("chat", "prompt template (chat, qwen25-math-cot, gsm8k, a file)")
     dtype: str = dtype_option()

@@ -24,6 +24,7 @@ from transformers.hf_argparser import HfArgumentParser
 
 from cft import benchmarks
 from cft.config import POSITIONAL, is_internal, is_positional
+from cft.data import is_generated, unknown_split
 from cft.prompts import template_text
 
 KNOWN_MODELS = ("testbed", "smollm2")
@@ -272,8 +273,10 @@ def device_name(text: str) -> str:
 
 
 def data_spec(text: str) -> str:
-    """testbed:<split>, a benchmark spec (gsm8k:test) or an existing JSONL file."""
-    if text.startswith("testbed:") and not Path(text).exists():
+    """testbed:<split> or arith:<split>, a benchmark spec (gsm8k:test) or an existing JSONL file."""
+    if is_generated(text) and not Path(text).exists():
+        if unknown_split(text):
+            _fail(f"{text}: {unknown_split(text)}")
         return text
     if benchmarks.parse_spec(text) is not None and not Path(text).exists():
         return text
