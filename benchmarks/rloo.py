@@ -1,0 +1,96 @@
+"""A plain-torch RLOO loop: the independent check of `cft grpo` (benchmarks/grpo_check.py, tests/test_grpo.py).
+
+It shares nothing with TRL's GRPOTrainer or with transformers' ``generate``: prompts are the project's own
+``render_ids``; completions are sampled token by token from the model's own forward (a KV cache, no padding: the
+k completions of one prompt share its length; no top-k/top-p, only the temperature); the reward is
+``cft.verify.grade`` on the decoded text; the baseline is leave-one-out over the prompt's k completions; the update
+is one ``torch.optim.Adam`` step (constant learning rate) on ``-sum_i A_i log p(completion_i) / n`` (n:
+completions of the step). If `cft grpo` and this loop disagree on whether the reward rises at comparable settings,
+the difference is in the trainer, not in the model, data or reward.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from cft.data import load_problems
+from cft.models import cache_kwarg, load_model
+from cft.prompts import render_ids
+from cft.verify import grade
+
+
+@torch.no_grad()
+def sample(model, prompt: list[int], k: int, max_new_tokens: int, eos: int, temperature: float,
+           generator: torch.Generator) -> list[list[int]]:
+    """k completions of one prompt, each ending at its first EOS (kept) or at ``max_new_tokens``."""
+    from transformers import DynamicCache
+
+    ids = torch.tensor([prompt] * k)
+    done = torch.zeros(k, dtype=torch.bool)
+    cache, step_in = DynamicCache(), ids
+    for _ in range(max_new_tokens):
+        logits = model(input_ids=step_in, use_cache=True, **{cache_kwarg(model): cache}).logits[:, -1].float()
+        nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator).squeeze(1)
+        nxt[done] = eos  # finished rows only pad; the padding is cut below
+        ids = torch.cat([ids, nxt[:, None]], 1)
+        step_in = nxt[:, None]
+        done |= nxt == eos
+        if done.all():
+            break
+    out = []
+    for row in ids[:, len(prompt):].tolist():
+        out.append(row[: row.index(eos) + 1] if eos in row else row)
+    return out
+
+
+def rloo(init: str, *, data: str = "testbed:train", limit: int = 1000, steps: int = 60, lr: float = 3e-5,
+         prompts_per_step: int = 4, k: int = 8, max_new_tokens: int = 128, temperature: float = 1.0,
+         seed: int = 0, log=None) -> list[float]:
+    """Train ``init`` with RLOO on the verifier's reward; returns the mean reward of each step's completions.
+
+    Each step takes ``prompts_per_step`` problems from a fresh shuffle of the ``limit`` problems (an epoch at a
+    time, as TRL's sampler does). ``log``: called with each step's row.
+    """
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    model, tok = load_model(init, device="cpu")
+    model.eval()  # no dropout: the policy that samples is the one that is scored
+    problems = load_problems(data, seed=seed, limit=limit)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    order: list = []
+    rewards_per_step = []
+    for step in range(steps):
+        if len(order) < prompts_per_step:
+            order += rng.sample(problems, len(problems))
+        batch, order = order[:prompts_per_step], order[prompts_per_step:]
+        seqs, advantages, rewards = [], [], []
+        for p in batch:
+            prompt = render_ids(tok, p.question)
+            comps = sample(model, prompt, k, max_new_tokens, tok.eos_token_id, temperature, gen)
+            r = [float(grade(tok.decode(c, skip_special_tokens=True), p.answer)[1]) for c in comps]
+            rewards += r
+            for c, ri in zip(comps, r, strict=True):
+                a = ri - (sum(r) - ri) / (k - 1)
+                if a != 0:
+                    seqs.append((prompt, c))
+                    advantages.append(a)
+        if seqs:
+            width = max(len(p) + len(c) for p, c in seqs)
+            pad = tok.pad_token_id
+            ids = torch.tensor([p + c + [pad] * (width - len(p) - len(c)) for p, c in seqs])
+            attention = torch.tensor([[1] * (len(p) + len(c)) + [0] * (width - len(p) - len(c)) for p, c in seqs])
+            scored = torch.tensor([[0] * len(p) + [1] * len(c) + [0] * (width - len(p) - len(c))
+                                   for p, c in seqs])[:, 1:]
+            logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float() / temperature
+            logp = torch.log_softmax(logits, -1).gather(2, ids[:, 1:, None]).squeeze(2)
+            loss = -(torch.tensor(advantages) * (logp * scored).sum(1)).sum() / len(rewards)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        rewards_per_step.append(sum(rewards) / len(rewards))
+        if log is not None:
+            log({"step": step + 1, "reward": rewards_per_step[-1]})
+    return rewards_per_step
