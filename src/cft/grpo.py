@@ -7,6 +7,11 @@ to ``DIR/grpo_log.jsonl``: reward (= accuracy of the sampled completions, since 
 verdict), its spread, policy entropy, KL, completion length. Generation uses transformers (no vLLM), so
 it runs on a CPU with a small model, few generations and short completions.
 
+What TRL trains on is what it sampled (checked, issue #24): the prompt ids are ``render_ids``'s, EOS is the
+tokenizer's (the testbed pads with another token), completions end at it, the sampler's logits equal the scorer's,
+and TRL's gradient equals a textbook REINFORCE gradient on the same completions. An RL run that does not raise the
+reward is a run whose step gradient is mostly sampling noise; see ``CFTGRPOConfig``.
+
 Checkpoints go to ``DIR/checkpoint-N`` every ``--save-steps``; ``--resume`` continues from the last
 complete one (the log keeps the steps up to it). The final policy is saved through the Trainer's own
 ``save_model`` on every process, which gathers ZeRO-3 / FSDP shards before the main process writes.
@@ -60,7 +65,7 @@ class GRPORunConfig:
 class CFTGRPOConfig(CFTTrainingDefaults, GRPOConfig):
     """TRL's ``GRPOConfig`` with cft's defaults; every other GRPO option is TRL's own.
 
-    The defaults (with ``--limit 64``) raise the reward on the testbed (0.8M parameters) from the demo's SFT
+    The defaults (with ``--limit 64``) raise the reward on the testbed (0.9M parameters) from the demo's SFT
     checkpoint: benchmarks/grpo_check.py measures it. They were chosen on that model only; a larger model takes a
     smaller ``--lr`` (SmolLM2-135M: see the README). What matters is the signal in one step's gradient: with 4
     prompts x 4 completions per step, gradients of different steps are nearly orthogonal (the step is mostly
@@ -68,7 +73,7 @@ class CFTGRPOConfig(CFTTrainingDefaults, GRPOConfig):
     enough to move the policy walks it away from its start (reward falls, entropy rises). 8 x 8 completions per
     step on a set of problems that each come back every 8 steps give a gradient that agrees from step to step.
     """
-    learning_rate: float = option(1e-4, "peak learning rate (AdamW; linear decay); chosen on the 0.8M-parameter "
+    learning_rate: float = option(1e-4, "peak learning rate (AdamW; linear decay); chosen on the 0.9M-parameter "
                                         "testbed, smaller for larger models", aliases=("--lr",))
     max_steps: int = option(48, "optimizer steps")
     prompts_per_step: int = option(8, "prompts per process and step; each gets --num-generations completions")
