@@ -1,10 +1,11 @@
-"""How much of one RL step's gradient is signal? The evidence behind `cft grpo`'s defaults (issue #24).
+"""Do the policy gradients of different RL steps agree? The measurement behind `cft grpo`'s defaults (issue #24).
 
 At ``--init`` (default: the demo's SFT checkpoint, built as benchmarks/grpo_check.py does), the policy gradients
 (plain REINFORCE with a leave-one-out baseline, benchmarks/rloo.py) of ``--batches`` independent steps are taken
-for two settings: the old one (4 prompts x 4 completions from 1000 problems) and the defaults (8 x 8 from 64). The
-mean pairwise cosine between them is about the mean gradient's share of one step's squared norm; near 0, a step is
-sampling noise. Last line: ``key=value ...``.
+for two settings: the old one (4 prompts x 4 completions from 1000 problems) and the defaults (8 x 8 from 64).
+The mean pairwise cosine between them is about the share of one step's squared gradient norm that all steps have
+in common; near 0, what a step learns about its own problems (and its sampling noise) does not carry to the
+problems of other steps. Last line: ``key=value ...``.
 
     python benchmarks/grpo_noise.py [--init DIR] [--batches 12]
 """

@@ -133,3 +133,18 @@ def gradient_agreement(init: str, *, data: str = "testbed:train", limit: int = 1
     g = torch.nn.functional.normalize(torch.stack(grads), dim=1)
     cos = g @ g.T
     return float((cos.sum() - cos.diagonal().sum()) / (batches_ * (batches_ - 1)))
+
+
+if __name__ == "__main__":  # python benchmarks/rloo.py INIT [--limit N --prompts-per-step P --k K --steps S --lr LR]
+    import argparse
+
+    p = argparse.ArgumentParser(description="the plain-torch RLOO loop; prints the mean reward of the first and "
+                                            "last fifth of the steps")
+    p.add_argument("init")
+    for name, kind, default in (("limit", int, 1000), ("prompts-per-step", int, 4), ("k", int, 8),
+                                ("steps", int, 60), ("lr", float, 3e-5), ("seed", int, 0)):
+        p.add_argument(f"--{name}", type=kind, default=default)
+    a = p.parse_args()
+    r = rloo(a.init, limit=a.limit, prompts_per_step=a.prompts_per_step, k=a.k, steps=a.steps, lr=a.lr, seed=a.seed)
+    n = max(1, len(r) // 5)
+    print(f"reward_first={sum(r[:n]) / n:.3f} reward_last={sum(r[-n:]) / n:.3f} steps={len(r)}")
