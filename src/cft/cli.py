@@ -44,7 +44,7 @@ COMMANDS = {
     "train": ("cft.train", "stage C: fine-tune with a token-selection method (sft, cft, ...)"),
     "grpo": ("cft.grpo", "RL (GRPO) from a fine-tuned checkpoint, the verifier as reward. The defaults (64 problems, "
                          "8 prompts x 8 completions per step, lr 1e-4, 48 steps) were chosen on the built-in testbed "
-                         "(0.9M parameters), where they raise the reward; larger models take a smaller --lr"),
+                         "(0.9M parameters), where they raise the reward; untested on larger models"),
     "eval": ("cft.evaluate", "stage D: accuracy, pass@k and entropy on benchmarks"),
     "demo": ("cft.demo", "every stage on the built-in testbed, base vs SFT vs CFT"),
     "transfer": ("cft.transfer", "carry critical-token labels onto another model's tokenizer"),

@@ -66,16 +66,17 @@ class CFTGRPOConfig(CFTTrainingDefaults, GRPOConfig):
     """TRL's ``GRPOConfig`` with cft's defaults; every other GRPO option is TRL's own.
 
     The defaults (with ``--limit 64``) raise the reward on the testbed (0.9M parameters) from the demo's SFT
-    checkpoint: benchmarks/grpo_check.py measures it. They were chosen on that model only; a larger model takes a
-    smaller ``--lr``. What matters is that problems come back: the policy gradients of steps on different problems
-    are nearly orthogonal (benchmarks/grpo_noise.py), so what one step learns about its problems barely carries to
-    others, and on a stream of fresh problems (the old defaults: 4 prompts x 4 completions from 1000 problems) a
-    step large enough to move the policy walks it away from its start (reward falls, entropy rises). With 64
-    problems, each back every 8 steps, a problem's own gradient adds up and the reward it optimizes rises; on the
-    testbed that does not carry to held-out problems (the greedy accuracy on testbed:test does not rise).
+    checkpoint: benchmarks/grpo_check.py measures it. They were chosen on that model only and are untested on
+    larger ones, which usually take a smaller ``--lr``. What matters is that problems come back: the policy
+    gradients of steps on different problems are nearly orthogonal (benchmarks/grpo_noise.py), so what one step
+    learns about its problems barely carries to others, and on a stream of fresh problems (the old defaults: 4
+    prompts x 4 completions from 1000 problems) a step large enough to move the policy walks it away from its
+    start (reward falls, entropy rises). With 64 problems, each back every 8 steps, a problem's own gradient adds
+    up and the reward it optimizes rises; on the testbed that does not carry to held-out problems (the greedy
+    accuracy on testbed:test does not rise).
     """
     learning_rate: float = option(1e-4, "peak learning rate (AdamW; linear decay); chosen on the 0.9M-parameter "
-                                        "testbed, smaller for larger models", aliases=("--lr",))
+                                        "testbed (untested on larger models)", aliases=("--lr",))
     max_steps: int = option(48, "optimizer steps")
     prompts_per_step: int = option(8, "prompts per process and step; each gets --num-generations completions")
     num_generations: int | None = option(8, "completions per prompt (>= 2)")
