@@ -285,7 +285,9 @@ def test_identify_approx_runs_every_setting_on_two_responses():
                            "--problems", "20"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {}
-    for line in proc.stdout.strip().splitlines()[1:]:
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("machine: ")  # the machine behind the figures comes first
+    for line in lines[2:]:  # after the column header
         name, seconds, speedup, branches, frac, prec, rec = line.split()
         rows[name] = (int(branches), float(frac), float(prec), float(rec))
     assert list(rows) == ["exact", "skip_confident=0.99", "skip_confident=0.9", "continuation_cap=16",
