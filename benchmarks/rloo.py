@@ -1,8 +1,8 @@
 """A plain-torch RLOO loop: the independent check of `cft grpo` (benchmarks/grpo_check.py, tests/test_grpo.py).
 
 It shares nothing with TRL's GRPOTrainer or with transformers' ``generate``: prompts are the project's own
-``render_ids``; completions are sampled token by token from the model's own forward (a KV cache, no padding: the
-k completions of one prompt share its length; no top-k/top-p, only the temperature); the reward is
+``render_ids``; completions are sampled token by token from the model's own forward (a KV cache; the step's prompts left-padded
+to one batch with an attention mask and positions; no top-k/top-p, only the temperature); the reward is
 ``cft.verify.grade`` on the decoded text; the baseline is leave-one-out over the prompt's k completions; the update
 is one ``torch.optim.Adam`` step (constant learning rate) on ``-sum_i A_i log p(completion_i) / n`` (n:
 completions of the step). If `cft grpo` and this loop disagree on whether the reward rises at comparable settings,
@@ -22,36 +22,46 @@ from cft.verify import grade
 
 
 @torch.no_grad()
-def sample(model, prompt: list[int], k: int, max_new_tokens: int, eos: int, temperature: float,
-           generator: torch.Generator) -> list[list[int]]:
-    """k completions of one prompt, each ending at its first EOS (kept) or at ``max_new_tokens``."""
+def sample(model, prompts: list[list[int]], k: int, max_new_tokens: int, eos: int, pad: int, temperature: float,
+           generator: torch.Generator) -> list[list[list[int]]]:
+    """k completions of each prompt, each ending at its first EOS (kept) or at ``max_new_tokens``.
+
+    All ``len(prompts) * k`` rows decode together: prompts are left-padded to the longest, with an attention
+    mask and positions that start at each prompt's first real token."""
     from transformers import DynamicCache
 
-    ids = torch.tensor([prompt] * k)
-    done = torch.zeros(k, dtype=torch.bool)
-    cache, step_in = DynamicCache(), ids
+    width = max(len(p) for p in prompts)
+    rows = [p for p in prompts for _ in range(k)]
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in rows])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows])
+    done = torch.zeros(len(rows), dtype=torch.bool)
+    cache, step_in, new = DynamicCache(), ids, []
     for _ in range(max_new_tokens):
-        logits = model(input_ids=step_in, use_cache=True, **{cache_kwarg(model): cache}).logits[:, -1].float()
+        positions = (mask.cumsum(1) - 1).clamp(min=0)[:, -step_in.shape[1]:]
+        logits = model(input_ids=step_in, attention_mask=mask, position_ids=positions, use_cache=True,
+                       **{cache_kwarg(model): cache}).logits[:, -1].float()
         nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator).squeeze(1)
         nxt[done] = eos  # finished rows only pad; the padding is cut below
-        ids = torch.cat([ids, nxt[:, None]], 1)
+        new.append(nxt)
         step_in = nxt[:, None]
+        mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype)], 1)
         done |= nxt == eos
         if done.all():
             break
     out = []
-    for row in ids[:, len(prompt):].tolist():
+    for row in torch.stack(new, 1).tolist():
         out.append(row[: row.index(eos) + 1] if eos in row else row)
-    return out
+    return [out[i * k:(i + 1) * k] for i in range(len(prompts))]
 
 
 def rollout(model, tok, batch, k: int, max_new_tokens: int, temperature: float, generator: torch.Generator):
     """k completions per problem of ``batch``: ``(sequences, advantages, rewards)``; the sequences are
     ``(prompt ids, completion ids)`` with a non-zero leave-one-out advantage (the others carry no gradient)."""
     seqs, advantages, rewards = [], [], []
-    for p in batch:
-        prompt = render_ids(tok, p.question)
-        comps = sample(model, prompt, k, max_new_tokens, tok.eos_token_id, temperature, generator)
+    prompts = [render_ids(tok, p.question) for p in batch]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    for p, prompt, comps in zip(batch, prompts, sample(model, prompts, k, max_new_tokens, tok.eos_token_id, pad,
+                                                        temperature, generator), strict=True):
         r = [float(grade(tok.decode(c, skip_special_tokens=True), p.answer)[1]) for c in comps]
         rewards += r
         for c, ri in zip(comps, r, strict=True):

@@ -212,6 +212,24 @@ LEARNABLE = dict(limit=4, prompts_per_step=4, steps=24, lr=3e-4, k=8, max_new_to
 MARGIN = 0.15
 
 
+def test_reference_rloo_batch_samples_each_prompt_as_if_alone(monkeypatch):
+    """The loop decodes a step's prompts in one left-padded batch; with the draw replaced by the argmax, every
+    prompt's completion must equal the one it gets decoded alone (padding, mask and positions are right)."""
+    import torch
+
+    rloo = _rloo()
+    from cft.data import load_problems
+
+    model, tok = load_model("testbed", device="cpu")
+    prompts = [render_ids(tok, p.question) for p in load_problems("testbed:train", seed=0, limit=6)]
+    assert len({len(p) for p in prompts}) > 1  # the batch needs padding
+    monkeypatch.setattr(torch, "multinomial", lambda probs, n, generator=None: probs.argmax(-1, keepdim=True))
+    args = (2, 48, tok.eos_token_id, tok.pad_token_id, 1.0, torch.Generator())
+    together = rloo.sample(model, prompts, *args)
+    alone = [rloo.sample(model, [p], *args)[0] for p in prompts]
+    assert together == alone
+
+
 @pytest.mark.slow
 def test_reference_rloo_loop_raises_the_reward_on_a_learnable_set():
     rewards = _rloo().rloo("testbed", seed=0, **LEARNABLE)
