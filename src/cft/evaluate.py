@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
@@ -35,6 +34,7 @@ from cft.artifacts import InputError, ResumableWriter, environment, load_records
 from cft.benchmarks import BENCHMARKS
 from cft.config import MODEL_HELP, attn_option, device_option, dtype_option, from_args, model_option, option
 from cft.data import Problem, is_generated, load_problems
+from cft.errors import UsageError
 from cft.generate import (
     DecodeConfig,
     decode_outputs,
@@ -88,9 +88,9 @@ class EvalConfig:
         names = [b.strip() for item in self.benchmarks for b in item.split(",") if b.strip()]  # gsm8k,math500
         self.benchmarks = list(dict.fromkeys(names))  # a benchmark named twice is evaluated once
         if not self.benchmarks:
-            raise ValueError("no benchmarks to evaluate")
+            raise UsageError("no benchmarks to evaluate")
         if self.n_samples > 0 and self.temperature <= 0:
-            raise ValueError("sampling needs temperature > 0 (or n_samples = 0)")
+            raise UsageError("sampling needs temperature > 0 (or n_samples = 0)")
 
     def template_for(self, benchmark: str) -> str:
         if self.template is not None:
@@ -509,13 +509,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     missing = [f"--{name.replace('_', '-')}" for name in REQUIRED if not getattr(args, name)]
     if missing:
-        print(f"cft eval: error: {', '.join(missing)} required (or --rescore DIR)", file=sys.stderr)
-        return 2
-    try:
-        cfg = config_from_args(args)
-    except ValueError as exc:
-        print(f"cft eval: error: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(f"{', '.join(missing)} required (or --rescore DIR)")
+    cfg = config_from_args(args)
     metrics = evaluate(cfg)
     print_table(metrics, title=f"{cfg.model}")
     print_stop_audit(read_meta(Path(cfg.out) / SAMPLES).get("stop_audit"), "greedy responses")

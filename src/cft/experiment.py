@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -681,24 +680,20 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if args.dry_run:
-            print(yaml.safe_dump(config_dict(cfg), sort_keys=False))
-            print_plan(Runner(cfg))
-            return 0
-        if args.aggregate_only:
-            runner = Runner(cfg)
-            result = runner.write_aggregate(*runner.collect())
-            print_aggregate(result)
-            print(f"{result['finished_cells']} of {result['planned_cells']} cells finished; "
-                  f"aggregate in {Path(cfg.out) / AGGREGATE}")
-            return 0
-        t0 = time.time()
-        result, counts = run_experiment(cfg, log=lambda msg: print(msg, flush=True))
-    except ExperimentError as exc:
-        print(f"cft experiment: error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        print(yaml.safe_dump(config_dict(cfg), sort_keys=False))
+        print_plan(Runner(cfg))
+        return 0
+    if args.aggregate_only:
+        runner = Runner(cfg)
+        result = runner.write_aggregate(*runner.collect())
+        print_aggregate(result)
+        print(f"{result['finished_cells']} of {result['planned_cells']} cells finished; "
+              f"aggregate in {Path(cfg.out) / AGGREGATE}")
+        return 0
+    t0 = time.time()
+    result, counts = run_experiment(cfg, log=lambda msg: print(msg, flush=True))
     print_aggregate(result)
     print(f"experiment finished in {time.time() - t0:.0f}s: {work_done(counts)}; "
           f"aggregate in {Path(cfg.out) / AGGREGATE}")

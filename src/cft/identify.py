@@ -37,7 +37,6 @@ import logging
 import os
 import random
 import time
-import weakref
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -366,23 +365,13 @@ def shard_path(out: str, index: int, count: int) -> str:
     return out if count == 1 else f"{out}.shard{index}of{count}.jsonl"
 
 
-_fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def weights_fingerprint(model) -> str:
-    """``models.weights_fingerprint``, cached per model object (the resume key needs it once per run)."""
-    if model not in _fingerprints:
-        _fingerprints[model] = models.weights_fingerprint(model)
-    return _fingerprints[model]
-
-
 def label_params(cfg: IdentifyConfig, model) -> dict:
     """Every setting that can change a labels record (the engine is not one: both give the same labels)."""
     params = {k: v for k, v in asdict(cfg).items()
               if k in ("model", "k", "max_new_tokens", "stop_at_answer", "include_eos", "dtype",
                        "skip_confident", "continuation_cap")}
     params["rules"] = LABEL_RULES
-    params["weights"] = weights_fingerprint(model)
+    params["weights"] = models.weights_fingerprint(model)
     params["model_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     return params
 

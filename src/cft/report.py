@@ -18,7 +18,6 @@ import base64
 import html
 import json
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -752,10 +751,6 @@ CONFIGS = (ReportConfig,)
 
 def run(args: argparse.Namespace) -> int:
     cfg = from_args(ReportConfig, args)
-    try:
-        md, page = report(cfg.run_dir)
-    except FileNotFoundError as exc:
-        print(f"cft report: error: {exc}", file=sys.stderr)
-        return 2
+    md, page = report(cfg.run_dir)
     print(f"wrote {md} and {page} (plots in {Path(cfg.run_dir) / PLOTS})")
     return 0
