@@ -58,6 +58,7 @@ from cft.config import attn_option, device_option, dtype_option, from_args, inte
 from cft.decoding import AnswerStop, pinned_generate, pinned_generation_config
 from cft.engine import BranchDecoder, auto_batch_size, check_supported
 from cft.generate import DecodeConfig, Stop, audit_stops, print_stop_audit, stop_rule
+from cft.kinds import token_kind  # re-exported: identify's statistics break counts down by it
 from cft.models import cache_kwarg, load_model, load_tokenizer, resolve
 from cft.progress import Progress
 from cft.protocol import (
@@ -198,16 +199,6 @@ def critical_spans(tok, response_ids: list[int], critical: list[int]) -> list[li
             if end > start:
                 spans.append([start, end])
     return spans
-
-
-def token_kind(text: str) -> str:
-    """Coarse kind of a token for statistics: ``digit``, ``operator`` or ``other``."""
-    s = text.strip()
-    if any(ch.isdigit() for ch in s):
-        return "digit"
-    if s and all(ch in "+-*/=<>^()%.,:×÷" for ch in s) and s not in {".", ",", ":"}:
-        return "operator"
-    return "other"
 
 
 @torch.inference_mode()

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cft.aggregation import AGGREGATE
 from cft.config import from_args, option
-from cft.experiment import AGGREGATE
 from cft.experiment_config import SECTIONS
 from cft.extras import require
 from cft.stats import (
