@@ -42,7 +42,8 @@ import time
 import torch
 from identify_speed import bare_forward
 
-from cft import engine, verify
+from cft import verify
+from cft.engine import EngineStats
 from cft.evaluate import EvalConfig, decode_chunks, load_items, plan
 from cft.generate import decode_groups
 from cft.models import load_model, machine_line
@@ -53,12 +54,13 @@ def decode_unit(model, tok, cfg: EvalConfig) -> tuple[float, dict]:
     items = load_items(cfg, tok)
     _, keys, chunks = plan(cfg, items)
     outs = {}
+    stats = EngineStats()
     t0 = time.perf_counter()
-    for c, chunk_outs in decode_groups(model, tok, decode_chunks(cfg, items, chunks, keys)):
+    for c, chunk_outs in decode_groups(model, tok, decode_chunks(cfg, items, chunks, keys), stats=stats):
         kind, n, idx = chunks[c]
         outs.update({(kind, i, j): chunk_outs[k][j] for k, i in enumerate(idx) for j in range(n)})
     seconds = time.perf_counter() - t0
-    return seconds, {"items": items, "outs": outs}
+    return seconds, {"items": items, "outs": outs, "stats": stats}
 
 
 def paired_z(a: dict[int, list[float]], b: dict[int, list[float]]) -> float:
@@ -115,10 +117,10 @@ def main() -> None:
             before = calls[0]
             took, res = decode_unit(model, tok, cfg)
             if backend == "engine":
-                rows.setdefault("engine", engine.last_stats.batch_size)
-                shape[0] += engine.last_stats.width_sum
-                shape[1] += engine.last_stats.batch_rows
-                shape[2] += engine.last_stats.forwards
+                rows.setdefault("engine", res["stats"].batch_size)
+                shape[0] += res["stats"].width_sum
+                shape[1] += res["stats"].batch_rows
+                shape[2] += res["stats"].forwards
             seconds[backend] += took
             forwards[backend] += calls[0] - before
             for (kind, i, _), o in res["outs"].items():

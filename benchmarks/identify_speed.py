@@ -140,7 +140,8 @@ def alternate(model, tok, args, chosen: Path, work: Path) -> tuple[dict, EngineS
             t = totals["fast"]
             t.update(labels=labels, decoded_tokens=s["decoded_tokens"], branches=s["branches"],
                      peak_memory_mb=max(t["peak_memory_mb"], s["peak_memory_mb"]))
-            stats = engine.last_stats
+            stats = EngineStats(**{**{k: v for k, v in s["engine"].items() if k != "tokens_per_forward"},
+                                   "widths": {int(q): n for q, n in s["engine"]["widths"].items()}})
         if c == n:
             break
         part = work / f"chunk{c}.jsonl"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -60,8 +61,10 @@ def _labels(tmp_path, monkeypatch, model, tok, records, draft: int | None, engin
     out = folder / "labels.jsonl"
     cfg = IdentifyConfig(model="m", input=str(write_jsonl(folder / "gen.jsonl", records)), out=str(out),
                          engine=engine_name, max_new_tokens=max_new_tokens, **kw)
-    identify(cfg, model=model, tok=tok)
-    return load_records(out, "labels"), engine.last_stats
+    summary = identify(cfg, model=model, tok=tok)
+    stats = summary["engine"]
+    return load_records(out, "labels"), stats and SimpleNamespace(**{**stats, "widths": {
+        int(k): v for k, v in stats["widths"].items()}})
 
 
 def _same(a: list[dict], b: list[dict]) -> int:
@@ -110,6 +113,31 @@ def test_drafting_on_testbed_responses_halves_the_steps(tmp_path, monkeypatch):
     tuned, tuned_stats = _labels(tmp_path, monkeypatch, model, tok, records, None, batch_size=32)
     assert [without_margins(r) for r in off] == [without_margins(r) for r in tuned]  # widths change mid-run
     assert len(tuned_stats.widths) > 1 and tuned_stats.tokens == off_stats.tokens
+
+
+def test_labels_are_the_same_bytes_whatever_the_draft_width_and_the_rows(tmp_path):
+    """Margins included: a forward over k query columns, or over other rows, changes logits in the last bits, so the
+    fast engine rescores each response's branches in forwards built from those branches alone, and decodes a
+    branch that met a gap within ``EXACT_BELOW`` again the reference way. Three runs whose widths (tuned by
+    timing, 0, 4) and rows differ write identical files."""
+    model, tok = load_model("testbed")
+    problems = generate_split("train", 12)
+    outs = decode(model, tok, [render_ids(tok, p.question) for p in problems], DecodeConfig(max_new_tokens=160))
+    records = [generation(tok, p.question, o[0].ids, extract_answer(o[0].text) or "none", rid=f"r{i}")
+               for i, (p, o) in enumerate(zip(problems, outs))][:4]
+    gen = write_jsonl(tmp_path / "gen.jsonl", records)
+    files, widths = [], []
+    for draft, rows in ((None, 32), (0, 7), (4, 19)):
+        out = tmp_path / f"labels-{draft}-{rows}.jsonl"
+        summary = identify(IdentifyConfig(model="m", input=str(gen), out=str(out), draft=draft, batch_size=rows,
+                                          max_new_tokens=160), model=model, tok=tok)
+        files.append(out.read_bytes())
+        widths.append(summary["engine"]["widths"])
+    assert files[1] == files[0] and files[2] == files[0]
+    assert len({tuple(w) for w in widths}) == 3  # the steps did differ
+    margins = [b["margin"] for line in files[0].splitlines() for br in json.loads(line)["branches"] for b in br
+               if b["ids"]]
+    assert margins and all(m is not None and m >= 0 for m in margins)
 
 
 def _tune(rates: dict[int, float], most: int, steps: int = 40) -> tuple[int | None, list[int]]:
@@ -201,7 +229,9 @@ def test_out_of_memory_halving_with_drafting(tmp_path, monkeypatch, random_model
 
     monkeypatch.setattr(model, "forward", small_memory)
     got, stats = _labels(tmp_path / "oom", monkeypatch, model, tok, records, 4, batch_size=16)
-    assert [b for b, _ in failures] == [16, 8] and failures[0][1] > 1  # a drafted step failed, then halved twice
+    # a drafted step failed, then halved twice; later, rescoring a whole response's branches (retried one by one)
+    assert [b for b, _ in failures[:2]] == [16, 8] and failures[0][1] > 1
+    assert all(b > 5 and b not in (16, 8) for b, _ in failures[2:])
     assert stats.tokens_per_forward > 1.0
     assert [without_margins(r) for r in got] == [without_margins(r) for r in want]
 

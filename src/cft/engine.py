@@ -49,7 +49,7 @@ import random
 import time
 from bisect import bisect_left
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from itertools import islice, takewhile
 
 import psutil
@@ -62,7 +62,7 @@ from cft.answer_watch import AnswerWatch, incremental_decoding
 from cft.artifacts import InputError
 from cft.decoding import Output, finish_reason, is_out_of_memory, left_pad, trigger_tokens
 from cft.models import cache_kwarg, last_logits_only, stop_token_ids, vocab_rows
-from cft.protocol import Protocol, Work, finish_branch
+from cft.protocol import Protocol, Work, finish_branch, reference_branch
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,16 @@ DRAFT_EVEN = 0.9  # widths within this fraction of the best rate count as even: 
 SQUEEZE_WIDTH = 1.5  # squeeze holes out once the window is this many times its fullest row, plus 4 steps
 # (counted on 8 testbed responses, 4 drafts: 1.5 keeps 3 rebases in 147 forwards at mean width 175; 1.2 takes
 # 12 for width 146; each rebase copies the cache once; which pays is for a timing on a quiet machine)
+
+
+# Outputs must not depend on the draft width, the rows or the batch around a branch, which all change the shapes
+# of the forwards a token's logits come from (and with them the last bits of the logits). A branch whose fast
+# decode met a top-1/top-2 gap at or below this bound (per dtype: far above the shape effect, about 1e-6 in
+# float32 on the testbed) is decoded again by ``protocol.reference_branch`` (batch 1, shapes fixed by the
+# branch), so a near-tie is decided the same way in every run; above it no shape changes the argmax.
+EXACT_BELOW = {torch.float32: 1e-3, torch.float64: 1e-6, torch.bfloat16: 0.5, torch.float16: 0.125}
+RESCORE_TOKENS = 1024  # margins: query tokens of one rescoring forward (its rows: branches in (t, j) order)
+RESCORE_ROWS = 32
 
 
 def default_draft(device: torch.device) -> int:
@@ -196,17 +206,22 @@ class EngineStats:
     tokens: int = 0  # decoded (appended) tokens
     query_columns: int = 0  # sum over forwards of the query width q
     rebases: int = 0  # window copies (each squeezes out the holes of rejected drafts)
+    redecided: int = 0  # branches decoded again by the reference path (a gap within ``EXACT_BELOW``)
+    rescores: int = 0  # forwards of ``exact_margins``
     width_sum: int = 0  # sum over forwards of the cache window's width before the step
     batch_size: int = 0  # rows the engine chose or was given (a prompt run allocates at most one per request)
     widths: dict[int, int] = field(default_factory=dict)  # forwards per query width
+    draft: int | None = None  # the draft width the run chose (``DraftTuner``) or was given
 
     @property
     def tokens_per_forward(self) -> float:
         """Decoded tokens per row and forward: 1.0 for one-token decoding, more as drafts are accepted."""
         return self.tokens / max(self.row_steps, 1)
 
-
-last_stats: EngineStats | None = None  # the stats of the latest ``BranchDecoder.run`` or ``PromptDecoder.run``
+    def as_dict(self) -> dict:
+        """For the metadata: every count, and tokens per forward."""
+        return {**asdict(self), "widths": {str(k): v for k, v in sorted(self.widths.items())},
+                "tokens_per_forward": self.tokens_per_forward}
 
 
 class DraftIndex:
@@ -370,6 +385,42 @@ class WindowLayer(DynamicLayer):
         return self.window.w - self.window.s
 
 
+@torch.inference_mode()
+def exact_margins(model, prefix_kv: list, prompt_len: int, branches: list[tuple[int, int, list[int]]]) -> list[float]:
+    """Each branch's smallest top-1 minus top-2 logit gap over its continuation, from one teacher-forced forward.
+
+    ``branches``: (position t, alternative, continuation). Row i holds the prefix key/values of prompt + y_<t
+    (from ``prefix_kv``, the teacher-forced pass) right-aligned, then the alternative and the continuation but
+    its last token; every tensor is built from these branches alone, so a margin is the same bytes whatever
+    the draft width, the rows or the other responses of the run.
+    """
+    dev = model.device
+    starts = [prompt_len + t for t, _, _ in branches]
+    inputs = [[a, *cont[:-1]] for _, a, cont in branches]
+    n, p_max, length = len(branches), max(starts), max(map(len, inputs))
+    window = Window(0, p_max)
+    layers = []
+    for pk, pv in prefix_kv:
+        k = pk.new_zeros(n, pk.shape[1], p_max + length, pk.shape[3])
+        v = pv.new_zeros(n, pv.shape[1], p_max + length, pv.shape[3])
+        for i, p in enumerate(starts):
+            k[i, :, p_max - p : p_max] = pk[0, :, :p]
+            v[i, :, p_max - p : p_max] = pv[0, :, :p]
+        layers.append(WindowLayer(k, v, window))
+    cache = DynamicCache()
+    cache.layers = layers
+    mask = torch.zeros(n, p_max + length, dtype=torch.long, device=dev)
+    for i, (p, x) in enumerate(zip(starts, inputs)):
+        mask[i, p_max - p : p_max + len(x)] = 1
+    ids = torch.tensor([x + [x[-1]] * (length - len(x)) for x in inputs], device=dev)
+    positions = torch.tensor(starts, device=dev)[:, None] + torch.arange(length, device=dev)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                   **{cache_kwarg(model): cache}).logits
+    values = logits.topk(2, dim=-1).values
+    gaps = values[..., 0].float() - values[..., 1].float()
+    return [float(gaps[i, : len(x)].min()) for i, x in enumerate(inputs)]
+
+
 class BranchDecoder:
     """Decode every branch of a stream of responses, ``batch_size`` rows at a time.
 
@@ -395,6 +446,8 @@ class BranchDecoder:
         self.queue: deque[tuple[Work, int, int]] = deque()
         self.prefix_kv: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.index: dict[str, DraftIndex] = {}
+        self.conts: dict[str, dict[tuple[int, int], list[int]]] = {}  # response -> (t, j) -> its continuation
+        self.exact_below = EXACT_BELOW.get(next(model.parameters()).dtype, max(EXACT_BELOW.values()))
         self.stats = EngineStats()
         self.tuner = DraftTuner(self.draft, fixed)
 
@@ -412,9 +465,37 @@ class BranchDecoder:
             self._enqueue(work, t, 0, front=False)
 
     def _finish(self, work: Work) -> None:
+        self._rescore(work)
         self.prefix_kv.pop(work.key, None)
         self.index.pop(work.key, None)
         self.on_done(work)
+
+    def _rescore(self, work: Work) -> None:
+        """Every decoded branch's ``margin`` from ``exact_margins``: forwards whose shapes depend on the response's
+        branches alone (the steps that decoded them depend on the width and on the batch around them)."""
+        items = sorted((tj, cont) for tj, cont in self.conts.pop(work.key, {}).items() if cont)
+        chunks: list[list] = [[]]
+        for item in items:  # (t, j) order, cut by count and query tokens: the cuts depend on the branches alone
+            chunk = chunks[-1]
+            wider = max([len(c) for _, c in chunk] + [len(item[1])])
+            if chunk and (len(chunk) == RESCORE_ROWS or (len(chunk) + 1) * wider > RESCORE_TOKENS):
+                chunks.append(chunk := [])
+            chunk.append(item)
+        for chunk in filter(None, chunks):
+            branches = [(t, work.alternatives[t][j], c) for (t, j), c in chunk]
+            try:
+                margins = exact_margins(self.model, self.prefix_kv[work.key], len(work.prompt_ids), branches)
+            except RuntimeError as exc:
+                if not is_out_of_memory(exc) or len(chunk) == 1:
+                    raise
+                margins = None  # retried below, once the exception's tensors are released
+            if margins is None:  # the one case where memory shapes a margin's last bits (a warning says so)
+                log.warning("identify: out of memory rescoring %d branches; rescoring them one at a time", len(chunk))
+                margins = [exact_margins(self.model, self.prefix_kv[work.key], len(work.prompt_ids), [b])[0]
+                           for b in branches]
+            self.stats.rescores += 1
+            for ((t, j), _), m in zip(chunk, margins):
+                work.results[t][j]["margin"] = m
 
     def _enqueue(self, work: Work, t: int, j: int, front: bool) -> None:
         response = work.response_ids[:t] + [work.alternatives[t][j]]
@@ -426,7 +507,15 @@ class BranchDecoder:
             self.queue.append((work, t, j))
 
     def _settle(self, work: Work, t: int, j: int, cont: list[int], margin: float | None) -> None:
-        ok = finish_branch(work, t, j, cont, self.proto, margin=margin)
+        """Grade branch (t, j); ``margin`` is the decode's smallest gap, whose bits depend on the step shapes:
+        at or below ``exact_below`` the branch is decoded again the reference way, and the recorded margin is
+        ``_rescore``'s, computed once the response is done."""
+        if cont and margin is not None and margin <= self.exact_below:
+            cont, _ = reference_branch(self.model, self.tok, self.proto, work.prompt_ids,
+                                       work.response_ids[:t] + [work.alternatives[t][j]], t)
+            self.stats.redecided += 1
+        self.conts.setdefault(work.key, {})[(t, j)] = cont
+        ok = finish_branch(work, t, j, cont, self.proto)
         if cont and work.key in self.index:
             self.index[work.key].add([work.alternatives[t][j], *cont])
         if not ok and j + 1 < len(work.alternatives[t]):
@@ -597,24 +686,24 @@ class BranchDecoder:
         return greedy.tolist(), accepted.tolist(), gaps.tolist()
 
     @torch.inference_mode()
-    def run(self, works, on_done, progress, max_prompt_len: int) -> None:
-        """Decode every branch of ``works``; a row holds at most max_prompt_len + max_new_tokens tokens."""
-        global last_stats
+    def run(self, works, on_done, progress, max_prompt_len: int) -> EngineStats:
+        """Decode every branch of ``works``; a row holds at most max_prompt_len + max_new_tokens tokens.
+        Returns the run's counts (the draft width it chose among them)."""
         self.on_done = on_done
         self.max_len = max_prompt_len + self.cfg.max_new_tokens
-        last_stats = self.stats
         works = iter(works)
         while not self.queue:  # the first response sizes the batch
             first = next(works, None)
             if first is None:
-                return
+                return self.stats
             self._admit(*first)
         self._new_batch(first[0])
         while True:
             self._fill(works)
             self._compact()
             if not self.rows:
-                return
+                self.stats.draft = self.tuner.chosen
+                return self.stats
             width = self.tuner.choose()
             t0 = time.perf_counter()
             drafts = self._drafts(width) if width else [(0, [])] * len(self.rows)
@@ -698,7 +787,7 @@ class PromptDecoder:
     and their key/values copied into free rows, right-aligned at the window's end like a branch prefix.
     """
 
-    def __init__(self, model, tok, cfg):
+    def __init__(self, model, tok, cfg, stats: EngineStats | None = None):
         self.model, self.tok, self.cfg = model, tok, cfg
         self.batch_size = cfg.batch_size
         self.eos = set(stop_token_ids(tok, model))
@@ -707,7 +796,7 @@ class PromptDecoder:
         self.cache_arg = cache_kwarg(model)
         self.last_only = last_logits_only(model)
         self.pad = tok.pad_token_id or 0
-        self.stats = EngineStats()
+        self.stats = EngineStats() if stats is None else stats  # the caller's, to read after the run
         self.prefills = 0  # prefill forwards (not in stats.forwards, which counts decode steps)
         self.cache = None
         self.queue: deque[Request] = deque()
@@ -902,11 +991,10 @@ class PromptDecoder:
     # -- main loop ---------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, requests: list[Request], progress=None):
-        """Yield ``(request, Output)`` for every request, as each ends (not in request order)."""
-        global last_stats
-        last_stats = self.stats
+        """Yield ``(request, Output)`` for every request, as each ends (not in request order); the generator's
+        return value (``yield from``'s) is the run's counts, also ``self.stats``."""
         if not requests:
-            return
+            return self.stats
         self.max_len = max(len(r.prompt_ids) + self._cap(r) for r in requests)
         self.queue.extend(requests)
         for r in requests:
@@ -941,4 +1029,4 @@ class PromptDecoder:
                 if progress:
                     progress.advance(1, tokens=1)  # its first token, from the prefill; the rest counted per step
             if not live_rows and not self.queue:
-                return
+                return self.stats

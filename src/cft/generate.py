@@ -52,7 +52,7 @@ from cft.decoding import (
     pinned_generation_config,
     trigger_tokens,
 )
-from cft.engine import PromptDecoder, Request, check_supported
+from cft.engine import EngineStats, PromptDecoder, Request, check_supported
 from cft.models import load_model, stop_token_ids, vocab_rows
 from cft.progress import Progress
 from cft.prompts import render_ids, template_text
@@ -139,12 +139,16 @@ def resolve_backend(model, cfg: DecodeConfig, name: str = "model") -> DecodeConf
 
 
 def decode(model, tok, prompts: list[list[int]], cfg: DecodeConfig,
-           progress: Progress | None = None) -> list[list[Output]]:
-    """``cfg.n`` outputs per prompt, in prompt order, on ``cfg.backend`` (see the module docstring)."""
-    return next(decode_groups(model, tok, [(prompts, cfg)], progress))[1]
+           progress: Progress | None = None, stats: EngineStats | None = None) -> list[list[Output]]:
+    """``cfg.n`` outputs per prompt, in prompt order, on ``cfg.backend`` (see the module docstring).
+
+    ``stats``: an ``engine.EngineStats`` the engine backend counts its forwards in (the caller's to read).
+    """
+    return next(decode_groups(model, tok, [(prompts, cfg)], progress, stats))[1]
 
 
-def decode_groups(model, tok, groups: list[tuple[list[list[int]], DecodeConfig]], progress: Progress | None = None):
+def decode_groups(model, tok, groups: list[tuple[list[list[int]], DecodeConfig]], progress: Progress | None = None,
+                  stats: EngineStats | None = None):
     """Decode groups of prompts, each under its own config; yield ``(group index, outputs)`` (outputs as
     ``decode`` returns them) as each group completes (``decode_outputs`` yields each output as it ends)."""
     results = [[[None] * cfg.n for _ in prompts] for prompts, cfg in groups]
@@ -152,7 +156,7 @@ def decode_groups(model, tok, groups: list[tuple[list[list[int]], DecodeConfig]]
     for g, n in enumerate(left):
         if not n:
             yield g, results[g]
-    for g, i, j, out in decode_outputs(model, tok, groups, progress):
+    for g, i, j, out in decode_outputs(model, tok, groups, progress, stats=stats):
         results[g][i][j] = out
         left[g] -= 1
         if not left[g]:
@@ -160,7 +164,7 @@ def decode_groups(model, tok, groups: list[tuple[list[list[int]], DecodeConfig]]
 
 
 def decode_outputs(model, tok, groups: list[tuple[list[list[int]], DecodeConfig]], progress: Progress | None = None,
-                   skip=None):
+                   skip=None, stats: EngineStats | None = None):
     """Decode groups of prompts, each under its own config; yield ``(group, prompt index, sample index, Output)``
     for every output as it ends, so a caller can keep each one at once.
 
@@ -190,7 +194,7 @@ def decode_outputs(model, tok, groups: list[tuple[list[list[int]], DecodeConfig]
         if any(getattr(cfg, k) != getattr(first, k) for k in shared):
             raise ValueError(f"decode_groups: group {g} differs from group 0 in {shared} (one engine run decodes all)")
         requests += [r for r in engine_requests(prompts, cfg, g) if wanted(*r.tag)]
-    for req, out in PromptDecoder(model, tok, first).run(requests, progress):
+    for req, out in PromptDecoder(model, tok, first, stats).run(requests, progress):
         yield (*req.tag, out)
 
 

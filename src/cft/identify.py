@@ -55,7 +55,6 @@ from cft.artifacts import (
     record_key,
 )
 from cft.config import attn_option, device_option, dtype_option, from_args, internal, model_option, option
-from cft.decoding import AnswerStop, pinned_generate, pinned_generation_config
 from cft.engine import BranchDecoder, auto_batch_size, check_supported
 from cft.generate import DecodeConfig, Stop, audit_stops, print_stop_audit, stop_rule
 from cft.kinds import token_kind  # re-exported: identify's statistics break counts down by it
@@ -66,6 +65,7 @@ from cft.protocol import (
     Work,
     branch_record,
     finish_branch,
+    reference_branch,  # the protocol's definition of a branch, also the fast engine's exact path at near-ties
     teacher_forced,
 )
 
@@ -199,35 +199,6 @@ def critical_spans(tok, response_ids: list[int], critical: list[int]) -> list[li
             if end > start:
                 spans.append([start, end])
     return spans
-
-
-@torch.inference_mode()
-def reference_branch(model, tok, proto: Protocol, prompt_ids: list[int], response: list[int], t: int):
-    """One branch the plain way: greedy ``generate`` from the full token prefix ``prompt + y_<t + a``.
-
-    Returns the continuation and its smallest top-1 minus top-2 logit gap (None when nothing was decoded).
-    """
-    from transformers import StoppingCriteriaList
-
-    if proto.stopped(response, 0, t):
-        return [], None
-    prefix = torch.tensor([prompt_ids + response], device=model.device)
-    stops = []
-    if proto.cfg.stop_at_answer:
-        stops = [AnswerStop(tok, len(prompt_ids), torch.tensor(proto.trigger, device=model.device))]
-    # pinned: no repetition penalty, n-gram ban or minimum length from the checkpoint, as in the fast engine
-    gen = pinned_generation_config(sorted(proto.eos), tok.pad_token_id, proto.budget(t))
-    gen.output_logits = gen.return_dict_in_generate = True
-    out = pinned_generate(model, gen, input_ids=prefix, attention_mask=torch.ones_like(prefix),
-                          stopping_criteria=StoppingCriteriaList(stops))
-    cont = out.sequences[0, prefix.shape[1] :].tolist()
-    gaps = [_gap(step[0]) for step in out.logits[: len(cont)]]
-    return cont, (min(gaps) if gaps else None)
-
-
-def _gap(logits: torch.Tensor) -> float:
-    top = torch.topk(logits.float(), 2).values
-    return float(top[0] - top[1])
 
 
 def run_reference(model, tok, works_iter, cfg: IdentifyConfig, proto: Protocol, on_done, progress):
@@ -521,6 +492,7 @@ def identify(cfg: IdentifyConfig, model=None, tok=None) -> dict:
         progress.advance(1)
 
     t0 = time.time()
+    engine_stats = None
     with Progress(f"identify[{cfg.engine}]", total=len(todo), unit="resp") as progress:
         if cfg.engine == "reference":
             run_reference(model, tok, _works(model, tok, [r for r, _ in todo], [k for _, k in todo], cfg, proto, False),
@@ -528,7 +500,7 @@ def identify(cfg: IdentifyConfig, model=None, tok=None) -> dict:
         elif cfg.engine == "fast":
             works = _works(model, tok, [r for r, _ in todo], [k for _, k in todo], cfg, proto, True)
             max_prompt = max((len(r["prompt_ids"]) for r, _ in todo), default=0)
-            BranchDecoder(model, tok, cfg, proto).run(works, on_done, progress, max_prompt)
+            engine_stats = BranchDecoder(model, tok, cfg, proto).run(works, on_done, progress, max_prompt)
         else:
             raise ValueError(f"unknown engine {cfg.engine!r}; choose fast or reference")
         writer.write([])
@@ -545,7 +517,8 @@ def identify(cfg: IdentifyConfig, model=None, tok=None) -> dict:
     summary.update(n_input=inputs.n_input, responses=len(labels), invalid_skipped=invalid_count(cfg.input),
                    excluded_truncated=inputs.excluded_truncated,
                    seconds=seconds, decoded_tokens=decoded,
-                   tokens_per_second=decoded / max(seconds, 1e-9), shard=[index, count])
+                   tokens_per_second=decoded / max(seconds, 1e-9), shard=[index, count],
+                   engine=engine_stats.as_dict() if engine_stats is not None else None)
     meta = {"stage": "identify", "config": asdict(cfg), "seed": None,  # greedy throughout: nothing is random
             "label_params": params, "all_keys_digest": record_key(all_keys), "responses_total": len(all_keys),
             "generation_meta": read_meta(cfg.input), "environment": environment(model), "summary": summary}

@@ -2,8 +2,10 @@
 
 A ``Work`` is one response under identification; ``teacher_forced`` ranks its candidates in the order
 (-logit, then token id) with their true ranks; ``Protocol`` holds the stop rule of a branch and its
-verdict; ``finish_branch`` records a branch's outcome as a ``branch_record``. Both engines import these
-and nothing else of each other, so their labels follow one rule (see ``cft.identify`` for the protocol).
+verdict; ``finish_branch`` records a branch's outcome as a ``branch_record``; ``reference_branch`` decodes
+one branch the plain way (the reference engine, the crosscheck, and the fast engine's exact path at
+near-ties). Both engines import these and nothing else of each other, so their labels follow one rule
+(see ``cft.identify`` for the protocol).
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from transformers import StoppingCriteriaList
 
 from cft import verify
 from cft.answer_watch import AnswerWatch, incremental_decoding
-from cft.decoding import trigger_tokens
+from cft.decoding import AnswerStop, pinned_generate, pinned_generation_config, trigger_tokens
 from cft.models import cache_kwarg, stop_token_ids, vocab_rows
 
 
@@ -181,3 +184,30 @@ def branch_record(work: Work, t: int, j: int, ok=None, answer=None, ids=None, ma
     reads cannot take a later error string (docs/FORMATS.md)."""
     return {"token": work.alternatives[t][j], "rank": work.ranks[t][j], "ok": ok, "answer": answer, "ids": ids,
             "margin": margin, "verify_error": verify_error or ""}
+
+
+@torch.inference_mode()
+def reference_branch(model, tok, proto: Protocol, prompt_ids: list[int], response: list[int], t: int):
+    """One branch the plain way: greedy ``generate`` from the full token prefix ``prompt + y_<t + a``.
+
+    Returns the continuation and its smallest top-1 minus top-2 logit gap (None when nothing was decoded).
+    """
+    if proto.stopped(response, 0, t):
+        return [], None
+    prefix = torch.tensor([prompt_ids + response], device=model.device)
+    stops = []
+    if proto.cfg.stop_at_answer:
+        stops = [AnswerStop(tok, len(prompt_ids), torch.tensor(proto.trigger, device=model.device))]
+    # pinned: no repetition penalty, n-gram ban or minimum length from the checkpoint, as in the fast engine
+    gen = pinned_generation_config(sorted(proto.eos), tok.pad_token_id, proto.budget(t))
+    gen.output_logits = gen.return_dict_in_generate = True
+    out = pinned_generate(model, gen, input_ids=prefix, attention_mask=torch.ones_like(prefix),
+                          stopping_criteria=StoppingCriteriaList(stops))
+    cont = out.sequences[0, prefix.shape[1] :].tolist()
+    gaps = [_gap(step[0]) for step in out.logits[: len(cont)]]
+    return cont, (min(gaps) if gaps else None)
+
+
+def _gap(logits: torch.Tensor) -> float:
+    top = torch.topk(logits.float(), 2).values
+    return float(top[0] - top[1])
