@@ -255,7 +255,7 @@ def test_rebase_right_aligns_every_rows_valid_columns_in_order():
     keys = torch.arange(16.0).repeat(2, 1, 1)[..., None].expand(2, 1, 16, 2).clone()  # key value = column index
     decoder.cache = SimpleNamespace(layers=[engine.WindowLayer(keys, keys + 100, decoder.window)])
     decoder.mbuf = mask
-    decoder._rebase(0)
+    decoder.rebase(0)
     assert (decoder.window.s, decoder.window.w) == (2, 6)
     assert decoder.mbuf.tolist() == [[0, 0, 1, 1, 1, 1] + [0] * 10, [0, 0, 0, 0, 1, 1] + [0] * 10]
     layer = decoder.cache.layers[0]

@@ -226,7 +226,8 @@ def test_fast_engine_out_of_memory_halves_the_batch_same_labels(tmp_path, random
         got, _ = labels_for(tmp_path / "oom", model, tok, records, "fast", batch_size=16)
     finally:
         model.forward = forward
-    assert failures == [16, 8]  # halved twice, then the batch of 4 fits
+    assert failures[:2] == [16, 8]  # halved twice, then the batch of 4 fits
+    assert all(n > 5 for n in failures[2:])  # rescoring a response's branches, then retried one at a time
     assert [r["critical"] for r in got] == [r["critical"] for r in want]
     assert [without_margins(r) for r in got] == [without_margins(r) for r in want]
     assert_margins_close(got, want)

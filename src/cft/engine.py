@@ -47,40 +47,23 @@ import logging
 import math
 import random
 import time
-from bisect import bisect_left
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from itertools import islice, takewhile
 
-import psutil
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from cft import verify
 from cft.answer_watch import AnswerWatch, incremental_decoding
 from cft.artifacts import InputError
 from cft.decoding import Output, finish_reason, is_out_of_memory, left_pad, trigger_tokens
+from cft.drafting import DRAFT_NGRAM, DraftIndex, DraftTuner, default_draft
 from cft.models import cache_kwarg, last_logits_only, stop_token_ids, vocab_rows
 from cft.protocol import Protocol, Work, finish_branch, reference_branch
+from cft.rowcache import EngineStats, RowCache, Window, WindowLayer, auto_batch_size
 
 log = logging.getLogger(__name__)
-
-
-# The most draft tokens verified per row and step, by device type; each run chooses the width it uses
-# (``DraftTuner``). A GPU step is bound by reading weights and cache, nearly free in extra columns; a CPU
-# pays for every query column. On this project's 2-core CPU (fast engine alone, the width fixed, one run
-# each, back to back, 2 threads): 40 testbed responses at 0 / 1 / 2 / 4 drafts ran at 7258 / 6998 / 7477 /
-# 7402 tok/s (2.68 tokens per row-step at 4); 10 SmolLM2-135M responses at 0 / 1 / 4 at 155 / 80 / 53 tok/s
-# (1.32 at 4).
-DRAFT_TOKENS = {"cpu": 4, "cuda": 8}
-DRAFT_NGRAM = 4  # the longest branch suffix looked up (shorter ones are tried next). On the demo's stage A
-# (132 responses, 4-token drafts, stored continuations replayed): 3.01 / 3.14 decoded tokens per row-step at
-# 3 / 4, the original alone 2.69 at 3, 4 or 6
-DRAFT_ROUNDS = 3  # rounds of timing every width, one step each, before the tuner chooses
-DRAFT_SLOW = 0.7  # a width under this fraction of the best rate is dropped (and every wider one, past the best)
-DRAFT_EVEN = 0.9  # widths within this fraction of the best rate count as even: the widest of them runs, for
-# fewer forwards
 
 
 SQUEEZE_WIDTH = 1.5  # squeeze holes out once the window is this many times its fullest row, plus 4 steps
@@ -96,63 +79,6 @@ SQUEEZE_WIDTH = 1.5  # squeeze holes out once the window is this many times its 
 EXACT_BELOW = {torch.float32: 1e-3, torch.float64: 1e-6, torch.bfloat16: 0.5, torch.float16: 0.125}
 RESCORE_TOKENS = 1024  # margins: query tokens of one rescoring forward (its rows: branches in (t, j) order)
 RESCORE_ROWS = 32
-
-
-def default_draft(device: torch.device) -> int:
-    return DRAFT_TOKENS.get(device.type, DRAFT_TOKENS["cpu"])
-
-
-class DraftTuner:
-    """The draft width of a run's steps, chosen by timing: decoded tokens per second at each width.
-
-    Output does not depend on the width (a draft only saves forwards when greedy decoding reproduces it), so
-    the choice is free to follow the machine: extra query columns cost little where a step reads weights and
-    cache (a GPU) and nearly their share of compute where it multiplies (a CPU on a larger model). The first
-    steps try the widths narrowest first, each with one untimed step (a shape's first use costs more) and
-    one timed step; a width clearly slower than the best so far ends the trial of it and of every wider one
-    (rates rise, then fall, with width). Then the remaining widths take one timed step each in turn, for
-    ``DRAFT_ROUNDS`` rounds in all, so that neighbouring steps (the same batch, nearly) are compared, the
-    clearly slower ones dropping out after each round; the fastest stays for the rest of the run (the widest
-    of those within ``DRAFT_EVEN`` of it). ``fixed`` keeps the widest width from the start.
-    """
-
-    def __init__(self, most: int, fixed: bool = False):
-        self.widths = sorted({most, *(w for w in (0, 1, 2, 4, 8) if w < most)})
-        self.chosen = most if fixed or most == 0 else None
-        self.seconds = dict.fromkeys(self.widths, 0.0)
-        self.tokens = dict.fromkeys(self.widths, 0)
-        self.plan: deque[tuple[int, bool]] = deque((w, timed) for w in self.widths for timed in (False, True))
-        self.step: tuple[int, bool] = (most, False)
-        self.rounds = 1
-
-    def rate(self, width: int) -> float:
-        return self.tokens[width] / max(self.seconds[width], 1e-9)
-
-    def choose(self) -> int:
-        if self.chosen is None and not self.plan:
-            top = max(map(self.rate, self.widths))
-            best = next(w for w in self.widths if self.rate(w) == top)
-            slow = [w for w in self.widths if self.rate(w) < DRAFT_SLOW * top]
-            wall = min((w for w in slow if w > best), default=math.inf)  # rates fall past it
-            self.widths = [w for w in self.widths if w not in slow and w < wall]
-            if self.rounds == DRAFT_ROUNDS or len(self.widths) == 1:
-                self.chosen = max(w for w in self.widths if self.rate(w) >= DRAFT_EVEN * top)
-            self.rounds += 1
-            self.plan.extend((w, True) for w in self.widths)
-        if self.chosen is not None:
-            return self.chosen
-        self.step = self.plan.popleft()
-        return self.step[0]
-
-    def record(self, width: int, seconds: float, tokens: int) -> None:
-        if self.chosen is not None or not self.step[1]:
-            return
-        self.seconds[width] += seconds
-        self.tokens[width] += tokens
-        first_trial = self.rounds == 1 and width > self.widths[0]  # narrower widths are timed already
-        if first_trial and self.rate(width) < DRAFT_SLOW * max(self.rate(w) for w in self.widths if w < width):
-            self.widths = [w for w in self.widths if w < width]
-            self.plan = deque(x for x in self.plan if x[0] < width)
 
 
 @dataclass
@@ -196,195 +122,6 @@ def has_sliding_window(model) -> bool:
     return "sliding_attention" in types or (not types and getattr(c, "sliding_window", None) is not None)
 
 
-@dataclass
-class EngineStats:
-    """Counts of one run: decoded tokens per forward is what drafting buys."""
-
-    forwards: int = 0
-    row_steps: int = 0  # sum over forwards of the rows holding a branch
-    batch_rows: int = 0  # sum over forwards of the rows computed (empty ones included, until dropped)
-    tokens: int = 0  # decoded (appended) tokens
-    query_columns: int = 0  # sum over forwards of the query width q
-    rebases: int = 0  # window copies (each squeezes out the holes of rejected drafts)
-    redecided: int = 0  # branches decoded again by the reference path (a gap within ``EXACT_BELOW``)
-    rescores: int = 0  # forwards of ``exact_margins``
-    width_sum: int = 0  # sum over forwards of the cache window's width before the step
-    batch_size: int = 0  # rows the engine chose or was given (a prompt run allocates at most one per request)
-    widths: dict[int, int] = field(default_factory=dict)  # forwards per query width
-    draft: int | None = None  # the draft width the run chose (``DraftTuner``) or was given
-
-    @property
-    def tokens_per_forward(self) -> float:
-        """Decoded tokens per row and forward: 1.0 for one-token decoding, more as drafts are accepted."""
-        return self.tokens / max(self.row_steps, 1)
-
-    def as_dict(self) -> dict:
-        """For the metadata: every count, and tokens per forward."""
-        return {**asdict(self), "widths": {str(k): v for k, v in sorted(self.widths.items())},
-                "tokens_per_forward": self.tokens_per_forward}
-
-
-class DraftIndex:
-    """Where every n-gram (n <= ``ngram``) occurs in a response's prompt + response (the original) and in the
-    continuations of its branches decoded so far (the pool), for draft lookups.
-
-    Branches of one response often write the same text after their substitutions (a changed number carried
-    through the same sentence), which the original does not hold: on the 132 responses of the demo's stage A,
-    4-token drafts from the original alone give 2.69 decoded tokens per row-step, with the pool 3.14
-    (replaying the stored continuations). ``add`` appends a decoded continuation; ``propose`` takes the
-    longer matching suffix of the two, the original's on a tie.
-    """
-
-    def __init__(self, seq: list[int], ngram: int):
-        self.ngram = ngram
-        self.seq, self.table = [], [{} for _ in range(ngram + 1)]
-        self._index(self.seq, self.table, seq)
-        self.pool, self.pool_table = [], [{} for _ in range(ngram + 1)]
-
-    def _index(self, seq: list[int], table: list[dict], tokens: list[int]) -> None:
-        start = len(seq)
-        seq.extend(tokens)
-        for n in range(1, self.ngram + 1):
-            for q in range(max(n, start), len(seq)):  # q: the position that follows the n-gram seq[q-n:q]
-                table[n].setdefault(tuple(seq[q - n : q]), []).append(q)
-
-    def add(self, tokens: list[int]) -> None:
-        """Index a branch's decoded tokens (its alternative and continuation) for later branches."""
-        if tokens:
-            self._index(self.pool, self.pool_table, [*tokens, -1])  # -1: no n-gram spans two continuations
-
-    def _match(self, table: list[dict], response: list[int]) -> tuple[int, list[int]]:
-        for n in range(min(self.ngram, len(response)), 0, -1):
-            hits = table[n].get(tuple(response[-n:]))
-            if hits:
-                return n, hits
-        return 0, []
-
-    def propose(self, response: list[int], cursor: int, size: int) -> tuple[int | None, list[int]]:
-        """Up to ``size`` tokens that followed the longest matching suffix of ``response``.
-
-        In the original, of several occurrences the first at or after ``cursor`` wins (else the last): a
-        branch rejoins the original near where it left it; in the pool the latest. Returns (source position
-        in the original, or None for the pool, drafts).
-        """
-        n, hits = self._match(self.table, response)
-        m, pool_hits = self._match(self.pool_table, response)
-        if m > n:
-            q = pool_hits[-1]
-            drafts = list(takewhile(lambda x: x >= 0, self.pool[q : q + size]))
-            if drafts:
-                return None, drafts
-        if not n:
-            return cursor, []
-        k = bisect_left(hits, cursor)
-        q = hits[k] if k < len(hits) else hits[-1]
-        return q, self.seq[q : q + size]
-
-
-def kv_bytes_per_token(model) -> int:
-    c = model.config
-    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return 2 * c.num_hidden_layers * heads * head_dim * next(model.parameters()).element_size()
-
-
-# The most rows ``auto_batch_size`` gives, by device type. On this project's 2-core CPU (testbed model, both
-# sides alternating in one process, 2 threads, 2026-12-03): cft eval's study work (2 x (200 greedy + 40 x 16
-# sampled)) took 15.4 / 14.7 / 13.4 s at 128 / 256 / 512 rows and 15.1 / 15.6 s at 512 / 1024; stage B on 40
-# responses at draft width 0 took 15.0 / 13.7 s at 256 / 512 rows and 13.3 / 13.4 s at 512 / 1024 (tuned
-# width: 9.8 / 9.8 s at 256 / 512). A forward's fixed cost is spread over more rows, until memory traffic rules.
-MAX_ROWS = {"cpu": 512, "cuda": 1024}
-
-
-def auto_batch_size(model, max_len: int) -> int:
-    """Rows that fit in a quarter of free memory at the longest sequence, at most ``MAX_ROWS``."""
-    if model.device.type == "cuda":
-        free = torch.cuda.mem_get_info(model.device)[0]
-    else:
-        free = psutil.virtual_memory().available
-    cap = MAX_ROWS.get(model.device.type, MAX_ROWS["cpu"])
-    return int(max(1, min(cap, free // 4 // (kv_bytes_per_token(model) * max(max_len, 1) * 2))))
-
-
-def _open_columns(decoder, start: int) -> None:
-    """Move a decoder's window start left to ``start``: the new columns, for every row, masked and finite
-    (the buffers start uninitialised, and 0 * NaN would poison attention)."""
-    s = decoder.window.s
-    decoder.mbuf[:, start:s] = 0
-    for layer in decoder.cache.layers:
-        layer.kbuf[:, :, start:s] = 0
-        layer.vbuf[:, :, start:s] = 0
-    decoder.window.s = start
-
-
-def _keep_rows(decoder, keep: list[int]) -> None:
-    """Keep only rows ``keep`` (ascending) of a decoder (``BranchDecoder`` or ``PromptDecoder``): cache buffers,
-    mask and rows; the caller has requeued or finished the others.
-
-    The first ``len(keep)`` rows stay; only kept rows past them move, into the dropped rows' places (their live
-    columns alone), so shrinking copies at most the dropped share of the cache. Row order does not matter.
-    """
-    n = len(keep)
-    kept = set(keep)
-    holes = [i for i in range(n) if i not in kept]
-    movers = [i for i in keep if i >= n]
-    if movers:
-        dev = decoder.model.device
-        dst, src = torch.tensor(holes, device=dev), torch.tensor(movers, device=dev)
-        live = slice(decoder.window.s, decoder.window.w)
-        for layer in decoder.cache.layers:
-            for buf in (layer.kbuf, layer.vbuf):
-                buf[dst, :, live] = buf[src, :, live]
-        decoder.mbuf[dst, live] = decoder.mbuf[src, live]
-        for h, m in zip(holes, movers):
-            decoder.rows[h] = decoder.rows[m]
-    for layer in decoder.cache.layers:
-        layer.kbuf, layer.vbuf = layer.kbuf[:n], layer.vbuf[:n]
-    decoder.mbuf = decoder.mbuf[:n]
-    decoder.rows = decoder.rows[:n]
-
-
-class Window:
-    """Columns ``[s, w)`` of the buffers are live; one object shared by every layer of the cache."""
-
-    def __init__(self, s: int, w: int):
-        self.s, self.w = s, w
-
-
-class WindowLayer(DynamicLayer):
-    """A cache layer over a preallocated (B, H, C, D) buffer: ``update`` writes column w in place."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, window: Window):
-        super().__init__()
-        self.kbuf, self.vbuf, self.window = keys, values, window
-        self.is_initialized = True
-
-    @property
-    def keys(self):
-        return self.kbuf[:, :, self.window.s : self.window.w]
-
-    @keys.setter
-    def keys(self, value):  # the base class's __init__ assigns None
-        pass
-
-    @property
-    def values(self):
-        return self.vbuf[:, :, self.window.s : self.window.w]
-
-    @values.setter
-    def values(self, value):
-        pass
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        w, q = self.window.w, key_states.shape[2]
-        self.kbuf[:, :, w : w + q] = key_states
-        self.vbuf[:, :, w : w + q] = value_states
-        return self.kbuf[:, :, self.window.s : w + q], self.vbuf[:, :, self.window.s : w + q]
-
-    def get_seq_length(self) -> int:
-        return self.window.w - self.window.s
-
-
 @torch.inference_mode()
 def exact_margins(model, prefix_kv: list, prompt_len: int, branches: list[tuple[int, int, list[int]]]) -> list[float]:
     """Each branch's smallest top-1 minus top-2 logit gap over its continuation, from one teacher-forced forward.
@@ -421,13 +158,46 @@ def exact_margins(model, prefix_kv: list, prompt_len: int, branches: list[tuple[
     return [float(gaps[i, : len(x)].min()) for i, x in enumerate(inputs)]
 
 
-class BranchDecoder:
+def record_margins(model, work: Work, conts: dict[tuple[int, int], list[int]], prefix_kv: list,
+                   stats: EngineStats) -> None:
+    """Every decoded branch's ``margin`` from ``exact_margins``: forwards whose shapes depend on the response's
+    branches alone (the steps that decoded them depend on the width and on the batch around them).
+
+    ``conts``: (t, j) -> the branch's continuation. Rows go in (t, j) order, cut at ``RESCORE_ROWS`` rows or
+    ``RESCORE_TOKENS`` query tokens, so the cuts depend on the branches alone too.
+    """
+    chunks: list[list] = [[]]
+    for item in sorted((tj, cont) for tj, cont in conts.items() if cont):
+        chunk = chunks[-1]
+        wider = max([len(c) for _, c in chunk] + [len(item[1])])
+        if chunk and (len(chunk) == RESCORE_ROWS or (len(chunk) + 1) * wider > RESCORE_TOKENS):
+            chunks.append(chunk := [])
+        chunk.append(item)
+    for chunk in filter(None, chunks):
+        branches = [(t, work.alternatives[t][j], c) for (t, j), c in chunk]
+        try:
+            margins = exact_margins(model, prefix_kv, len(work.prompt_ids), branches)
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc) or len(chunk) == 1:
+                raise
+            margins = None  # retried below, once the exception's tensors are released
+        if margins is None:  # the one case where memory shapes a margin's last bits (a warning says so)
+            log.warning("identify: out of memory rescoring %d branches; rescoring them one at a time", len(chunk))
+            margins = [exact_margins(model, prefix_kv, len(work.prompt_ids), [b])[0] for b in branches]
+        stats.rescores += 1
+        for ((t, j), _), m in zip(chunk, margins):
+            work.results[t][j]["margin"] = m
+
+
+class BranchDecoder(RowCache):
     """Decode every branch of a stream of responses, ``batch_size`` rows at a time.
 
     Up to ``draft`` tokens per row and step are proposed from the row's original response by the longest
     matching suffix of at most ``ngram`` tokens (``draft=0``: plain one-token steps). The width of each step
     is ``DraftTuner``'s choice, or ``draft`` itself when ``cfg.draft`` sets it.
     """
+
+    what = "identify"
 
     def __init__(self, model, tok, cfg, proto: Protocol, draft: int | None = None,
                  ngram: int | None = None):
@@ -465,37 +235,10 @@ class BranchDecoder:
             self._enqueue(work, t, 0, front=False)
 
     def _finish(self, work: Work) -> None:
-        self._rescore(work)
+        record_margins(self.model, work, self.conts.pop(work.key, {}), self.prefix_kv[work.key], self.stats)
         self.prefix_kv.pop(work.key, None)
         self.index.pop(work.key, None)
         self.on_done(work)
-
-    def _rescore(self, work: Work) -> None:
-        """Every decoded branch's ``margin`` from ``exact_margins``: forwards whose shapes depend on the response's
-        branches alone (the steps that decoded them depend on the width and on the batch around them)."""
-        items = sorted((tj, cont) for tj, cont in self.conts.pop(work.key, {}).items() if cont)
-        chunks: list[list] = [[]]
-        for item in items:  # (t, j) order, cut by count and query tokens: the cuts depend on the branches alone
-            chunk = chunks[-1]
-            wider = max([len(c) for _, c in chunk] + [len(item[1])])
-            if chunk and (len(chunk) == RESCORE_ROWS or (len(chunk) + 1) * wider > RESCORE_TOKENS):
-                chunks.append(chunk := [])
-            chunk.append(item)
-        for chunk in filter(None, chunks):
-            branches = [(t, work.alternatives[t][j], c) for (t, j), c in chunk]
-            try:
-                margins = exact_margins(self.model, self.prefix_kv[work.key], len(work.prompt_ids), branches)
-            except RuntimeError as exc:
-                if not is_out_of_memory(exc) or len(chunk) == 1:
-                    raise
-                margins = None  # retried below, once the exception's tensors are released
-            if margins is None:  # the one case where memory shapes a margin's last bits (a warning says so)
-                log.warning("identify: out of memory rescoring %d branches; rescoring them one at a time", len(chunk))
-                margins = [exact_margins(self.model, self.prefix_kv[work.key], len(work.prompt_ids), [b])[0]
-                           for b in branches]
-            self.stats.rescores += 1
-            for ((t, j), _), m in zip(chunk, margins):
-                work.results[t][j]["margin"] = m
 
     def _enqueue(self, work: Work, t: int, j: int, front: bool) -> None:
         response = work.response_ids[:t] + [work.alternatives[t][j]]
@@ -509,7 +252,7 @@ class BranchDecoder:
     def _settle(self, work: Work, t: int, j: int, cont: list[int], margin: float | None) -> None:
         """Grade branch (t, j); ``margin`` is the decode's smallest gap, whose bits depend on the step shapes:
         at or below ``exact_below`` the branch is decoded again the reference way, and the recorded margin is
-        ``_rescore``'s, computed once the response is done."""
+        ``record_margins``'s, computed once the response is done."""
         if cont and margin is not None and margin <= self.exact_below:
             cont, _ = reference_branch(self.model, self.tok, self.proto, work.prompt_ids,
                                        work.response_ids[:t] + [work.alternatives[t][j]], t)
@@ -527,53 +270,20 @@ class BranchDecoder:
 
     # -- cache surgery -----------------------------------------------------------------------
     def _new_batch(self, work: Work) -> None:
-        """Buffers for ``batch_size`` rows of at most ``max_len`` tokens, twice as wide (see _rebase)."""
-        n = self.batch_size or auto_batch_size(self.model, self.max_len)
-        self.batch_size = n
-        self.window = Window(self.max_len, self.max_len)
-        cap = 2 * self.max_len + self.draft + 1
-        # uninitialised: a column is written (a step, a rebase) or zeroed (_place) before the window reaches it, so
-        # columns the window never reaches are never touched (zero-filling all of it up front took 0.3 s a batch)
-        layers = [WindowLayer(k.new_empty(n, k.shape[1], cap, k.shape[3]), v.new_empty(n, v.shape[1], cap, v.shape[3]),
-                              self.window) for k, v in self.prefix_kv[work.key]]
-        self.cache = DynamicCache()
-        self.cache.layers = layers
-        self.mbuf = torch.zeros(n, cap, dtype=torch.long, device=self.model.device)
+        """Buffers for ``batch_size`` rows of at most ``max_len`` tokens, twice as wide (see ``rebase``)."""
+        n = self.batch_size = self.batch_size or auto_batch_size(self.model, self.max_len)
+        self._buffers(self.prefix_kv[work.key], n, 2 * self.max_len + self.draft + 1)
         self.rows = [None] * n
         self.stats.batch_size = n
-
-    def _rebase(self, need: int) -> None:
-        """Copy the live window so that it ends at ``max_len``, squeezing out every row's holes.
-
-        Each row's valid columns keep their order and end at ``max_len`` (a stable sort of the mask
-        puts them last), so the window shrinks to the most valid columns of any row: room for a
-        prefix of ``need`` tokens on the left, and for at least ``max_len`` columns of steps.
-        """
-        if need > self.max_len:
-            raise ValueError(f"a branch prefix of {need} tokens exceeds the engine's row length {self.max_len}")
-        s, w = self.window.s, self.window.w
-        mask = self.mbuf[:, s:w]
-        span = int(mask.sum(1).max()) if mask.numel() else 0
-        order = torch.sort(mask, dim=1, stable=True).indices[:, w - s - span :]
-        new_s = self.max_len - span
-        for layer in self.cache.layers:
-            for buf in (layer.kbuf, layer.vbuf):
-                idx = order[:, None, :, None].expand(-1, buf.shape[1], -1, buf.shape[3])
-                buf[:, :, new_s : self.max_len] = buf[:, :, s:w].gather(2, idx)
-        squeezed = mask.gather(1, order)
-        self.mbuf.zero_()
-        self.mbuf[:, new_s : self.max_len] = squeezed
-        self.window.s, self.window.w = new_s, self.max_len
-        self.stats.rebases += 1
 
     def _place(self, i: int, work: Work, t: int, j: int) -> None:
         """Put branch (t, j) of ``work`` into row i: its prefix KV right-aligned at w, the rest masked."""
         p = len(work.prompt_ids) + t
         if p > self.window.w:
-            self._rebase(p)
+            self.rebase(p)
         w = self.window.w
         if w - p < self.window.s:
-            _open_columns(self, w - p)
+            self.open_columns(w - p)
         for layer, (pk, pv) in zip(self.cache.layers, self.prefix_kv[work.key]):
             layer.kbuf[i, :, w - p : w] = pk[0, :, :p]
             layer.vbuf[i, :, w - p : w] = pv[0, :, :p]
@@ -590,7 +300,7 @@ class BranchDecoder:
         """
         keep = [i for i, r in enumerate(self.rows) if r is not None]
         if not self.queue and (not keep or len(keep) <= 0.75 * len(self.rows)):
-            _keep_rows(self, keep)
+            self.keep_rows(keep)
         tight = 0
         if self.rows and self.window.w > self.window.s:
             mask = self.mbuf[:, self.window.s : self.window.w]
@@ -599,23 +309,10 @@ class BranchDecoder:
         width = self.window.w - self.window.s
         if self.window.w + self.draft + 1 > self.mbuf.shape[1] or (
                 self.draft and width > SQUEEZE_WIDTH * tight + 4 * (self.draft + 1)):
-            self._rebase(0)
+            self.rebase(0)
 
-    def _halve(self) -> None:
-        """Out of memory: requeue the second half of the rows (decoded again from their start) and shrink.
-
-        Greedy decoding is deterministic, so a restarted branch yields the same continuation.
-        """
-        keep = len(self.rows) // 2
-        for row in reversed(self.rows[keep:]):
-            if row is not None:
-                self.queue.appendleft((row.work, row.t, row.j))
-        log.warning("identify: out of memory with %d rows; continuing with %d", len(self.rows), keep)
-        self.mbuf[:, self.window.w :] = 0  # the failed step's columns
-        _keep_rows(self, list(range(keep)))
-        self.batch_size = keep
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    def _requeue(self, row: Row) -> None:
+        self.queue.appendleft((row.work, row.t, row.j))
 
     # -- main loop ---------------------------------------------------------------------------
     def _fill(self, works) -> None:
@@ -710,7 +407,7 @@ class BranchDecoder:
             out = self._step(drafts)
             seconds = time.perf_counter() - t0  # the width's own cost (finishing responses, timed here, is not)
             if out is None:
-                self._halve()
+                self.halve()
                 continue
             greedy, accepted, gaps = out
             decoded = 0
@@ -772,7 +469,7 @@ class PromptRow:
     watch: AnswerWatch | None = None  # the answer rule's incremental state for ``ids``
 
 
-class PromptDecoder:
+class PromptDecoder(RowCache):
     """Decode ``Request``s with continuous batching over the same window cache as ``BranchDecoder``.
 
     Decoding is ``generate.decode``'s (``DecodeConfig``'s ``max_new_tokens``, ``stop_at_answer`` and
@@ -826,21 +523,14 @@ class PromptDecoder:
                 for r, p in enumerate(prompts)}
 
     def _new_batch(self, kv: list) -> None:
-        n = len(self.rows)
-        self.window = Window(self.max_len, self.max_len)
-        cap = self.max_len + min(self.max_len, STEP_ROOM) + 1  # every STEP_ROOM steps the window moves back
-        # uninitialised, as BranchDecoder's: columns are zeroed (_place) or written before the window reaches them
-        layers = [WindowLayer(k.new_empty(n, k.shape[1], cap, k.shape[3]), v.new_empty(n, v.shape[1], cap, v.shape[3]),
-                              self.window) for k, v in kv]
-        self.cache = DynamicCache()
-        self.cache.layers = layers
-        self.mbuf = torch.zeros(n, cap, dtype=torch.long, device=self.model.device)
+        # every STEP_ROOM steps the window moves back (``_compact``)
+        self._buffers(kv, len(self.rows), self.max_len + min(self.max_len, STEP_ROOM) + 1)
 
     def _place(self, i: int, kv: list, p: int) -> None:
         """Row i holds a prompt of p tokens: its key/values right-aligned at w, the rest masked."""
         w = self.window.w
         if w - p < self.window.s:
-            _open_columns(self, w - p)
+            self.open_columns(w - p)
         for layer, (k, v) in zip(self.cache.layers, kv):
             layer.kbuf[i, :, w - p : w] = k[0]
             layer.vbuf[i, :, w - p : w] = v[0]
@@ -926,7 +616,7 @@ class PromptDecoder:
         move the window back when the next step would not fit (rows hold no holes: a plain copy)."""
         keep = [i for i, r in enumerate(self.rows) if r is not None]
         if not self.queue and len(keep) <= 0.75 * len(self.rows):
-            _keep_rows(self, keep)
+            self.keep_rows(keep)
         cached = [len(r.request.prompt_ids) + len(r.ids) - 1 for r in self.rows if r is not None]
         s, w = self.window.s, self.window.w
         self.window.s = s = w - max(cached, default=0)
@@ -939,22 +629,10 @@ class PromptDecoder:
             self.window.s, self.window.w = new_s, self.max_len
             self.stats.rebases += 1
 
-    def _halve(self) -> None:
-        """Out of memory: requeue the second half of the rows (decoded again from their start) and shrink.
-
-        A restarted request redraws the same random numbers (its stream restarts), so its output is the same.
-        """
-        keep = len(self.rows) // 2
-        for row in reversed(self.rows[keep:]):
-            if row is not None:
-                self.queue.appendleft(row.request)
-                key = tuple(row.request.prompt_ids)
-                self.uses[key] = self.uses.get(key, 0) + 1
-        log.warning("decode: out of memory with %d rows; continuing with %d", len(self.rows), keep)
-        _keep_rows(self, list(range(keep)))
-        self.batch_size = keep
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    def _requeue(self, row: PromptRow) -> None:
+        self.queue.appendleft(row.request)
+        key = tuple(row.request.prompt_ids)
+        self.uses[key] = self.uses.get(key, 0) + 1
 
     def _step(self) -> torch.Tensor | None:
         """One forward over every row's last token; its logits (B, V), or None when it ran out of memory."""
@@ -1010,7 +688,7 @@ class PromptDecoder:
             if live_rows:
                 logits = self._step()
                 while logits is None:
-                    self._halve()
+                    self.halve()
                     logits = self._step()
                 live = [(i, r) for i, r in enumerate(self.rows) if r is not None]
                 tokens = self._choose(logits if len(live) == len(self.rows) else logits[[i for i, _ in live]],
