@@ -7,7 +7,7 @@ otherwise: batch size 64 (the hf backend's rows) and ``--rows 0`` (the engine's 
 256 on a CPU). A third run, ``hf_rows``, decodes on ``model.generate`` in batches as large as the engine's
 rows, so the engine is also compared at an equal batch. Each (split, part) unit is decoded by the three in
 turn (who goes first alternates), through the same ``evaluate.plan`` / ``decode_chunks`` /
-``generate.decode_groups`` calls ``cft eval`` makes, so machine noise hits all alike. Grading is not
+``decoding.api.decode_groups`` calls ``cft eval`` makes, so machine noise hits all alike. Grading is not
 timed. Prints per run outputs, tokens, tokens/s, wall time, model forwards (prefills included), decoded
 tokens per forward (how full the rows were kept: at most the rows) and rows, the metrics of hf and
 engine, and as its last line
@@ -43,9 +43,9 @@ import torch
 from identify_speed import bare_forward
 
 from cft import verify
-from cft.engine import EngineStats
+from cft.decoding.api import decode_groups
+from cft.decoding.engine import EngineStats
 from cft.evaluate import EvalConfig, decode_chunks, load_items, plan
-from cft.generate import decode_groups
 from cft.models import load_model, machine_line
 
 

@@ -43,10 +43,11 @@ from pathlib import Path
 import psutil
 import torch
 
-from cft import engine
 from cft.artifacts import load_records
-from cft.engine import EngineStats
-from cft.generate import DecodeConfig, GenerateConfig, generate, left_pad
+from cft.decoding import engine, left_pad
+from cft.decoding.api import DecodeConfig
+from cft.decoding.engine import EngineStats
+from cft.generate import GenerateConfig, generate
 from cft.identify import IdentifyConfig, identify, summarize, without_margins
 from cft.models import cache_kwarg, load_model, machine_line
 from cft.verify import extract_answer

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cft import engine
 from cft.artifacts import load_records
-from cft.engine import DraftIndex
-from cft.generate import DecodeConfig, decode
+from cft.decoding import engine
+from cft.decoding.api import DecodeConfig, decode
+from cft.decoding.engine import DraftIndex
 from cft.identify import IdentifyConfig, identify, without_margins
 from cft.models import load_model
 from cft.prompts import render_ids
@@ -117,9 +117,9 @@ def test_drafting_on_testbed_responses_halves_the_steps(tmp_path, monkeypatch):
 
 def test_labels_are_the_same_bytes_whatever_the_draft_width_and_the_rows(tmp_path):
     """Margins included: a forward over k query columns, or over other rows, changes logits in the last bits, so the
-    fast engine rescores each response's branches in forwards built from those branches alone, and decodes a
-    branch that met a gap within ``EXACT_BELOW`` again the reference way. Three runs whose widths (tuned by
-    timing, 0, 4) and rows differ write identical files."""
+    fast engine decodes a branch that met a gap within ``EXACT_BELOW`` again the reference way and recomputes a
+    margin near a rounding boundary in a forward of its branch alone. Three runs whose widths (tuned by timing,
+    0, 4) and rows differ write identical files."""
     model, tok = load_model("testbed")
     problems = generate_split("train", 12)
     outs = decode(model, tok, [render_ids(tok, p.question) for p in problems], DecodeConfig(max_new_tokens=160))
@@ -229,9 +229,7 @@ def test_out_of_memory_halving_with_drafting(tmp_path, monkeypatch, random_model
 
     monkeypatch.setattr(model, "forward", small_memory)
     got, stats = _labels(tmp_path / "oom", monkeypatch, model, tok, records, 4, batch_size=16)
-    # a drafted step failed, then halved twice; later, rescoring a whole response's branches (retried one by one)
-    assert [b for b, _ in failures[:2]] == [16, 8] and failures[0][1] > 1
-    assert all(b > 5 and b not in (16, 8) for b, _ in failures[2:])
+    assert [b for b, _ in failures] == [16, 8] and failures[0][1] > 1  # a drafted step failed, then halved twice
     assert stats.tokens_per_forward > 1.0
     assert [without_margins(r) for r in got] == [without_margins(r) for r in want]
 

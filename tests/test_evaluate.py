@@ -13,8 +13,8 @@ from transformers import LlamaForCausalLM
 from cft import evaluate as ev
 from cft import verify
 from cft.artifacts import InputError, load_records, read_meta
+from cft.decoding.api import DecodeConfig, decode
 from cft.errors import UsageError
-from cft.generate import DecodeConfig, decode
 from cft.testbed.pretrain import PretrainConfig, build_model
 from cft.testbed.tokenizer import build_tokenizer
 from tests.conftest import write_jsonl

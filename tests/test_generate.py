@@ -9,9 +9,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from cft import engine, zoo
+from cft import zoo
 from cft.artifacts import load_records, read_meta
-from cft.generate import DecodeConfig, GenerateConfig, decode, generate, trigger_tokens
+from cft.decoding import engine, trigger_tokens
+from cft.decoding.api import DecodeConfig, decode
+from cft.generate import GenerateConfig, generate
 from cft.models import load_model, stop_token_ids, vocab_rows
 from cft.prompts import render_ids
 from cft.testbed.problems import generate_split

@@ -15,7 +15,7 @@ import cft.identify as ident
 from cft import models, verify
 from cft.artifacts import InputError, load_records, read_meta, write_meta
 from cft.cli import main
-from cft.generate import DecodeConfig, decode
+from cft.decoding.api import DecodeConfig, decode
 from cft.identify import IdentifyConfig, identify, merge_shards, token_kind, without_margins
 from cft.prompts import render_ids
 from cft.protocol import ranked, true_ranks
@@ -226,8 +226,7 @@ def test_fast_engine_out_of_memory_halves_the_batch_same_labels(tmp_path, random
         got, _ = labels_for(tmp_path / "oom", model, tok, records, "fast", batch_size=16)
     finally:
         model.forward = forward
-    assert failures[:2] == [16, 8]  # halved twice, then the batch of 4 fits
-    assert all(n > 5 for n in failures[2:])  # rescoring a response's branches, then retried one at a time
+    assert failures == [16, 8]  # halved twice, then the batch of 4 fits
     assert [r["critical"] for r in got] == [r["critical"] for r in want]
     assert [without_margins(r) for r in got] == [without_margins(r) for r in want]
     assert_margins_close(got, want)

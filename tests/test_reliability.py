@@ -26,8 +26,9 @@ from cft import verify
 from cft.artifacts import InputError, load_records, read_meta, skipping_invalid
 from cft.cli import build_parser, main
 from cft.data import load_problems
+from cft.decoding.api import DecodeConfig, decode
 from cft.evaluate import EvalConfig, evaluate
-from cft.generate import DecodeConfig, decode, generate
+from cft.generate import generate
 from cft.identify import identify
 from cft.models import load_model
 from cft.prompts import render_ids

@@ -34,16 +34,9 @@ from cft.artifacts import InputError, ResumableWriter, environment, load_records
 from cft.benchmarks import BENCHMARKS
 from cft.config import MODEL_HELP, attn_option, device_option, dtype_option, from_args, model_option, option
 from cft.data import Problem, is_generated, load_problems
+from cft.decoding.api import DecodeConfig, decode_outputs, resolve_backend
+from cft.decoding.audit import earlier_audit, print_stop_audit, stage_a_audit
 from cft.errors import UsageError
-from cft.generate import (
-    DecodeConfig,
-    decode_outputs,
-    earlier_audit,
-    print_stop_audit,
-    resolve_backend,
-    stage_a_audit,
-    verify_error,
-)
 from cft.models import load_model
 from cft.progress import Progress
 from cft.prompts import QWEN_SYSTEM, render_ids, template_text
@@ -340,7 +333,7 @@ def _record(key: str, item: Item, kind: str, index: int, out) -> dict:
         "key": key, "benchmark": item.benchmark, "id": item.problem.id, "question": item.problem.question,
         "gold": item.problem.answer, "kind": kind, "sample": index, "prompt_ids": item.prompt_ids,
         "response_ids": out.ids, "response": out.text, "finish": out.finish, "prediction": result.prediction,
-        "correct": result.correct, "verify_error": verify_error(result), "entropy": out.entropy,
+        "correct": result.correct, "verify_error": verify.verify_error(result), "entropy": out.entropy,
     }
 
 
@@ -463,7 +456,7 @@ def rescore(out_dir: str | Path) -> dict[str, dict]:
         # in _record's key order (the writer appends ``schema``); a record from before verify_error gets it
         body = {k: v for k, v in rec.items() if k != "schema"}
         fresh = {k: v for k, v in body.items() if k not in ("verify_error", "entropy")} | {
-            "prediction": result.prediction, "correct": result.correct, "verify_error": verify_error(result),
+            "prediction": result.prediction, "correct": result.correct, "verify_error": verify.verify_error(result),
             "entropy": rec.get("entropy")}
         if list(fresh.items()) != list(body.items()):
             records[index] = fresh

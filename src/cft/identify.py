@@ -18,7 +18,7 @@ a second answer then gets another verdict, so such a run audits itself (``branch
 the verdicts and labels the stop changed. Both engines apply exactly this rule:
 
 - ``reference``: one pinned greedy ``generate`` per branch from the full token prefix, every alternative.
-- ``fast`` (default, ``cft.engine``): the prompt + response KV cache is computed once and shared by
+- ``fast`` (default, ``cft.decoding.engine``): the prompt + response KV cache is computed once and shared by
   every branch; branches of many positions and responses decode together with continuous batching;
   the rank-r+1 branch runs only if the rank-r branch did not succeed (exact: one success already
   makes the token non-critical).
@@ -55,8 +55,10 @@ from cft.artifacts import (
     record_key,
 )
 from cft.config import attn_option, device_option, dtype_option, from_args, internal, model_option, option
-from cft.engine import BranchDecoder, auto_batch_size, check_supported
-from cft.generate import DecodeConfig, Stop, audit_stops, print_stop_audit, stop_rule
+from cft.decoding.api import DecodeConfig, stop_rule
+from cft.decoding.audit import Stop, audit_stops, print_stop_audit
+from cft.decoding.backends import backend
+from cft.decoding.rowcache import auto_batch_size
 from cft.kinds import token_kind  # re-exported: identify's statistics break counts down by it
 from cft.models import cache_kwarg, load_model, load_tokenizer, resolve
 from cft.progress import Progress
@@ -64,7 +66,6 @@ from cft.protocol import (
     Protocol,
     Work,
     branch_record,
-    finish_branch,
     reference_branch,  # the protocol's definition of a branch, also the fast engine's exact path at near-ties
     teacher_forced,
 )
@@ -199,17 +200,6 @@ def critical_spans(tok, response_ids: list[int], critical: list[int]) -> list[li
             if end > start:
                 spans.append([start, end])
     return spans
-
-
-def run_reference(model, tok, works_iter, cfg: IdentifyConfig, proto: Protocol, on_done, progress):
-    """The plain way: one greedy ``generate`` per branch, re-encoding prompt and prefix each time."""
-    for work, _ in works_iter:
-        for t, alts in enumerate(work.alternatives):
-            for j, a in enumerate(alts):
-                cont, margin = reference_branch(model, tok, proto, work.prompt_ids, work.response_ids[:t] + [a], t)
-                finish_branch(work, t, j, cont, proto, margin)
-                progress.advance(0, tokens=len(cont) + 1)
-        on_done(work)
 
 
 def crosscheck(model, tok, labels: list[dict], cfg: IdentifyConfig, proto: Protocol) -> dict:
@@ -483,26 +473,19 @@ def identify(cfg: IdentifyConfig, model=None, tok=None) -> dict:
     out = shard_path(cfg.out, index, count)
     writer = ResumableWriter(out, "labels")
     todo = [(r, k) for r, k in zip(records, keys) if k not in writer.done]
-    if cfg.engine == "fast":
-
-        check_supported(model, cfg.model)
+    decoder = backend(cfg.engine, "branches")  # fast (the engine) or reference, by name (cft.decoding.backends)
+    if decoder.check is not None:
+        decoder.check(model, cfg.model)
 
     def on_done(work: Work) -> None:
         writer.add(label_record(work, tok, cfg))
         progress.advance(1)
 
     t0 = time.time()
-    engine_stats = None
     with Progress(f"identify[{cfg.engine}]", total=len(todo), unit="resp") as progress:
-        if cfg.engine == "reference":
-            run_reference(model, tok, _works(model, tok, [r for r, _ in todo], [k for _, k in todo], cfg, proto, False),
-                          cfg, proto, on_done, progress)
-        elif cfg.engine == "fast":
-            works = _works(model, tok, [r for r, _ in todo], [k for _, k in todo], cfg, proto, True)
-            max_prompt = max((len(r["prompt_ids"]) for r, _ in todo), default=0)
-            engine_stats = BranchDecoder(model, tok, cfg, proto).run(works, on_done, progress, max_prompt)
-        else:
-            raise ValueError(f"unknown engine {cfg.engine!r}; choose fast or reference")
+        works = _works(model, tok, [r for r, _ in todo], [k for _, k in todo], cfg, proto, decoder.shares_prefix)
+        max_prompt = max((len(r["prompt_ids"]) for r, _ in todo), default=0)
+        engine_stats = decoder.branches(model, tok, works, cfg, proto, on_done, progress, max_prompt)
         writer.write([])
         decoded = progress.tokens
     seconds = time.time() - t0

@@ -5,7 +5,7 @@ proposes up to ``draft`` tokens from the row's original prompt + response and fr
 decoded so far (the tokens that followed the last ``ngram`` tokens of the branch there); the engine's step
 verifies them (greedy speculative acceptance), so the output is greedy decoding token for token, only fewer
 forwards. ``DraftTuner`` chooses the width by timing the first steps: whether drafts pay depends on the
-machine and the model. The width never changes an output (``cft.engine``'s rescoring and exact path).
+machine and the model. The width never changes an output (``cft.decoding.engine``'s rescoring and exact path).
 """
 
 from __future__ import annotations

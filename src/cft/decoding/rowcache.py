@@ -1,4 +1,4 @@
-"""The row cache under both fast decoders (``cft.engine``): a window of columns over preallocated buffers.
+"""The row cache under both fast decoders (``cft.decoding.engine``): a window of columns over preallocated buffers.
 
 Each row of a batch holds one sequence (a branch, a prompt's output) right-aligned in a shared key/value cache:
 columns ``[s, w)`` of the buffers are live (``Window``), a step writes its columns at ``w`` in place
@@ -32,7 +32,7 @@ class EngineStats:
     query_columns: int = 0  # sum over forwards of the query width q
     rebases: int = 0  # window copies (each squeezes out the holes of rejected drafts)
     redecided: int = 0  # branches decoded again by the reference path (a gap within ``EXACT_BELOW``)
-    rescores: int = 0  # forwards of ``exact_margins``
+    rescores: int = 0  # margins computed again by ``engine.exact_margin`` (near a rounding boundary)
     width_sum: int = 0  # sum over forwards of the cache window's width before the step
     batch_size: int = 0  # rows the engine chose or was given (a prompt run allocates at most one per request)
     widths: dict[int, int] = field(default_factory=dict)  # forwards per query width

@@ -6,12 +6,14 @@ batch of rows decodes greedily one token per step; each row is a branch, right-a
 cache (left columns it does not use are masked out, its own positions given explicitly). When a
 branch ends its row is refilled at once from the queue (continuous batching); a failed rank-r branch
 queues rank r+1 at the front, a succeeded one settles its position. The stop rule and verdicts are
-``identify.Protocol``'s, the same as the reference engine's (each row carries the answer rule's incremental
-state, ``cft.answer_watch``, so a trigger token costs its own text, not the whole response's). Each step
-also records every row's top-1 minus top-2 logit gap; a branch's smallest gap is its ``margin`` (see
-``identify``'s near-ties). Sliding-window layers need nothing special: every row ends at the step's
-column, so the model's own mask from cache positions is the row's window (``check_supported`` names
-what is refused).
+``protocol.Protocol``'s (its ``decoding.StopRule``), the same as the reference engine's (each row carries the
+answer rule's incremental state, ``cft.answer_watch``, so a trigger token costs its own text, not the whole
+response's). Each step also records every row's top-1 minus top-2 logit gap; a branch's smallest gap is its
+``margin`` (see ``identify``'s near-ties). Outputs are a function of the inputs and options alone, whatever the
+draft width, the rows or the batch around a branch (``SHAPE_NOISE``: near-ties re-decided by the reference
+path, margins near a rounding boundary recomputed alone). Sliding-window layers need nothing special: every
+row ends at the step's column, so the model's own mask from cache positions is the row's window
+(``check_supported`` names what is refused).
 
 Re-convergence drafting: a branch usually rejoins the original solution a few tokens after its
 substituted token. Each row proposes up to ``draft`` tokens from its own original prompt + response and
@@ -22,23 +24,24 @@ greedy decoding reproduces plus the model's next token (standard greedy speculat
 output is greedy decoding token for token, only fewer forwards. Rows with fewer drafts share the step;
 their extra query columns are junk, discarded and masked out afterwards. Whether drafts pay depends on
 the machine and the model (a CPU pays for every query column), so each run times its first steps at
-several widths and keeps the fastest (``DraftTuner``); the output is the same at any width.
+several widths and keeps the fastest (``drafting.DraftTuner``; ``drafting.DraftIndex`` proposes); the output
+is the same bytes at any width, and ``run`` returns the counts, the chosen width among them.
 
-The shared cache is a window ``[s, w)`` over preallocated buffers: a step writes columns ``[w, w+q)``
-in place (no per-step concatenation), placing a longer prefix moves ``s`` left, and trimming columns no
-row uses moves it right. Rejected draft columns stay as holes (mask 0) in their row; positions are given
-per row (its count of valid columns), so holes cost width only. When the window reaches the buffer's end
-it is copied back with every row's holes squeezed out (rarely).
+The shared cache (``rowcache.RowCache``, under both decoders) is a window ``[s, w)`` over preallocated
+buffers: a step writes columns ``[w, w+q)`` in place (no per-step concatenation), placing a longer prefix
+moves ``s`` left, and trimming columns no row uses moves it right. Rejected draft columns stay as holes
+(mask 0) in their row; positions are given per row (its count of valid columns), so holes cost width only.
+When the window reaches the buffer's end it is copied back with every row's holes squeezed out (rarely).
 
-Prompt decoding (stages A and D, ``PromptDecoder``, behind ``generate.decode``'s default ``engine``
+Prompt decoding (stages A and D, ``PromptDecoder``, behind ``decoding.api.decode``'s default ``engine``
 backend) uses the same window cache and continuous batching with a prompt in place of a branch prefix:
 new rows are prefilled together in one left-padded forward (a prompt shared by n samples once), their
 key/values copied into free rows right-aligned at ``w``; every step decodes one token per row (no
 drafting, so rows hold no holes and moving the window back is a plain copy). Greedy takes the argmax of
 the raw logits; sampling draws from softmax(logits / T) by inverse CDF with one uniform from the
 request's own random stream, so a sample does not depend on the batch around it. Nothing else acts on
-the logits, which is ``generate.pinned_generation_config``'s decoding (a checkpoint's penalties never
-apply). The stop rule, finish reason and entropy are ``generate._decode_hf``'s.
+the logits, which is ``decoding.pinned_generation_config``'s decoding (a checkpoint's penalties never
+apply). The stop rule (``decoding.StopRule``), finish reason and entropy are those of the ``hf`` backend.
 """
 
 from __future__ import annotations
@@ -54,14 +57,13 @@ from itertools import islice, takewhile
 import torch
 from transformers import DynamicCache
 
-from cft import verify
-from cft.answer_watch import AnswerWatch, incremental_decoding
+from cft.answer_watch import AnswerWatch
 from cft.artifacts import InputError
-from cft.decoding import Output, finish_reason, is_out_of_memory, left_pad, trigger_tokens
-from cft.drafting import DRAFT_NGRAM, DraftIndex, DraftTuner, default_draft
-from cft.models import cache_kwarg, last_logits_only, stop_token_ids, vocab_rows
-from cft.protocol import Protocol, Work, finish_branch, reference_branch
-from cft.rowcache import EngineStats, RowCache, Window, WindowLayer, auto_batch_size
+from cft.decoding import Output, StopRule, finish_reason, is_out_of_memory, left_pad
+from cft.decoding.drafting import DRAFT_NGRAM, DraftIndex, DraftTuner, default_draft
+from cft.decoding.rowcache import EngineStats, RowCache, Window, WindowLayer, auto_batch_size
+from cft.models import cache_kwarg, last_logits_only
+from cft.protocol import Protocol, Work, finish_branch, reference_branch, round_margin
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +74,15 @@ SQUEEZE_WIDTH = 1.5  # squeeze holes out once the window is this many times its 
 
 
 # Outputs must not depend on the draft width, the rows or the batch around a branch, which all change the shapes
-# of the forwards a token's logits come from (and with them the last bits of the logits). A branch whose fast
-# decode met a top-1/top-2 gap at or below this bound (per dtype: far above the shape effect, about 1e-6 in
-# float32 on the testbed) is decoded again by ``protocol.reference_branch`` (batch 1, shapes fixed by the
-# branch), so a near-tie is decided the same way in every run; above it no shape changes the argmax.
+# of the forwards a token's logits come from (and with them the last bits of the logits: about 1e-6 in float32 on
+# the testbed). ``SHAPE_NOISE`` bounds that change of a top-1/top-2 gap, per dtype, with room to spare. A branch
+# whose fast decode met a gap within ``EXACT_BELOW`` is decoded again by ``protocol.reference_branch`` (batch 1,
+# shapes fixed by the branch), so a near-tie is decided the same way in every run; above it no shape changes the
+# argmax. A recorded margin has two significant digits (``protocol.round_margin``); where the decode's smallest gap
+# is within ``SHAPE_NOISE`` of a rounding boundary, it is computed again in a forward of the branch alone
+# (``exact_margin``), so every recorded byte is a function of the inputs.
+SHAPE_NOISE = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 0.25, torch.float16: 0.03}
 EXACT_BELOW = {torch.float32: 1e-3, torch.float64: 1e-6, torch.bfloat16: 0.5, torch.float16: 0.125}
-RESCORE_TOKENS = 1024  # margins: query tokens of one rescoring forward (its rows: branches in (t, j) order)
-RESCORE_ROWS = 32
 
 
 @dataclass
@@ -99,7 +103,7 @@ def check_supported(model, name: str,
     """Refuse a model whose layers the engine's shared key/value cache cannot represent.
 
     Full and sliding-window attention are supported: every layer keeps a row's whole sequence
-    (the teacher-forced pass uses a plain cache, see ``identify.teacher_forced``), and the model
+    (the teacher-forced pass uses a plain cache, see ``protocol.teacher_forced``), and the model
     builds its sliding mask from cache positions (``kv_idx > q_idx - window``); since every row's
     tokens are contiguous and end at the step's column, column differences are position differences
     (which is why drafting, whose rejected columns leave holes, is off for such models).
@@ -123,70 +127,26 @@ def has_sliding_window(model) -> bool:
 
 
 @torch.inference_mode()
-def exact_margins(model, prefix_kv: list, prompt_len: int, branches: list[tuple[int, int, list[int]]]) -> list[float]:
-    """Each branch's smallest top-1 minus top-2 logit gap over its continuation, from one teacher-forced forward.
-
-    ``branches``: (position t, alternative, continuation). Row i holds the prefix key/values of prompt + y_<t
-    (from ``prefix_kv``, the teacher-forced pass) right-aligned, then the alternative and the continuation but
-    its last token; every tensor is built from these branches alone, so a margin is the same bytes whatever
-    the draft width, the rows or the other responses of the run.
-    """
-    dev = model.device
-    starts = [prompt_len + t for t, _, _ in branches]
-    inputs = [[a, *cont[:-1]] for _, a, cont in branches]
-    n, p_max, length = len(branches), max(starts), max(map(len, inputs))
-    window = Window(0, p_max)
+def exact_margin(model, prefix_kv: list, prompt_len: int, t: int, alternative: int, cont: list[int]) -> float:
+    """A branch's smallest top-1 minus top-2 logit gap over its continuation, from one teacher-forced forward of the
+    branch alone: the prefix key/values of prompt + y_<t (from ``prefix_kv``, the teacher-forced pass), then the
+    alternative and the continuation but its last token. Its shapes depend on the branch only."""
+    p, ids = prompt_len + t, [alternative, *cont[:-1]]
+    window = Window(0, p)
     layers = []
     for pk, pv in prefix_kv:
-        k = pk.new_zeros(n, pk.shape[1], p_max + length, pk.shape[3])
-        v = pv.new_zeros(n, pv.shape[1], p_max + length, pv.shape[3])
-        for i, p in enumerate(starts):
-            k[i, :, p_max - p : p_max] = pk[0, :, :p]
-            v[i, :, p_max - p : p_max] = pv[0, :, :p]
+        k = pk.new_empty(1, pk.shape[1], p + len(ids), pk.shape[3])
+        v = pv.new_empty(1, pv.shape[1], p + len(ids), pv.shape[3])
+        k[:, :, :p], v[:, :, :p] = pk[:, :, :p], pv[:, :, :p]
         layers.append(WindowLayer(k, v, window))
     cache = DynamicCache()
     cache.layers = layers
-    mask = torch.zeros(n, p_max + length, dtype=torch.long, device=dev)
-    for i, (p, x) in enumerate(zip(starts, inputs)):
-        mask[i, p_max - p : p_max + len(x)] = 1
-    ids = torch.tensor([x + [x[-1]] * (length - len(x)) for x in inputs], device=dev)
-    positions = torch.tensor(starts, device=dev)[:, None] + torch.arange(length, device=dev)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                   **{cache_kwarg(model): cache}).logits
-    values = logits.topk(2, dim=-1).values
-    gaps = values[..., 0].float() - values[..., 1].float()
-    return [float(gaps[i, : len(x)].min()) for i, x in enumerate(inputs)]
-
-
-def record_margins(model, work: Work, conts: dict[tuple[int, int], list[int]], prefix_kv: list,
-                   stats: EngineStats) -> None:
-    """Every decoded branch's ``margin`` from ``exact_margins``: forwards whose shapes depend on the response's
-    branches alone (the steps that decoded them depend on the width and on the batch around them).
-
-    ``conts``: (t, j) -> the branch's continuation. Rows go in (t, j) order, cut at ``RESCORE_ROWS`` rows or
-    ``RESCORE_TOKENS`` query tokens, so the cuts depend on the branches alone too.
-    """
-    chunks: list[list] = [[]]
-    for item in sorted((tj, cont) for tj, cont in conts.items() if cont):
-        chunk = chunks[-1]
-        wider = max([len(c) for _, c in chunk] + [len(item[1])])
-        if chunk and (len(chunk) == RESCORE_ROWS or (len(chunk) + 1) * wider > RESCORE_TOKENS):
-            chunks.append(chunk := [])
-        chunk.append(item)
-    for chunk in filter(None, chunks):
-        branches = [(t, work.alternatives[t][j], c) for (t, j), c in chunk]
-        try:
-            margins = exact_margins(model, prefix_kv, len(work.prompt_ids), branches)
-        except RuntimeError as exc:
-            if not is_out_of_memory(exc) or len(chunk) == 1:
-                raise
-            margins = None  # retried below, once the exception's tensors are released
-        if margins is None:  # the one case where memory shapes a margin's last bits (a warning says so)
-            log.warning("identify: out of memory rescoring %d branches; rescoring them one at a time", len(chunk))
-            margins = [exact_margins(model, prefix_kv, len(work.prompt_ids), [b])[0] for b in branches]
-        stats.rescores += 1
-        for ((t, j), _), m in zip(chunk, margins):
-            work.results[t][j]["margin"] = m
+    dev = model.device
+    logits = model(input_ids=torch.tensor([ids], device=dev), attention_mask=torch.ones(1, p + len(ids), device=dev,
+                   dtype=torch.long), position_ids=torch.arange(p, p + len(ids), device=dev)[None],
+                   use_cache=True, **{cache_kwarg(model): cache}).logits
+    values = logits[0].topk(2, dim=-1).values
+    return float((values[:, 0].float() - values[:, 1].float()).min())
 
 
 class BranchDecoder(RowCache):
@@ -216,8 +176,9 @@ class BranchDecoder(RowCache):
         self.queue: deque[tuple[Work, int, int]] = deque()
         self.prefix_kv: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.index: dict[str, DraftIndex] = {}
-        self.conts: dict[str, dict[tuple[int, int], list[int]]] = {}  # response -> (t, j) -> its continuation
-        self.exact_below = EXACT_BELOW.get(next(model.parameters()).dtype, max(EXACT_BELOW.values()))
+        dtype = next(model.parameters()).dtype
+        self.exact_below = EXACT_BELOW.get(dtype, max(EXACT_BELOW.values()))
+        self.noise = SHAPE_NOISE.get(dtype, max(SHAPE_NOISE.values()))
         self.stats = EngineStats()
         self.tuner = DraftTuner(self.draft, fixed)
 
@@ -235,7 +196,6 @@ class BranchDecoder(RowCache):
             self._enqueue(work, t, 0, front=False)
 
     def _finish(self, work: Work) -> None:
-        record_margins(self.model, work, self.conts.pop(work.key, {}), self.prefix_kv[work.key], self.stats)
         self.prefix_kv.pop(work.key, None)
         self.index.pop(work.key, None)
         self.on_done(work)
@@ -250,15 +210,18 @@ class BranchDecoder(RowCache):
             self.queue.append((work, t, j))
 
     def _settle(self, work: Work, t: int, j: int, cont: list[int], margin: float | None) -> None:
-        """Grade branch (t, j); ``margin`` is the decode's smallest gap, whose bits depend on the step shapes:
-        at or below ``exact_below`` the branch is decoded again the reference way, and the recorded margin is
-        ``record_margins``'s, computed once the response is done."""
-        if cont and margin is not None and margin <= self.exact_below:
-            cont, _ = reference_branch(self.model, self.tok, self.proto, work.prompt_ids,
-                                       work.response_ids[:t] + [work.alternatives[t][j]], t)
+        """Grade branch (t, j). ``margin`` is the decode's smallest gap, whose last bits depend on the step shapes: a
+        branch with a gap within ``exact_below`` is decoded again the reference way, and a margin within the shape
+        noise of a rounding boundary is computed again by ``exact_margin`` (see ``SHAPE_NOISE``)."""
+        if cont and margin <= self.exact_below:
+            cont, margin = reference_branch(self.model, self.tok, self.proto, work.prompt_ids,
+                                            work.response_ids[:t] + [work.alternatives[t][j]], t)
             self.stats.redecided += 1
-        self.conts.setdefault(work.key, {})[(t, j)] = cont
-        ok = finish_branch(work, t, j, cont, self.proto)
+        elif cont and round_margin(margin - self.noise) != round_margin(margin + self.noise):
+            margin = exact_margin(self.model, self.prefix_kv[work.key], len(work.prompt_ids), t,
+                                  work.alternatives[t][j], cont)
+            self.stats.rescores += 1
+        ok = finish_branch(work, t, j, cont, self.proto, margin=margin if cont else None)
         if cont and work.key in self.index:
             self.index[work.key].add([work.alternatives[t][j], *cont])
         if not ok and j + 1 < len(work.alternatives[t]):
@@ -472,13 +435,13 @@ class PromptRow:
 class PromptDecoder(RowCache):
     """Decode ``Request``s with continuous batching over the same window cache as ``BranchDecoder``.
 
-    Decoding is ``generate.decode``'s (``DecodeConfig``'s ``max_new_tokens``, ``stop_at_answer`` and
+    Decoding is ``decoding.api.decode``'s (``DecodeConfig``'s ``max_new_tokens``, ``stop_at_answer`` and
     ``batch_size``; temperature and randomness per request): greedy is the argmax of the raw logits and
     sampling draws from softmax(logits / T), nothing else applied, as under ``pinned_generation_config``
     (a checkpoint's repetition penalty, n-gram ban, top-k/top-p... never act). A row stops at EOS, once
     ``verify.answer_complete`` holds after a trigger token (checked incrementally, ``cft.answer_watch``, where
     the tokenizer allows), or at ``max_new_tokens``; the output, finish
-    reason and mean entropy are built as ``generate._decode_batch`` builds them.
+    reason and mean entropy are built as the ``hf`` backend builds them.
 
     New rows are prefilled together in one left-padded forward (a prompt shared by several requests once)
     and their key/values copied into free rows, right-aligned at the window's end like a branch prefix.
@@ -487,9 +450,7 @@ class PromptDecoder(RowCache):
     def __init__(self, model, tok, cfg, stats: EngineStats | None = None):
         self.model, self.tok, self.cfg = model, tok, cfg
         self.batch_size = cfg.batch_size
-        self.eos = set(stop_token_ids(tok, model))
-        self.trigger = trigger_tokens(tok, vocab_rows(model)).tolist() if cfg.stop_at_answer else None
-        self.incremental = cfg.stop_at_answer and incremental_decoding(tok)
+        self.rule = StopRule.of(tok, model, cfg.stop_at_answer)
         self.cache_arg = cache_kwarg(model)
         self.last_only = last_logits_only(model)
         self.pad = tok.pad_token_id or 0
@@ -556,14 +517,7 @@ class PromptDecoder(RowCache):
         return tokens.tolist()
 
     def _ended(self, row: PromptRow) -> bool:
-        last = row.ids[-1]
-        if last in self.eos or len(row.ids) >= self._cap(row.request):
-            return True
-        if self.trigger is None or not self.trigger[last]:
-            return False
-        if row.watch is not None:
-            return row.watch.complete(row.ids)
-        return verify.answer_complete(self.tok.decode(row.ids, skip_special_tokens=True))
+        return self.rule.ended(row.ids, len(row.ids), self._cap(row.request), row.watch)
 
     def _cap(self, request: Request) -> int:
         cap = self.cfg.max_new_tokens
@@ -573,7 +527,7 @@ class PromptDecoder(RowCache):
 
         text = self.tok.decode(row.ids, skip_special_tokens=True)
         entropy = row.entropy / len(row.ids) if row.rng is not None else None
-        return Output(row.ids, text, finish_reason(row.ids, self.eos, text, self.cfg.stop_at_answer), entropy)
+        return Output(row.ids, text, finish_reason(row.ids, self.rule.eos, text, self.cfg.stop_at_answer), entropy)
 
     def _fill(self) -> list:
         """Refill free rows from the queue (prefilling new prompts in one forward); returns the outputs that
@@ -595,7 +549,7 @@ class PromptDecoder(RowCache):
         if self.cache is None:  # the first prefill sizes the buffers (layers, heads, dtype)
             self._new_batch(self.prefilled[new[0]][0])
         rows = [PromptRow(req, [], random.Random(req.stream) if req.temperature > 0 else None,
-                          watch=AnswerWatch(self.tok) if self.incremental else None) for req in take]
+                          watch=self.rule.watch()) for req in take]
         first = self._choose(torch.stack([self.prefilled[k][1] for k in keys]), rows)
         done = []
         for i, row, key, token in zip(free, rows, keys, first):
