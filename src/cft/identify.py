@@ -15,19 +15,22 @@ answer the evaluation's grader extracts (one definition of a response's answer i
 With ``--stop-at-answer`` (an opt-in speed knob) a branch also ends once its first final answer is
 complete (``verify.answer_complete``, checked after every token including a itself); a model that writes
 a second answer then gets another verdict, so such a run audits itself (``branch_stop_audit``) and records
-the verdicts and labels the stop changed. Both engines apply exactly this rule:
+the verdicts and labels the stop changed. Both engines apply exactly this rule; ``--engine`` names a branch
+backend of ``cft.decoding.backends`` (this module imports neither):
 
-- ``reference``: one pinned greedy ``generate`` per branch from the full token prefix, every alternative.
-- ``fast`` (default, ``cft.decoding.engine``): the prompt + response KV cache is computed once and shared by
-  every branch; branches of many positions and responses decode together with continuous batching;
-  the rank-r+1 branch runs only if the rank-r branch did not succeed (exact: one success already
-  makes the token non-critical).
+- ``reference`` (``cft.decoding.reference``): one pinned greedy ``generate`` per branch from the full token
+  prefix, every alternative.
+- ``fast`` (default, ``cft.decoding.fast`` on ``cft.decoding.engine``): the prompt + response KV cache is
+  computed once and shared by every branch; branches of many positions and responses decode together with
+  continuous batching; the rank-r+1 branch runs only if the rank-r branch did not succeed (exact: one success
+  already makes the token non-critical). Its labels are the same bytes at any draft width or rows (near-ties
+  re-decided by the reference path, margins to two significant digits; ``cft.decoding.engine``).
 
 What is guaranteed: the same protocol and rules in both engines, and identical labels up to
 floating-point near-ties. A cached one-token step and a full forward differ in the last bits, so an
 argmax can flip where the top-1/top-2 logit gap is that small. Both engines record each branch's
-smallest gap (``margin``) and each position's gap between its last alternative and the next token
-(``alt_margin``); the summary counts the near-ties (below ``--tolerance``), and ``--crosscheck N``
+smallest gap (``margin``, two significant digits) and each position's gap between its last alternative and
+the next token (``alt_margin``); the summary counts the near-ties (below ``--tolerance``), and ``--crosscheck N``
 re-decodes N random branches plus every near-tie with the reference path and reports disagreements.
 """
 
