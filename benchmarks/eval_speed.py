@@ -7,7 +7,7 @@ otherwise: batch size 64 (the hf backend's rows) and ``--rows 0`` (the engine's 
 256 on a CPU). A third run, ``hf_rows``, decodes on ``model.generate`` in batches as large as the engine's
 rows, so the engine is also compared at an equal batch. Each (split, part) unit is decoded by the three in
 turn (who goes first alternates), through the same ``evaluate.plan`` / ``decode_chunks`` /
-``generate.decode_groups`` calls ``cft eval`` makes, so machine noise hits all alike. Grading is not
+``decoding.api.decode_groups`` calls ``cft eval`` makes, so machine noise hits all alike. Grading is not
 timed. Prints per run outputs, tokens, tokens/s, wall time, model forwards (prefills included), decoded
 tokens per forward (how full the rows were kept: at most the rows) and rows, the metrics of hf and
 engine, and as its last line
@@ -42,9 +42,10 @@ import time
 import torch
 from identify_speed import bare_forward
 
-from cft import engine, verify
+from cft import verify
+from cft.decoding.api import decode_groups
+from cft.decoding.engine import EngineStats
 from cft.evaluate import EvalConfig, decode_chunks, load_items, plan
-from cft.generate import decode_groups
 from cft.models import load_model, machine_line
 
 
@@ -53,12 +54,13 @@ def decode_unit(model, tok, cfg: EvalConfig) -> tuple[float, dict]:
     items = load_items(cfg, tok)
     _, keys, chunks = plan(cfg, items)
     outs = {}
+    stats = EngineStats()
     t0 = time.perf_counter()
-    for c, chunk_outs in decode_groups(model, tok, decode_chunks(cfg, items, chunks, keys)):
+    for c, chunk_outs in decode_groups(model, tok, decode_chunks(cfg, items, chunks, keys), stats=stats):
         kind, n, idx = chunks[c]
         outs.update({(kind, i, j): chunk_outs[k][j] for k, i in enumerate(idx) for j in range(n)})
     seconds = time.perf_counter() - t0
-    return seconds, {"items": items, "outs": outs}
+    return seconds, {"items": items, "outs": outs, "stats": stats}
 
 
 def paired_z(a: dict[int, list[float]], b: dict[int, list[float]]) -> float:
@@ -115,10 +117,10 @@ def main() -> None:
             before = calls[0]
             took, res = decode_unit(model, tok, cfg)
             if backend == "engine":
-                rows.setdefault("engine", engine.last_stats.batch_size)
-                shape[0] += engine.last_stats.width_sum
-                shape[1] += engine.last_stats.batch_rows
-                shape[2] += engine.last_stats.forwards
+                rows.setdefault("engine", res["stats"].batch_size)
+                shape[0] += res["stats"].width_sum
+                shape[1] += res["stats"].batch_rows
+                shape[2] += res["stats"].forwards
             seconds[backend] += took
             forwards[backend] += calls[0] - before
             for (kind, i, _), o in res["outs"].items():

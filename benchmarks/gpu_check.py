@@ -24,7 +24,7 @@ import torch
 from identify_speed import alternate, bare_forward, ceiling, collect_responses, compare, sync
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from cft import engine
+from cft.decoding import StopRule, engine
 from cft.identify import IdentifyConfig, Protocol, prepare
 from cft.models import DTYPES, load_model, machine_line
 from cft.progress import Progress
@@ -52,7 +52,8 @@ class AllWrong(Protocol):
     """No answer stop, no EOS, every branch graded wrong: the workload is every alternative to full length."""
 
     def __init__(self, cfg: IdentifyConfig):  # noqa: D107 - no tokenizer: the ids are synthetic
-        self.tok, self.cfg, self.eos, self.trigger = None, cfg, set(), []
+        self.tok, self.cfg, self.rule = None, cfg, StopRule(None, set(), None)
+        self.eos = self.rule.eos
 
     def verdict(self, response, gold):
         return Verdict(False, None, None)

@@ -43,10 +43,11 @@ from pathlib import Path
 import psutil
 import torch
 
-from cft import engine
 from cft.artifacts import load_records
-from cft.engine import EngineStats
-from cft.generate import DecodeConfig, GenerateConfig, generate, left_pad
+from cft.decoding import engine, left_pad
+from cft.decoding.api import DecodeConfig
+from cft.decoding.engine import EngineStats
+from cft.generate import GenerateConfig, generate
 from cft.identify import IdentifyConfig, identify, summarize, without_margins
 from cft.models import cache_kwarg, load_model, machine_line
 from cft.verify import extract_answer
@@ -140,7 +141,8 @@ def alternate(model, tok, args, chosen: Path, work: Path) -> tuple[dict, EngineS
             t = totals["fast"]
             t.update(labels=labels, decoded_tokens=s["decoded_tokens"], branches=s["branches"],
                      peak_memory_mb=max(t["peak_memory_mb"], s["peak_memory_mb"]))
-            stats = engine.last_stats
+            stats = EngineStats(**{**{k: v for k, v in s["engine"].items() if k != "tokens_per_forward"},
+                                   "widths": {int(q): n for q, n in s["engine"]["widths"].items()}})
         if c == n:
             break
         part = work / f"chunk{c}.jsonl"

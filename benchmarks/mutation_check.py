@@ -44,7 +44,7 @@ MUTATIONS = [
         ("tests/test_identify.py::test_critical_rule_on_hand_built_model",),
     ),
     Mutation(
-        "fast engine never runs rank 3 after a failed rank 2", "engine.py",
+        "fast engine never runs rank 3 after a failed rank 2", "decoding/engine.py",
         "if not ok and j + 1 < len(work.alternatives[t]):",
         "if not ok and j + 1 < len(work.alternatives[t][:1]):",
         ("tests/test_identify.py::test_critical_rule_on_hand_built_model",
@@ -76,7 +76,7 @@ MUTATIONS = [
         ("tests/test_exact_values.py::test_skip_confident_threshold_splits_positions",),
     ),
     Mutation(
-        "sampling entropy of the untempered distribution", "generate.py",
+        "sampling entropy of the untempered distribution", "decoding/hf.py",
         "        scores = scores.float() / self.temperature\n        logp = torch.log_softmax(scores, dim=-1)",
         "        logp = torch.log_softmax(scores.float(), dim=-1)\n        scores = scores.float() / self.temperature",
         ("tests/test_exact_values.py::test_sampling_entropy_equals_the_closed_form",),

@@ -38,7 +38,8 @@ import torch
 
 from cft import verify
 from cft.artifacts import load_records
-from cft.generate import DecodeConfig, GenerateConfig, generate
+from cft.decoding.api import DecodeConfig
+from cft.generate import GenerateConfig, generate
 from cft.identify import DEFAULT_TOLERANCE, IdentifyConfig, identify
 from cft.models import cache_kwarg, load_model, machine_line
 

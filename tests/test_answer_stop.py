@@ -16,7 +16,8 @@ import torch
 from transformers import LlamaForCausalLM
 
 from cft.artifacts import InputError, load_records, read_meta
-from cft.generate import DecodeConfig, GenerateConfig, generate
+from cft.decoding.api import DecodeConfig
+from cft.generate import GenerateConfig, generate
 from cft.identify import IdentifyConfig, identify, print_summary
 from cft.prompts import render_ids
 from cft.testbed.pretrain import PretrainConfig, build_model
@@ -189,9 +190,9 @@ def test_eval_answer_stop_reports_the_greedy_verdicts_it_changed(tmp_path, scrip
     assert (audit["stopped"], audit["verdicts_changed"]) == (1, 1)
     assert read_meta(tmp_path / "full" / ev.SAMPLES)["stop_audit"] is None
     # a rerun on the finished folder decodes nothing, its audit included (the experiment relies on it)
-    import cft.generate as g
+    import cft.decoding.audit as audit_module
 
-    monkeypatch.setattr(g, "decode_on", lambda *a, **k: pytest.fail("decoded again"))
+    monkeypatch.setattr(audit_module, "decode_on", lambda *a, **k: pytest.fail("decoded again"))
     monkeypatch.setattr(ev, "decode_outputs",
                         lambda model, tok, groups, progress=None, skip=None: list(groups) and pytest.fail("again"))
     assert ev.evaluate(ev.EvalConfig(out=str(tmp_path / "stop"), stop_at_answer=True, **common), model, tok) == stopped

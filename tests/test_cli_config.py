@@ -142,7 +142,8 @@ def test_required_options_still_required_without_a_file():
 
 
 def test_generate_nests_its_decoding_options(tmp_path):
-    from cft.generate import DecodeConfig, config_from_args
+    from cft.decoding.api import DecodeConfig
+    from cft.generate import config_from_args
 
     args, _ = cli.parse(["generate", "--model", "testbed", "--data", "testbed:train", "--out",
                          str(tmp_path / "g.jsonl"), "--seed", "3", "--stop-at-answer", "--max-new-tokens", "16"])

@@ -14,7 +14,8 @@ import torch
 import cft.identify as ident
 from cft.artifacts import InputError, load_records, read_meta
 from cft.cli import main
-from cft.generate import DecodeConfig, GenerateConfig, generate
+from cft.decoding.api import DecodeConfig
+from cft.generate import GenerateConfig, generate
 from cft.identify import IdentifyConfig, identify, merge_shards, without_margins
 from cft.models import load_model
 

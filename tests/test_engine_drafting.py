@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import functools
+import json
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from cft import engine
 from cft.artifacts import load_records
-from cft.engine import DraftIndex
-from cft.generate import DecodeConfig, decode
+from cft.decoding import engine
+from cft.decoding.api import DecodeConfig, decode
+from cft.decoding.engine import DraftIndex
 from cft.identify import IdentifyConfig, identify, without_margins
 from cft.models import load_model
 from cft.prompts import render_ids
@@ -60,8 +61,10 @@ def _labels(tmp_path, monkeypatch, model, tok, records, draft: int | None, engin
     out = folder / "labels.jsonl"
     cfg = IdentifyConfig(model="m", input=str(write_jsonl(folder / "gen.jsonl", records)), out=str(out),
                          engine=engine_name, max_new_tokens=max_new_tokens, **kw)
-    identify(cfg, model=model, tok=tok)
-    return load_records(out, "labels"), engine.last_stats
+    summary = identify(cfg, model=model, tok=tok)
+    stats = summary["engine"]
+    return load_records(out, "labels"), stats and SimpleNamespace(**{**stats, "widths": {
+        int(k): v for k, v in stats["widths"].items()}})
 
 
 def _same(a: list[dict], b: list[dict]) -> int:
@@ -110,6 +113,31 @@ def test_drafting_on_testbed_responses_halves_the_steps(tmp_path, monkeypatch):
     tuned, tuned_stats = _labels(tmp_path, monkeypatch, model, tok, records, None, batch_size=32)
     assert [without_margins(r) for r in off] == [without_margins(r) for r in tuned]  # widths change mid-run
     assert len(tuned_stats.widths) > 1 and tuned_stats.tokens == off_stats.tokens
+
+
+def test_labels_are_the_same_bytes_whatever_the_draft_width_and_the_rows(tmp_path):
+    """Margins included: a forward over k query columns, or over other rows, changes logits in the last bits, so the
+    fast engine decodes a branch that met a gap within ``EXACT_BELOW`` again the reference way and recomputes a
+    margin near a rounding boundary in a forward of its branch alone. Three runs whose widths (tuned by timing,
+    0, 4) and rows differ write identical files."""
+    model, tok = load_model("testbed")
+    problems = generate_split("train", 12)
+    outs = decode(model, tok, [render_ids(tok, p.question) for p in problems], DecodeConfig(max_new_tokens=160))
+    records = [generation(tok, p.question, o[0].ids, extract_answer(o[0].text) or "none", rid=f"r{i}")
+               for i, (p, o) in enumerate(zip(problems, outs))][:4]
+    gen = write_jsonl(tmp_path / "gen.jsonl", records)
+    files, widths = [], []
+    for draft, rows in ((None, 32), (0, 7), (4, 19)):
+        out = tmp_path / f"labels-{draft}-{rows}.jsonl"
+        summary = identify(IdentifyConfig(model="m", input=str(gen), out=str(out), draft=draft, batch_size=rows,
+                                          max_new_tokens=160), model=model, tok=tok)
+        files.append(out.read_bytes())
+        widths.append(summary["engine"]["widths"])
+    assert files[1] == files[0] and files[2] == files[0]
+    assert len({tuple(w) for w in widths}) == 3  # the steps did differ
+    margins = [b["margin"] for line in files[0].splitlines() for br in json.loads(line)["branches"] for b in br
+               if b["ids"]]
+    assert margins and all(m is not None and m >= 0 for m in margins)
 
 
 def _tune(rates: dict[int, float], most: int, steps: int = 40) -> tuple[int | None, list[int]]:
@@ -225,7 +253,7 @@ def test_rebase_right_aligns_every_rows_valid_columns_in_order():
     keys = torch.arange(16.0).repeat(2, 1, 1)[..., None].expand(2, 1, 16, 2).clone()  # key value = column index
     decoder.cache = SimpleNamespace(layers=[engine.WindowLayer(keys, keys + 100, decoder.window)])
     decoder.mbuf = mask
-    decoder._rebase(0)
+    decoder.rebase(0)
     assert (decoder.window.s, decoder.window.w) == (2, 6)
     assert decoder.mbuf.tolist() == [[0, 0, 1, 1, 1, 1] + [0] * 10, [0, 0, 0, 0, 1, 1] + [0] * 10]
     layer = decoder.cache.layers[0]

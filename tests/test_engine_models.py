@@ -7,8 +7,8 @@ import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM, MistralConfig, MistralForCausalLM
 
 from cft.artifacts import InputError, load_records
-from cft.engine import check_supported
-from cft.generate import DecodeConfig, decode
+from cft.decoding.api import DecodeConfig, decode
+from cft.decoding.engine import check_supported
 from cft.identify import IdentifyConfig, identify, without_margins
 from cft.prompts import render_ids
 from cft.verify import extract_answer

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from cft import zoo
 from cft.artifacts import load_records
-from cft.generate import DecodeConfig, decode
+from cft.decoding.api import DecodeConfig, decode
 from cft.identify import IdentifyConfig, identify, without_margins
 from cft.models import load_model
 from cft.prompts import render_ids

@@ -13,7 +13,8 @@ from transformers import LlamaForCausalLM
 from cft import evaluate as ev
 from cft import verify
 from cft.artifacts import InputError, load_records, read_meta
-from cft.generate import DecodeConfig, decode
+from cft.decoding.api import DecodeConfig, decode
+from cft.errors import UsageError
 from cft.testbed.pretrain import PretrainConfig, build_model
 from cft.testbed.tokenizer import build_tokenizer
 from tests.conftest import write_jsonl
@@ -291,7 +292,8 @@ def test_config_errors():
         ev.EvalConfig(model="m", benchmarks=["testbed:test"], out="x", temperature=0.0)
     assert ev.EvalConfig(model="m", benchmarks=["a", "b", "a"], out="x").benchmarks == ["a", "b"]
     assert ev.EvalConfig(model="m", benchmarks=["gsm8k"], out="x").template_for("gsm8k") == "qwen25-math-cot"
-    assert cli("--out", "x") == 2
+    with pytest.raises(UsageError, match="--model, --benchmarks required"):  # cft.cli prints it, exit 2
+        cli("--out", "x")
 
 
 class Scripted(LlamaForCausalLM):

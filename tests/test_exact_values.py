@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cft.artifacts import load_records
-from cft.generate import DecodeConfig, decode
+from cft.decoding.api import DecodeConfig, decode
 from cft.identify import IdentifyConfig, identify
 from cft.prompts import render_ids
 from tests.conftest import generation, write_jsonl

@@ -385,11 +385,11 @@ def test_smollm2_study_preset_plans_its_cells(tmp_path, capsys):
     cells = ["todo  smollm2  base  seed 0"] + [
         f"todo  smollm2  {m}  seed {seed}" for seed in seeds for m in [*methods, "grpo:sft", "grpo:cft"]]
     assert lines == tune + cells
-    spec, template = experiment.Runner(cfg).benchmark_input("arith:test", 300)
+    spec, template = experiment.benchmark_input(cfg, "arith:test", 300)
     written = [json.loads(line) for line in Path(spec).read_text().splitlines()]
     assert template == "chat" and [(r["question"], r["answer"]) for r in written] == [
         (p.question, p.answer) for p in load_problems("arith:test", seed=cfg.eval_data_seed, limit=300)]
-    assert experiment.Runner(cfg).benchmark_input("mawps:addsub", 300) == ("mawps:addsub", "chat")
+    assert experiment.benchmark_input(cfg, "mawps:addsub", 300) == ("mawps:addsub", "chat")
 
 
 # ---------------------------------------------------------------- tuning, curves, bootstrap and ablations

@@ -9,9 +9,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from cft import engine, zoo
+from cft import zoo
 from cft.artifacts import load_records, read_meta
-from cft.generate import DecodeConfig, GenerateConfig, decode, generate, trigger_tokens
+from cft.decoding import engine, trigger_tokens
+from cft.decoding.api import DecodeConfig, decode
+from cft.generate import GenerateConfig, generate
 from cft.models import load_model, stop_token_ids, vocab_rows
 from cft.prompts import render_ids
 from cft.testbed.problems import generate_split
@@ -104,9 +106,9 @@ def test_bfloat16_generate_on_testbed(tmp_path):
 # ---------------------------------------------------------------- the engine backend vs model.generate
 
 
-def _both(model, tok, prompts, **kw) -> tuple[list, list]:
+def _both(model, tok, prompts, stats: engine.EngineStats | None = None, **kw) -> tuple[list, list]:
     cfg = DecodeConfig(**kw)
-    return tuple(decode(model, tok, prompts, replace(cfg, backend=b)) for b in ("hf", "engine"))
+    return tuple(decode(model, tok, prompts, replace(cfg, backend=b), stats=stats) for b in ("hf", "engine"))
 
 
 def _same(xs: list[list], ys: list[list]) -> bool:
@@ -125,9 +127,10 @@ def testbed():
 def test_engine_greedy_equals_generate_on_the_testbed(testbed, kw):
     model, tok = testbed
     prompts = [render_ids(tok, p.question) for p in generate_split("test", 40)]
-    hf, eng = _both(model, tok, prompts, **kw)
+    stats = engine.EngineStats()
+    hf, eng = _both(model, tok, prompts, stats, **kw)
     assert eng == hf  # ids, text, finish reason; entropy None
-    assert engine.last_stats.rebases > 0 or kw["max_new_tokens"] < 256  # the window was moved back
+    assert stats.rebases > 0 or kw["max_new_tokens"] < 256  # the window was moved back
     finishes = {o.finish for outs in hf for o in outs}
     assert finishes == ({"eos"} if kw["max_new_tokens"] == 256 else {"length"})  # whole solutions / cut short
 
@@ -170,10 +173,11 @@ def test_engine_sampling_is_reproducible_and_independent_of_the_batch(testbed):
     first = decode(model, tok, prompts, cfg)
     assert decode(model, tok, prompts, cfg) == first
 
-    assert _same(decode(model, tok, prompts, replace(cfg, batch_size=5)), first)
-    assert engine.last_stats.batch_size == 5  # rows: the batch size, unless asked for more
-    assert _same(decode(model, tok, prompts, replace(cfg, batch_size=5, rows=0)), first)
-    stats = engine.last_stats
+    stats = engine.EngineStats()
+    assert _same(decode(model, tok, prompts, replace(cfg, batch_size=5), stats=stats), first)
+    assert stats.batch_size == 5  # rows: the batch size, unless asked for more
+    stats = engine.EngineStats()
+    assert _same(decode(model, tok, prompts, replace(cfg, batch_size=5, rows=0), stats=stats), first)
     assert stats.batch_size > len(prompts) * cfg.n  # as many rows as memory holds (capped): more than requests,
     assert stats.batch_rows <= stats.forwards * len(prompts) * cfg.n  # but no step computes more rows than those
     assert _same(decode(model, tok, prompts, replace(cfg, rows=3)), first)

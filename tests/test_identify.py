@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import cft.identify as ident
-from cft import verify
+from cft import models, verify
 from cft.artifacts import InputError, load_records, read_meta, write_meta
 from cft.cli import main
-from cft.generate import DecodeConfig, decode
+from cft.decoding.api import DecodeConfig, decode
 from cft.identify import IdentifyConfig, identify, merge_shards, token_kind, without_margins
 from cft.prompts import render_ids
 from cft.protocol import ranked, true_ranks
@@ -440,7 +440,7 @@ def test_resume_key_covers_settings_and_weights(testbed_tokenizer, bigram):
     with torch.no_grad():  # a fine-tune changes most values of a tensor
         other.lm_head.weight.add_(torch.randn_like(other.lm_head.weight) * 1e-3)
     assert ident.label_key(rec, ident.label_params(base, other)) != key  # other weights
-    assert ident.weights_fingerprint(model) == ident.weights_fingerprint(model)
+    assert models.weights_fingerprint(model) == models.weights_fingerprint(model)
     for change in ({"k": 4}, {"max_new_tokens": 33}, {"stop_at_answer": False}, {"include_eos": True},
                    {"dtype": "bfloat16"}, {"skip_confident": 0.9}, {"continuation_cap": 5}):
         changed = IdentifyConfig(**{**base.__dict__, **change})

@@ -1,8 +1,8 @@
 """The package's import graph, read from the source with ``ast``: imports flow one way, privates stay private.
 
-Stages depend downwards only: data -> engine (the decoder under every stage) -> generate -> identify ->
-train -> evaluate -> experiment -> report (``STAGES``), with ``FOUNDATION`` (artifacts, models, verify, the
-shared decoding pieces and Stage B's protocol, ...) below them all and cli on top.
+Stages depend downwards only: data -> decoding (the package of decoders and backends under every stage) ->
+generate -> identify -> train -> evaluate -> experiment -> report (``STAGES``), with ``FOUNDATION`` (artifacts,
+models, verify, the shared decoding pieces and Stage B's protocol, ...) below them all and cli on top.
 Both module-level and function-local imports count as edges: a cycle hidden behind an import inside a
 function is still a cycle.
 
@@ -202,11 +202,14 @@ def test_imports_form_no_cycle():
 
 
 # The pipeline's order; a module may reach (import, directly or not) only modules of its own or earlier stages.
-STAGES = [["cft.data"], ["cft.engine"], ["cft.generate"], ["cft.identify"], ["cft.train"], ["cft.evaluate"],
-          ["cft.experiment"], ["cft.report"]]
+DECODING = ["cft.decoding.api", "cft.decoding.audit", "cft.decoding.backends", "cft.decoding.drafting",
+            "cft.decoding.engine", "cft.decoding.fast", "cft.decoding.hf", "cft.decoding.reference",
+            "cft.decoding.rowcache"]
+STAGES = [["cft.data"], DECODING, ["cft.generate"], ["cft.identify"], ["cft.train"], ["cft.evaluate"],
+          ["cft.grid", "cft.aggregation", "cft.experiment"], ["cft.report"]]
 # What every stage builds on: none of these reaches any stage.
 FOUNDATION = ["cft.artifacts", "cft.fingerprints", "cft.models", "cft.prompts", "cft.problem", "cft.verify",
-              "cft.zoo", "cft.config", "cft.decoding", "cft.protocol", "cft.answer_watch"]
+              "cft.zoo", "cft.config", "cft.decoding", "cft.protocol", "cft.answer_watch", "cft.errors", "cft.kinds"]
 
 
 def _reachable(module: str) -> set[str]:
@@ -267,3 +270,37 @@ def test_light_submodules_are_light():
         code = f"import sys, {name}; print(sorted(m for m in ('torch', 'trl', 'peft') if m in sys.modules))"
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
         assert out.strip() == "[]", f"{name} imports {out.strip()}"
+
+
+MAX_CLASS_LINES = 250  # a class longer than this does several jobs: split it by concern (issue 29)
+
+
+def test_no_class_is_longer_than_250_lines():
+    long = [f"{m}.{n.name}: {n.end_lineno - n.lineno + 1} lines" for m in MODULES for n in ast.walk(_parse(m)[0])
+            if isinstance(n, ast.ClassDef) and n.end_lineno - n.lineno + 1 > MAX_CLASS_LINES]
+    assert not long, "classes over 250 lines:\n" + "\n".join(long)
+
+
+def test_no_global_statement_in_the_decoders():
+    """A decoder's statistics leave through its return value, never through module state."""
+    decoding = [m for m in MODULES if m.startswith("cft.decoding")]
+    assert set(DECODING) < set(decoding)
+    bad = [f"{m}:{n.lineno}" for m in decoding for n in ast.walk(_parse(m)[0]) if isinstance(n, ast.Global)]
+    assert not bad, "global statements: " + ", ".join(bad)
+
+
+# (module imported, modules it must not load): the light paths a newcomer runs without the heavy stages
+LOADS = [("cft.report", ("trl",)), ("cft.selection", ("cft.decoding.engine", "cft.identify")),
+         ("cft.evaluate", ("cft.generate",))]
+
+
+def test_modules_do_not_load_what_they_do_not_need():
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    for module, banned in LOADS:
+        code = f"import sys, {module}; print(sorted(m for m in {banned!r} if m in sys.modules))"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+        assert out.strip() == "[]", f"import {module} loads {out.strip()}"

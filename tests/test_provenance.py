@@ -92,7 +92,7 @@ def test_same_name_without_fingerprints_hashes_nothing(tmp_path, monkeypatch):
     def no_hashing(name):
         raise AssertionError("fingerprinted although the names match")
 
-    monkeypatch.setattr(provenance, "weights_fingerprint", no_hashing)
+    monkeypatch.setattr(provenance, "weight_files_fingerprint", no_hashing)
     monkeypatch.setattr(provenance, "tokenizer_fingerprint", no_hashing)
     assert provenance.check("identify", ns(input=str(labels), model="testbed"), set()) == ([], None)
 

@@ -26,8 +26,9 @@ from cft import verify
 from cft.artifacts import InputError, load_records, read_meta, skipping_invalid
 from cft.cli import build_parser, main
 from cft.data import load_problems
+from cft.decoding.api import DecodeConfig, decode
 from cft.evaluate import EvalConfig, evaluate
-from cft.generate import DecodeConfig, decode, generate
+from cft.generate import generate
 from cft.identify import identify
 from cft.models import load_model
 from cft.prompts import render_ids
@@ -35,7 +36,8 @@ from cft.verify import equivalence
 
 REPO = Path(__file__).resolve().parent.parent
 BAD = Path(__file__).resolve().parent / "bad_inputs"
-TIMING = {"seconds", "decoded_tokens", "tokens_per_second"}  # the only meta fields a resumed run may change
+# the only meta fields a resumed run may change: its timing and what it decoded (the fast engine's step counts)
+TIMING = {"seconds", "decoded_tokens", "tokens_per_second", "engine"}
 
 
 @pytest.fixture(scope="module")
@@ -106,11 +108,7 @@ def assert_same_artifact(resumed: Path, reference: Path, kind: str) -> None:
     keys = [r["key"] for r in records]
     assert len(keys) == len(set(keys)), "duplicate records"
     assert keys == [r["key"] for r in load_records(reference, kind)], "missing or reordered records"
-    if kind == "labels":  # branch margins come from batched steps: equal to the last bits only in one batching
-        assert [ident.without_margins(r) for r in records] == [
-            ident.without_margins(r) for r in load_records(reference, kind)]
-    else:
-        assert resumed.read_bytes() == reference.read_bytes()
+    assert resumed.read_bytes() == reference.read_bytes()  # labels too: margins are the same in any batching
     assert without_timing(read_meta(resumed)) == without_timing(read_meta(reference))
 
 

@@ -16,8 +16,9 @@ import pytest
 from cft import verify
 from cft.artifacts import ResumableWriter
 from cft.data import Problem
+from cft.decoding import Output
 from cft.evaluate import Item, _record
-from cft.generate import Output, generation_record
+from cft.generate import generation_record
 from cft.identify import IdentifyConfig, Work, branch_record, label_record
 
 RESPONSE_TOKENS = 1200  # ids per response: about 6 KB a generations record, so ROWS of them pass the 10 MB block

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cft import zoo
-from cft.generate import DecodeConfig, decode
+from cft.decoding.api import DecodeConfig, decode
 from cft.models import load_model, stop_token_ids, vocab_rows
 from cft.prompts import render_ids
 from cft.testbed.problems import generate_split

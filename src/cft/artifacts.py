@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from cft import __version__
+from cft.errors import UserError
 from cft.fingerprints import with_fingerprints
 
 T = TypeVar("T")
@@ -51,8 +52,8 @@ SCHEMAS = {
 }
 
 
-class InputError(ValueError):
-    """Bad input a person can fix; the CLI prints it without a traceback and exits with code 2."""
+class InputError(UserError, ValueError):
+    """Bad input a person can fix (naming file, line and field); the CLI prints it as one line, exit code 2."""
 
     def __init__(self, path: str | os.PathLike, line: int | None, field: str | None, message: str):
         self.path, self.line, self.field = str(path), line, field

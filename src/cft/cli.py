@@ -16,9 +16,13 @@ exit code 2, before any model loads and without writing anything:
   overrides where a command has that check);
 - bad input lines raise ``InputError`` naming file, line and field; the commands that read user files
   (``READS_INPUT``) also take ``--skip-invalid``: bad lines are then reported one by one, skipped and counted;
-- the other errors a person can fix (``_fixable()``: a file that cannot be read or written, a YAML that
-  does not parse, a model the hub does not know) are printed as their first line. ``CFT_TRACEBACK=1``
-  shows the traceback instead.
+- every error of ``cft.errors`` (``UserError``: a bad option combination, input, config or experiment file,
+  a provenance mismatch, a missing extra) and the other errors a person can fix (``_fixable()``: a file that
+  cannot be read or written, a YAML that does not parse, a model the hub does not know) are printed here,
+  and only here, as their first line. ``CFT_TRACEBACK=1`` shows the traceback instead.
+
+A ``CftError`` that is not a ``UserError`` (a failed download, a training run that diverged) is printed
+the same way with exit code 1.
 
 After a successful run the output's metadata gets the model's fingerprints (``provenance.stamp``).
 """
@@ -35,8 +39,8 @@ import time
 import cft
 from cft import provenance
 from cft.artifacts import InputError, skipping_invalid
+from cft.errors import CftError, UserError
 from cft.options import RELATIONS, CommandLineError, Parser, apply_config_file, config_path, harden, leaves
-from cft.provenance import ProvenanceError
 
 COMMANDS = {
     "generate": ("cft.generate", "stage A: decode solutions and grade them"),
@@ -123,7 +127,7 @@ def _fixable() -> tuple[type[BaseException], ...]:
     import yaml
     from huggingface_hub.errors import HFValidationError
 
-    return InputError, ProvenanceError, OSError, yaml.YAMLError, HFValidationError
+    return UserError, OSError, yaml.YAMLError, HFValidationError
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, set[str]]:
@@ -172,11 +176,11 @@ def _run(args: argparse.Namespace, explicit: set[str]) -> int:
             say(line)
         with skipping_invalid(getattr(args, "skip_invalid", False), report) as invalid:
             code = importlib.import_module(args._module).run(args) or 0
-    except _fixable() as exc:
+    except (CftError, *_fixable()) as exc:
         if os.environ.get("CFT_TRACEBACK"):
             raise
         say(f"error: {_one_line(exc)}")
-        return 2
+        return exc.exit_code if isinstance(exc, CftError) else 2
     if invalid is not None and invalid.errors:
         files = sorted({e.path for e in invalid.errors})
         say(f"skipped {len(invalid.errors)} invalid input lines ({', '.join(files)})")

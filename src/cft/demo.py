@@ -11,7 +11,6 @@ overrides work as for ``cft experiment`` (e.g. ``generate.limit=40 eval.limit=20
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -58,15 +57,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cft.experiment import AGGREGATE, run_experiment, work_done
-    from cft.experiment_config import ExperimentError, load_config
+    from cft.experiment_config import load_config
 
     t0 = time.time()
-    try:
-        cfg = replace(load_config(PRESET, args.overrides), out=args.out)
-        result, counts = run_experiment(cfg, log=lambda msg: print(msg, flush=True))
-    except ExperimentError as exc:
-        print(f"cft demo: error: {exc}", file=sys.stderr)
-        return 2
+    cfg = replace(load_config(PRESET, args.overrides), out=args.out)
+    result, counts = run_experiment(cfg, log=lambda msg: print(msg, flush=True))
     print_table(result)
     print(f"demo finished in {time.time() - t0:.0f}s: {work_done(counts)}; results in {Path(args.out) / AGGREGATE}")
     return 0

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
@@ -35,15 +34,9 @@ from cft.artifacts import InputError, ResumableWriter, environment, load_records
 from cft.benchmarks import BENCHMARKS
 from cft.config import MODEL_HELP, attn_option, device_option, dtype_option, from_args, model_option, option
 from cft.data import Problem, is_generated, load_problems
-from cft.generate import (
-    DecodeConfig,
-    decode_outputs,
-    earlier_audit,
-    print_stop_audit,
-    resolve_backend,
-    stage_a_audit,
-    verify_error,
-)
+from cft.decoding.api import DecodeConfig, decode_outputs, resolve_backend
+from cft.decoding.audit import earlier_audit, print_stop_audit, stage_a_audit
+from cft.errors import UsageError
 from cft.models import load_model
 from cft.progress import Progress
 from cft.prompts import QWEN_SYSTEM, render_ids, template_text
@@ -88,9 +81,9 @@ class EvalConfig:
         names = [b.strip() for item in self.benchmarks for b in item.split(",") if b.strip()]  # gsm8k,math500
         self.benchmarks = list(dict.fromkeys(names))  # a benchmark named twice is evaluated once
         if not self.benchmarks:
-            raise ValueError("no benchmarks to evaluate")
+            raise UsageError("no benchmarks to evaluate")
         if self.n_samples > 0 and self.temperature <= 0:
-            raise ValueError("sampling needs temperature > 0 (or n_samples = 0)")
+            raise UsageError("sampling needs temperature > 0 (or n_samples = 0)")
 
     def template_for(self, benchmark: str) -> str:
         if self.template is not None:
@@ -340,7 +333,7 @@ def _record(key: str, item: Item, kind: str, index: int, out) -> dict:
         "key": key, "benchmark": item.benchmark, "id": item.problem.id, "question": item.problem.question,
         "gold": item.problem.answer, "kind": kind, "sample": index, "prompt_ids": item.prompt_ids,
         "response_ids": out.ids, "response": out.text, "finish": out.finish, "prediction": result.prediction,
-        "correct": result.correct, "verify_error": verify_error(result), "entropy": out.entropy,
+        "correct": result.correct, "verify_error": verify.verify_error(result), "entropy": out.entropy,
     }
 
 
@@ -463,7 +456,7 @@ def rescore(out_dir: str | Path) -> dict[str, dict]:
         # in _record's key order (the writer appends ``schema``); a record from before verify_error gets it
         body = {k: v for k, v in rec.items() if k != "schema"}
         fresh = {k: v for k, v in body.items() if k not in ("verify_error", "entropy")} | {
-            "prediction": result.prediction, "correct": result.correct, "verify_error": verify_error(result),
+            "prediction": result.prediction, "correct": result.correct, "verify_error": verify.verify_error(result),
             "entropy": rec.get("entropy")}
         if list(fresh.items()) != list(body.items()):
             records[index] = fresh
@@ -509,13 +502,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     missing = [f"--{name.replace('_', '-')}" for name in REQUIRED if not getattr(args, name)]
     if missing:
-        print(f"cft eval: error: {', '.join(missing)} required (or --rescore DIR)", file=sys.stderr)
-        return 2
-    try:
-        cfg = config_from_args(args)
-    except ValueError as exc:
-        print(f"cft eval: error: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(f"{', '.join(missing)} required (or --rescore DIR)")
+    cfg = config_from_args(args)
     metrics = evaluate(cfg)
     print_table(metrics, title=f"{cfg.model}")
     print_stop_audit(read_meta(Path(cfg.out) / SAMPLES).get("stop_audit"), "greedy responses")

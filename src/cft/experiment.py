@@ -22,6 +22,10 @@ so rerunning a finished experiment trains and decodes nothing. A cell interrupte
 from its last checkpoint; one interrupted during evaluation reuses the responses already written. A cell
 trained under another config is refused (never silently mixed), naming the folder to delete.
 
+The runner is split by concern: ``cft.grid`` plans the cells and hashes them (``Grid``), this module's
+``Runner`` (a ``Grid``) executes them, and ``cft.aggregation`` summarises the finished ones beside
+``cft.stats``.
+
 Aggregation (``OUT/aggregate.json``, also printed): per model, benchmark and method, and per metric (greedy
 accuracy, pass@k, maj@k, entropy), the mean over seeds, the sample standard deviation, a 95% confidence
 interval from the t distribution, and the paired difference against the baseline method (default SFT) of the
@@ -32,197 +36,66 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from cft import grpo as grpo_stage
-from cft.artifacts import load_records, record_key
+from cft.aggregation import AGGREGATE, write_aggregate
+from cft.artifacts import load_records
 from cft.data import is_generated, load_problems
 from cft.evaluate import METRICS, SAMPLES, evaluate, problem_scores
-from cft.experiment_config import ExperimentConfig, ExperimentError, config_dict, grid_points, load_config, settings
+from cft.experiment_config import ExperimentConfig, config_dict, load_config
 from cft.generate import generate
+from cft.grid import (
+    BASE,
+    CELL,
+    RESOLVED,
+    EvalPlan,
+    Grid,
+    Setting,
+    cell_dir,
+    claim_cell,
+    finished_cell,
+    setting_slug,
+    shared_paths,
+    slug,
+    write_json_if_changed,
+)
 from cft.identify import identify
 from cft.models import load_model
 from cft.progress import clock
-from cft.stats import (
-    GRPO_PREFIX,
-    aggregate,
-    fmt_bootstrap,
-    fmt_diff,
-    fmt_stat,
-    headline_metrics,
-    paired_bootstrap,
-    summarize,
-)
+from cft.stats import GRPO_PREFIX, fmt_bootstrap, fmt_diff, fmt_stat, headline_metrics
 from cft.train import SUMMARY, CFTSFTConfig, train
 
-CELL = "cell.json"
-AGGREGATE = "aggregate.json"
-RESOLVED = "experiment.yaml"
-BASE = "base"
-Setting = dict[str, Any]  # a tuning grid point: TRL training arguments
+
+def benchmark_input(cfg: ExperimentConfig, bench: str, n: int | None) -> tuple[str, str | None]:
+    """(spec to evaluate, template). Generated splits (testbed:, arith:) are drawn once (``eval_data_seed``)
+    and written to ``OUT/data`` so that the evaluation seed changes only the sampling, never the problems."""
+    if not is_generated(bench):
+        return bench, cfg.eval.template
+    path = Path(cfg.out) / "data" / f"{slug(bench)}-s{cfg.eval_data_seed}-n{n or 'all'}.jsonl"
+    if not path.exists():
+        problems = load_problems(bench, seed=cfg.eval_data_seed, limit=n)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps({"id": p.id, "question": p.question, "answer": p.answer}) + "\n"
+                               for p in problems))
+        tmp.replace(path)
+    return str(path), cfg.eval.template or "chat"
 
 
-@dataclass(frozen=True)
-class EvalPlan:
-    """What one evaluation decodes: greedy on ``limit`` problems per benchmark, ``n_samples`` samples on the first
-    ``sampled`` of them; written under the cell's ``sub`` folder."""
-
-    benchmarks: tuple[str, ...]
-    limit: int | None
-    sampled: int | None
-    n_samples: int
-    sub: str
-
-
-# ---------------------------------------------------------------- cells
-
-
-def slug(text: str) -> str:
-    """A folder name for a model, method or benchmark spec."""
-    if "/" not in text and not text.endswith(".gguf"):
-        return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "x"
-    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', Path(text).name).strip('-')}-{record_key(text)[:6]}"
-
-
-def setting_slug(setting: Setting) -> str:
-    return slug("_".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in setting.items()))
-
-
-def cell_dir(cfg: ExperimentConfig, model: str, method: str, seed: int | None, setting: Setting | None = None) -> Path:
-    """``OUT/MODEL/METHOD/seedS``; a tuning run ``OUT/MODEL/tune/METHOD/SETTING/seedS``."""
-    name = method.replace(GRPO_PREFIX, "grpo-from-")
-    base = Path(cfg.out) / slug(model) / ("tune" if setting is not None else "")
-    return base / name / (setting_slug(setting) if setting is not None else "") / (
-        "seed-any" if seed is None else f"seed{seed}")
-
-
-def shared_paths(cfg: ExperimentConfig, model: str) -> tuple[Path, Path, Path]:
-    """Stage A's generations, stage B's labels and the record of both, shared by every cell of a model."""
-    d = Path(cfg.out) / slug(model) / "shared"
-    return d / "generations.jsonl", d / "labels.jsonl", d / "shared.json"
-
-
-def read_cell(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((path / CELL).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def write_json_if_changed(path: Path, data: Any) -> bool:
-    """Write ``data`` as JSON unless the file already holds exactly it (a rerun leaves files untouched)."""
-    text = json.dumps(data, indent=2, default=str) + "\n"
-    if path.exists() and path.read_text() == text:
-        return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return True
-
-
-def finished_cell(path: Path, cell_hash: str) -> dict[str, Any] | None:
-    """The cell record if it is finished under ``cell_hash`` and every file it names still exists."""
-    rec = read_cell(path)
-    if rec and rec.get("status") == "finished" and rec.get("hash") == cell_hash and all(
-            (path / f).exists() for f in rec.get("files", [])):
-        return rec
-    return None
-
-
-def claim_cell(path: Path, base: dict[str, Any]) -> dict[str, Any]:
-    """Start (or continue) a cell; refuse a folder whose training was made under another config."""
-    rec = read_cell(path)
-    if rec and rec.get("train_hash") != base["train_hash"]:
-        raise ExperimentError(f"{path} holds a cell trained under another config (hash {rec.get('train_hash')}, "
-                              f"now {base['train_hash']}); delete that folder or choose another out")
-    if rec and rec.get("status") in ("trained", "finished"):
-        return {**rec, **base, "status": "trained"}
-    new = {**base, "status": "training"}
-    write_json_if_changed(path / CELL, new)
-    return new
-
-
-class Runner:
-    """Runs the grid; loads models only for work that is not done yet."""
+class Runner(Grid):
+    """Runs the grid (``Grid``'s cells); loads models only for work that is not done yet."""
 
     def __init__(self, cfg: ExperimentConfig, log=print, chosen: dict[str, dict[str, Setting]] | None = None):
-        self.cfg, self.log = cfg, log
+        super().__init__(cfg, chosen)
+        self.log = log
         self.out = Path(cfg.out)
         self.counts = {"trained": 0, "evaluated": 0, "grpo": 0, "skipped": 0}
-        # model -> method -> the tuned training arguments (from this grid's tuning, or a parent's for ablations)
-        self.chosen: dict[str, dict[str, Setting]] = {m: dict(v) for m, v in (chosen or {}).items()}
-
-    def curve_methods(self) -> list[str]:
-        c = self.cfg.curves
-        return [] if c is None else [m for m in self.cfg.methods if c.methods is None or m in c.methods]
-
-    def has_curve(self, method: str) -> bool:
-        """Whether a grid cell of ``method`` records a learning curve (the base model: its point at 0)."""
-        return self.cfg.curves is not None and method in (BASE, *self.curve_methods())
-
-    def finished(self, model: str, method: str, seed: int, setting: Setting | None = None) -> dict[str, Any] | None:
-        """The cell's record if it is finished under the current config (``finished_cell``)."""
-        return finished_cell(cell_dir(self.cfg, model, method, seed, setting),
-                             self.cell_hash(model, method, seed, setting))
-
-    def train_args(self, model: str, method: str, setting: Setting | None = None) -> dict[str, Any]:
-        """TRL's training arguments of a run: the shared ones, the method's tuned (or the grid point's) setting,
-        and, for a run with a learning curve, a kept checkpoint at every ``1/points`` of training."""
-        tuned = setting if setting is not None else self.chosen.get(model, {}).get(method, {})
-        args = {**self.cfg.train_args, **tuned}
-        if setting is None and method in self.curve_methods():
-            args.update(save_strategy="steps", save_steps=1.0 / self.cfg.curves.points, save_total_limit=None)
-        return args
-
-    # -------------------------------------------------- hashes: everything that determines an output
-
-    def shared_hash(self, model: str) -> str:
-        c = self.cfg
-        return record_key("shared", model, settings(c.generate, "generate"), settings(c.identify, "identify"),
-                          c.dtype)
-
-    def train_hash(self, model: str, method: str, seed: int, setting: Setting | None = None) -> str:
-        c = self.cfg
-        if method == BASE:
-            return record_key("base", model, c.dtype)
-        if method.startswith(GRPO_PREFIX):
-            start = method[len(GRPO_PREFIX):]
-            return record_key("grpo", self.train_hash(model, start, seed), settings(c.grpo, "grpo"),
-                              settings(c.grpo_args, "grpo_args"), c.generate.data, seed)
-        ref = c.rho1_reference if method == "rho1" else None
-        ref_key = self.train_hash(model, ref, seed) if ref in c.methods else ref
-        return record_key("train", self.shared_hash(model), method, seed, settings(c.train, "train"),
-                          self.train_args(model, method, setting), ref_key)
-
-    def cell_hash(self, model: str, method: str, seed: int, setting: Setting | None = None) -> str:
-        c = self.cfg
-        plans = [self.tune_plan()] if setting is not None else [self.eval_plan()] + (
-            [self.curve_plan(0)] if self.has_curve(method) else [])
-        decoding = {k: v for k, v in settings(c.eval, "eval").items() if k not in ("limit", "n_samples")}  # in plans
-        return record_key(self.train_hash(model, method, seed, setting), decoding, c.eval_data_seed,
-                          [(p.benchmarks, p.limit, p.sampled, p.n_samples) for p in plans])
-
-    # -------------------------------------------------- what an evaluation decodes
-
-    def eval_plan(self) -> EvalPlan:
-        c = self.cfg
-        return EvalPlan(tuple(c.benchmarks), c.eval.limit, c.sampled, c.eval.n_samples, "eval")
-
-    def tune_plan(self) -> EvalPlan:
-        t = self.cfg.tune
-        return EvalPlan((t.benchmark,), t.limit, t.limit, 0, "tune-eval")
-
-    def curve_plan(self, step: int) -> EvalPlan:
-        c = self.cfg.curves
-        return EvalPlan(tuple(c.benchmarks), c.limit, c.sample_limit, c.n_samples, f"curve/step-{step}")
 
     # -------------------------------------------------- stages A and B, shared by every cell of a model
 
@@ -254,22 +127,6 @@ class Runner:
 
     # -------------------------------------------------- evaluation
 
-    def benchmark_input(self, bench: str, n: int | None) -> tuple[str, str | None]:
-        """(spec to evaluate, template). Generated splits (testbed:, arith:) are drawn once (``eval_data_seed``)
-        and written to ``OUT/data`` so that the evaluation seed changes only the sampling, never the problems."""
-        c = self.cfg
-        if not is_generated(bench):
-            return bench, c.eval.template
-        path = self.out / "data" / f"{slug(bench)}-s{c.eval_data_seed}-n{n or 'all'}.jsonl"
-        if not path.exists():
-            problems = load_problems(bench, seed=c.eval_data_seed, limit=n)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(json.dumps({"id": p.id, "question": p.question, "answer": p.answer}) + "\n"
-                                   for p in problems))
-            tmp.replace(path)
-        return str(path), c.eval.template or "chat"
-
     def evaluate_checkpoint(self, name: str, model, tok, path: Path, seed: int,
                             plan: EvalPlan) -> tuple[dict, list[str], dict]:
         """Metrics per benchmark (greedy accuracy on ``plan.limit`` problems, sampling on ``plan.sampled``) and
@@ -284,7 +141,7 @@ class Runner:
         n = max(x for x in (plan.limit, plan.sampled, 0) if x is not None) or None
         groups: dict[str | None, dict[str, str]] = {}  # template -> benchmark -> spec
         for bench in plan.benchmarks:
-            spec, template = self.benchmark_input(bench, n)
+            spec, template = benchmark_input(self.cfg, bench, n)
             groups.setdefault(template, {})[bench] = spec
         parts: dict[str, dict[str, dict]] = {}  # part -> benchmark -> metrics
         problems: dict[str, dict[str, dict[str, float]]] = {}
@@ -418,44 +275,6 @@ class Runner:
         return {"grpo": {"global_step": summary.get("global_step"), "log": rows, "seconds": summary.get("seconds")},
                 "train_files": [f"grpo/{grpo_stage.SUMMARY}", f"grpo/{grpo_stage.LOG}"]}
 
-    # -------------------------------------------------- tuning
-
-    def tuned_methods(self) -> list[str]:
-        t = self.cfg.tune
-        return [] if t is None else [m for m in self.cfg.methods if m not in t.share and (
-            t.methods is None or m in t.methods)]
-
-    def tune_cells(self) -> list[tuple[str, Setting]]:
-        return [(m, point) for m in self.tuned_methods() for point in grid_points(self.cfg.tune)]
-
-    def tuning(self, model: str) -> dict[str, Any] | None:
-        """Each tuned method's runs (finished ones, read from disk) and, once all are finished, its chosen
-        setting: the best tuning-split accuracy, ties to the earlier grid point. Runs nothing."""
-        t = self.cfg.tune
-        if t is None:
-            return None
-        out: dict[str, Any] = {}
-        for method in self.tuned_methods():
-            runs = []
-            for point in grid_points(t):
-                rec = self.finished(model, method, t.seed, point)
-                if rec:
-                    m = rec["metrics"][t.benchmark]
-                    runs.append({"setting": point, "accuracy": m["accuracy"], "n": m["n"]})
-            best = max(runs, key=lambda r: r["accuracy"]) if runs else None  # max keeps the first of equals
-            out[method] = {"benchmark": t.benchmark, "seed": t.seed, "metric": "accuracy", "runs": runs,
-                           "chosen": best["setting"] if best and len(runs) == len(grid_points(t)) else None,
-                           "from": None}
-        for method, source in t.share.items():
-            out[method] = {**out[source], "runs": [], "from": source}
-        return out
-
-    def choose(self, model: str) -> None:
-        """Fill ``chosen`` from the finished tuning runs (a method still being tuned stays unset)."""
-        for method, rec in (self.tuning(model) or {}).items():
-            if rec["chosen"] is not None:
-                self.chosen.setdefault(model, {})[method] = rec["chosen"]
-
     def run_tuning(self, model: str, loaded) -> None:
         t = self.cfg.tune
         todo = self.tune_cells()
@@ -466,22 +285,6 @@ class Runner:
         for method, point in self.chosen.get(model, {}).items():
             self.log(f"[{model}] tuned {method}: {setting_slug(point)}")
 
-    # -------------------------------------------------- the grid
-
-    def plan(self) -> list[tuple[str, str, int]]:
-        """(model, method, seed) in run order: seeds outermost, so a partial run has whole seeds; a rho1
-        reference method runs before rho1; GRPO cells follow the cell they start from."""
-        c = self.cfg
-        methods = sorted(c.methods, key=lambda m: (m != c.rho1_reference and m != c.baseline, c.methods.index(m)))
-        cells = []
-        for model in c.models:
-            if c.evaluate_base:
-                cells.append((model, BASE, c.seeds[0]))
-            for seed in c.seeds:
-                cells += [(model, m, seed) for m in methods]
-                if seed in (c.grpo_seeds or c.seeds):
-                    cells += [(model, GRPO_PREFIX + m, seed) for m in c.grpo_from]
-        return cells
 
     def run(self) -> dict[str, Any]:
         """Run every cell not done yet; after each one that did work the aggregate is rewritten, so a
@@ -526,107 +329,10 @@ class Runner:
                 self.counts[key] += value
         return self.write_aggregate(*self.collect())
 
-    def collect(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """The finished cells of the plan and the shared-stage records, read from disk; runs nothing."""
-        for model in self.cfg.models:
-            self.choose(model)
-        cells = [rec for p in self.plan() if (rec := self.finished(*p))]
-        shared = {}
-        for model in self.cfg.models:
-            marker = shared_paths(self.cfg, model)[2]
-            rec = json.loads(marker.read_text()) if marker.exists() else None
-            if rec and rec.get("hash") == self.shared_hash(model):
-                shared[model] = rec
-        return cells, shared
 
     def write_aggregate(self, cells: list[dict[str, Any]], shared: dict[str, Any]) -> dict[str, Any]:
-        expected = {(m, meth, seed) for m, meth, seed in self.plan()}
-        done = {(c["model"], c["method"], c["seed"]) for c in cells if c.get("status") == "finished"}
-        result = {
-            "config": config_dict(self.cfg),
-            "finished_cells": len(done & expected),
-            "planned_cells": len(expected),
-            "missing_cells": [list(p) for p in self.plan() if p not in done],
-            "baseline": self.cfg.baseline,
-            "benchmarks": self.cfg.benchmarks,
-            "results": aggregate([c for c in cells if c.get("status") == "finished"], self.cfg.baseline),
-            "shared": {m: {"d_correct": s["generate"]["correct"], "train_problems": s["generate"]["n"],
-                           "critical_fraction": s["identify"]["critical_fraction"],
-                           "critical_by_kind": s["identify"]["critical_by_kind"],
-                           "seconds": s.get("seconds")} for m, s in shared.items()},
-            "cells": [{k: c.get(k) for k in ("model", "method", "seed", "status", "seconds", "train", "grpo",
-                                             "metrics", "curve")} for c in cells],
-        }
-        tuning = {m: t for m in self.cfg.models if (t := self.tuning(m))}
-        if tuning:
-            result["tuning"] = tuning
-        curves = self.curves(cells)
-        if curves:
-            result["curves"] = curves
-        if self.cfg.compare:
-            result["bootstrap"] = self.bootstrap(cells)
-        if self.cfg.ablations:
-            result["ablations"] = {}
-            for name, sub in self.cfg.ablations.items():
-                runner = Runner(sub, self.log, self.chosen)
-                cells_, shared_ = runner.collect()
-                agg = runner.write_aggregate(cells_, shared_)
-                keys = ("results", "shared", "bootstrap", "finished_cells", "planned_cells")
-                result["ablations"][name] = {"overrides": self.cfg.ablation_overrides[name],
-                                             **{k: agg[k] for k in keys if k in agg}}
-        write_json_if_changed(self.out / AGGREGATE, result)
-        return result
-
-    def curves(self, cells: list[dict[str, Any]]) -> dict[str, Any]:
-        """Per model and method: each seed's curve points, and per point the statistics over seeds; the
-        starting model's point (fraction 0) opens every method's curve."""
-        out: dict[str, Any] = {}
-        for model in self.cfg.models:
-            base = next((c["curve"] for c in cells if c["model"] == model and c["method"] == BASE and c.get("curve")),
-                        [])
-            for method in self.curve_methods():
-                seeds = {str(c["seed"]): base + c["curve"] for c in cells
-                         if c["model"] == model and c["method"] == method and c.get("curve")}
-                if not seeds:
-                    continue
-                n_points = min(len(v) for v in seeds.values())
-                points = []
-                for i in range(n_points):
-                    at = [v[i] for v in seeds.values()]
-                    benches = at[0]["metrics"]
-                    points.append({
-                        "fraction": at[0]["fraction"], "step": at[0]["step"],
-                        "epoch": at[0]["epoch"],
-                        "metrics": {b: {k: summarize([p["metrics"][b][k] for p in at if p["metrics"][b][k] is not None])
-                                        for k in ("accuracy", "entropy")} for b in benches}})
-                out.setdefault(model, {})[method] = {"points": points, "seeds": seeds}
-        return out
-
-    def bootstrap(self, cells: list[dict[str, Any]]) -> dict[str, Any]:
-        """``compare``'s paired bootstrap over problems and seeds, per model, benchmark and metric."""
-        out: dict[str, Any] = {}
-        for model in self.cfg.models:
-            by: dict[str, dict[int, dict]] = {}
-            for c in cells:
-                if c["model"] == model and c.get("problems"):
-                    by.setdefault(c["method"], {})[c["seed"]] = c["problems"]
-            for item in self.cfg.compare:
-                a, b = (m.strip() for m in item.split(" vs "))
-                if a not in by or b not in by:
-                    continue
-                for bench in self.cfg.benchmarks:
-                    metrics = set.intersection(*(set(p.get(bench, {})) for side in (by[a], by[b])
-                                                 for p in side.values()))
-                    row = {}
-                    for metric in sorted(metrics, key=lambda k: (k != "accuracy", len(k), k)):
-                        try:
-                            row[metric] = paired_bootstrap({s: p[bench][metric] for s, p in by[a].items()},
-                                                           {s: p[bench][metric] for s, p in by[b].items()},
-                                                           resamples=self.cfg.bootstrap_resamples)
-                        except ValueError as exc:  # e.g. seeds with different problems: say so, do not guess
-                            row[metric] = {"error": str(exc)}
-                    out.setdefault(model, {}).setdefault(bench, {})[f"{a} vs {b}"] = row
-        return out
+        """``aggregation.write_aggregate`` of this grid."""
+        return write_aggregate(self, cells, shared)
 
 
 def run_experiment(cfg: ExperimentConfig, log=print) -> tuple[dict[str, Any], dict[str, int]]:
@@ -681,24 +387,20 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if args.dry_run:
-            print(yaml.safe_dump(config_dict(cfg), sort_keys=False))
-            print_plan(Runner(cfg))
-            return 0
-        if args.aggregate_only:
-            runner = Runner(cfg)
-            result = runner.write_aggregate(*runner.collect())
-            print_aggregate(result)
-            print(f"{result['finished_cells']} of {result['planned_cells']} cells finished; "
-                  f"aggregate in {Path(cfg.out) / AGGREGATE}")
-            return 0
-        t0 = time.time()
-        result, counts = run_experiment(cfg, log=lambda msg: print(msg, flush=True))
-    except ExperimentError as exc:
-        print(f"cft experiment: error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        print(yaml.safe_dump(config_dict(cfg), sort_keys=False))
+        print_plan(Runner(cfg))
+        return 0
+    if args.aggregate_only:
+        runner = Runner(cfg)
+        result = runner.write_aggregate(*runner.collect())
+        print_aggregate(result)
+        print(f"{result['finished_cells']} of {result['planned_cells']} cells finished; "
+              f"aggregate in {Path(cfg.out) / AGGREGATE}")
+        return 0
+    t0 = time.time()
+    result, counts = run_experiment(cfg, log=lambda msg: print(msg, flush=True))
     print_aggregate(result)
     print(f"experiment finished in {time.time() - t0:.0f}s: {work_done(counts)}; "
           f"aggregate in {Path(cfg.out) / AGGREGATE}")

@@ -29,6 +29,7 @@ import yaml
 
 from cft import options
 from cft.config import device_option, dtype_option, internal, is_internal, option
+from cft.errors import UserError
 from cft.selection import METHODS
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
     from cft.train import TrainConfig
 
 
-class ExperimentError(ValueError):
+class ExperimentError(UserError, ValueError):
     """A configuration or output folder a person has to fix; the CLI prints it and exits with code 2."""
 
 

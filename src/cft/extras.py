@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import importlib.util
 
+from cft.errors import UserError
+
 EXTRAS = {"gguf": "gguf", "matplotlib": "report", "deepspeed": "deepspeed"}  # import name -> extra
 
 
-class MissingExtra(OSError):
+class MissingExtra(UserError, OSError):
     """An optional dependency is not installed."""
 
 

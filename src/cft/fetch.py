@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cft.config import from_args, option
+from cft.errors import CftError
 
 CACHE_ENV = "CFT_MODEL_CACHE"
 DEFAULT_CACHE = Path("~/.cache/cft/models")
@@ -49,7 +50,7 @@ MODELS = {
 }
 
 
-class FetchError(RuntimeError):
+class FetchError(CftError, RuntimeError):
     """The model could not be downloaded or did not match its pinned hash."""
 
 
@@ -113,10 +114,5 @@ CONFIGS = (FetchConfig,)
 
 def run(args: argparse.Namespace) -> int:
     cfg = from_args(FetchConfig, args)
-    try:
-        path = fetch_model(cfg.name, cfg.cache)
-    except FetchError as exc:
-        print(f"cft fetch-model: error: {exc}", file=sys.stderr)
-        return 1
-    print(path)
+    print(fetch_model(cfg.name, cfg.cache))
     return 0

@@ -72,7 +72,7 @@ def model_files(name: str) -> tuple[Path | None, Path | None]:
     return (Path(cached).parent, None) if isinstance(cached, str) else (None, None)
 
 
-def weights_fingerprint(name: str) -> str | None:
+def weight_files_fingerprint(name: str) -> str | None:
     """Short hash of the model's weight files; None when they are not on this machine (uncached hub id)."""
     folder, gguf = model_files(name)
     if gguf is not None:
@@ -157,7 +157,7 @@ class Fingerprint:
 
 
 def fingerprint(name: str) -> Fingerprint:
-    return Fingerprint(name, tokenizer_fingerprint(name), weights_fingerprint(name))
+    return Fingerprint(name, tokenizer_fingerprint(name), weight_files_fingerprint(name))
 
 
 def with_fingerprints(meta: dict) -> dict:

@@ -29,15 +29,15 @@ from typing import Any
 
 from trl import GRPOConfig
 
-from cft.artifacts import ArtifactLock, InputError, environment
+from cft.artifacts import ArtifactLock, environment
 from cft.config import attn_option, dtype_option, from_args, internal, model_option, option
 from cft.data import load_problems
+from cft.errors import UsageError
 from cft.models import load_model
 from cft.prompts import QWEN_SYSTEM, template_text
 from cft.train import (
     CFTTrainingDefaults,
     TrainProgress,
-    UsageError,
     last_checkpoint,
     process_state,
     split_options,
@@ -209,11 +209,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[GRPORunConfig, CFTGRPOCo
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        grpo(*config_from_args(args))
-    except (UsageError, InputError) as exc:  # InputError: bad data, or another run on this --out
-        print(f"cft grpo: error: {exc}", file=sys.stderr)
-        return 2
+    grpo(*config_from_args(args))
     return 0
 
 

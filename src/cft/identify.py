@@ -15,19 +15,22 @@ answer the evaluation's grader extracts (one definition of a response's answer i
 With ``--stop-at-answer`` (an opt-in speed knob) a branch also ends once its first final answer is
 complete (``verify.answer_complete``, checked after every token including a itself); a model that writes
 a second answer then gets another verdict, so such a run audits itself (``branch_stop_audit``) and records
-the verdicts and labels the stop changed. Both engines apply exactly this rule:
+the verdicts and labels the stop changed. Both engines apply exactly this rule; ``--engine`` names a branch
+backend of ``cft.decoding.backends`` (this module imports neither):
 
-- ``reference``: one pinned greedy ``generate`` per branch from the full token prefix, every alternative.
-- ``fast`` (default, ``cft.engine``): the prompt + response KV cache is computed once and shared by
-  every branch; branches of many positions and responses decode together with continuous batching;
-  the rank-r+1 branch runs only if the rank-r branch did not succeed (exact: one success already
-  makes the token non-critical).
+- ``reference`` (``cft.decoding.reference``): one pinned greedy ``generate`` per branch from the full token
+  prefix, every alternative.
+- ``fast`` (default, ``cft.decoding.fast`` on ``cft.decoding.engine``): the prompt + response KV cache is
+  computed once and shared by every branch; branches of many positions and responses decode together with
+  continuous batching; the rank-r+1 branch runs only if the rank-r branch did not succeed (exact: one success
+  already makes the token non-critical). Its labels are the same bytes at any draft width or rows (near-ties
+  re-decided by the reference path, margins to two significant digits; ``cft.decoding.engine``).
 
 What is guaranteed: the same protocol and rules in both engines, and identical labels up to
 floating-point near-ties. A cached one-token step and a full forward differ in the last bits, so an
 argmax can flip where the top-1/top-2 logit gap is that small. Both engines record each branch's
-smallest gap (``margin``) and each position's gap between its last alternative and the next token
-(``alt_margin``); the summary counts the near-ties (below ``--tolerance``), and ``--crosscheck N``
+smallest gap (``margin``, two significant digits) and each position's gap between its last alternative and
+the next token (``alt_margin``); the summary counts the near-ties (below ``--tolerance``), and ``--crosscheck N``
 re-decodes N random branches plus every near-tie with the reference path and reports disagreements.
 """
 
@@ -37,7 +40,6 @@ import logging
 import os
 import random
 import time
-import weakref
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -56,16 +58,18 @@ from cft.artifacts import (
     record_key,
 )
 from cft.config import attn_option, device_option, dtype_option, from_args, internal, model_option, option
-from cft.decoding import AnswerStop, pinned_generate, pinned_generation_config
-from cft.engine import BranchDecoder, auto_batch_size, check_supported
-from cft.generate import DecodeConfig, Stop, audit_stops, print_stop_audit, stop_rule
+from cft.decoding.api import DecodeConfig, stop_rule
+from cft.decoding.audit import Stop, audit_stops, print_stop_audit
+from cft.decoding.backends import backend
+from cft.decoding.rowcache import auto_batch_size
+from cft.kinds import token_kind  # re-exported: identify's statistics break counts down by it
 from cft.models import cache_kwarg, load_model, load_tokenizer, resolve
 from cft.progress import Progress
 from cft.protocol import (
     Protocol,
     Work,
     branch_record,
-    finish_branch,
+    reference_branch,  # the protocol's definition of a branch, also the fast engine's exact path at near-ties
     teacher_forced,
 )
 
@@ -201,56 +205,6 @@ def critical_spans(tok, response_ids: list[int], critical: list[int]) -> list[li
     return spans
 
 
-def token_kind(text: str) -> str:
-    """Coarse kind of a token for statistics: ``digit``, ``operator`` or ``other``."""
-    s = text.strip()
-    if any(ch.isdigit() for ch in s):
-        return "digit"
-    if s and all(ch in "+-*/=<>^()%.,:×÷" for ch in s) and s not in {".", ",", ":"}:
-        return "operator"
-    return "other"
-
-
-@torch.inference_mode()
-def reference_branch(model, tok, proto: Protocol, prompt_ids: list[int], response: list[int], t: int):
-    """One branch the plain way: greedy ``generate`` from the full token prefix ``prompt + y_<t + a``.
-
-    Returns the continuation and its smallest top-1 minus top-2 logit gap (None when nothing was decoded).
-    """
-    from transformers import StoppingCriteriaList
-
-    if proto.stopped(response, 0, t):
-        return [], None
-    prefix = torch.tensor([prompt_ids + response], device=model.device)
-    stops = []
-    if proto.cfg.stop_at_answer:
-        stops = [AnswerStop(tok, len(prompt_ids), torch.tensor(proto.trigger, device=model.device))]
-    # pinned: no repetition penalty, n-gram ban or minimum length from the checkpoint, as in the fast engine
-    gen = pinned_generation_config(sorted(proto.eos), tok.pad_token_id, proto.budget(t))
-    gen.output_logits = gen.return_dict_in_generate = True
-    out = pinned_generate(model, gen, input_ids=prefix, attention_mask=torch.ones_like(prefix),
-                          stopping_criteria=StoppingCriteriaList(stops))
-    cont = out.sequences[0, prefix.shape[1] :].tolist()
-    gaps = [_gap(step[0]) for step in out.logits[: len(cont)]]
-    return cont, (min(gaps) if gaps else None)
-
-
-def _gap(logits: torch.Tensor) -> float:
-    top = torch.topk(logits.float(), 2).values
-    return float(top[0] - top[1])
-
-
-def run_reference(model, tok, works_iter, cfg: IdentifyConfig, proto: Protocol, on_done, progress):
-    """The plain way: one greedy ``generate`` per branch, re-encoding prompt and prefix each time."""
-    for work, _ in works_iter:
-        for t, alts in enumerate(work.alternatives):
-            for j, a in enumerate(alts):
-                cont, margin = reference_branch(model, tok, proto, work.prompt_ids, work.response_ids[:t] + [a], t)
-                finish_branch(work, t, j, cont, proto, margin)
-                progress.advance(0, tokens=len(cont) + 1)
-        on_done(work)
-
-
 def crosscheck(model, tok, labels: list[dict], cfg: IdentifyConfig, proto: Protocol) -> dict:
     """Re-decode ``cfg.crosscheck`` random branches plus every near-tie branch with the reference path.
 
@@ -366,23 +320,13 @@ def shard_path(out: str, index: int, count: int) -> str:
     return out if count == 1 else f"{out}.shard{index}of{count}.jsonl"
 
 
-_fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def weights_fingerprint(model) -> str:
-    """``models.weights_fingerprint``, cached per model object (the resume key needs it once per run)."""
-    if model not in _fingerprints:
-        _fingerprints[model] = models.weights_fingerprint(model)
-    return _fingerprints[model]
-
-
 def label_params(cfg: IdentifyConfig, model) -> dict:
     """Every setting that can change a labels record (the engine is not one: both give the same labels)."""
     params = {k: v for k, v in asdict(cfg).items()
               if k in ("model", "k", "max_new_tokens", "stop_at_answer", "include_eos", "dtype",
                        "skip_confident", "continuation_cap")}
     params["rules"] = LABEL_RULES
-    params["weights"] = weights_fingerprint(model)
+    params["weights"] = models.weights_fingerprint(model)
     params["model_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     return params
 
@@ -532,9 +476,9 @@ def identify(cfg: IdentifyConfig, model=None, tok=None) -> dict:
     out = shard_path(cfg.out, index, count)
     writer = ResumableWriter(out, "labels")
     todo = [(r, k) for r, k in zip(records, keys) if k not in writer.done]
-    if cfg.engine == "fast":
-
-        check_supported(model, cfg.model)
+    decoder = backend(cfg.engine, "branches")  # fast (the engine) or reference, by name (cft.decoding.backends)
+    if decoder.check is not None:
+        decoder.check(model, cfg.model)
 
     def on_done(work: Work) -> None:
         writer.add(label_record(work, tok, cfg))
@@ -542,15 +486,9 @@ def identify(cfg: IdentifyConfig, model=None, tok=None) -> dict:
 
     t0 = time.time()
     with Progress(f"identify[{cfg.engine}]", total=len(todo), unit="resp") as progress:
-        if cfg.engine == "reference":
-            run_reference(model, tok, _works(model, tok, [r for r, _ in todo], [k for _, k in todo], cfg, proto, False),
-                          cfg, proto, on_done, progress)
-        elif cfg.engine == "fast":
-            works = _works(model, tok, [r for r, _ in todo], [k for _, k in todo], cfg, proto, True)
-            max_prompt = max((len(r["prompt_ids"]) for r, _ in todo), default=0)
-            BranchDecoder(model, tok, cfg, proto).run(works, on_done, progress, max_prompt)
-        else:
-            raise ValueError(f"unknown engine {cfg.engine!r}; choose fast or reference")
+        works = _works(model, tok, [r for r, _ in todo], [k for _, k in todo], cfg, proto, decoder.shares_prefix)
+        max_prompt = max((len(r["prompt_ids"]) for r, _ in todo), default=0)
+        engine_stats = decoder.branches(model, tok, works, cfg, proto, on_done, progress, max_prompt)
         writer.write([])
         decoded = progress.tokens
     seconds = time.time() - t0
@@ -565,7 +503,8 @@ def identify(cfg: IdentifyConfig, model=None, tok=None) -> dict:
     summary.update(n_input=inputs.n_input, responses=len(labels), invalid_skipped=invalid_count(cfg.input),
                    excluded_truncated=inputs.excluded_truncated,
                    seconds=seconds, decoded_tokens=decoded,
-                   tokens_per_second=decoded / max(seconds, 1e-9), shard=[index, count])
+                   tokens_per_second=decoded / max(seconds, 1e-9), shard=[index, count],
+                   engine=engine_stats.as_dict() if engine_stats is not None else None)
     meta = {"stage": "identify", "config": asdict(cfg), "seed": None,  # greedy throughout: nothing is random
             "label_params": params, "all_keys_digest": record_key(all_keys), "responses_total": len(all_keys),
             "generation_meta": read_meta(cfg.input), "environment": environment(model), "summary": summary}

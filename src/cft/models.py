@@ -309,9 +309,10 @@ def weights_fingerprint(model) -> str:
     """A short stable hex id of the loaded weights: every parameter's name, shape and dtype, and an evenly
     strided sample of its values (exact: read as float32, on any device).
 
-    Cheap for any model size, so it can key resumes and be recorded with every artifact. It tells apart
+    Cheap for any model size, so it can key resumes (stage B computes it once per run). It tells apart
     checkpoints, fine-tunes (they change most values of a tensor) and dtypes; an edit of a few single
-    values may escape the sample.
+    values may escape the sample. The weights of a model on disk, without loading it, are
+    ``fingerprints.weight_files_fingerprint``'s.
     """
     import hashlib
 

@@ -25,6 +25,7 @@ from transformers.hf_argparser import HfArgumentParser
 from cft import benchmarks
 from cft.config import POSITIONAL, is_internal, is_positional
 from cft.data import is_generated, unknown_split
+from cft.errors import UserError
 from cft.prompts import template_text
 
 KNOWN_MODELS = ("testbed", "smollm2")
@@ -32,7 +33,7 @@ KNOWN_MODELS = ("testbed", "smollm2")
 FILE_OUTPUTS = ("generate", "identify", "transfer", "view")
 
 
-class CommandLineError(Exception):
+class CommandLineError(UserError):
     """A bad command line; ``main`` prints the message (one line) and returns 2."""
 
 

@@ -1,9 +1,11 @@
-"""Stage B's protocol, shared by both engines (``identify``'s reference path and ``cft.engine``).
+"""Stage B's protocol, shared by both engines (``identify``'s reference path and ``cft.decoding.engine``).
 
 A ``Work`` is one response under identification; ``teacher_forced`` ranks its candidates in the order
 (-logit, then token id) with their true ranks; ``Protocol`` holds the stop rule of a branch and its
-verdict; ``finish_branch`` records a branch's outcome as a ``branch_record``. Both engines import these
-and nothing else of each other, so their labels follow one rule (see ``cft.identify`` for the protocol).
+verdict; ``finish_branch`` records a branch's outcome as a ``branch_record``; ``reference_branch`` decodes
+one branch the plain way (the reference engine, the crosscheck, and the fast engine's exact path at
+near-ties). Both engines import these and nothing else of each other, so their labels follow one rule
+(see ``cft.identify`` for the protocol).
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from transformers import StoppingCriteriaList
 
 from cft import verify
-from cft.answer_watch import AnswerWatch, incremental_decoding
-from cft.decoding import trigger_tokens
-from cft.models import cache_kwarg, stop_token_ids, vocab_rows
+from cft.answer_watch import AnswerWatch
+from cft.decoding import AnswerStop, StopRule, pinned_generate, pinned_generation_config
+from cft.models import cache_kwarg
 
 
 @dataclass
@@ -57,13 +60,12 @@ class Protocol:
 
     def __init__(self, tok, model, cfg):
         self.tok, self.cfg = tok, cfg
-        self.eos = set(stop_token_ids(tok, model))
-        self.trigger = trigger_tokens(tok, vocab_rows(model)).tolist()
-        self.incremental = incremental_decoding(tok)
+        self.rule = StopRule.of(tok, model, cfg.stop_at_answer)
+        self.eos = self.rule.eos
 
     def watch(self) -> AnswerWatch | None:
         """Incremental answer detection for one branch (None: the tokenizer decodes only as a whole)."""
-        return AnswerWatch(self.tok) if self.cfg.stop_at_answer and self.incremental else None
+        return self.rule.watch()
 
     def budget(self, t: int) -> int:
         """How many tokens may follow the alternative at response position t."""
@@ -78,14 +80,7 @@ class Protocol:
         ``watch`` (from ``watch``, fed this same growing list) gives the answer rule's verdict without
         decoding the whole response at every trigger token.
         """
-        last = response[-1]
-        if last in self.eos or n_new >= self.budget(t):
-            return True
-        if self.cfg.stop_at_answer and self.trigger[last]:
-            if watch is not None:
-                return watch.complete(response)
-            return verify.answer_complete(self.tok.decode(response, skip_special_tokens=True))
-        return False
+        return self.rule.ended(response, n_new, self.budget(t), watch)
 
     def verdict(self, response: list[int], gold: str) -> Verdict:
         """Grade a branch; a verifier timeout or crash is retried once, then the verdict is unknown.
@@ -165,14 +160,22 @@ def finish_branch(work: Work, t: int, j: int, cont: list[int], proto: Protocol, 
     """Record branch (t, j)'s outcome; True when it succeeded (the token is then replaceable).
 
     ``margin`` is the smallest top-1 minus top-2 logit gap over the decoded continuation (None: nothing
-    decoded). An unknown verdict is not a success: the next rank still runs.
+    decoded), recorded to two significant digits (``round_margin``). An unknown verdict is not a success: the
+    next rank still runs.
     """
     response = work.response_ids[:t] + [work.alternatives[t][j]] + cont
     v = proto.verdict(response, work.gold)
     work.results[t][j] = branch_record(work, t, j, ok=v.ok, answer=v.answer,
                                        ids=cont if proto.cfg.store_continuations else None,
-                                       margin=margin, verify_error=v.error)
+                                       margin=None if margin is None else round_margin(margin), verify_error=v.error)
     return v.ok is True
+
+
+def round_margin(margin: float) -> float:
+    """A margin as recorded: two significant digits. Its last bits depend on the shapes of the forwards that
+    decoded the branch; the fast engine recomputes the few whose rounding those bits could change
+    (``cft.decoding.engine.SHAPE_NOISE``), so the recorded value is the same in every run."""
+    return float(f"{margin:.2g}")
 
 
 def branch_record(work: Work, t: int, j: int, ok=None, answer=None, ids=None, margin=None, verify_error=None) -> dict:
@@ -181,3 +184,30 @@ def branch_record(work: Work, t: int, j: int, ok=None, answer=None, ids=None, ma
     reads cannot take a later error string (docs/FORMATS.md)."""
     return {"token": work.alternatives[t][j], "rank": work.ranks[t][j], "ok": ok, "answer": answer, "ids": ids,
             "margin": margin, "verify_error": verify_error or ""}
+
+
+@torch.inference_mode()
+def reference_branch(model, tok, proto: Protocol, prompt_ids: list[int], response: list[int], t: int):
+    """One branch the plain way: greedy ``generate`` from the full token prefix ``prompt + y_<t + a``.
+
+    Returns the continuation and its smallest top-1 minus top-2 logit gap (None when nothing was decoded).
+    """
+    if proto.stopped(response, 0, t):
+        return [], None
+    prefix = torch.tensor([prompt_ids + response], device=model.device)
+    stops = []
+    if proto.cfg.stop_at_answer:
+        stops = [AnswerStop(proto.rule, len(prompt_ids), model.device)]
+    # pinned: no repetition penalty, n-gram ban or minimum length from the checkpoint, as in the fast engine
+    gen = pinned_generation_config(sorted(proto.eos), tok.pad_token_id, proto.budget(t))
+    gen.output_logits = gen.return_dict_in_generate = True
+    out = pinned_generate(model, gen, input_ids=prefix, attention_mask=torch.ones_like(prefix),
+                          stopping_criteria=StoppingCriteriaList(stops))
+    cont = out.sequences[0, prefix.shape[1] :].tolist()
+    gaps = [_gap(step[0]) for step in out.logits[: len(cont)]]
+    return cont, (min(gaps) if gaps else None)
+
+
+def _gap(logits: torch.Tensor) -> float:
+    top = torch.topk(logits.float(), 2).values
+    return float(top[0] - top[1])

@@ -29,15 +29,16 @@ from pathlib import Path
 from typing import Any
 
 from cft.artifacts import read_meta
-from cft.fingerprints import Fingerprint, fingerprint, tokenizer_fingerprint, weights_fingerprint
+from cft.errors import UserError
+from cft.fingerprints import Fingerprint, fingerprint, tokenizer_fingerprint, weight_files_fingerprint
 
 __all__ = ["ALLOW_FLAG", "CHECKS", "Check", "Fingerprint", "ProvenanceError", "check", "compare", "fingerprint",
-           "output_meta", "recorded_model", "stamp", "tokenizer_fingerprint", "weights_fingerprint"]
+           "output_meta", "recorded_model", "stamp", "tokenizer_fingerprint", "weight_files_fingerprint"]
 
 ALLOW_FLAG = "--allow-model-mismatch"
 
 
-class ProvenanceError(ValueError):
+class ProvenanceError(UserError, ValueError):
     """An artifact made with another model than the one given; the CLI prints it as one line, exit 2."""
 
 
@@ -82,7 +83,7 @@ def recorded_model(meta: dict) -> tuple[str | None, dict | None]:
 def _recorded(name: str, prov: dict | None, key: str) -> str | None:
     if prov is not None and prov.get(key):
         return prov[key]
-    return tokenizer_fingerprint(name) if key == "tokenizer" else weights_fingerprint(name)
+    return tokenizer_fingerprint(name) if key == "tokenizer" else weight_files_fingerprint(name)
 
 
 def compare(artifact_model: str, prov: dict | None, model: str) -> dict[str, bool | None]:
@@ -98,7 +99,7 @@ def compare(artifact_model: str, prov: dict | None, model: str) -> dict[str, boo
             theirs = _recorded(artifact_model, prov, key)
         except (OSError, ValueError):  # the recorded model is gone from this machine
             theirs = None
-        ours = weights_fingerprint(model) if key == "weights" else tokenizer_fingerprint(model)
+        ours = weight_files_fingerprint(model) if key == "weights" else tokenizer_fingerprint(model)
         out[key] = None if theirs is None or ours is None else theirs == ours
     return out
 

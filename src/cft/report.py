@@ -18,13 +18,12 @@ import base64
 import html
 import json
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cft.aggregation import AGGREGATE
 from cft.config import from_args, option
-from cft.experiment import AGGREGATE
 from cft.experiment_config import SECTIONS
 from cft.extras import require
 from cft.stats import (
@@ -752,10 +751,6 @@ CONFIGS = (ReportConfig,)
 
 def run(args: argparse.Namespace) -> int:
     cfg = from_args(ReportConfig, args)
-    try:
-        md, page = report(cfg.run_dir)
-    except FileNotFoundError as exc:
-        print(f"cft report: error: {exc}", file=sys.stderr)
-        return 2
+    md, page = report(cfg.run_dir)
     print(f"wrote {md} and {page} (plots in {Path(cfg.run_dir) / PLOTS})")
     return 0

@@ -41,6 +41,11 @@ Methods (``METHODS``):
   that matrix stays within ``ATTN_MEMORY`` bytes.
 - ``numeric``: the response tokens whose decoded text contains a digit (``token_kind`` = ``digit``).
 
+Each method is one function from a ``Batch`` (the records and what a method may need) to its 0/1 masks,
+registered once with its help text (``@method("name", "help")``); ``METHODS``, ``METHOD_HELP`` (the
+``--method`` option's) and ``select_masks`` read the registry, so a new method is one function and one
+decorator.
+
 A response with no selected token carries no loss: it is excluded from training and counted, never
 trained as a silent zero.
 """
@@ -53,7 +58,7 @@ import math
 import random
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,22 +66,13 @@ from typing import Any
 import torch
 
 from cft.artifacts import SCHEMAS, InputError, read_jsonl, record_key
-from cft.identify import token_kind  # one definition of digit/operator/other for identify's and train's statistics
+from cft.kinds import KINDS, token_kind  # one definition of digit/operator/other for identify's and train's statistics
 
-METHODS = ("sft", "cft", "cft_mix", "random", "entropy", "numeric", "rho1", "dft", "attn")
 ATTN_LAYERS = 4  # attn: the last layers whose attention is averaged (all of them when the model has fewer)
-METHOD_HELP = (
-    "sft: every response token; cft: the critical tokens; cft_mix: every response token, weight 1 on the critical "
-    "tokens and --mix-lambda on the others (0: cft, 1: sft); random, entropy, rho1, attn: CFT's number of tokens per "
-    "response, chosen at random / by highest next-token entropy / by highest excess loss against --reference / by "
-    "the most attention received from the final-answer statement (from the last 'answer is', \\boxed or #### to "
-    f"the end), averaged over heads and the last {ATTN_LAYERS} layers; numeric: digit tokens; dft: every token, "
-    "weighted by its own detached probability")
 ATTN_MEMORY = 1 << 30  # attn: bytes of one layer's float32 attention weights per batch (fewer rows if needed)
 ANSWER_TAIL = 16  # attn: the statement when a response has no answer marker: its last tokens
 ANSWER_MARK = re.compile(r"answer is|\\boxed|\\fbox|####", re.IGNORECASE)
 LOSS_NORMS = ("step", "sequence")
-KINDS = ("digit", "operator", "other")
 
 
 @dataclass(frozen=True)
@@ -299,46 +295,123 @@ def check_mix_lambda(mix_lambda: float | None) -> float:
     return float(mix_lambda)
 
 
-def select_masks(method: str, records: list[LabeledResponse], tok, model=None, reference=None,
-                 seed: int = 0, batch_size: int = 4, mix_lambda: float | None = None) -> list[list[int]]:
-    """The 0/1 selection (the tokens with a loss) over each response's tokens for ``method``.
+@dataclass
+class Batch:
+    """What a selection method reads: the records, and the models and settings some methods need.
 
     ``model`` is the starting model (needed by ``entropy``, ``attn`` and ``rho1``); ``reference`` is Rho-1's
     reference model (None: the starting model, so excess losses are all zero); ``mix_lambda`` is
-    ``cft_mix``'s weight of non-critical tokens (required there, ignored by the other methods).
+    ``cft_mix``'s weight of non-critical tokens.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    if method in ("sft", "dft"):
-        return [[1] * len(r.response_ids) for r in records]
-    if method == "cft":
-        return [list(r.critical) for r in records]
-    if method == "cft_mix":
-        everything = check_mix_lambda(mix_lambda) > 0
-        return [[int(everything or c) for c in r.critical] for r in records]
-    if method == "numeric":
-        cache: dict[int, str] = {}
-        return [[int(token_kind(token_text(tok, t, cache)) == "digit") for t in r.response_ids] for r in records]
-    if method == "random":
-        scores = [[0.0] * len(r.response_ids) for r in records]
-    elif method == "entropy":
-        if model is None:
-            raise ValueError("entropy selection needs the starting model")
-        scores = [ent for ent, _ in response_scores(model, records, batch_size)]
-    elif method == "attn":
-        if model is None:
-            raise ValueError("attn selection needs the starting model")
-        scores = attention_scores(model, records, tok, batch_size)
-    elif reference is None:
-        scores = [[0.0] * len(r.response_ids) for r in records]
-    else:
-        if model is None:
-            raise ValueError("rho1 selection with a reference needs the starting model")
-        start = response_scores(model, records, batch_size)
-        ref = response_scores(reference, records, batch_size)
-        scores = [[a - b for a, b in zip(s[1], q[1], strict=True)] for s, q in zip(start, ref, strict=True)]
-    return [budget_mask(s, r.eligible, sum(r.critical), tie_order(r, seed))
-            for s, r in zip(scores, records, strict=True)]
+
+    records: list[LabeledResponse]
+    tok: Any
+    model: Any = None
+    reference: Any = None
+    seed: int = 0
+    batch_size: int = 4
+    mix_lambda: float | None = None
+
+    def starting_model(self, method: str):
+        if self.model is None:
+            raise ValueError(f"{method} selection needs the starting model")
+        return self.model
+
+    def budgeted(self, scores: list[list[float]]) -> list[list[int]]:
+        """Per response CFT's number of eligible positions, those with the highest ``scores`` (seeded tie order)."""
+        return [budget_mask(s, r.eligible, sum(r.critical), tie_order(r, self.seed))
+                for s, r in zip(scores, self.records, strict=True)]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    help: str
+    masks: Callable[[Batch], list[list[int]]]
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def method(name: str, help: str) -> Callable:
+    """Register ``fn(batch) -> masks`` as training method ``name`` (``help``: its part of ``--method``'s help)."""
+    def register(fn: Callable[[Batch], list[list[int]]]) -> Callable[[Batch], list[list[int]]]:
+        if name in REGISTRY:
+            raise ValueError(f"selection method {name!r} is registered twice")
+        REGISTRY[name] = Method(name, help, fn)
+        return fn
+    return register
+
+
+@method("sft", "every response token")
+def _sft(batch: Batch) -> list[list[int]]:
+    return [[1] * len(r.response_ids) for r in batch.records]
+
+
+@method("cft", "the critical tokens")
+def _cft(batch: Batch) -> list[list[int]]:
+    return [list(r.critical) for r in batch.records]
+
+
+@method("cft_mix", "every response token, weight 1 on the critical tokens and --mix-lambda on the others "
+                   "(0: cft, 1: sft)")
+def _cft_mix(batch: Batch) -> list[list[int]]:
+    everything = check_mix_lambda(batch.mix_lambda) > 0
+    return [[int(everything or c) for c in r.critical] for r in batch.records]
+
+
+@method("random", "CFT's number of tokens per response, chosen at random")
+def _random(batch: Batch) -> list[list[int]]:
+    return batch.budgeted([[0.0] * len(r.response_ids) for r in batch.records])
+
+
+@method("entropy", "CFT's number of tokens per response, those of highest next-token entropy")
+def _entropy(batch: Batch) -> list[list[int]]:
+    model = batch.starting_model("entropy")
+    return batch.budgeted([ent for ent, _ in response_scores(model, batch.records, batch.batch_size)])
+
+
+@method("numeric", "digit tokens")
+def _numeric(batch: Batch) -> list[list[int]]:
+    cache: dict[int, str] = {}
+    return [[int(token_kind(token_text(batch.tok, t, cache)) == "digit") for t in r.response_ids]
+            for r in batch.records]
+
+
+@method("rho1", "CFT's number of tokens per response, those of highest excess loss against --reference")
+def _rho1(batch: Batch) -> list[list[int]]:
+    if batch.reference is None:
+        return batch.budgeted([[0.0] * len(r.response_ids) for r in batch.records])
+    if batch.model is None:
+        raise ValueError("rho1 selection with a reference needs the starting model")
+    start = response_scores(batch.model, batch.records, batch.batch_size)
+    ref = response_scores(batch.reference, batch.records, batch.batch_size)
+    return batch.budgeted([[a - b for a, b in zip(s[1], q[1], strict=True)] for s, q in zip(start, ref, strict=True)])
+
+
+@method("dft", "every token, weighted by its own detached probability")
+def _dft(batch: Batch) -> list[list[int]]:
+    return _sft(batch)  # the same tokens: the trainer scales each loss by its probability
+
+
+@method("attn", "CFT's number of tokens per response, those that receive the most attention from the final-answer "
+                "statement (from the last 'answer is', \\boxed or #### to the end), averaged over heads and the "
+                f"last {ATTN_LAYERS} layers")
+def _attn(batch: Batch) -> list[list[int]]:
+    model = batch.starting_model("attn")
+    return batch.budgeted(attention_scores(model, batch.records, batch.tok, batch.batch_size))
+
+
+METHODS = tuple(REGISTRY)
+METHOD_HELP = "; ".join(f"{m.name}: {m.help}" for m in REGISTRY.values())
+
+
+def select_masks(method: str, records: list[LabeledResponse], tok, model=None, reference=None,
+                 seed: int = 0, batch_size: int = 4, mix_lambda: float | None = None) -> list[list[int]]:
+    """The 0/1 selection (the tokens with a loss) over each response's tokens for ``method`` (see ``Batch``)."""
+    if method not in REGISTRY:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(REGISTRY)}")
+    return REGISTRY[method].masks(Batch(records, tok, model, reference, seed, batch_size, mix_lambda))
 
 
 def relative_weights(rec: LabeledResponse, mask: list[int], mix_lambda: float | None = None) -> list[float]:

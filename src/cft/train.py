@@ -41,8 +41,9 @@ from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import pad
 
-from cft.artifacts import ArtifactLock, InputError, environment
+from cft.artifacts import ArtifactLock, environment
 from cft.config import attn_option, dtype_option, from_args, internal, is_internal, model_option, option
+from cft.errors import CftError, UsageError
 from cft.models import load_model
 from cft.progress import Progress
 from cft.selection import LOSS_NORMS, METHOD_HELP, METHODS, check_vocab, format_statistics, read_labels, select
@@ -185,11 +186,7 @@ def train_configs(**values: Any) -> tuple[TrainConfig, CFTSFTConfig]:
     return cfg, args
 
 
-class UsageError(ValueError):
-    """A configuration a person can fix; the CLI prints it and exits with code 2."""
-
-
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(CftError, RuntimeError):
     """Training met a NaN/inf loss (or non-finite weights at a save) and stopped."""
     def __init__(self, step: int, what: str, checkpoint: str | None):
         self.step, self.checkpoint = step, checkpoint
@@ -532,14 +529,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, CFTSFTConfi
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        train(*config_from_args(args))
-    except NonFiniteLossError as exc:
-        print(f"cft train: error: {exc}", file=sys.stderr)
-        return 1
-    except (UsageError, InputError) as exc:  # InputError: a bad labels file, or another run on this --out
-        print(f"cft train: error: {exc}", file=sys.stderr)
-        return 2
+    train(*config_from_args(args))
     return 0
 
 

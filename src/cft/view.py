@@ -4,7 +4,7 @@ Every response is shown token by token. A token is shaded by how many of its alt
 (all failed = critical, strong; some failed = light; untested positions greyed). Hovering or clicking
 a token opens a panel with the alternatives tried (text, rank), each one's continuation, extracted
 answer and verdict. Filters: a search box on problem id / question, and token kind
-(``cft.identify.token_kind``: digit / operator / other). The header carries the critical fraction, its
+(``cft.kinds.token_kind``: digit / operator / other). The header carries the critical fraction, its
 split by kind, and the labelling config from the ``.meta.json`` sidecar.
 
 The page has no external reference: CSS and JS (package data: ``cft/assets/view.css`` and ``view.js``,
@@ -29,6 +29,7 @@ from typing import Any
 
 from cft.artifacts import InputError, load_records, read_meta
 from cft.config import from_args, model_option, option
+from cft.kinds import token_kind
 
 KIND_CODE = {"digit": "d", "operator": "o", "other": "x"}
 WINDOW = 8  # tokens of left context used to decode one token's text (checked against the full decode)
@@ -84,7 +85,6 @@ def _label(tok, token_id: int, text: str) -> tuple[str, bool]:
 
 def response_view(rec: dict, tok, index: int) -> dict[str, Any]:
     """The page data of one labels record (see the module docstring for the meaning of each field)."""
-    from cft.identify import token_kind
 
     ids = rec["response_ids"]
     n = len(ids)

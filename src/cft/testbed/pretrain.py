@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from cft.generate import DecodeConfig, decode
+from cft.decoding.api import DecodeConfig, decode
 from cft.prompts import render_ids
 from cft.testbed.batches import training_batch
 from cft.testbed.problems import generate_split

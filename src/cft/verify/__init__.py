@@ -83,5 +83,14 @@ __all__ = [
     "CACHE_SIZE", "DEFAULT_TIMEOUT", "MAX_ANSWER_CHARS", "MAX_SYMBOLIC_CHARS", "REL_TOL", "STARTUP_TIMEOUT",
     "TIMEOUT_GRACE", "WORKER_MEMORY_LIMIT", "GradeResult", "answer_complete", "answer_parses", "check",
     "clear_cache", "configure", "extract_answer", "grade", "grade_detailed", "is_equivalent", "last_boxed",
-    "normalize", "reset_stats", "shutdown", "stats", "warm_up", "worker_pid",
+    "normalize", "reset_stats", "shutdown", "stats", "verify_error", "warm_up", "worker_pid",
 ]
+
+
+def verify_error(result: GradeResult) -> str:
+    """What went wrong while grading, for the record: ``timeout``, the error, or "" (graded normally).
+
+    Never None: in a column that is null throughout the first block ``datasets`` reads (10 MB), a later
+    error string cannot be cast, and ``datasets.load_dataset("json", ...)`` fails (docs/FORMATS.md).
+    """
+    return "timeout" if result.timed_out else (result.error or "")

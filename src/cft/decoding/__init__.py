@@ -1,9 +1,17 @@
-"""What every decoder shares: Stage A's ``generate``, both Stage B engines and ``eval``.
+"""The decoding layer: everything that turns token ids into continuations, for every stage.
 
-The pinned generation config (a checkpoint's ``generation_config`` sampling settings and penalties never
-change a greedy decode), the answer stop rule on trigger tokens (``AnswerStop`` for ``model.generate``),
-finish reasons, left padding, and out-of-memory detection. Imports no stage: ``cft.engine``,
-``cft.generate`` and ``cft.identify`` all build on it.
+This module holds what every decoder shares: the pinned generation config (a checkpoint's
+``generation_config`` sampling settings and penalties never change a greedy decode), the one stop rule
+(``StopRule``; ``AnswerStop`` for ``model.generate``), finish reasons, left padding and out-of-memory
+detection. The package's modules:
+
+- ``api``: ``DecodeConfig`` and the front end stages A and D call (``decode``, ``decode_outputs``, ``decode_on``);
+- ``backends``: the registry of backends by name (``engine``/``fast``, ``hf``, ``reference``);
+- ``engine``: the fast engine's two decoders (prompts, counterfactual branches), on ``rowcache`` (the shared
+  window cache) and ``drafting`` (re-convergence drafts); ``fast``, ``hf`` and ``reference``: the backends;
+- ``audit``: what the opt-in answer stop changed.
+
+Imports no stage: ``cft.generate``, ``cft.identify`` and ``cft.evaluate`` build on it.
 """
 
 from __future__ import annotations
@@ -16,6 +24,8 @@ import torch
 from transformers import GenerationConfig, StoppingCriteria
 
 from cft import verify
+from cft.answer_watch import AnswerWatch, incremental_decoding
+from cft.models import stop_token_ids, vocab_rows
 
 OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
@@ -31,18 +41,59 @@ class Output:
     entropy: float | None = None  # mean per-token entropy of the sampling distribution
 
 
-class AnswerStop(StoppingCriteria):
-    """Per-row stop once ``verify.answer_complete`` holds for the new text (checked on trigger tokens)."""
+class StopRule:
+    """Where every response and branch ends, in every decoder: at an EOS token, at its length cap, or (the opt-in
+    answer stop, ``trigger`` given) once ``verify.answer_complete`` holds after a token whose text can complete an
+    answer, checked incrementally (``cft.answer_watch``) where the tokenizer allows. The engine's decoders, stage
+    B's protocol and ``model.generate`` (through ``AnswerStop``) all ask this one object."""
 
-    def __init__(self, tok, prompt_len: int, trigger: torch.Tensor):
-        self.tok, self.prompt_len, self.trigger = tok, prompt_len, trigger
+    def __init__(self, tok, eos: set[int], trigger: list[bool] | None):
+        self.tok, self.eos, self.trigger = tok, eos, trigger
+        self.incremental = trigger is not None and incremental_decoding(tok)
+
+    @classmethod
+    def of(cls, tok, model, stop_at_answer: bool) -> StopRule:
+        """The rule of ``model``'s EOS ids (tokenizer's and generation config's), with the answer stop or not."""
+        trigger = trigger_tokens(tok, vocab_rows(model)).tolist() if stop_at_answer else None
+        return cls(tok, set(stop_token_ids(tok, model)), trigger)
+
+    @property
+    def stop_at_answer(self) -> bool:
+        return self.trigger is not None
+
+    def watch(self) -> AnswerWatch | None:
+        """Incremental answer detection for one growing response (None: decode the whole text at a trigger)."""
+        return AnswerWatch(self.tok) if self.incremental else None
+
+    def answered(self, response: list[int], watch: AnswerWatch | None = None) -> bool:
+        """The answer stop alone: ``response`` ends in a trigger token and its text holds a complete answer."""
+        if self.trigger is None or not self.trigger[response[-1]]:
+            return False
+        if watch is not None:
+            return watch.complete(response)
+        return verify.answer_complete(self.tok.decode(response, skip_special_tokens=True))
+
+    def ended(self, response: list[int], n_new: int, cap: int, watch: AnswerWatch | None = None) -> bool:
+        """Whether ``response`` (its last ``n_new`` tokens decoded, at most ``cap`` allowed) ends here.
+
+        ``watch`` (from ``watch``, fed this same growing list) gives the answer stop's verdict without decoding
+        the whole response at every trigger token.
+        """
+        return response[-1] in self.eos or n_new >= cap or self.answered(response, watch)
+
+
+class AnswerStop(StoppingCriteria):
+    """``StopRule``'s answer stop for ``model.generate``: per row, checked on trigger tokens."""
+
+    def __init__(self, rule: StopRule, prompt_len: int, device):
+        self.rule, self.prompt_len = rule, prompt_len
+        self.trigger = torch.tensor(rule.trigger, dtype=torch.bool, device=device)
         self.lengths: dict[int, int] = {}  # row -> response length when it stopped (later tokens are padding)
 
     def __call__(self, input_ids, scores, **kwargs):
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for row in torch.nonzero(self.trigger[input_ids[:, -1]]).flatten().tolist():
-            text = self.tok.decode(input_ids[row, self.prompt_len :], skip_special_tokens=True)
-            done[row] = verify.answer_complete(text)
+            done[row] = self.rule.answered(input_ids[row, self.prompt_len :].tolist())
             if done[row]:
                 self.lengths.setdefault(row, input_ids.shape[1] - self.prompt_len)
         return done
@@ -67,7 +118,7 @@ def pinned_generation_config(eos: list[int], pad: int, max_new_tokens: int,
                              do_sample: bool = False) -> GenerationConfig:
     """The one generation setup of every cft decoder: ours, and neutral in everything else.
 
-    Temperature is not here: sampling applies it in ``_Temperature`` (which also records entropy), so
+    Temperature is not here: sampling applies it in ``hf.Temperature`` (which also records entropy), so
     the config's own stays 1.0. Use it through ``pinned_generate``, which also keeps the checkpoint's
     settings from filling the fields whose neutral value is None.
     """

@@ -6,12 +6,14 @@ batch of rows decodes greedily one token per step; each row is a branch, right-a
 cache (left columns it does not use are masked out, its own positions given explicitly). When a
 branch ends its row is refilled at once from the queue (continuous batching); a failed rank-r branch
 queues rank r+1 at the front, a succeeded one settles its position. The stop rule and verdicts are
-``identify.Protocol``'s, the same as the reference engine's (each row carries the answer rule's incremental
-state, ``cft.answer_watch``, so a trigger token costs its own text, not the whole response's). Each step
-also records every row's top-1 minus top-2 logit gap; a branch's smallest gap is its ``margin`` (see
-``identify``'s near-ties). Sliding-window layers need nothing special: every row ends at the step's
-column, so the model's own mask from cache positions is the row's window (``check_supported`` names
-what is refused).
+``protocol.Protocol``'s (its ``decoding.StopRule``), the same as the reference engine's (each row carries the
+answer rule's incremental state, ``cft.answer_watch``, so a trigger token costs its own text, not the whole
+response's). Each step also records every row's top-1 minus top-2 logit gap; a branch's smallest gap is its
+``margin`` (see ``identify``'s near-ties). Outputs are a function of the inputs and options alone, whatever the
+draft width, the rows or the batch around a branch (``SHAPE_NOISE``: near-ties re-decided by the reference
+path, margins near a rounding boundary recomputed alone). Sliding-window layers need nothing special: every
+row ends at the step's column, so the model's own mask from cache positions is the row's window
+(``check_supported`` names what is refused).
 
 Re-convergence drafting: a branch usually rejoins the original solution a few tokens after its
 substituted token. Each row proposes up to ``draft`` tokens from its own original prompt + response and
@@ -22,23 +24,24 @@ greedy decoding reproduces plus the model's next token (standard greedy speculat
 output is greedy decoding token for token, only fewer forwards. Rows with fewer drafts share the step;
 their extra query columns are junk, discarded and masked out afterwards. Whether drafts pay depends on
 the machine and the model (a CPU pays for every query column), so each run times its first steps at
-several widths and keeps the fastest (``DraftTuner``); the output is the same at any width.
+several widths and keeps the fastest (``drafting.DraftTuner``; ``drafting.DraftIndex`` proposes); the output
+is the same bytes at any width, and ``run`` returns the counts, the chosen width among them.
 
-The shared cache is a window ``[s, w)`` over preallocated buffers: a step writes columns ``[w, w+q)``
-in place (no per-step concatenation), placing a longer prefix moves ``s`` left, and trimming columns no
-row uses moves it right. Rejected draft columns stay as holes (mask 0) in their row; positions are given
-per row (its count of valid columns), so holes cost width only. When the window reaches the buffer's end
-it is copied back with every row's holes squeezed out (rarely).
+The shared cache (``rowcache.RowCache``, under both decoders) is a window ``[s, w)`` over preallocated
+buffers: a step writes columns ``[w, w+q)`` in place (no per-step concatenation), placing a longer prefix
+moves ``s`` left, and trimming columns no row uses moves it right. Rejected draft columns stay as holes
+(mask 0) in their row; positions are given per row (its count of valid columns), so holes cost width only.
+When the window reaches the buffer's end it is copied back with every row's holes squeezed out (rarely).
 
-Prompt decoding (stages A and D, ``PromptDecoder``, behind ``generate.decode``'s default ``engine``
+Prompt decoding (stages A and D, ``PromptDecoder``, behind ``decoding.api.decode``'s default ``engine``
 backend) uses the same window cache and continuous batching with a prompt in place of a branch prefix:
 new rows are prefilled together in one left-padded forward (a prompt shared by n samples once), their
 key/values copied into free rows right-aligned at ``w``; every step decodes one token per row (no
 drafting, so rows hold no holes and moving the window back is a plain copy). Greedy takes the argmax of
 the raw logits; sampling draws from softmax(logits / T) by inverse CDF with one uniform from the
 request's own random stream, so a sample does not depend on the batch around it. Nothing else acts on
-the logits, which is ``generate.pinned_generation_config``'s decoding (a checkpoint's penalties never
-apply). The stop rule, finish reason and entropy are ``generate._decode_hf``'s.
+the logits, which is ``decoding.pinned_generation_config``'s decoding (a checkpoint's penalties never
+apply). The stop rule (``decoding.StopRule``), finish reason and entropy are those of the ``hf`` backend.
 """
 
 from __future__ import annotations
@@ -47,40 +50,22 @@ import logging
 import math
 import random
 import time
-from bisect import bisect_left
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import islice, takewhile
 
-import psutil
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
-from cft import verify
-from cft.answer_watch import AnswerWatch, incremental_decoding
+from cft.answer_watch import AnswerWatch
 from cft.artifacts import InputError
-from cft.decoding import Output, finish_reason, is_out_of_memory, left_pad, trigger_tokens
-from cft.models import cache_kwarg, last_logits_only, stop_token_ids, vocab_rows
-from cft.protocol import Protocol, Work, finish_branch
+from cft.decoding import Output, StopRule, finish_reason, is_out_of_memory, left_pad
+from cft.decoding.drafting import DRAFT_NGRAM, DraftIndex, DraftTuner, default_draft
+from cft.decoding.rowcache import EngineStats, RowCache, Window, WindowLayer, auto_batch_size
+from cft.models import cache_kwarg, last_logits_only
+from cft.protocol import Protocol, Work, finish_branch, reference_branch, round_margin
 
 log = logging.getLogger(__name__)
-
-
-# The most draft tokens verified per row and step, by device type; each run chooses the width it uses
-# (``DraftTuner``). A GPU step is bound by reading weights and cache, nearly free in extra columns; a CPU
-# pays for every query column. On this project's 2-core CPU (fast engine alone, the width fixed, one run
-# each, back to back, 2 threads): 40 testbed responses at 0 / 1 / 2 / 4 drafts ran at 7258 / 6998 / 7477 /
-# 7402 tok/s (2.68 tokens per row-step at 4); 10 SmolLM2-135M responses at 0 / 1 / 4 at 155 / 80 / 53 tok/s
-# (1.32 at 4).
-DRAFT_TOKENS = {"cpu": 4, "cuda": 8}
-DRAFT_NGRAM = 4  # the longest branch suffix looked up (shorter ones are tried next). On the demo's stage A
-# (132 responses, 4-token drafts, stored continuations replayed): 3.01 / 3.14 decoded tokens per row-step at
-# 3 / 4, the original alone 2.69 at 3, 4 or 6
-DRAFT_ROUNDS = 3  # rounds of timing every width, one step each, before the tuner chooses
-DRAFT_SLOW = 0.7  # a width under this fraction of the best rate is dropped (and every wider one, past the best)
-DRAFT_EVEN = 0.9  # widths within this fraction of the best rate count as even: the widest of them runs, for
-# fewer forwards
 
 
 SQUEEZE_WIDTH = 1.5  # squeeze holes out once the window is this many times its fullest row, plus 4 steps
@@ -88,61 +73,16 @@ SQUEEZE_WIDTH = 1.5  # squeeze holes out once the window is this many times its 
 # 12 for width 146; each rebase copies the cache once; which pays is for a timing on a quiet machine)
 
 
-def default_draft(device: torch.device) -> int:
-    return DRAFT_TOKENS.get(device.type, DRAFT_TOKENS["cpu"])
-
-
-class DraftTuner:
-    """The draft width of a run's steps, chosen by timing: decoded tokens per second at each width.
-
-    Output does not depend on the width (a draft only saves forwards when greedy decoding reproduces it), so
-    the choice is free to follow the machine: extra query columns cost little where a step reads weights and
-    cache (a GPU) and nearly their share of compute where it multiplies (a CPU on a larger model). The first
-    steps try the widths narrowest first, each with one untimed step (a shape's first use costs more) and
-    one timed step; a width clearly slower than the best so far ends the trial of it and of every wider one
-    (rates rise, then fall, with width). Then the remaining widths take one timed step each in turn, for
-    ``DRAFT_ROUNDS`` rounds in all, so that neighbouring steps (the same batch, nearly) are compared, the
-    clearly slower ones dropping out after each round; the fastest stays for the rest of the run (the widest
-    of those within ``DRAFT_EVEN`` of it). ``fixed`` keeps the widest width from the start.
-    """
-
-    def __init__(self, most: int, fixed: bool = False):
-        self.widths = sorted({most, *(w for w in (0, 1, 2, 4, 8) if w < most)})
-        self.chosen = most if fixed or most == 0 else None
-        self.seconds = dict.fromkeys(self.widths, 0.0)
-        self.tokens = dict.fromkeys(self.widths, 0)
-        self.plan: deque[tuple[int, bool]] = deque((w, timed) for w in self.widths for timed in (False, True))
-        self.step: tuple[int, bool] = (most, False)
-        self.rounds = 1
-
-    def rate(self, width: int) -> float:
-        return self.tokens[width] / max(self.seconds[width], 1e-9)
-
-    def choose(self) -> int:
-        if self.chosen is None and not self.plan:
-            top = max(map(self.rate, self.widths))
-            best = next(w for w in self.widths if self.rate(w) == top)
-            slow = [w for w in self.widths if self.rate(w) < DRAFT_SLOW * top]
-            wall = min((w for w in slow if w > best), default=math.inf)  # rates fall past it
-            self.widths = [w for w in self.widths if w not in slow and w < wall]
-            if self.rounds == DRAFT_ROUNDS or len(self.widths) == 1:
-                self.chosen = max(w for w in self.widths if self.rate(w) >= DRAFT_EVEN * top)
-            self.rounds += 1
-            self.plan.extend((w, True) for w in self.widths)
-        if self.chosen is not None:
-            return self.chosen
-        self.step = self.plan.popleft()
-        return self.step[0]
-
-    def record(self, width: int, seconds: float, tokens: int) -> None:
-        if self.chosen is not None or not self.step[1]:
-            return
-        self.seconds[width] += seconds
-        self.tokens[width] += tokens
-        first_trial = self.rounds == 1 and width > self.widths[0]  # narrower widths are timed already
-        if first_trial and self.rate(width) < DRAFT_SLOW * max(self.rate(w) for w in self.widths if w < width):
-            self.widths = [w for w in self.widths if w < width]
-            self.plan = deque(x for x in self.plan if x[0] < width)
+# Outputs must not depend on the draft width, the rows or the batch around a branch, which all change the shapes
+# of the forwards a token's logits come from (and with them the last bits of the logits: about 1e-6 in float32 on
+# the testbed). ``SHAPE_NOISE`` bounds that change of a top-1/top-2 gap, per dtype, with room to spare. A branch
+# whose fast decode met a gap within ``EXACT_BELOW`` is decoded again by ``protocol.reference_branch`` (batch 1,
+# shapes fixed by the branch), so a near-tie is decided the same way in every run; above it no shape changes the
+# argmax. A recorded margin has two significant digits (``protocol.round_margin``); where the decode's smallest gap
+# is within ``SHAPE_NOISE`` of a rounding boundary, it is computed again in a forward of the branch alone
+# (``exact_margin``), so every recorded byte is a function of the inputs.
+SHAPE_NOISE = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 0.25, torch.float16: 0.03}
+EXACT_BELOW = {torch.float32: 1e-3, torch.float64: 1e-6, torch.bfloat16: 0.5, torch.float16: 0.125}
 
 
 @dataclass
@@ -163,7 +103,7 @@ def check_supported(model, name: str,
     """Refuse a model whose layers the engine's shared key/value cache cannot represent.
 
     Full and sliding-window attention are supported: every layer keeps a row's whole sequence
-    (the teacher-forced pass uses a plain cache, see ``identify.teacher_forced``), and the model
+    (the teacher-forced pass uses a plain cache, see ``protocol.teacher_forced``), and the model
     builds its sliding mask from cache positions (``kv_idx > q_idx - window``); since every row's
     tokens are contiguous and end at the step's column, column differences are position differences
     (which is why drafting, whose rejected columns leave holes, is off for such models).
@@ -186,197 +126,38 @@ def has_sliding_window(model) -> bool:
     return "sliding_attention" in types or (not types and getattr(c, "sliding_window", None) is not None)
 
 
-@dataclass
-class EngineStats:
-    """Counts of one run: decoded tokens per forward is what drafting buys."""
-
-    forwards: int = 0
-    row_steps: int = 0  # sum over forwards of the rows holding a branch
-    batch_rows: int = 0  # sum over forwards of the rows computed (empty ones included, until dropped)
-    tokens: int = 0  # decoded (appended) tokens
-    query_columns: int = 0  # sum over forwards of the query width q
-    rebases: int = 0  # window copies (each squeezes out the holes of rejected drafts)
-    width_sum: int = 0  # sum over forwards of the cache window's width before the step
-    batch_size: int = 0  # rows the engine chose or was given (a prompt run allocates at most one per request)
-    widths: dict[int, int] = field(default_factory=dict)  # forwards per query width
-
-    @property
-    def tokens_per_forward(self) -> float:
-        """Decoded tokens per row and forward: 1.0 for one-token decoding, more as drafts are accepted."""
-        return self.tokens / max(self.row_steps, 1)
-
-
-last_stats: EngineStats | None = None  # the stats of the latest ``BranchDecoder.run`` or ``PromptDecoder.run``
-
-
-class DraftIndex:
-    """Where every n-gram (n <= ``ngram``) occurs in a response's prompt + response (the original) and in the
-    continuations of its branches decoded so far (the pool), for draft lookups.
-
-    Branches of one response often write the same text after their substitutions (a changed number carried
-    through the same sentence), which the original does not hold: on the 132 responses of the demo's stage A,
-    4-token drafts from the original alone give 2.69 decoded tokens per row-step, with the pool 3.14
-    (replaying the stored continuations). ``add`` appends a decoded continuation; ``propose`` takes the
-    longer matching suffix of the two, the original's on a tie.
-    """
-
-    def __init__(self, seq: list[int], ngram: int):
-        self.ngram = ngram
-        self.seq, self.table = [], [{} for _ in range(ngram + 1)]
-        self._index(self.seq, self.table, seq)
-        self.pool, self.pool_table = [], [{} for _ in range(ngram + 1)]
-
-    def _index(self, seq: list[int], table: list[dict], tokens: list[int]) -> None:
-        start = len(seq)
-        seq.extend(tokens)
-        for n in range(1, self.ngram + 1):
-            for q in range(max(n, start), len(seq)):  # q: the position that follows the n-gram seq[q-n:q]
-                table[n].setdefault(tuple(seq[q - n : q]), []).append(q)
-
-    def add(self, tokens: list[int]) -> None:
-        """Index a branch's decoded tokens (its alternative and continuation) for later branches."""
-        if tokens:
-            self._index(self.pool, self.pool_table, [*tokens, -1])  # -1: no n-gram spans two continuations
-
-    def _match(self, table: list[dict], response: list[int]) -> tuple[int, list[int]]:
-        for n in range(min(self.ngram, len(response)), 0, -1):
-            hits = table[n].get(tuple(response[-n:]))
-            if hits:
-                return n, hits
-        return 0, []
-
-    def propose(self, response: list[int], cursor: int, size: int) -> tuple[int | None, list[int]]:
-        """Up to ``size`` tokens that followed the longest matching suffix of ``response``.
-
-        In the original, of several occurrences the first at or after ``cursor`` wins (else the last): a
-        branch rejoins the original near where it left it; in the pool the latest. Returns (source position
-        in the original, or None for the pool, drafts).
-        """
-        n, hits = self._match(self.table, response)
-        m, pool_hits = self._match(self.pool_table, response)
-        if m > n:
-            q = pool_hits[-1]
-            drafts = list(takewhile(lambda x: x >= 0, self.pool[q : q + size]))
-            if drafts:
-                return None, drafts
-        if not n:
-            return cursor, []
-        k = bisect_left(hits, cursor)
-        q = hits[k] if k < len(hits) else hits[-1]
-        return q, self.seq[q : q + size]
+@torch.inference_mode()
+def exact_margin(model, prefix_kv: list, prompt_len: int, t: int, alternative: int, cont: list[int]) -> float:
+    """A branch's smallest top-1 minus top-2 logit gap over its continuation, from one teacher-forced forward of the
+    branch alone: the prefix key/values of prompt + y_<t (from ``prefix_kv``, the teacher-forced pass), then the
+    alternative and the continuation but its last token. Its shapes depend on the branch only."""
+    p, ids = prompt_len + t, [alternative, *cont[:-1]]
+    window = Window(0, p)
+    layers = []
+    for pk, pv in prefix_kv:
+        k = pk.new_empty(1, pk.shape[1], p + len(ids), pk.shape[3])
+        v = pv.new_empty(1, pv.shape[1], p + len(ids), pv.shape[3])
+        k[:, :, :p], v[:, :, :p] = pk[:, :, :p], pv[:, :, :p]
+        layers.append(WindowLayer(k, v, window))
+    cache = DynamicCache()
+    cache.layers = layers
+    dev = model.device
+    logits = model(input_ids=torch.tensor([ids], device=dev), attention_mask=torch.ones(1, p + len(ids), device=dev,
+                   dtype=torch.long), position_ids=torch.arange(p, p + len(ids), device=dev)[None],
+                   use_cache=True, **{cache_kwarg(model): cache}).logits
+    values = logits[0].topk(2, dim=-1).values
+    return float((values[:, 0].float() - values[:, 1].float()).min())
 
 
-def kv_bytes_per_token(model) -> int:
-    c = model.config
-    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return 2 * c.num_hidden_layers * heads * head_dim * next(model.parameters()).element_size()
-
-
-# The most rows ``auto_batch_size`` gives, by device type. On this project's 2-core CPU (testbed model, both
-# sides alternating in one process, 2 threads, 2026-12-03): cft eval's study work (2 x (200 greedy + 40 x 16
-# sampled)) took 15.4 / 14.7 / 13.4 s at 128 / 256 / 512 rows and 15.1 / 15.6 s at 512 / 1024; stage B on 40
-# responses at draft width 0 took 15.0 / 13.7 s at 256 / 512 rows and 13.3 / 13.4 s at 512 / 1024 (tuned
-# width: 9.8 / 9.8 s at 256 / 512). A forward's fixed cost is spread over more rows, until memory traffic rules.
-MAX_ROWS = {"cpu": 512, "cuda": 1024}
-
-
-def auto_batch_size(model, max_len: int) -> int:
-    """Rows that fit in a quarter of free memory at the longest sequence, at most ``MAX_ROWS``."""
-    if model.device.type == "cuda":
-        free = torch.cuda.mem_get_info(model.device)[0]
-    else:
-        free = psutil.virtual_memory().available
-    cap = MAX_ROWS.get(model.device.type, MAX_ROWS["cpu"])
-    return int(max(1, min(cap, free // 4 // (kv_bytes_per_token(model) * max(max_len, 1) * 2))))
-
-
-def _open_columns(decoder, start: int) -> None:
-    """Move a decoder's window start left to ``start``: the new columns, for every row, masked and finite
-    (the buffers start uninitialised, and 0 * NaN would poison attention)."""
-    s = decoder.window.s
-    decoder.mbuf[:, start:s] = 0
-    for layer in decoder.cache.layers:
-        layer.kbuf[:, :, start:s] = 0
-        layer.vbuf[:, :, start:s] = 0
-    decoder.window.s = start
-
-
-def _keep_rows(decoder, keep: list[int]) -> None:
-    """Keep only rows ``keep`` (ascending) of a decoder (``BranchDecoder`` or ``PromptDecoder``): cache buffers,
-    mask and rows; the caller has requeued or finished the others.
-
-    The first ``len(keep)`` rows stay; only kept rows past them move, into the dropped rows' places (their live
-    columns alone), so shrinking copies at most the dropped share of the cache. Row order does not matter.
-    """
-    n = len(keep)
-    kept = set(keep)
-    holes = [i for i in range(n) if i not in kept]
-    movers = [i for i in keep if i >= n]
-    if movers:
-        dev = decoder.model.device
-        dst, src = torch.tensor(holes, device=dev), torch.tensor(movers, device=dev)
-        live = slice(decoder.window.s, decoder.window.w)
-        for layer in decoder.cache.layers:
-            for buf in (layer.kbuf, layer.vbuf):
-                buf[dst, :, live] = buf[src, :, live]
-        decoder.mbuf[dst, live] = decoder.mbuf[src, live]
-        for h, m in zip(holes, movers):
-            decoder.rows[h] = decoder.rows[m]
-    for layer in decoder.cache.layers:
-        layer.kbuf, layer.vbuf = layer.kbuf[:n], layer.vbuf[:n]
-    decoder.mbuf = decoder.mbuf[:n]
-    decoder.rows = decoder.rows[:n]
-
-
-class Window:
-    """Columns ``[s, w)`` of the buffers are live; one object shared by every layer of the cache."""
-
-    def __init__(self, s: int, w: int):
-        self.s, self.w = s, w
-
-
-class WindowLayer(DynamicLayer):
-    """A cache layer over a preallocated (B, H, C, D) buffer: ``update`` writes column w in place."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, window: Window):
-        super().__init__()
-        self.kbuf, self.vbuf, self.window = keys, values, window
-        self.is_initialized = True
-
-    @property
-    def keys(self):
-        return self.kbuf[:, :, self.window.s : self.window.w]
-
-    @keys.setter
-    def keys(self, value):  # the base class's __init__ assigns None
-        pass
-
-    @property
-    def values(self):
-        return self.vbuf[:, :, self.window.s : self.window.w]
-
-    @values.setter
-    def values(self, value):
-        pass
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        w, q = self.window.w, key_states.shape[2]
-        self.kbuf[:, :, w : w + q] = key_states
-        self.vbuf[:, :, w : w + q] = value_states
-        return self.kbuf[:, :, self.window.s : w + q], self.vbuf[:, :, self.window.s : w + q]
-
-    def get_seq_length(self) -> int:
-        return self.window.w - self.window.s
-
-
-class BranchDecoder:
+class BranchDecoder(RowCache):
     """Decode every branch of a stream of responses, ``batch_size`` rows at a time.
 
     Up to ``draft`` tokens per row and step are proposed from the row's original response by the longest
     matching suffix of at most ``ngram`` tokens (``draft=0``: plain one-token steps). The width of each step
     is ``DraftTuner``'s choice, or ``draft`` itself when ``cfg.draft`` sets it.
     """
+
+    what = "identify"
 
     def __init__(self, model, tok, cfg, proto: Protocol, draft: int | None = None,
                  ngram: int | None = None):
@@ -395,6 +176,9 @@ class BranchDecoder:
         self.queue: deque[tuple[Work, int, int]] = deque()
         self.prefix_kv: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.index: dict[str, DraftIndex] = {}
+        dtype = next(model.parameters()).dtype
+        self.exact_below = EXACT_BELOW.get(dtype, max(EXACT_BELOW.values()))
+        self.noise = SHAPE_NOISE.get(dtype, max(SHAPE_NOISE.values()))
         self.stats = EngineStats()
         self.tuner = DraftTuner(self.draft, fixed)
 
@@ -426,7 +210,18 @@ class BranchDecoder:
             self.queue.append((work, t, j))
 
     def _settle(self, work: Work, t: int, j: int, cont: list[int], margin: float | None) -> None:
-        ok = finish_branch(work, t, j, cont, self.proto, margin=margin)
+        """Grade branch (t, j). ``margin`` is the decode's smallest gap, whose last bits depend on the step shapes: a
+        branch with a gap within ``exact_below`` is decoded again the reference way, and a margin within the shape
+        noise of a rounding boundary is computed again by ``exact_margin`` (see ``SHAPE_NOISE``)."""
+        if cont and margin <= self.exact_below:
+            cont, margin = reference_branch(self.model, self.tok, self.proto, work.prompt_ids,
+                                            work.response_ids[:t] + [work.alternatives[t][j]], t)
+            self.stats.redecided += 1
+        elif cont and round_margin(margin - self.noise) != round_margin(margin + self.noise):
+            margin = exact_margin(self.model, self.prefix_kv[work.key], len(work.prompt_ids), t,
+                                  work.alternatives[t][j], cont)
+            self.stats.rescores += 1
+        ok = finish_branch(work, t, j, cont, self.proto, margin=margin if cont else None)
         if cont and work.key in self.index:
             self.index[work.key].add([work.alternatives[t][j], *cont])
         if not ok and j + 1 < len(work.alternatives[t]):
@@ -438,53 +233,20 @@ class BranchDecoder:
 
     # -- cache surgery -----------------------------------------------------------------------
     def _new_batch(self, work: Work) -> None:
-        """Buffers for ``batch_size`` rows of at most ``max_len`` tokens, twice as wide (see _rebase)."""
-        n = self.batch_size or auto_batch_size(self.model, self.max_len)
-        self.batch_size = n
-        self.window = Window(self.max_len, self.max_len)
-        cap = 2 * self.max_len + self.draft + 1
-        # uninitialised: a column is written (a step, a rebase) or zeroed (_place) before the window reaches it, so
-        # columns the window never reaches are never touched (zero-filling all of it up front took 0.3 s a batch)
-        layers = [WindowLayer(k.new_empty(n, k.shape[1], cap, k.shape[3]), v.new_empty(n, v.shape[1], cap, v.shape[3]),
-                              self.window) for k, v in self.prefix_kv[work.key]]
-        self.cache = DynamicCache()
-        self.cache.layers = layers
-        self.mbuf = torch.zeros(n, cap, dtype=torch.long, device=self.model.device)
+        """Buffers for ``batch_size`` rows of at most ``max_len`` tokens, twice as wide (see ``rebase``)."""
+        n = self.batch_size = self.batch_size or auto_batch_size(self.model, self.max_len)
+        self._buffers(self.prefix_kv[work.key], n, 2 * self.max_len + self.draft + 1)
         self.rows = [None] * n
         self.stats.batch_size = n
-
-    def _rebase(self, need: int) -> None:
-        """Copy the live window so that it ends at ``max_len``, squeezing out every row's holes.
-
-        Each row's valid columns keep their order and end at ``max_len`` (a stable sort of the mask
-        puts them last), so the window shrinks to the most valid columns of any row: room for a
-        prefix of ``need`` tokens on the left, and for at least ``max_len`` columns of steps.
-        """
-        if need > self.max_len:
-            raise ValueError(f"a branch prefix of {need} tokens exceeds the engine's row length {self.max_len}")
-        s, w = self.window.s, self.window.w
-        mask = self.mbuf[:, s:w]
-        span = int(mask.sum(1).max()) if mask.numel() else 0
-        order = torch.sort(mask, dim=1, stable=True).indices[:, w - s - span :]
-        new_s = self.max_len - span
-        for layer in self.cache.layers:
-            for buf in (layer.kbuf, layer.vbuf):
-                idx = order[:, None, :, None].expand(-1, buf.shape[1], -1, buf.shape[3])
-                buf[:, :, new_s : self.max_len] = buf[:, :, s:w].gather(2, idx)
-        squeezed = mask.gather(1, order)
-        self.mbuf.zero_()
-        self.mbuf[:, new_s : self.max_len] = squeezed
-        self.window.s, self.window.w = new_s, self.max_len
-        self.stats.rebases += 1
 
     def _place(self, i: int, work: Work, t: int, j: int) -> None:
         """Put branch (t, j) of ``work`` into row i: its prefix KV right-aligned at w, the rest masked."""
         p = len(work.prompt_ids) + t
         if p > self.window.w:
-            self._rebase(p)
+            self.rebase(p)
         w = self.window.w
         if w - p < self.window.s:
-            _open_columns(self, w - p)
+            self.open_columns(w - p)
         for layer, (pk, pv) in zip(self.cache.layers, self.prefix_kv[work.key]):
             layer.kbuf[i, :, w - p : w] = pk[0, :, :p]
             layer.vbuf[i, :, w - p : w] = pv[0, :, :p]
@@ -501,7 +263,7 @@ class BranchDecoder:
         """
         keep = [i for i, r in enumerate(self.rows) if r is not None]
         if not self.queue and (not keep or len(keep) <= 0.75 * len(self.rows)):
-            _keep_rows(self, keep)
+            self.keep_rows(keep)
         tight = 0
         if self.rows and self.window.w > self.window.s:
             mask = self.mbuf[:, self.window.s : self.window.w]
@@ -510,23 +272,10 @@ class BranchDecoder:
         width = self.window.w - self.window.s
         if self.window.w + self.draft + 1 > self.mbuf.shape[1] or (
                 self.draft and width > SQUEEZE_WIDTH * tight + 4 * (self.draft + 1)):
-            self._rebase(0)
+            self.rebase(0)
 
-    def _halve(self) -> None:
-        """Out of memory: requeue the second half of the rows (decoded again from their start) and shrink.
-
-        Greedy decoding is deterministic, so a restarted branch yields the same continuation.
-        """
-        keep = len(self.rows) // 2
-        for row in reversed(self.rows[keep:]):
-            if row is not None:
-                self.queue.appendleft((row.work, row.t, row.j))
-        log.warning("identify: out of memory with %d rows; continuing with %d", len(self.rows), keep)
-        self.mbuf[:, self.window.w :] = 0  # the failed step's columns
-        _keep_rows(self, list(range(keep)))
-        self.batch_size = keep
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    def _requeue(self, row: Row) -> None:
+        self.queue.appendleft((row.work, row.t, row.j))
 
     # -- main loop ---------------------------------------------------------------------------
     def _fill(self, works) -> None:
@@ -597,31 +346,31 @@ class BranchDecoder:
         return greedy.tolist(), accepted.tolist(), gaps.tolist()
 
     @torch.inference_mode()
-    def run(self, works, on_done, progress, max_prompt_len: int) -> None:
-        """Decode every branch of ``works``; a row holds at most max_prompt_len + max_new_tokens tokens."""
-        global last_stats
+    def run(self, works, on_done, progress, max_prompt_len: int) -> EngineStats:
+        """Decode every branch of ``works``; a row holds at most max_prompt_len + max_new_tokens tokens.
+        Returns the run's counts (the draft width it chose among them)."""
         self.on_done = on_done
         self.max_len = max_prompt_len + self.cfg.max_new_tokens
-        last_stats = self.stats
         works = iter(works)
         while not self.queue:  # the first response sizes the batch
             first = next(works, None)
             if first is None:
-                return
+                return self.stats
             self._admit(*first)
         self._new_batch(first[0])
         while True:
             self._fill(works)
             self._compact()
             if not self.rows:
-                return
+                self.stats.draft = self.tuner.chosen
+                return self.stats
             width = self.tuner.choose()
             t0 = time.perf_counter()
             drafts = self._drafts(width) if width else [(0, [])] * len(self.rows)
             out = self._step(drafts)
             seconds = time.perf_counter() - t0  # the width's own cost (finishing responses, timed here, is not)
             if out is None:
-                self._halve()
+                self.halve()
                 continue
             greedy, accepted, gaps = out
             decoded = 0
@@ -683,31 +432,29 @@ class PromptRow:
     watch: AnswerWatch | None = None  # the answer rule's incremental state for ``ids``
 
 
-class PromptDecoder:
+class PromptDecoder(RowCache):
     """Decode ``Request``s with continuous batching over the same window cache as ``BranchDecoder``.
 
-    Decoding is ``generate.decode``'s (``DecodeConfig``'s ``max_new_tokens``, ``stop_at_answer`` and
+    Decoding is ``decoding.api.decode``'s (``DecodeConfig``'s ``max_new_tokens``, ``stop_at_answer`` and
     ``batch_size``; temperature and randomness per request): greedy is the argmax of the raw logits and
     sampling draws from softmax(logits / T), nothing else applied, as under ``pinned_generation_config``
     (a checkpoint's repetition penalty, n-gram ban, top-k/top-p... never act). A row stops at EOS, once
     ``verify.answer_complete`` holds after a trigger token (checked incrementally, ``cft.answer_watch``, where
     the tokenizer allows), or at ``max_new_tokens``; the output, finish
-    reason and mean entropy are built as ``generate._decode_batch`` builds them.
+    reason and mean entropy are built as the ``hf`` backend builds them.
 
     New rows are prefilled together in one left-padded forward (a prompt shared by several requests once)
     and their key/values copied into free rows, right-aligned at the window's end like a branch prefix.
     """
 
-    def __init__(self, model, tok, cfg):
+    def __init__(self, model, tok, cfg, stats: EngineStats | None = None):
         self.model, self.tok, self.cfg = model, tok, cfg
         self.batch_size = cfg.batch_size
-        self.eos = set(stop_token_ids(tok, model))
-        self.trigger = trigger_tokens(tok, vocab_rows(model)).tolist() if cfg.stop_at_answer else None
-        self.incremental = cfg.stop_at_answer and incremental_decoding(tok)
+        self.rule = StopRule.of(tok, model, cfg.stop_at_answer)
         self.cache_arg = cache_kwarg(model)
         self.last_only = last_logits_only(model)
         self.pad = tok.pad_token_id or 0
-        self.stats = EngineStats()
+        self.stats = EngineStats() if stats is None else stats  # the caller's, to read after the run
         self.prefills = 0  # prefill forwards (not in stats.forwards, which counts decode steps)
         self.cache = None
         self.queue: deque[Request] = deque()
@@ -737,21 +484,14 @@ class PromptDecoder:
                 for r, p in enumerate(prompts)}
 
     def _new_batch(self, kv: list) -> None:
-        n = len(self.rows)
-        self.window = Window(self.max_len, self.max_len)
-        cap = self.max_len + min(self.max_len, STEP_ROOM) + 1  # every STEP_ROOM steps the window moves back
-        # uninitialised, as BranchDecoder's: columns are zeroed (_place) or written before the window reaches them
-        layers = [WindowLayer(k.new_empty(n, k.shape[1], cap, k.shape[3]), v.new_empty(n, v.shape[1], cap, v.shape[3]),
-                              self.window) for k, v in kv]
-        self.cache = DynamicCache()
-        self.cache.layers = layers
-        self.mbuf = torch.zeros(n, cap, dtype=torch.long, device=self.model.device)
+        # every STEP_ROOM steps the window moves back (``_compact``)
+        self._buffers(kv, len(self.rows), self.max_len + min(self.max_len, STEP_ROOM) + 1)
 
     def _place(self, i: int, kv: list, p: int) -> None:
         """Row i holds a prompt of p tokens: its key/values right-aligned at w, the rest masked."""
         w = self.window.w
         if w - p < self.window.s:
-            _open_columns(self, w - p)
+            self.open_columns(w - p)
         for layer, (k, v) in zip(self.cache.layers, kv):
             layer.kbuf[i, :, w - p : w] = k[0]
             layer.vbuf[i, :, w - p : w] = v[0]
@@ -777,14 +517,7 @@ class PromptDecoder:
         return tokens.tolist()
 
     def _ended(self, row: PromptRow) -> bool:
-        last = row.ids[-1]
-        if last in self.eos or len(row.ids) >= self._cap(row.request):
-            return True
-        if self.trigger is None or not self.trigger[last]:
-            return False
-        if row.watch is not None:
-            return row.watch.complete(row.ids)
-        return verify.answer_complete(self.tok.decode(row.ids, skip_special_tokens=True))
+        return self.rule.ended(row.ids, len(row.ids), self._cap(row.request), row.watch)
 
     def _cap(self, request: Request) -> int:
         cap = self.cfg.max_new_tokens
@@ -794,7 +527,7 @@ class PromptDecoder:
 
         text = self.tok.decode(row.ids, skip_special_tokens=True)
         entropy = row.entropy / len(row.ids) if row.rng is not None else None
-        return Output(row.ids, text, finish_reason(row.ids, self.eos, text, self.cfg.stop_at_answer), entropy)
+        return Output(row.ids, text, finish_reason(row.ids, self.rule.eos, text, self.cfg.stop_at_answer), entropy)
 
     def _fill(self) -> list:
         """Refill free rows from the queue (prefilling new prompts in one forward); returns the outputs that
@@ -816,7 +549,7 @@ class PromptDecoder:
         if self.cache is None:  # the first prefill sizes the buffers (layers, heads, dtype)
             self._new_batch(self.prefilled[new[0]][0])
         rows = [PromptRow(req, [], random.Random(req.stream) if req.temperature > 0 else None,
-                          watch=AnswerWatch(self.tok) if self.incremental else None) for req in take]
+                          watch=self.rule.watch()) for req in take]
         first = self._choose(torch.stack([self.prefilled[k][1] for k in keys]), rows)
         done = []
         for i, row, key, token in zip(free, rows, keys, first):
@@ -837,7 +570,7 @@ class PromptDecoder:
         move the window back when the next step would not fit (rows hold no holes: a plain copy)."""
         keep = [i for i, r in enumerate(self.rows) if r is not None]
         if not self.queue and len(keep) <= 0.75 * len(self.rows):
-            _keep_rows(self, keep)
+            self.keep_rows(keep)
         cached = [len(r.request.prompt_ids) + len(r.ids) - 1 for r in self.rows if r is not None]
         s, w = self.window.s, self.window.w
         self.window.s = s = w - max(cached, default=0)
@@ -850,22 +583,10 @@ class PromptDecoder:
             self.window.s, self.window.w = new_s, self.max_len
             self.stats.rebases += 1
 
-    def _halve(self) -> None:
-        """Out of memory: requeue the second half of the rows (decoded again from their start) and shrink.
-
-        A restarted request redraws the same random numbers (its stream restarts), so its output is the same.
-        """
-        keep = len(self.rows) // 2
-        for row in reversed(self.rows[keep:]):
-            if row is not None:
-                self.queue.appendleft(row.request)
-                key = tuple(row.request.prompt_ids)
-                self.uses[key] = self.uses.get(key, 0) + 1
-        log.warning("decode: out of memory with %d rows; continuing with %d", len(self.rows), keep)
-        _keep_rows(self, list(range(keep)))
-        self.batch_size = keep
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    def _requeue(self, row: PromptRow) -> None:
+        self.queue.appendleft(row.request)
+        key = tuple(row.request.prompt_ids)
+        self.uses[key] = self.uses.get(key, 0) + 1
 
     def _step(self) -> torch.Tensor | None:
         """One forward over every row's last token; its logits (B, V), or None when it ran out of memory."""
@@ -902,11 +623,10 @@ class PromptDecoder:
     # -- main loop ---------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, requests: list[Request], progress=None):
-        """Yield ``(request, Output)`` for every request, as each ends (not in request order)."""
-        global last_stats
-        last_stats = self.stats
+        """Yield ``(request, Output)`` for every request, as each ends (not in request order); the generator's
+        return value (``yield from``'s) is the run's counts, also ``self.stats``."""
         if not requests:
-            return
+            return self.stats
         self.max_len = max(len(r.prompt_ids) + self._cap(r) for r in requests)
         self.queue.extend(requests)
         for r in requests:
@@ -922,7 +642,7 @@ class PromptDecoder:
             if live_rows:
                 logits = self._step()
                 while logits is None:
-                    self._halve()
+                    self.halve()
                     logits = self._step()
                 live = [(i, r) for i, r in enumerate(self.rows) if r is not None]
                 tokens = self._choose(logits if len(live) == len(self.rows) else logits[[i for i, _ in live]],
@@ -941,4 +661,4 @@ class PromptDecoder:
                 if progress:
                     progress.advance(1, tokens=1)  # its first token, from the prefill; the rest counted per step
             if not live_rows and not self.queue:
-                return
+                return self.stats

@@ -1,0 +1,215 @@
+"""The row cache under both fast decoders (``cft.decoding.engine``): a window of columns over preallocated buffers.
+
+Each row of a batch holds one sequence (a branch, a prompt's output) right-aligned in a shared key/value cache:
+columns ``[s, w)`` of the buffers are live (``Window``), a step writes its columns at ``w`` in place
+(``WindowLayer``: no per-step concatenation), a row's unused left columns are masked out, and its positions are
+given explicitly. ``RowCache`` owns what both decoders do to it: allocate the buffers, open columns on the left,
+keep some rows (shrinking the batch), squeeze out the holes that rejected drafts leave (``rebase``) and halve the
+batch when a step runs out of memory; the decoders add what goes into the rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+
+import psutil
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    """Counts of one run: decoded tokens per forward is what drafting buys."""
+
+    forwards: int = 0
+    row_steps: int = 0  # sum over forwards of the rows holding a branch
+    batch_rows: int = 0  # sum over forwards of the rows computed (empty ones included, until dropped)
+    tokens: int = 0  # decoded (appended) tokens
+    query_columns: int = 0  # sum over forwards of the query width q
+    rebases: int = 0  # window copies (each squeezes out the holes of rejected drafts)
+    redecided: int = 0  # branches decoded again by the reference path (a gap within ``EXACT_BELOW``)
+    rescores: int = 0  # margins computed again by ``engine.exact_margin`` (near a rounding boundary)
+    width_sum: int = 0  # sum over forwards of the cache window's width before the step
+    batch_size: int = 0  # rows the engine chose or was given (a prompt run allocates at most one per request)
+    widths: dict[int, int] = field(default_factory=dict)  # forwards per query width
+    draft: int | None = None  # the draft width the run chose (``DraftTuner``) or was given
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Decoded tokens per row and forward: 1.0 for one-token decoding, more as drafts are accepted."""
+        return self.tokens / max(self.row_steps, 1)
+
+    def as_dict(self) -> dict:
+        """For the metadata: every count, and tokens per forward."""
+        return {**asdict(self), "widths": {str(k): v for k, v in sorted(self.widths.items())},
+                "tokens_per_forward": self.tokens_per_forward}
+
+
+def kv_bytes_per_token(model) -> int:
+    c = model.config
+    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * heads * head_dim * next(model.parameters()).element_size()
+
+
+# The most rows ``auto_batch_size`` gives, by device type. On this project's 2-core CPU (testbed model, both
+# sides alternating in one process, 2 threads, 2026-12-03): cft eval's study work (2 x (200 greedy + 40 x 16
+# sampled)) took 15.4 / 14.7 / 13.4 s at 128 / 256 / 512 rows and 15.1 / 15.6 s at 512 / 1024; stage B on 40
+# responses at draft width 0 took 15.0 / 13.7 s at 256 / 512 rows and 13.3 / 13.4 s at 512 / 1024 (tuned
+# width: 9.8 / 9.8 s at 256 / 512). A forward's fixed cost is spread over more rows, until memory traffic rules.
+MAX_ROWS = {"cpu": 512, "cuda": 1024}
+
+
+def auto_batch_size(model, max_len: int) -> int:
+    """Rows that fit in a quarter of free memory at the longest sequence, at most ``MAX_ROWS``."""
+    if model.device.type == "cuda":
+        free = torch.cuda.mem_get_info(model.device)[0]
+    else:
+        free = psutil.virtual_memory().available
+    cap = MAX_ROWS.get(model.device.type, MAX_ROWS["cpu"])
+    return int(max(1, min(cap, free // 4 // (kv_bytes_per_token(model) * max(max_len, 1) * 2))))
+
+
+class Window:
+    """Columns ``[s, w)`` of the buffers are live; one object shared by every layer of the cache."""
+
+    def __init__(self, s: int, w: int):
+        self.s, self.w = s, w
+
+
+class WindowLayer(DynamicLayer):
+    """A cache layer over a preallocated (B, H, C, D) buffer: ``update`` writes column w in place."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, window: Window):
+        super().__init__()
+        self.kbuf, self.vbuf, self.window = keys, values, window
+        self.is_initialized = True
+
+    @property
+    def keys(self):
+        return self.kbuf[:, :, self.window.s : self.window.w]
+
+    @keys.setter
+    def keys(self, value):  # the base class's __init__ assigns None
+        pass
+
+    @property
+    def values(self):
+        return self.vbuf[:, :, self.window.s : self.window.w]
+
+    @values.setter
+    def values(self, value):
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        w, q = self.window.w, key_states.shape[2]
+        self.kbuf[:, :, w : w + q] = key_states
+        self.vbuf[:, :, w : w + q] = value_states
+        return self.kbuf[:, :, self.window.s : w + q], self.vbuf[:, :, self.window.s : w + q]
+
+    def get_seq_length(self) -> int:
+        return self.window.w - self.window.s
+
+
+class RowCache:
+    """Buffers, mask and rows of a batch (``self.rows``: a row object or None); subclasses fill the rows.
+
+    Subclasses set ``model``, ``max_len``, ``stats`` and ``batch_size`` and define ``_requeue(row)`` (put a row's
+    work back at the front of the queue) and ``what`` (the log's name of the run).
+    """
+
+    what = "decode"
+
+    def _buffers(self, kv: list, n: int, cap: int) -> None:
+        """A window at ``max_len`` over ``n`` rows x ``cap`` columns, shaped like the key/values ``kv``.
+
+        Uninitialised: a column is written (a step, a rebase) or zeroed (``open_columns``) before the window
+        reaches it, so columns the window never reaches are never touched (zero-filling all of it took 0.3 s a batch).
+        """
+        self.window = Window(self.max_len, self.max_len)
+        layers = [WindowLayer(k.new_empty(n, k.shape[1], cap, k.shape[3]), v.new_empty(n, v.shape[1], cap, v.shape[3]),
+                              self.window) for k, v in kv]
+        self.cache = DynamicCache()
+        self.cache.layers = layers
+        self.mbuf = torch.zeros(n, cap, dtype=torch.long, device=self.model.device)
+
+    def open_columns(self, start: int) -> None:
+        """Move a decoder's window start left to ``start``: the new columns, for every row, masked and finite
+        (the buffers start uninitialised, and 0 * NaN would poison attention)."""
+        s = self.window.s
+        self.mbuf[:, start:s] = 0
+        for layer in self.cache.layers:
+            layer.kbuf[:, :, start:s] = 0
+            layer.vbuf[:, :, start:s] = 0
+        self.window.s = start
+
+    def keep_rows(self, keep: list[int]) -> None:
+        """Keep only rows ``keep`` (ascending) of a decoder (``BranchDecoder`` or ``PromptDecoder``): cache buffers,
+        mask and rows; the caller has requeued or finished the others.
+
+        The first ``len(keep)`` rows stay; only kept rows past them move, into the dropped rows' places (their live
+        columns alone), so shrinking copies at most the dropped share of the cache. Row order does not matter.
+        """
+        n = len(keep)
+        kept = set(keep)
+        holes = [i for i in range(n) if i not in kept]
+        movers = [i for i in keep if i >= n]
+        if movers:
+            dev = self.model.device
+            dst, src = torch.tensor(holes, device=dev), torch.tensor(movers, device=dev)
+            live = slice(self.window.s, self.window.w)
+            for layer in self.cache.layers:
+                for buf in (layer.kbuf, layer.vbuf):
+                    buf[dst, :, live] = buf[src, :, live]
+            self.mbuf[dst, live] = self.mbuf[src, live]
+            for h, m in zip(holes, movers):
+                self.rows[h] = self.rows[m]
+        for layer in self.cache.layers:
+            layer.kbuf, layer.vbuf = layer.kbuf[:n], layer.vbuf[:n]
+        self.mbuf = self.mbuf[:n]
+        self.rows = self.rows[:n]
+
+    def rebase(self, need: int) -> None:
+        """Copy the live window so that it ends at ``max_len``, squeezing out every row's holes.
+
+        Each row's valid columns keep their order and end at ``max_len`` (a stable sort of the mask
+        puts them last), so the window shrinks to the most valid columns of any row: room for a
+        prefix of ``need`` tokens on the left, and for at least ``max_len`` columns of steps.
+        """
+        if need > self.max_len:
+            raise ValueError(f"a branch prefix of {need} tokens exceeds the engine's row length {self.max_len}")
+        s, w = self.window.s, self.window.w
+        mask = self.mbuf[:, s:w]
+        span = int(mask.sum(1).max()) if mask.numel() else 0
+        order = torch.sort(mask, dim=1, stable=True).indices[:, w - s - span :]
+        new_s = self.max_len - span
+        for layer in self.cache.layers:
+            for buf in (layer.kbuf, layer.vbuf):
+                idx = order[:, None, :, None].expand(-1, buf.shape[1], -1, buf.shape[3])
+                buf[:, :, new_s : self.max_len] = buf[:, :, s:w].gather(2, idx)
+        squeezed = mask.gather(1, order)
+        self.mbuf.zero_()
+        self.mbuf[:, new_s : self.max_len] = squeezed
+        self.window.s, self.window.w = new_s, self.max_len
+        self.stats.rebases += 1
+
+    def halve(self) -> None:
+        """Out of memory: requeue the second half of the rows (decoded again from their start) and shrink.
+
+        A restarted row gives the same output: greedy decoding is deterministic and a sampled request's random
+        stream restarts with it.
+        """
+        keep = len(self.rows) // 2
+        for row in reversed(self.rows[keep:]):
+            if row is not None:
+                self._requeue(row)
+        log.warning("%s: out of memory with %d rows; continuing with %d", self.what, len(self.rows), keep)
+        self.mbuf[:, self.window.w :] = 0  # a failed step's columns
+        self.keep_rows(list(range(keep)))
+        self.batch_size = keep
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
