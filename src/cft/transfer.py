@@ -42,7 +42,8 @@ def transfer_record(rec: dict, tok, template: str) -> dict:
         "id": rec["id"], "question": rec["question"], "gold": rec["gold"],
         "prompt_ids": render_ids(tok, rec["question"], template), "response_ids": response_ids, "response": text,
         "critical": critical, "eligible": [1] * (n - 1) + [0], "greedy": False, "greedy_mismatches": [],
-        "alt_margin": [None] * n, "branches": [[] for _ in range(n)],
+        "alt_margin": [None] * n, "label_source": ["transferred"] * n, "probe_prob": [None] * n, "predict_role": "",
+        "branches": [[] for _ in range(n)],
         "critical_spans": [[a, b] for (a, b), c in zip(enc["offset_mapping"], critical) if c],
     }
 
