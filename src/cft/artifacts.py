@@ -1,7 +1,7 @@
 """On-disk artifacts: versioned JSONL records, a metadata sidecar, resumable incremental writing.
 
 Every artifact is a JSON Lines file that ``datasets.load_dataset("json", data_files=...)`` loads.
-Each record carries ``schema`` (e.g. ``"cft.labels/1"``) and a ``key``: a hash of everything that
+Each record carries ``schema`` (e.g. ``"cft.labels/2"``) and a ``key``: a hash of everything that
 determines the record, so a rerun can skip finished work. Beside ``X.jsonl`` lives ``X.meta.json``
 with the resolved config, the environment (library versions, device, dtype, seed) and counts.
 

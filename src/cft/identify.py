@@ -89,7 +89,7 @@ class IdentifyConfig:
     """
     model: str = model_option()
     input: str = option(help="generations JSONL from `cft generate`")
-    out: str = option(help="output labels JSONL (cft.labels/1)")
+    out: str = option(help="output labels JSONL (cft.labels/2)")
     engine: Literal["fast", "reference"] = option(
         "fast", "fast: shared-prefix caches, continuous batching, drafting; reference: one plain greedy decode "
                 "per branch (the protocol's definition)")

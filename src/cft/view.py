@@ -217,7 +217,7 @@ def render_view(labels_path: str | os.PathLike, out_path: str | os.PathLike, mod
 class ViewConfig:
     """Options of ``cft view`` (``CONFIGS``)."""
 
-    labels: str = option(help="labels JSONL from `cft identify` (cft.labels/1)", positional=True)
+    labels: str = option(help="labels JSONL from `cft identify` (cft.labels/2)", positional=True)
     out: str = option("view.html", "output HTML file")
     model: str | None = model_option(None, "tokenizer to decode with (default: the model in the sidecar)")
     limit: int | None = option(None, "show only the first N responses")
