@@ -14,6 +14,8 @@ responses' decoded tokens plus those of the band's positions, both read from the
     python benchmarks/predict_quality.py --model smollm2 --data benchmarks/data/simple_sums.jsonl --gold self \\
         --responses 20 --problems 20 --max-new-tokens 64
     python benchmarks/predict_quality.py --compare exact.jsonl predicted.jsonl   # two labels files, no decoding
+    python benchmarks/predict_quality.py --input gen.jsonl --exact exact.jsonl --predicted predicted.jsonl
+        # reuse those two runs of gen.jsonl; only the approximations decode
 """
 
 from __future__ import annotations
@@ -104,6 +106,8 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--gold", choices=["data", "self"], default="data")
     p.add_argument("--no-approximations", action="store_true", help="skip the --skip-confident/--continuation-cap runs")
+    p.add_argument("--exact", help="exact labels of --input already made (`cft identify`): not rerun")
+    p.add_argument("--predicted", help="labels of --input already made by `cft identify --predict`: not rerun")
     p.add_argument("--predict-fraction", type=float, default=None, help="--predict option (default: identify's)")
     args = p.parse_args()
     if args.compare:
@@ -127,15 +131,19 @@ def main() -> None:
                                     responses=args.responses)
             gen = collect_responses(model, tok, ns, work)
 
+        def made(path: str) -> tuple[dict, list[dict]]:
+            print(f"{path}: made before from {read_meta(path)['config']['input']}", flush=True)
+            return read_meta(path)["summary"], load_records(path, "labels")
+
         def run(name: str, **kw) -> tuple[dict, list[dict]]:
             out = work / f"{name}.jsonl"
             s = identify(IdentifyConfig(model=args.model, input=str(gen), out=str(out), **kw), model=model, tok=tok)
             print(f"{name}: {s['responses']} responses, {s['decoded_tokens']} decoded tokens", flush=True)
             return s, load_records(out, "labels")
 
-        exact_s, exact = run("exact")
+        exact_s, exact = made(args.exact) if args.exact else run("exact")
         extra = {"predict_fraction": args.predict_fraction} if args.predict_fraction is not None else {}
-        pred_s, pred = run("predict", predict=True, **extra)
+        pred_s, pred = made(args.predicted) if args.predicted else run("predict", predict=True, **extra)
         results = {"exact": (exact_s, exact), "predict (defaults)": (pred_s, pred)}
         if not args.no_approximations:
             for name, kw in APPROXIMATIONS:

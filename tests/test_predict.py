@@ -238,3 +238,39 @@ def test_bad_predict_options_are_one_line_errors(gen, tmp_path, capsys):
                  "--predict", "--predict-fraction", "1.5"])
     assert code == 2
     assert "--predict-fraction" in capsys.readouterr().err
+
+
+def _benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "predict_quality.py"
+    spec = importlib.util.spec_from_file_location("predict_quality", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_agreement_by_hand():
+    bench = _benchmark()
+    exact = [{"id": "a", "response_ids": [1, 2, 3, 4], "critical": [1, 1, 0, 0]}]
+    other = [{"id": "a", "response_ids": [1, 2, 3, 4], "critical": [1, 0, 1, 0]}]
+    assert bench.agreement(exact, other) == {"precision": 0.5, "recall": 0.5, "f1": 0.5}
+    with pytest.raises(SystemExit, match="same generations"):
+        bench.agreement(exact, [dict(other[0], response_ids=[1, 2, 3, 5])])
+
+
+def test_benchmark_curve_costs_what_the_run_decoded(runs):
+    """At the run's own target the curve picks the run's band, and its cost (read from the exact run's
+    branches) is the run's decoded tokens: the band's branches are the exact run's branches."""
+    d, exact_s, pred_s = runs
+    bench = _benchmark()
+    exact, pred = load_records(d / "exact.jsonl", "labels"), load_records(d / "pred.jsonl", "labels")
+    target = pred_s["predict"]["target"]["recall"]
+    rows = bench.curve(exact, pred, (0.5, target, 1.0))
+    assert list(rows[1]["band"]) == pred_s["predict"]["band"]
+    assert rows[1]["fraction"] == pytest.approx(pred_s["decoded_tokens"] / exact_s["decoded_tokens"], rel=0.01)
+    assert rows[0]["fraction"] <= rows[1]["fraction"] <= rows[2]["fraction"]
+    q = bench.agreement(exact, pred)
+    assert (rows[1]["precision"], rows[1]["recall"]) == (pytest.approx(q["precision"]), pytest.approx(q["recall"]))
+    assert rows[2]["recall"] >= rows[0]["recall"] and rows[2]["precision"] >= rows[0]["precision"]
