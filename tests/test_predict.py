@@ -17,7 +17,7 @@ from cft.generate import DecodeConfig, GenerateConfig, generate
 from cft.identify import IdentifyConfig, identify, merge_shards, token_kind, without_margins
 from cft.models import load_model
 from cft.selection import read_labels
-from cft.view import render_view
+from cft.view import render_view, response_view
 
 # ---------------------------------------------------------------- quality measures and the band
 
@@ -183,6 +183,10 @@ def test_predict_labels_are_read_by_training_and_the_viewer(runs, testbed, tmp_p
     assert [r.critical for r in labels] == [r["critical"] for r in records]
     page = render_view(d / "pred.jsonl", tmp_path / "view.html", tokenizer=testbed[1])
     assert str(records[0]["id"]) in page.read_text()
+    rec = next(r for r in records if "predicted" in r["label_source"])
+    shown = response_view(rec, testbed[1], 0)["pp"]  # the page marks predicted positions with their probability
+    assert shown == {str(t): p for t, (s, p) in enumerate(zip(rec["label_source"], rec["probe_prob"]))
+                     if s == "predicted"} and shown
 
 
 def test_resumed_predict_run_gives_the_same_labels(runs, gen, testbed, tmp_path):

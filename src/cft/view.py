@@ -139,6 +139,9 @@ def response_view(rec: dict, tok, index: int) -> dict[str, Any]:
         "p": pieces, "k": "".join(kinds), "c": [int(c) for c in critical], "e": [int(e) for e in eligible],
         "b": alts, "sp": special, "mm": list(rec.get("greedy_mismatches") or []), "greedy": rec.get("greedy", True),
         "ck": by_kind,  # per kind code: [critical, tested]
+        # --predict: the probe's probability at each predicted (not decoded) position
+        "pp": {str(t): p for t, (src, p) in enumerate(zip(rec.get("label_source") or [], rec.get("probe_prob") or []))
+               if src == "predicted"},
         "find": f"{rec.get('id')}\n{rec.get('question') or ''}".lower(),
     }
 
