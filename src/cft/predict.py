@@ -2,13 +2,14 @@
 
 ``cft identify --predict`` labels a seeded subset of the responses exactly (the usual counterfactual decoding),
 trains a small probe on features of one teacher-forced pass (``features``: hidden states at the position and
-after it, top-1 probability, top-1/top-2 margin, entropy, the response token's rank and probability, token
-kind, relative position), and predicts the other responses. Positions whose predicted probability lies in an
-uncertain band ``[lo, hi)`` are still decoded exactly; the others take the probe's label (critical iff
-p >= hi). A held-out part of the exact subset never trains the probe: the band is chosen on it, at the least
-decoding cost that reaches the target precision and recall, and the probe's precision, recall, F1 and AUC on
-it, the band's quality (cross-fitted: each half's band scored on the other half) and the decoded tokens
-against an estimate of the exact run's are printed and stored in the labels' metadata (``summary.predict``).
+after it, top-1 probability, top-1/top-2 margin, entropy, the response token's rank and probability, the
+embeddings and kinds of the token and its alternatives, relative position), and predicts the other responses.
+Positions whose predicted probability lies in an uncertain band ``[lo, hi)`` are still decoded exactly; the
+others take the probe's label (critical iff p >= hi). A held-out part of the exact subset never trains the
+probe: the band is chosen on it, at the least decoding cost that reaches the target precision and recall, and
+the probe's precision, recall, F1 and AUC on it, the band's quality (cross-fitted: each half's band scored on
+the other half) and the decoded tokens against an estimate of the exact run's are printed and stored in the
+labels' metadata (``summary.predict``).
 
 The subset is a seeded sample of every response of the run (all shards'); under sharding each shard trains
 its own probe on its part of the subset, so its band and quality are its own (the merge pools them).
@@ -26,7 +27,7 @@ import torch
 from cft.artifacts import InputError
 from cft.protocol import ranked
 
-KINDS = ("digit", "operator", "other")
+KINDS = ("digit", "operator", "other")  # the values of identify.token_kind (passed in as ``kind_of``)
 ROLES = ("train", "heldout", "predicted")
 
 
@@ -315,7 +316,7 @@ def _pool(counts) -> dict:
 
 def crossfit(records: list[dict], settings: Settings, seed: int) -> dict:
     """The band rule scored on data that did not choose it: the held-out responses in two seeded halves, each
-    half's band chosen on the other half (pooled counts). None-free only with a chosen band."""
+    half's band chosen on the other half (pooled counts); a band given with ``--predict-band`` serves both."""
     held = [r for r in records if r["predict_role"] == "heldout"]
     random.Random(seed).shuffle(held)
     halves = [held[: len(held) // 2], held[len(held) // 2 :]]
