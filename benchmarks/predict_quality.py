@@ -59,13 +59,15 @@ def exact_cost(rec: dict) -> float:
 
 
 def curve(exact: list[dict], predicted: list[dict], targets=TARGETS) -> list[dict]:
-    """One row per target: the band chosen on the held-out labels, its labels' quality and cost (see the module)."""
+    """One row per target (a number: recall and precision; or a pair (recall, precision)): the band chosen on
+    the held-out labels, its labels' quality and cost (see the module)."""
     by_id = {str(r["id"]): r for r in exact}
     held = heldout_pairs(predicted)
     total = sum(exact_cost(r) for r in exact)
     rows = []
     for target in targets:
-        lo, hi = choose_band(held, target, target)
+        recall, precision = target if isinstance(target, tuple) else (target, target)
+        lo, hi = choose_band(held, recall, precision)
         labels, cost = [], 0.0
         for rec in predicted:
             e = by_id[str(rec["id"])]
@@ -83,6 +85,11 @@ def curve(exact: list[dict], predicted: list[dict], targets=TARGETS) -> list[dic
             labels.append({"id": rec["id"], "response_ids": rec["response_ids"], "critical": critical})
         rows.append({"target": target, "band": (lo, hi), "fraction": cost / total, **agreement(exact, labels)})
     return rows
+
+
+def parse_target(text: str) -> float | tuple[float, float]:
+    recall, _, precision = text.partition(":")
+    return (float(recall), float(precision)) if precision else float(recall)
 
 
 def compare(exact_path: str, other_path: str) -> None:
@@ -109,6 +116,9 @@ def main() -> None:
     p.add_argument("--exact", help="exact labels of --input already made (`cft identify`): not rerun")
     p.add_argument("--predicted", help="labels of --input already made by `cft identify --predict`: not rerun")
     p.add_argument("--predict-fraction", type=float, default=None, help="--predict option (default: identify's)")
+    p.add_argument("--targets", nargs="+", default=None, metavar="R[:P]",
+                   help="curve targets: recall and precision R, or recall R with precision P (default: "
+                        f"{' '.join(map(str, TARGETS))})")
     args = p.parse_args()
     if args.compare:
         compare(*args.compare)
@@ -156,10 +166,13 @@ def main() -> None:
             print(f"{name:24s} {s['decoded_tokens']:9d} {s['decoded_tokens'] / exact_s['decoded_tokens']:8.3f} "
                   f"{q['precision']:9.3f} {q['recall']:7.3f} {q['f1']:6.3f}")
         print("the band as the target rises (held-out choice; cost from the exact run's branches):")
-        print(f"{'target':>6s} {'band':>15s} {'fraction':>8s} {'precision':>9s} {'recall':>7s} {'F1':>6s}")
-        for row in curve(exact, pred):
+        print(f"{'target':>11s} {'band':>15s} {'fraction':>8s} {'precision':>9s} {'recall':>7s} {'F1':>6s}")
+        targets = [parse_target(t) for t in args.targets] if args.targets else TARGETS
+        for row in curve(exact, pred, targets):
             lo, hi = row["band"]
-            print(f"{row['target']:6.2f} [{lo:.3f}, {hi:.3f}) {row['fraction']:8.3f} {row['precision']:9.3f} "
+            t = row["target"]
+            name = f"{t[0]:.2f}:{t[1]:.2f}" if isinstance(t, tuple) else f"{t:.2f}"
+            print(f"{name:>11s} [{lo:.3f}, {hi:.3f}) {row['fraction']:8.3f} {row['precision']:9.3f} "
                   f"{row['recall']:7.3f} {row['f1']:6.3f}")
 
 
