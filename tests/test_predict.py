@@ -271,7 +271,8 @@ def test_benchmark_curve_costs_what_the_run_decoded(runs):
     bench = _benchmark()
     exact, pred = load_records(d / "exact.jsonl", "labels"), load_records(d / "pred.jsonl", "labels")
     target = pred_s["predict"]["target"]["recall"]
-    rows = bench.curve(exact, pred, (0.5, target, 1.0))
+    rows = bench.curve(exact, pred, (0.5, target, 1.0, bench.parse_target(f"{target}:{target}")))
+    assert {**rows[3], "target": target} == rows[1]  # "R:P" with R = P is the single target
     assert list(rows[1]["band"]) == pred_s["predict"]["band"]
     assert rows[1]["fraction"] == pytest.approx(pred_s["decoded_tokens"] / exact_s["decoded_tokens"], rel=0.01)
     assert rows[0]["fraction"] <= rows[1]["fraction"] <= rows[2]["fraction"]
