@@ -1,8 +1,9 @@
 """A plain-torch RLOO loop: the independent check of `cft grpo` (benchmarks/grpo_check.py, tests/test_grpo.py).
 
 It shares nothing with TRL's GRPOTrainer or with transformers' ``generate``: prompts are the project's own
-``render_ids``; completions are sampled token by token from the model's own forward (a KV cache; the step's prompts left-padded
-to one batch with an attention mask and positions; no top-k/top-p, only the temperature); the reward is
+``render_ids``; completions are sampled token by token from the model's own forward (a KV cache; the step's
+prompts left-padded to one batch with an attention mask and positions; no top-k/top-p, only the temperature); the
+reward is
 ``cft.verify.grade`` on the decoded text; the baseline is leave-one-out over the prompt's k completions; the update
 is one ``torch.optim.Adam`` step (constant learning rate) on ``-sum_i A_i log p(completion_i) / n`` (n:
 completions of the step). If `cft grpo` and this loop disagree on whether the reward rises at comparable settings,

@@ -1,7 +1,7 @@
 """On-disk artifacts: versioned JSONL records, a metadata sidecar, resumable incremental writing.
 
 Every artifact is a JSON Lines file that ``datasets.load_dataset("json", data_files=...)`` loads.
-Each record carries ``schema`` (e.g. ``"cft.labels/1"``) and a ``key``: a hash of everything that
+Each record carries ``schema`` (e.g. ``"cft.labels/2"``) and a ``key``: a hash of everything that
 determines the record, so a rerun can skip finished work. Beside ``X.jsonl`` lives ``X.meta.json``
 with the resolved config, the environment (library versions, device, dtype, seed) and counts.
 
@@ -47,9 +47,12 @@ T = TypeVar("T")
 
 SCHEMAS = {
     "generations": "cft.generations/1",
-    "labels": "cft.labels/1",
+    "labels": "cft.labels/2",
     "samples": "cft.samples/1",
 }
+# Older versions a reader still accepts: cft.labels/1 lacks the per-position fields of /2 (label_source,
+# probe_prob, predict_role), which no reader needs; every label in it is exact.
+READABLE = {"cft.labels/2": ("cft.labels/1",)}
 
 
 class InputError(UserError, ValueError):
@@ -176,7 +179,7 @@ def _parse_line(path: Path, lineno: int, raw: bytes, schema: str | None) -> dict
         raise InputError(path, lineno, None, f"malformed JSON: {exc.msg} (column {exc.colno})") from None
     if not isinstance(rec, dict):
         raise InputError(path, lineno, None, f"expected a JSON object, got {type(rec).__name__}")
-    if schema is not None and rec.get("schema") != schema:
+    if schema is not None and rec.get("schema") != schema and rec.get("schema") not in READABLE.get(schema, ()):
         raise InputError(
             path, lineno, "schema",
             f"expected schema {schema!r}, found {rec.get('schema')!r}; this file was written by another "

@@ -45,7 +45,7 @@ from typing import Literal
 
 import torch
 
-from cft import models
+from cft import models, predict
 from cft.artifacts import (
     SCHEMAS,
     InputError,
@@ -61,7 +61,7 @@ from cft.config import attn_option, device_option, dtype_option, from_args, inte
 from cft.decoding.api import DecodeConfig, stop_rule
 from cft.decoding.audit import Stop, audit_stops, print_stop_audit
 from cft.decoding.backends import backend
-from cft.decoding.rowcache import auto_batch_size
+from cft.decoding.rowcache import EngineStats, auto_batch_size
 from cft.kinds import token_kind  # re-exported: identify's statistics break counts down by it
 from cft.models import cache_kwarg, load_model, load_tokenizer, resolve
 from cft.progress import Progress
@@ -93,7 +93,7 @@ class IdentifyConfig:
     """
     model: str = model_option()
     input: str = option(help="generations JSONL from `cft generate`")
-    out: str = option(help="output labels JSONL (cft.labels/1)")
+    out: str = option(help="output labels JSONL (cft.labels/2)")
     engine: Literal["fast", "reference"] = option(
         "fast", "fast: shared-prefix caches, continuous batching, drafting; reference: one plain greedy decode "
                 "per branch (the protocol's definition)")
@@ -134,6 +134,24 @@ class IdentifyConfig:
                                           metavar="TAU")
     continuation_cap: int | None = option(None, "APPROXIMATION: decode at most N tokens after the alternative",
                                           metavar="N")
+    # The learned predictor (cft.predict): off by default; its quality is measured and recorded in every run.
+    predict: bool = option(False, "label a seeded subset exactly, train a probe on it, predict the other responses "
+                                  "and decode exactly only the positions in an uncertain band; precision, recall, "
+                                  "F1, AUC on held-out exact labels and the cost are printed and recorded "
+                                  "(summary.predict)")
+    predict_fraction: float = option(0.15, "--predict: share of the responses labelled exactly (at least 4)")
+    predict_heldout: float = option(0.4, "--predict: share of the exact subset kept out of the probe's training "
+                                         "(the band is chosen and the quality measured on it)")
+    predict_seed: int = option(0, "--predict: seed of the subset, the held-out split and the probe")
+    predict_recall: float = option(0.92, "--predict: recall on held-out critical positions the band must reach")
+    predict_precision: float = option(0.92, "--predict: precision on held-out positions the band must reach")
+    predict_band: list[float] | None = option(None, "--predict: decode exactly where LO <= p < HI (default: the "
+                                                    "cheapest band reaching the targets on the held-out labels)",
+                                              nargs=2, metavar=("LO", "HI"))
+    predict_probe: Literal["logistic", "mlp"] = option("logistic", "--predict: the probe (logistic regression, "
+                                                                   "or an MLP with one hidden layer of 64)")
+    predict_layers: list[int] | None = option(None, "--predict: hidden-state layers the probe reads (0: embeddings; "
+                                                    "default: the middle and the last)", nargs="+")
     approximations: list[str] = internal(factory=list)
     protocol: dict = internal(factory=dict)  # where the protocol came from (filled by resolve_protocol)
 
@@ -166,18 +184,24 @@ def prepare(model, tok, rec: dict, key: str, cfg: IdentifyConfig, proto: Protoco
     return work, forced.cache
 
 
-def label_record(work: Work, tok, cfg: IdentifyConfig) -> dict:
-    """Critical iff every alternative was graded and failed; an unknown verdict never makes a token critical."""
+def label_record(work: Work, tok, cfg: IdentifyConfig, predictor: predict.Predictor | None = None) -> dict:
+    """Critical iff every alternative was graded and failed; an unknown verdict never makes a token critical.
+
+    With a ``predictor`` (``--predict``), a predicted response's positions outside the band take its labels.
+    """
     critical = [int(bool(res) and all(r is not None and r["ok"] is False for r in res)) for res in work.results]
+    eligible = [int(bool(a)) for a in work.alternatives]
+    fields = (predictor.fields(work.key, critical, eligible) if predictor is not None
+              else predict.exact_fields(len(critical)))
     branches = [[r if r is not None else branch_record(work, t, j) for j, r in enumerate(res)]
                 for t, res in enumerate(work.results)]
     rec = work.record
     return {
         "key": work.key, "id": rec["id"], "question": rec.get("question"), "gold": rec["gold"],
         "prompt_ids": work.prompt_ids, "response_ids": work.response_ids, "response": rec.get("response"),
-        "critical": critical, "eligible": [int(bool(a)) for a in work.alternatives],
+        "critical": critical, "eligible": eligible,
         "greedy": not work.greedy_mismatches, "greedy_mismatches": work.greedy_mismatches,
-        "alt_margin": work.alt_margin,
+        "alt_margin": work.alt_margin, **fields,
         "branches": branches, "critical_spans": critical_spans(tok, work.response_ids, critical),
     }
 
@@ -290,9 +314,12 @@ def _near(branch: dict, tol: float) -> bool:
     return branch.get("margin") is not None and branch["margin"] < tol
 
 
-def _works(model, tok, records, keys, cfg, proto, use_cache):
+def _works(model, tok, records, keys, cfg, proto, use_cache, adjust=None):
     for rec, key in zip(records, keys):
-        yield prepare(model, tok, rec, key, cfg, proto, use_cache)
+        work, cache = prepare(model, tok, rec, key, cfg, proto, use_cache)
+        if adjust is not None:
+            adjust(work)
+        yield work, cache
 
 
 def shard_of(cfg: IdentifyConfig) -> tuple[int, int]:
@@ -325,6 +352,8 @@ def label_params(cfg: IdentifyConfig, model) -> dict:
     params = {k: v for k, v in asdict(cfg).items()
               if k in ("model", "k", "max_new_tokens", "stop_at_answer", "include_eos", "dtype",
                        "skip_confident", "continuation_cap")}
+    if cfg.predict:
+        params.update({k: v for k, v in asdict(cfg).items() if k.startswith("predict")})
     params["rules"] = LABEL_RULES
     params["weights"] = models.weights_fingerprint(model)
     params["model_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
@@ -462,6 +491,8 @@ def identify(cfg: IdentifyConfig, model=None, tok=None) -> dict:
     """
     if cfg.k < 2:
         raise InputError("-k", None, None, f"k must be at least 2 (one alternative), not {cfg.k}")
+    if cfg.predict:
+        predict.Settings.of(cfg)  # bad --predict-* options fail before any model loads
     index, count = shard_of(cfg)
     resolve_protocol(cfg, model)
     inputs = select_inputs(cfg, vocab_size_of(cfg.model, model))
@@ -480,20 +511,33 @@ def identify(cfg: IdentifyConfig, model=None, tok=None) -> dict:
     if decoder.check is not None:
         decoder.check(model, cfg.model)
 
+    predictor = (predict.Predictor(model, cfg, all_keys, lambda y: token_kind(tok.decode([y])))
+                 if cfg.predict else None)
+
     def on_done(work: Work) -> None:
-        writer.add(label_record(work, tok, cfg))
+        writer.add(label_record(work, tok, cfg, predictor))
         progress.advance(1)
+
+    passes: list = []  # the engine's statistics of each decode pass (--predict decodes in two)
+
+    def decode(todo: list[tuple[dict, str]], adjust=None) -> None:
+        works = _works(model, tok, [r for r, _ in todo], [k for _, k in todo], cfg, proto, decoder.shares_prefix,
+                       adjust)
+        max_prompt = max((len(r["prompt_ids"]) for r, _ in todo), default=0)
+        passes.append(decoder.branches(model, tok, works, cfg, proto, on_done, progress, max_prompt))
 
     t0 = time.time()
     with Progress(f"identify[{cfg.engine}]", total=len(todo), unit="resp") as progress:
-        works = _works(model, tok, [r for r, _ in todo], [k for _, k in todo], cfg, proto, decoder.shares_prefix)
-        max_prompt = max((len(r["prompt_ids"]) for r, _ in todo), default=0)
-        engine_stats = decoder.branches(model, tok, works, cfg, proto, on_done, progress, max_prompt)
+        if predictor is not None:
+            predictor.run(list(zip(records, keys)), writer.done, decode)
+        else:
+            decode(todo)
         writer.write([])
         decoded = progress.tokens
     seconds = time.time() - t0
     labels = [writer.done[k] for k in keys]
     summary = summarize(labels, tok, cfg.near_tie_tolerance)
+    summary["predict"] = predictor.summary(labels) if predictor is not None else None
     check = {"crosschecked": 0, "crosschecked_near_ties": 0, "disagreements": 0, "disagreements_near_tie": 0,
              "disagreement_details": []}
     if cfg.crosscheck is not None and cfg.engine == "fast":  # the reference engine is its own crosscheck
@@ -504,7 +548,7 @@ def identify(cfg: IdentifyConfig, model=None, tok=None) -> dict:
                    excluded_truncated=inputs.excluded_truncated,
                    seconds=seconds, decoded_tokens=decoded,
                    tokens_per_second=decoded / max(seconds, 1e-9), shard=[index, count],
-                   engine=engine_stats.as_dict() if engine_stats is not None else None)
+                   engine=EngineStats.total(passes))
     meta = {"stage": "identify", "config": asdict(cfg), "seed": None,  # greedy throughout: nothing is random
             "label_params": params, "all_keys_digest": record_key(all_keys), "responses_total": len(all_keys),
             "generation_meta": read_meta(cfg.input), "environment": environment(model), "summary": summary}
@@ -581,6 +625,8 @@ def print_summary(s: dict) -> None:
         print(f"near ties (margin < {s['tolerance']:g}): {s['near_ties']} branches, {s['near_tie_positions']} "
               f"positions; crosschecked {s.get('crosschecked', 0)} branches with the reference engine: "
               f"{s.get('disagreements', 0)} disagreements ({s.get('disagreements_near_tie', 0)} on near ties)")
+    if s.get("predict"):
+        predict.print_summary(s["predict"])
     audit = s.get("stop_audit")
     print_stop_audit(audit, "branches")
     if audit:
@@ -669,6 +715,8 @@ def merge_shards(out: str, count: int, wait: bool = False, poll_seconds: float =
     summed = ("decoded_tokens", "excluded_truncated", "crosschecked", "crosschecked_near_ties", "disagreements",
               "disagreements_near_tie")
     summary.update({f: sum(m["summary"].get(f, 0) for m in metas) for f in summed})
+    parts = [m["summary"].get("predict") for m in metas]
+    summary["predict"] = predict.merge(parts, merged) if all(parts) else None
     summary.update(responses=len(merged), n_input=metas[0]["summary"].get("n_input"),
                    seconds=max(m["summary"]["seconds"] for m in metas),
                    disagreement_details=[d for m in metas for d in m["summary"].get("disagreement_details", [])])

@@ -77,7 +77,7 @@ LOSS_NORMS = ("step", "sequence")
 
 @dataclass(frozen=True)
 class LabeledResponse:
-    """The fields of a ``cft.labels/1`` record that training uses, validated."""
+    """The fields of a ``cft.labels`` record (version 1 or 2) that training uses, validated."""
 
     id: str
     prompt_ids: list[int]

@@ -3,7 +3,7 @@
 Labels store the critical tokens as character spans of the response text (``critical_spans``). The
 response text is tokenized again with the target tokenizer (with offsets), and a target token is
 critical when its characters overlap a critical span; the prompt is rendered in the target's template.
-The result is a ``cft.labels/1`` file that ``cft train --model TARGET`` accepts. Branch details do not
+The result is a ``cft.labels/2`` file that ``cft train --model TARGET`` accepts. Branch details do not
 transfer (they belong to the source model) and are left empty.
 """
 
@@ -23,7 +23,7 @@ class TransferConfig:
     """Resolved config of ``cft transfer`` (its options, ``CONFIGS``)."""
 
     input: str = option(help="labels JSONL from `cft identify` (any model)")
-    out: str = option(help="output labels JSONL for the target model (cft.labels/1)")
+    out: str = option(help="output labels JSONL for the target model (cft.labels/2)")
     model: str = model_option(help="the target model (its tokenizer and chat template): " + MODEL_HELP)
     template: str = option("chat", "prompt template of the target (see cft generate)")
 
@@ -42,7 +42,8 @@ def transfer_record(rec: dict, tok, template: str) -> dict:
         "id": rec["id"], "question": rec["question"], "gold": rec["gold"],
         "prompt_ids": render_ids(tok, rec["question"], template), "response_ids": response_ids, "response": text,
         "critical": critical, "eligible": [1] * (n - 1) + [0], "greedy": False, "greedy_mismatches": [],
-        "alt_margin": [None] * n, "branches": [[] for _ in range(n)],
+        "alt_margin": [None] * n, "label_source": ["transferred"] * n, "probe_prob": [None] * n, "predict_role": "",
+        "branches": [[] for _ in range(n)],
         "critical_spans": [[a, b] for (a, b), c in zip(enc["offset_mapping"], critical) if c],
     }
 

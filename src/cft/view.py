@@ -139,6 +139,9 @@ def response_view(rec: dict, tok, index: int) -> dict[str, Any]:
         "p": pieces, "k": "".join(kinds), "c": [int(c) for c in critical], "e": [int(e) for e in eligible],
         "b": alts, "sp": special, "mm": list(rec.get("greedy_mismatches") or []), "greedy": rec.get("greedy", True),
         "ck": by_kind,  # per kind code: [critical, tested]
+        # --predict: the probe's probability at each predicted (not decoded) position
+        "pp": {str(t): p for t, (src, p) in enumerate(zip(rec.get("label_source") or [], rec.get("probe_prob") or []))
+               if src == "predicted"},
         "find": f"{rec.get('id')}\n{rec.get('question') or ''}".lower(),
     }
 
@@ -217,7 +220,7 @@ def render_view(labels_path: str | os.PathLike, out_path: str | os.PathLike, mod
 class ViewConfig:
     """Options of ``cft view`` (``CONFIGS``)."""
 
-    labels: str = option(help="labels JSONL from `cft identify` (cft.labels/1)", positional=True)
+    labels: str = option(help="labels JSONL from `cft identify` (cft.labels/2)", positional=True)
     out: str = option("view.html", "output HTML file")
     model: str | None = model_option(None, "tokenizer to decode with (default: the model in the sidecar)")
     limit: int | None = option(None, "show only the first N responses")

@@ -190,6 +190,9 @@
     P.appendChild(line);
     var v;
     if (!r.e[t]) v = ["un", "Not tested", "this position was not eligible (the final EOS is excluded by default)"];
+    else if (r.pp && r.pp[String(t)] !== undefined) v = [r.c[t] ? "crit" : "none",
+      r.c[t] ? "Predicted critical" : "Predicted replaceable", "not decoded: the probe's probability is " +
+      r.pp[String(t)].toFixed(3) + ", outside the band that cft identify --predict decodes"];
     else if (ts.n === 0) v = ["un", "No alternatives", "the model had no other top-k token here"];
     else if (r.c[t]) v = ["crit", "Critical: " + (ts.n === 1 ? "the only alternative fails" :
       "all " + ts.n + " alternatives fail"), "every continuation from another token missed the gold answer"];

@@ -11,7 +11,7 @@ batch when a step runs out of memory; the decoders add what goes into the rows.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import psutil
 import torch
@@ -42,6 +42,23 @@ class EngineStats:
     def tokens_per_forward(self) -> float:
         """Decoded tokens per row and forward: 1.0 for one-token decoding, more as drafts are accepted."""
         return self.tokens / max(self.row_steps, 1)
+
+    @classmethod
+    def total(cls, runs: list[EngineStats | None]) -> dict | None:
+        """The metadata of several runs on one set of responses: counts summed, ``draft`` kept when they agree."""
+        runs = [r for r in runs if r is not None]
+        if not runs:
+            return None
+        out = cls(draft=runs[0].draft if len({r.draft for r in runs}) == 1 else None)
+        for r in runs:
+            for f in fields(cls):
+                if f.name == "widths":
+                    for q, n in r.widths.items():
+                        out.widths[q] = out.widths.get(q, 0) + n
+                elif f.name not in ("draft", "batch_size"):
+                    setattr(out, f.name, getattr(out, f.name) + getattr(r, f.name))
+            out.batch_size = max(out.batch_size, r.batch_size)
+        return out.as_dict()
 
     def as_dict(self) -> dict:
         """For the metadata: every count, and tokens per forward."""
