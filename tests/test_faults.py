@@ -294,3 +294,31 @@ def test_resume_from_any_truncation_point_gives_the_same_bytes(tmp_path_factory,
     partial.write_bytes(partial.read_bytes()[: cut % (partial.stat().st_size + 1)])
     assert finish(out) == reference
     assert not partial.exists()
+
+
+def test_a_rerun_reuses_the_finished_output_and_decodes_only_what_is_new(tmp_path):
+    """An experiment killed in stage B reruns stage A on the same out: the finished generations must count as done
+    (they did not, and 1100 SmolLM2 responses were about to be decoded again)."""
+    out = tmp_path / "S.jsonl"
+    first = finish(out, RECORDS[:4])
+    w = ResumableWriter(out, "samples")
+    assert sorted(w.done) == ["k0", "k1", "k2", "k3"]
+    new = [dict(r) for r in RECORDS if r["key"] not in w.done]
+    assert [r["key"] for r in new] == ["k4", "k5"]
+    w.write(new)
+    w.finalize([r["key"] for r in RECORDS], {"n": len(RECORDS)})
+    assert out.read_bytes() == finish(tmp_path / "ref.jsonl")
+    assert out.read_bytes().startswith(first)
+
+
+def test_generate_rerun_on_its_own_output_decodes_nothing(tmp_path, monkeypatch):
+    import cft.generate as generate_mod
+    out = tmp_path / "g.jsonl"
+    assert main(["generate", "--model", "testbed", "--data", "testbed:train", "--limit", "6", "--out", str(out)]) == 0
+    before = out.read_bytes()
+    calls = []
+    real = generate_mod.decode_outputs
+    monkeypatch.setattr(generate_mod, "decode_outputs", lambda *a, **k: calls.append(a) or real(*a, **k))
+    assert main(["generate", "--model", "testbed", "--data", "testbed:train", "--limit", "6", "--out", str(out)]) == 0
+    assert out.read_bytes() == before
+    assert all(not groups for _, _, groups, *_ in calls)

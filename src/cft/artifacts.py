@@ -343,7 +343,9 @@ def _write_fully(fd: int, data: bytes) -> None:
 class ResumableWriter:
     """Append records as they finish; ``finalize`` writes them in input order, atomically.
 
-    ``done`` holds the records recovered from an interrupted earlier run of the same output.
+    ``done`` holds the records of an earlier run of the same output: those of its finished file (a rerun after
+    the inputs grew, or a pipeline resumed past this stage) and those recovered from an interrupted run's partial
+    file. Keys hash everything that determines a record, so a record found under its key is reused as it is.
     ``write`` appends a batch and syncs it to disk at once; ``add`` appends one record at once (a SIGKILL
     loses no finished record) and syncs every ``flush_every()`` records or ``flush_seconds``, so a fast
     stream does not fsync per record.
@@ -362,13 +364,25 @@ class ResumableWriter:
                   file=sys.stderr, flush=True)
         self._unsynced = 0  # records appended since the last fsync
         self._last_flush = time.time()
-        self.done: dict[str, dict] = {}
-        self._durable: set[str] = set()  # keys whose line is complete in the partial file
+        self.done: dict[str, dict] = self._finished() if self.out.exists() else {}
         if self.partial.exists():
-            self.done = self._recover()
-            self._durable = set(self.done)
+            self.done.update(self._recover())
+        self._durable: set[str] = set(self.done)  # keys whose line is complete on disk (final or partial file)
         self._fd: int | None = os.open(self.partial, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._size = os.fstat(self._fd).st_size
+
+    def _finished(self) -> dict[str, dict]:
+        """The records of the finished output file written by an earlier run (those of this schema)."""
+        done: dict[str, dict] = {}
+        with open(self.out, "rb") as fh:
+            for raw in fh:
+                try:
+                    rec = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    continue
+                if isinstance(rec, dict) and rec.get("schema") == self.schema and "key" in rec:
+                    done[rec["key"]] = rec
+        return done
 
     def _recover(self) -> dict[str, dict]:
         done: dict[str, dict] = {}
