@@ -485,3 +485,50 @@ def test_study_curves_bootstrap_and_ablation(study_run):
 
 def test_study_rerun_does_nothing(study_run, monkeypatch):
     _rerun_does_nothing(study_run, monkeypatch, cells=9)
+
+
+def test_every_settable_field_has_a_frozen_default():
+    """``cell_defaults.BASELINE`` must name every field a config can set (a new field goes in with the value old
+    runs implicitly used), or a later change of its default could not change the hashes of runs that relied on
+    it."""
+    import dataclasses
+
+    from cft.cell_defaults import BASELINE
+    from cft.experiment_config import SECTIONS, VALUE_SECTIONS, _default, _settable, stage_class
+
+    missing = []
+
+    def walk(cls, section, own_only=False):
+        own = set(cls.__dict__.get("__annotations__", {}))
+        for name, f in _settable(cls, section).items():
+            default = _default(f)
+            if dataclasses.is_dataclass(default):
+                walk(type(default), None)
+            elif (default is not dataclasses.MISSING and (not own_only or name in own)
+                  and name not in BASELINE.get(cls.__name__, {})):
+                missing.append(f"{cls.__name__}.{name}")
+
+    for section in SECTIONS:
+        walk(stage_class(section), section, own_only=section in VALUE_SECTIONS)
+    assert not missing, f"add to cft/cell_defaults.py: {missing}"
+
+
+def test_a_changed_default_changes_the_hash_of_the_cells_that_used_it(monkeypatch):
+    """Run with every default, then change ``cft grpo``'s problem count and TRL max_steps default (as a release
+    would): the GRPO cells' hashes change, the others' do not."""
+    import dataclasses
+
+    from cft import grpo
+    from cft.grid import Grid
+
+    cfg = build_config({"out": "x", "grpo_from": ["sft"], "methods": ["sft"], "seeds": [0]})
+    before = Grid(cfg)
+    old = (before.train_hash("testbed", "sft", 0), before.train_hash("testbed", "grpo:sft", 0))
+    for cls, name, value in ((grpo.GRPORunConfig, "limit", 64), (grpo.CFTGRPOConfig, "max_steps", 48)):
+        field = {f.name: f for f in dataclasses.fields(cls)}[name]
+        monkeypatch.setattr(field, "default", value)
+    after = build_config({"out": "x", "grpo_from": ["sft"], "methods": ["sft"], "seeds": [0]})
+    after.grpo = dataclasses.replace(after.grpo, limit=64)  # what the changed default would construct
+    new = Grid(after)
+    assert new.train_hash("testbed", "sft", 0) == old[0]
+    assert new.train_hash("testbed", "grpo:sft", 0) != old[1]

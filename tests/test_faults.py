@@ -7,6 +7,7 @@ call otherwise (ENOSPC), then checks the outcome a user sees and that the rerun 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -322,3 +323,19 @@ def test_generate_rerun_on_its_own_output_decodes_nothing(tmp_path, monkeypatch)
     assert main(["generate", "--model", "testbed", "--data", "testbed:train", "--limit", "6", "--out", str(out)]) == 0
     assert out.read_bytes() == before
     assert all(not groups for _, _, groups, *_ in calls)
+
+
+def test_a_partial_of_another_schema_is_kept_aside_not_cut(tmp_path, capsys):
+    """A partial file written by another version of cft (another schema) used to be truncated to its last record
+    of this schema, silently: 194 labelled SmolLM2 responses (two hours) were lost that way. Its bytes are kept."""
+    out = tmp_path / "S.jsonl"
+    partial = Path(str(out) + ".partial")
+    old = [json.dumps({"schema": "cft.samples/0", "key": f"o{i}"}) + "\n" for i in range(3)]
+    mine = json.dumps({"schema": artifacts.SCHEMAS["samples"], "key": "k0", "value": 0}) + "\n"
+    partial.write_text(mine + "".join(old))
+    w = ResumableWriter(out, "samples")
+    assert list(w.done) == ["k0"]
+    w.close()
+    kept = list(tmp_path.glob("S.jsonl.partial.stale-*"))
+    assert len(kept) == 1 and kept[0].read_text() == mine + "".join(old)
+    assert "cft.samples/0" in capsys.readouterr().err

@@ -52,7 +52,10 @@ def cli_env() -> dict[str, str]:
 
 
 def complete_lines(path: Path) -> int:
-    return path.read_bytes().count(b"\n") if path.exists() else 0
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:  # not yet written, or removed by a run that finished between two polls
+        return 0
 
 
 def tear_last_line(path: Path) -> None:
@@ -108,11 +111,7 @@ def assert_same_artifact(resumed: Path, reference: Path, kind: str) -> None:
     keys = [r["key"] for r in records]
     assert len(keys) == len(set(keys)), "duplicate records"
     assert keys == [r["key"] for r in load_records(reference, kind)], "missing or reordered records"
-    if kind == "labels":  # margins: the same bytes in nearly every batching, not yet in all (issue #29's speed work)
-        assert [ident.without_margins(r) for r in load_records(resumed, kind)] == [
-            ident.without_margins(r) for r in load_records(reference, kind)]
-    else:
-        assert resumed.read_bytes() == reference.read_bytes()
+    assert resumed.read_bytes() == reference.read_bytes()  # labels too: margins are the same in any batching
     assert without_timing(read_meta(resumed)) == without_timing(read_meta(reference))
 
 

@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import socket
 import sys
 import time
@@ -385,18 +386,30 @@ class ResumableWriter:
         return done
 
     def _recover(self) -> dict[str, dict]:
+        """The complete records of the partial file; a torn last line (a kill mid-write) is cut off. Complete lines
+        of another schema (a partial left by another version of cft) are never cut silently: the file is first
+        kept beside it as ``<partial>.stale-<time>``, named on stderr."""
         done: dict[str, dict] = {}
-        good_bytes = 0
+        good_bytes, stale = 0, None
         with open(self.partial, "rb") as fh:
             for raw in fh:
                 try:
                     rec = json.loads(raw.decode("utf-8"))
-                    if not raw.endswith(b"\n") or rec.get("schema") != self.schema:
-                        break
                 except (UnicodeDecodeError, json.JSONDecodeError):
                     break  # a torn last line from a kill mid-write
+                if not raw.endswith(b"\n"):
+                    break
+                if not isinstance(rec, dict) or rec.get("schema") != self.schema or "key" not in rec:
+                    stale = str(rec.get("schema") if isinstance(rec, dict) else type(rec).__name__)
+                    break
                 done[rec["key"]] = rec
                 good_bytes += len(raw)
+        if stale is not None:
+            kept = self.partial.with_name(f"{self.partial.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+            shutil.copyfile(self.partial, kept)
+            print(f"note: {self.partial} holds records of schema {stale!r}, not {self.schema!r} (another version of "
+                  f"cft); {len(done)} records before them are resumed, the file is kept as {kept}",
+                  file=sys.stderr, flush=True)
         with open(self.partial, "r+b") as fh:
             fh.truncate(good_bytes)
         return done

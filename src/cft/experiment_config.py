@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from cft import options
+from cft.cell_defaults import BASELINE
 from cft.config import device_option, dtype_option, internal, is_internal, option
 from cft.errors import UserError
 from cft.selection import METHODS
@@ -193,13 +194,19 @@ def _default(f: dataclasses.Field) -> Any:
 
 
 def settings(obj: Any, section: str | None = None) -> dict[str, Any]:
-    """The settable fields of a stage config that differ from the class defaults (nested configs as mappings):
-    what the experiment chose. Hashed, so a field a stage adds later (at its default) keeps old runs valid."""
+    """What the experiment chose of a stage config, hashed into its cells: the settable fields whose value
+    differs from ``cell_defaults.BASELINE`` (nested configs as mappings; a field added later, at its default,
+    keeps old runs valid; a changed default changes the hash of the runs that used it). A TRL argument section
+    (a mapping) gives its values as given, plus the ``cft`` defaults it left out that no longer match."""
     if isinstance(obj, dict):  # a VALUE_SECTIONS section: only the values the config gave
-        return dict(obj)
+        cls = stage_class(section) if section else None
+        frozen = BASELINE.get(cls.__name__, {}) if cls else {}
+        live = {f.name: _default(f) for f in fields(cls)} if cls else {}
+        return {**{k: live[k] for k, v in frozen.items() if k not in obj and live.get(k, v) != v}, **obj}
     out = {}
+    frozen = BASELINE.get(type(obj).__name__, {})
     for name, f in _settable(type(obj), section).items():
-        value, default = getattr(obj, name), _default(f)
+        value, default = getattr(obj, name), frozen.get(name, _default(f))
         if dataclasses.is_dataclass(value):
             nested = settings(value)
             if nested:

@@ -63,7 +63,7 @@ from cft.decoding import Output, StopRule, finish_reason, is_out_of_memory, left
 from cft.decoding.drafting import DRAFT_NGRAM, DraftIndex, DraftTuner, default_draft
 from cft.decoding.rowcache import EngineStats, RowCache, Window, WindowLayer, auto_batch_size
 from cft.models import cache_kwarg, last_logits_only
-from cft.protocol import Protocol, Work, finish_branch, reference_branch, round_margin
+from cft.protocol import Protocol, Work, finish_branch, round_margin
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +74,17 @@ SQUEEZE_WIDTH = 1.5  # squeeze holes out once the window is this many times its 
 
 
 # Outputs must not depend on the draft width, the rows or the batch around a branch, which all change the shapes
-# of the forwards a token's logits come from (and with them the last bits of the logits: about 1e-6 in float32 on
-# the testbed). ``SHAPE_NOISE`` bounds that change of a top-1/top-2 gap, per dtype, with room to spare. A branch
-# whose fast decode met a gap within ``EXACT_BELOW`` is decoded again by ``protocol.reference_branch`` (batch 1,
-# shapes fixed by the branch), so a near-tie is decided the same way in every run; above it no shape changes the
-# argmax. A recorded margin has two significant digits (``protocol.round_margin``); where the decode's smallest gap
-# is within ``SHAPE_NOISE`` of a rounding boundary, it is computed again in a forward of the branch alone
-# (``exact_margin``), so every recorded byte is a function of the inputs.
-SHAPE_NOISE = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 0.25, torch.float16: 0.03}
-EXACT_BELOW = {torch.float32: 1e-3, torch.float64: 1e-6, torch.bfloat16: 0.5, torch.float16: 0.125}
+# of the forwards a token's logits come from, and with them the last bits of the logits. ``SHAPE_NOISE`` bounds
+# that change of a top-1/top-2 gap between any two decodes of a branch, per dtype. Measured in float32 on the
+# testbed (40 responses, 3,331 branches, draft 0 / 4 / 2 at 64 / 512 / 7 rows, and against ``exact_margin``):
+# at most 7.8e-5 (99th percentile 1e-5); 1e-5, the bound first assumed, let a resumed run write one margin
+# differently. A branch whose fast decode met a gap within ``EXACT_BELOW`` (twice the noise) is decoded again by
+# ``alone_branch`` (batch 1, shapes fixed by the branch), so a near-tie is decided the same way in every run;
+# above it no shape changes the argmax. A margin is recorded on the 1-2-5 series (``protocol.round_margin``);
+# where a decode's smallest gap is within ``SHAPE_NOISE`` of a step of the series it is computed again in one
+# forward of the branch alone (``exact_margin``). So every recorded byte is a function of the inputs and options.
+SHAPE_NOISE = {torch.float32: 2e-4, torch.float64: 1e-12, torch.bfloat16: 0.25, torch.float16: 0.03}
+EXACT_BELOW = {torch.float32: 4e-4, torch.float64: 1e-6, torch.bfloat16: 0.5, torch.float16: 0.125}
 
 
 @dataclass
@@ -126,27 +128,79 @@ def has_sliding_window(model) -> bool:
     return "sliding_attention" in types or (not types and getattr(c, "sliding_window", None) is not None)
 
 
+def _alone_cache(prefix_kv: list, p: int, room: int) -> DynamicCache:
+    """A batch-1 cache holding the first ``p`` prefix key/values (from the teacher-forced pass) and room for more."""
+    window = Window(0, p)
+    layers = []
+    for pk, pv in prefix_kv:
+        k = pk.new_empty(1, pk.shape[1], p + room, pk.shape[3])
+        v = pv.new_empty(1, pv.shape[1], p + room, pv.shape[3])
+        k[:, :, :p], v[:, :, :p] = pk[:, :, :p], pv[:, :, :p]
+        layers.append(WindowLayer(k, v, window))
+    cache = DynamicCache()
+    cache.layers = layers
+    return cache
+
+
+def _greedy_and_gap(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``logits`` (..., V): the greedy token (argmax's rule, the lowest id, on an exact tie) and the
+    top-1 minus top-2 gap, from one top-k pass."""
+    top2 = logits.topk(2, dim=-1)
+    greedy, values = top2.indices[..., 0], top2.values
+    tie = values[..., 0] == values[..., 1]
+    if bool(tie.any()):
+        greedy = torch.where(tie, logits.argmax(-1), greedy)
+    return greedy, values[..., 0].float() - values[..., 1].float()
+
+
 @torch.inference_mode()
 def exact_margin(model, prefix_kv: list, prompt_len: int, t: int, alternative: int, cont: list[int]) -> float:
     """A branch's smallest top-1 minus top-2 logit gap over its continuation, from one teacher-forced forward of the
     branch alone: the prefix key/values of prompt + y_<t (from ``prefix_kv``, the teacher-forced pass), then the
     alternative and the continuation but its last token. Its shapes depend on the branch only."""
     p, ids = prompt_len + t, [alternative, *cont[:-1]]
-    window = Window(0, p)
-    layers = []
-    for pk, pv in prefix_kv:
-        k = pk.new_empty(1, pk.shape[1], p + len(ids), pk.shape[3])
-        v = pv.new_empty(1, pv.shape[1], p + len(ids), pv.shape[3])
-        k[:, :, :p], v[:, :, :p] = pk[:, :, :p], pv[:, :, :p]
-        layers.append(WindowLayer(k, v, window))
-    cache = DynamicCache()
-    cache.layers = layers
+    cache = _alone_cache(prefix_kv, p, len(ids))
     dev = model.device
     logits = model(input_ids=torch.tensor([ids], device=dev), attention_mask=torch.ones(1, p + len(ids), device=dev,
                    dtype=torch.long), position_ids=torch.arange(p, p + len(ids), device=dev)[None],
                    use_cache=True, **{cache_kwarg(model): cache}).logits
-    values = logits[0].topk(2, dim=-1).values
-    return float((values[:, 0].float() - values[:, 1].float()).min())
+    return float(_greedy_and_gap(logits[0])[1].min())
+
+
+ALONE_DRAFT = 4  # drafts per step of ``alone_branch``: fixed, so its shapes depend on the branch only
+
+
+@torch.inference_mode()
+def alone_branch(model, proto: Protocol, prefix_kv: list, prompt_ids: list[int], response_ids: list[int],
+                 t: int, alternative: int, draft: int = ALONE_DRAFT) -> tuple[list[int], float]:
+    """Decode branch (t, ``alternative``) by itself: batch 1, from the teacher-forced pass's prefix key/values,
+    each step verifying up to ``draft`` tokens proposed from the original prompt + response alone (greedy
+    speculative acceptance: the output is greedy decoding token for token). Every shape is fixed by the branch
+    and the original response, so a near-tie is decided the same way in every run, whatever the rows, the draft
+    width or the batch of the run that met it. Returns the continuation and its smallest top-1 minus top-2 gap."""
+    p, dev = len(prompt_ids) + t, model.device
+    cache = _alone_cache(prefix_kv, p, proto.budget(t) + draft + 1)
+    window = cache.layers[0].window
+    index = DraftIndex(prompt_ids + response_ids, DRAFT_NGRAM) if draft else None
+    response, watch, margin, n_new, cursor = response_ids[:t] + [alternative], proto.watch(), math.inf, 0, p + 1
+    while True:
+        room = min(draft, proto.budget(t) - n_new - 1)
+        src, drafts = index.propose(response, cursor, room) if index is not None and room > 0 else (cursor, [])
+        w, ids = window.w, [response[-1], *drafts]
+        logits = model(input_ids=torch.tensor([ids], device=dev),
+                       attention_mask=torch.ones(1, w + len(ids), device=dev, dtype=torch.long),
+                       position_ids=torch.arange(w, w + len(ids), device=dev)[None], use_cache=True,
+                       **{cache_kwarg(model): cache}).logits
+        greedy, gaps = (x.tolist() for x in _greedy_and_gap(logits[0]))
+        accepted = next((k for k, d in enumerate(drafts) if greedy[k] != d), len(drafts))
+        window.w = w + accepted + 1  # rejected draft columns are overwritten by the next step
+        for k in range(accepted + 1):
+            response.append(greedy[k])
+            n_new += 1
+            margin = min(margin, gaps[k])
+            if proto.stopped(response, n_new, t, watch):
+                return response[t + 1 :], margin
+        cursor = src + accepted + 1 if drafts and src is not None else cursor + accepted + 1
 
 
 class BranchDecoder(RowCache):
@@ -211,13 +265,13 @@ class BranchDecoder(RowCache):
 
     def _settle(self, work: Work, t: int, j: int, cont: list[int], margin: float | None) -> None:
         """Grade branch (t, j). ``margin`` is the decode's smallest gap, whose last bits depend on the step shapes: a
-        branch with a gap within ``exact_below`` is decoded again the reference way, and a margin within the shape
-        noise of a rounding boundary is computed again by ``exact_margin`` (see ``SHAPE_NOISE``)."""
+        branch with a gap within ``exact_below`` is decoded again alone (``alone_branch``), and a margin within the
+        shape noise of a recording boundary is computed again by ``exact_margin`` (see ``SHAPE_NOISE``)."""
         if cont and margin <= self.exact_below:
-            cont, margin = reference_branch(self.model, self.tok, self.proto, work.prompt_ids,
-                                            work.response_ids[:t] + [work.alternatives[t][j]], t)
+            cont, margin = alone_branch(self.model, self.proto, self.prefix_kv[work.key], work.prompt_ids,
+                                        work.response_ids, t, work.alternatives[t][j])
             self.stats.redecided += 1
-        elif cont and round_margin(margin - self.noise) != round_margin(margin + self.noise):
+        if cont and round_margin(max(margin - self.noise, 0.0)) != round_margin(margin + self.noise):
             margin = exact_margin(self.model, self.prefix_kv[work.key], len(work.prompt_ids), t,
                                   work.alternatives[t][j], cont)
             self.stats.rescores += 1
@@ -320,14 +374,7 @@ class BranchDecoder(RowCache):
             if not is_out_of_memory(exc) or len(self.rows) == 1:
                 raise
             return None  # the exception's tensors are released before the caller halves the batch
-        # one pass over the logits for both the greedy token and the gap: topk's first index is the argmax
-        # unless the top two are equal, where argmax's rule (the lowest id) decides, as in generate
-        top2 = logits.topk(2, dim=-1)
-        greedy, values = top2.indices[..., 0], top2.values
-        tie = values[..., 0] == values[..., 1]
-        if bool(tie.any()):
-            greedy = torch.where(tie, logits.argmax(-1), greedy)
-        gaps = values[..., 0].float() - values[..., 1].float()
+        greedy, gaps = _greedy_and_gap(logits)
         if q > 1:
             accepted = (greedy[:, :-1] == ids[:, 1:]).long().cumprod(1).sum(1)
             lengths = torch.tensor([len(d) for _, d in drafts], device=dev)

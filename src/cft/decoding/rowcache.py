@@ -31,7 +31,7 @@ class EngineStats:
     tokens: int = 0  # decoded (appended) tokens
     query_columns: int = 0  # sum over forwards of the query width q
     rebases: int = 0  # window copies (each squeezes out the holes of rejected drafts)
-    redecided: int = 0  # branches decoded again by the reference path (a gap within ``EXACT_BELOW``)
+    redecided: int = 0  # branches decoded again alone (``engine.alone_branch``: a gap within ``EXACT_BELOW``)
     rescores: int = 0  # margins computed again by ``engine.exact_margin`` (near a rounding boundary)
     width_sum: int = 0  # sum over forwards of the cache window's width before the step
     batch_size: int = 0  # rows the engine chose or was given (a prompt run allocates at most one per request)
