@@ -24,12 +24,12 @@ backend of ``cft.decoding.backends`` (this module imports neither):
   computed once and shared by every branch; branches of many positions and responses decode together with
   continuous batching; the rank-r+1 branch runs only if the rank-r branch did not succeed (exact: one success
   already makes the token non-critical). Its labels are the same bytes at any draft width or rows (near-ties
-  decoded again alone, margins on the 1-2-5 series; ``cft.decoding.engine``).
+  decoded again alone, margins as orders of magnitude; ``cft.decoding.engine``).
 
 What is guaranteed: the same protocol and rules in both engines, and identical labels up to
 floating-point near-ties. A cached one-token step and a full forward differ in the last bits, so an
 argmax can flip where the top-1/top-2 logit gap is that small. Both engines record each branch's
-smallest gap (``margin``, on the 1-2-5 series: ``protocol.round_margin``) and each position's gap
+smallest gap (``margin``, its order of magnitude: ``protocol.round_margin``) and each position's gap
 between its last alternative and the next token (``alt_margin``); the summary counts the near-ties
 (below ``--tolerance``), and ``--crosscheck N`` re-decodes N random branches plus every near-tie with
 the reference path and reports disagreements.

@@ -80,8 +80,8 @@ SQUEEZE_WIDTH = 1.5  # squeeze holes out once the window is this many times its 
 # at most 7.8e-5 (99th percentile 1e-5); 1e-5, the bound first assumed, let a resumed run write one margin
 # differently. A branch whose fast decode met a gap within ``EXACT_BELOW`` (twice the noise) is decoded again by
 # ``alone_branch`` (batch 1, shapes fixed by the branch), so a near-tie is decided the same way in every run;
-# above it no shape changes the argmax. A margin is recorded on the 1-2-5 series (``protocol.round_margin``);
-# where a decode's smallest gap is within ``SHAPE_NOISE`` of a step of the series it is computed again in one
+# above it no shape changes the argmax. A margin is recorded as its power of ten (``protocol.round_margin``);
+# where a decode's smallest gap is within ``SHAPE_NOISE`` of a power of ten it is computed again in one
 # forward of the branch alone (``exact_margin``). So every recorded byte is a function of the inputs and options.
 SHAPE_NOISE = {torch.float32: 2e-4, torch.float64: 1e-12, torch.bfloat16: 0.25, torch.float16: 0.03}
 EXACT_BELOW = {torch.float32: 4e-4, torch.float64: 1e-6, torch.bfloat16: 0.5, torch.float16: 0.125}
