@@ -143,3 +143,21 @@ def test_each_rank_loads_on_its_own_gpu(tmp_path, generations, monkeypatch):
     assert seen == ["cuda:1"]
     monkeypatch.delenv("LOCAL_RANK")
     assert ident.rank_device() is None
+
+
+def test_merge_sums_the_shards_engine_counts_and_stop_audits(tmp_path, generations, testbed):
+    """The merged metadata reports the whole run: the shards' engine counts and stop audits summed (it kept the
+    first shard's, or none), and labels byte-equal to one process's, margins included."""
+    out = tmp_path / "L.jsonl"
+    shards(out, generations, testbed, stop_at_answer=True, stop_audit=4)
+    metas = [read_meta(Path(f"{out}.shard{i}of2.jsonl")) for i in range(2)]
+    merge_shards(str(out), 2)
+    summary = read_meta(out)["summary"]
+    assert summary["engine"]["tokens"] == sum(m["summary"]["engine"]["tokens"] for m in metas) > 0
+    assert summary["engine"]["forwards"] == sum(m["summary"]["engine"]["forwards"] for m in metas)
+    assert summary["stop_audit"]["stopped"] == sum(m["summary"]["stop_audit"]["stopped"] for m in metas)
+    assert summary["stop_audit"]["sample"] == sum(m["summary"]["stop_audit"]["sample"] for m in metas)
+    one = tmp_path / "one.jsonl"
+    identify(IdentifyConfig(model="testbed", input=str(generations), out=str(one), stop_at_answer=True,
+                            stop_audit=4, **FAST), *testbed)
+    assert load_records(out, "labels") == load_records(one, "labels")

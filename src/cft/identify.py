@@ -716,12 +716,29 @@ def merge_shards(out: str, count: int, wait: bool = False, poll_seconds: float =
     summed = ("decoded_tokens", "excluded_truncated", "crosschecked", "crosschecked_near_ties", "disagreements",
               "disagreements_near_tie")
     summary.update({f: sum(m["summary"].get(f, 0) for m in metas) for f in summed})
+    engines = [m["summary"].get("engine") for m in metas]
+    summary["engine"] = EngineStats.total([EngineStats.from_dict(e) for e in engines]) if all(engines) else None
+    audits = [m["summary"].get("stop_audit") for m in metas]
+    summary["stop_audit"] = _sum_audits(audits) if all(audits) else None
     parts = [m["summary"].get("predict") for m in metas]
     summary["predict"] = predict.merge(parts, merged) if all(parts) else None
     summary.update(responses=len(merged), n_input=metas[0]["summary"].get("n_input"),
                    seconds=max(m["summary"]["seconds"] for m in metas),
                    disagreement_details=[d for m in metas for d in m["summary"].get("disagreement_details", [])])
     writer.finalize([r["key"] for r in merged], {**metas[0], "merged_from": paths, "summary": summary})
+    return out
+
+
+def _sum_audits(audits: list[dict]) -> dict:
+    """The shards' stop audits as one: counts summed (each shard audited its own seeded sample), lists joined."""
+    out = {}
+    for k, v in audits[0].items():
+        if isinstance(v, list):
+            out[k] = [x for a in audits for x in a.get(k, [])][:100]
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = sum(a.get(k, 0) for a in audits)
+        else:
+            out[k] = v
     return out
 
 

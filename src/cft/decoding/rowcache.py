@@ -60,6 +60,14 @@ class EngineStats:
             out.batch_size = max(out.batch_size, r.batch_size)
         return out.as_dict()
 
+    @classmethod
+    def from_dict(cls, d: dict) -> EngineStats:
+        """The counts of ``as_dict``'s form (a run's metadata)."""
+        names = {f.name for f in fields(cls)}
+        out = cls(**{k: v for k, v in d.items() if k in names and k != "widths"})
+        out.widths = {int(q): n for q, n in d.get("widths", {}).items()}
+        return out
+
     def as_dict(self) -> dict:
         """For the metadata: every count, and tokens per forward."""
         return {**asdict(self), "widths": {str(k): v for k, v in sorted(self.widths.items())},
