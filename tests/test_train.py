@@ -346,3 +346,30 @@ def test_training_logs_one_readable_line_per_logging_step(tiny, tmp_path, capsys
     assert [f"loss {h['loss']:.4g}" in line for h, line in zip(logged, steps, strict=False)] == [True, True]
     assert all(h["num_tokens"] > 0 for h in logged)  # what the progress line's tokens/s is made of
     assert "train_runtime" in steps[-1]
+
+
+def test_a_training_that_raises_stops_its_progress_ticker(tiny, tmp_path, monkeypatch):
+    """``on_train_end`` does not run when training raises; the progress ticker must stop anyway, or it goes on
+    printing into the log of whatever the process runs next (the experiment runner's next cell)."""
+    from transformers import Trainer
+
+    from cft import progress as progress_mod
+
+    started = []
+    real_init = progress_mod.Progress.__init__
+
+    def spy(self, *a, **k):
+        real_init(self, *a, **k)
+        started.append((self, self._ticker is not None))
+
+    monkeypatch.setattr(progress_mod.Progress, "__init__", spy)
+
+    def boom(self, *a, **k):
+        self.callback_handler.on_train_begin(self.args, self.state, self.control)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(Trainer, "_inner_training_loop", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        train(*_cfg(tiny, tmp_path / "out", disable_tqdm=True))
+    assert any(ticking for _, ticking in started)  # a log-mode progress line was running
+    assert all(p._ticker is None for p, _ in started)

@@ -182,7 +182,8 @@ def grpo(cfg: GRPORunConfig, args: CFTGRPOConfig | None = None, model=None, tok=
     trainer = GRPOTrainer(model=model, reward_funcs=[accuracy], args=args, train_dataset=dataset,
                           processing_class=tok, callbacks=[_log_callback(log_path)])
     TrainProgress.install(trainer, "grpo")
-    result = trainer.train(resume_from_checkpoint=last)
+    with TrainProgress.closed_after(trainer):
+        result = trainer.train(resume_from_checkpoint=last)
     trainer.save_model(str(out))  # on every process: ZeRO-3 and FSDP gather the shards here
     summary: dict[str, Any] = {}
     if trainer.is_world_process_zero():

@@ -29,6 +29,7 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -295,6 +296,18 @@ class TrainProgress(TrainerCallback):
             self.progress.close()
             self.progress = None
 
+    @staticmethod
+    @contextmanager
+    def closed_after(trainer):
+        """Around ``trainer.train``: the progress line stops with training even when it raises (``on_train_end``
+        never runs then, and the ticker went on printing into the log of the next job)."""
+        try:
+            yield
+        finally:
+            for cb in trainer.callback_handler.callbacks:
+                if isinstance(cb, TrainProgress):
+                    cb.on_train_end(None, None, None)
+
 
 class SelectiveTrainer(SFTTrainer):
     """SFTTrainer with the weighted, step-normalised loss above and a NaN/inf guard.
@@ -480,7 +493,8 @@ def train(cfg: TrainConfig, args: CFTSFTConfig | None = None, model=None, tok=No
         "environment": environment(model),
     }
     try:
-        result = trainer.train(resume_from_checkpoint=last if cfg.resume else None)
+        with TrainProgress.closed_after(trainer):
+            result = trainer.train(resume_from_checkpoint=last if cfg.resume else None)
         trainer.check_finite_weights()  # also when no checkpoint step guarded the last one (save_strategy no)
     except NonFiniteLossError as exc:
         if trainer.is_world_process_zero():
