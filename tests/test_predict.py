@@ -280,3 +280,15 @@ def test_benchmark_curve_costs_what_the_run_decoded(runs):
     q = bench.agreement(exact, pred)
     assert (rows[1]["precision"], rows[1]["recall"]) == (pytest.approx(q["precision"]), pytest.approx(q["recall"]))
     assert rows[2]["recall"] >= rows[0]["recall"] and rows[2]["precision"] >= rows[0]["precision"]
+
+
+def test_dry_run_with_predict_says_what_its_estimate_covers(gen, tmp_path, capsys):
+    """``--dry-run`` estimates exact labelling; with ``--predict`` it says so and names the subset it decodes
+    exactly, instead of printing an exact run's cost as the predicted run's."""
+    argv = ["identify", "--model", "testbed", "--input", str(gen), "--out", str(tmp_path / "L.jsonl"), "--dry-run"]
+    assert main(argv) == 0
+    plain = capsys.readouterr().out
+    assert main([*argv, "--predict", "--predict-fraction", "0.25"]) == 0
+    out = capsys.readouterr().out
+    assert "with --predict" not in plain and "with --predict" in out and "25% of the responses" in out
+    assert not (tmp_path / "L.jsonl").exists()

@@ -758,7 +758,8 @@ def plan(cfg: IdentifyConfig) -> dict:
             "max_branches": positions * (cfg.k - 1), "min_branches": positions,
             "estimated_tokens_min": est_tokens, "estimated_tokens_max": est_tokens * (cfg.k - 1),
             "decode_tokens_per_second": rate, "estimated_seconds_min": est_tokens / rate,
-            "estimated_seconds_max": est_tokens * (cfg.k - 1) / rate}
+            "estimated_seconds_max": est_tokens * (cfg.k - 1) / rate,
+            "predict_fraction": cfg.predict_fraction if cfg.predict else None}
 
 
 @torch.inference_mode()
@@ -784,3 +785,7 @@ def print_plan(p: dict) -> None:
     print(f"estimated decoded tokens {p['estimated_tokens_min']}..{p['estimated_tokens_max']} at "
           f"{p['decode_tokens_per_second']:.0f} tok/s (measured now on synthetic steps): "
           f"{p['estimated_seconds_min']:.0f}..{p['estimated_seconds_max']:.0f} s")
+    if p.get("predict_fraction") is not None:
+        print(f"with --predict: these estimates are for exact labels of every response; the run decodes the "
+              f"exactly labelled subset ({p['predict_fraction']:.0%} of the responses) and the positions the "
+              f"probe leaves uncertain, which only the run itself measures (summary.decoded_tokens)")
