@@ -81,3 +81,17 @@ def test_eval_speed_runs_both_backends_and_reports_identical_greedy_outputs():
     assert backends["hf"]["rows"] == "8" and backends["engine"]["rows"] == backends["hf_rows"]["rows"] == m[3]
     for b in backends.values():
         assert int(b["forwards"]) > 0 and 0 < float(b["tokens_per_forward"]) <= int(b["rows"])  # a token a row
+
+
+@pytest.mark.slow
+def test_identify_ab_against_the_same_checkout_finds_the_same_bytes():
+    """Two workers on one source tree: the alternation runs, and both label files are byte-identical (a rerun
+    writes the same bytes); the comparison on the fields both have agrees."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "identify_ab.py"), "--other", str(ROOT / "src"),
+           "--responses", "2", "--problems", "20", "--rounds", "1", "--draft", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert sum(x.startswith(("this ", "other ")) for x in lines) == 4  # a warm-up pair and one timed pair
+    assert re.fullmatch(r"this_over_other=\d+\.\d{3} pairwise_median=\d+\.\d{3} pairwise_min=\d+\.\d{3} "
+                        r"pairwise_max=\d+\.\d{3} rounds=1 labels_identical=true files_identical=true", lines[-1])

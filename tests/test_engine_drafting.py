@@ -310,7 +310,8 @@ def test_rebase_right_aligns_every_rows_valid_columns_in_order():
     mask[0, [3, 5, 6, 9]] = 1
     mask[1, [4, 8]] = 1
     keys = torch.arange(16.0).repeat(2, 1, 1)[..., None].expand(2, 1, 16, 2).clone()  # key value = column index
-    decoder.cache = SimpleNamespace(layers=[engine.WindowLayer(keys, keys + 100, decoder.window)])
+    decoder.groups, decoder.bufs = [[0]], [torch.stack([keys, keys + 100])]  # one layer: its keys and values
+    decoder.cache = SimpleNamespace(layers=[engine.WindowLayer(*decoder.bufs[0], decoder.window)])
     decoder.mbuf = mask
     decoder.rebase(0)
     assert (decoder.window.s, decoder.window.w) == (2, 6)

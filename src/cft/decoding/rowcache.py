@@ -140,6 +140,14 @@ class WindowLayer(DynamicLayer):
         return self.window.w - self.window.s
 
 
+def layer_groups(kv: list) -> list[list[int]]:
+    """Layer indices grouped by the shape and dtype of their key/values (one group for most models)."""
+    groups: dict[tuple, list[int]] = {}
+    for layer, (k, v) in enumerate(kv):
+        groups.setdefault((tuple(k.shape[1:]), tuple(v.shape[1:]), k.dtype, v.dtype), []).append(layer)
+    return list(groups.values())
+
+
 class RowCache:
     """Buffers, mask and rows of a batch (``self.rows``: a row object or None); subclasses fill the rows.
 
@@ -152,24 +160,52 @@ class RowCache:
     def _buffers(self, kv: list, n: int, cap: int) -> None:
         """A window at ``max_len`` over ``n`` rows x ``cap`` columns, shaped like the key/values ``kv``.
 
-        Uninitialised: a column is written (a step, a rebase) or zeroed (``open_columns``) before the window
-        reaches it, so columns the window never reaches are never touched (zero-filling all of it took 0.3 s a batch).
+        The layers whose key/values have one shape share one buffer (``self.bufs``, (2 x layers, B, H, C, D):
+        layer l's keys and values at 2l and 2l + 1), so putting a row or moving columns is one copy for all of
+        them (``stack`` gives a prefix in that form). Each layer sees a (B, H, C, D) view with the strides of a
+        buffer of its own. Uninitialised: a column is written (a step, a rebase) or zeroed (``open_columns``)
+        before the window reaches it, so columns the window never reaches are never touched (zero-filling all of
+        it took 0.3 s a batch).
         """
         self.window = Window(self.max_len, self.max_len)
-        layers = [WindowLayer(k.new_empty(n, k.shape[1], cap, k.shape[3]), v.new_empty(n, v.shape[1], cap, v.shape[3]),
-                              self.window) for k, v in kv]
+        self.groups = layer_groups(kv)
+        self.bufs = [kv[g[0]][0].new_empty(2 * len(g), n, kv[g[0]][0].shape[1], cap, kv[g[0]][0].shape[3])
+                     for g in self.groups]
         self.cache = DynamicCache()
-        self.cache.layers = layers
+        self.cache.layers = [None] * len(kv)
+        for g, buf in zip(self.groups, self.bufs):
+            for pos, layer in enumerate(g):
+                self.cache.layers[layer] = WindowLayer(buf[2 * pos], buf[2 * pos + 1], self.window)
         self.mbuf = torch.zeros(n, cap, dtype=torch.long, device=self.model.device)
+
+    def stack(self, kv: list) -> list[torch.Tensor]:
+        """One sequence's key/values (per layer (1, H, P, D) pairs) in the buffers' form: per group (2 x layers,
+        H, P, D)."""
+        return [torch.cat([x for layer in g for x in kv[layer]]) for g in self.groups]
+
+    def put(self, i: int, stacked: list[torch.Tensor], p: int) -> None:
+        """Row i holds the first p tokens of a stacked sequence (``stack``): right-aligned at w, the rest masked."""
+        w = self.window.w
+        if w - p < self.window.s:
+            self.open_columns(w - p)
+        for buf, x in zip(self.bufs, stacked):
+            buf[:, i, :, w - p : w] = x[:, :, :p]
+        self.mbuf[i] = 0
+        self.mbuf[i, w - p : w] = 1
+
+    def _relink(self) -> None:
+        """Point every layer at its views of ``self.bufs`` (after the buffers were cut to fewer rows)."""
+        for g, buf in zip(self.groups, self.bufs):
+            for pos, layer in enumerate(g):
+                self.cache.layers[layer].kbuf, self.cache.layers[layer].vbuf = buf[2 * pos], buf[2 * pos + 1]
 
     def open_columns(self, start: int) -> None:
         """Move a decoder's window start left to ``start``: the new columns, for every row, masked and finite
         (the buffers start uninitialised, and 0 * NaN would poison attention)."""
         s = self.window.s
         self.mbuf[:, start:s] = 0
-        for layer in self.cache.layers:
-            layer.kbuf[:, :, start:s] = 0
-            layer.vbuf[:, :, start:s] = 0
+        for buf in self.bufs:
+            buf[:, :, :, start:s] = 0
         self.window.s = start
 
     def keep_rows(self, keep: list[int]) -> None:
@@ -187,16 +223,28 @@ class RowCache:
             dev = self.model.device
             dst, src = torch.tensor(holes, device=dev), torch.tensor(movers, device=dev)
             live = slice(self.window.s, self.window.w)
-            for layer in self.cache.layers:
-                for buf in (layer.kbuf, layer.vbuf):
-                    buf[dst, :, live] = buf[src, :, live]
+            for buf in self.bufs:
+                buf[:, dst, :, live] = buf[:, src, :, live]
             self.mbuf[dst, live] = self.mbuf[src, live]
             for h, m in zip(holes, movers):
                 self.rows[h] = self.rows[m]
-        for layer in self.cache.layers:
-            layer.kbuf, layer.vbuf = layer.kbuf[:n], layer.vbuf[:n]
+        self.bufs = [buf[:, :n] for buf in self.bufs]
+        self._relink()
         self.mbuf = self.mbuf[:n]
         self.rows = self.rows[:n]
+
+    def move_window(self, order: torch.Tensor | None, new_s: int) -> None:
+        """Copy the live columns ``[s, w)`` to ``[new_s, max_len)``: all of them, or per row the columns ``order``
+        (B, max_len - new_s) picks (``rebase``); the mask is the caller's."""
+        s, w = self.window.s, self.window.w
+        for buf in self.bufs:
+            if order is None:
+                buf[:, :, :, new_s : self.max_len] = buf[:, :, :, s:w].clone()  # the two may overlap
+            else:
+                idx = order[None, :, None, :, None].expand(buf.shape[0], -1, buf.shape[2], -1, buf.shape[4])
+                buf[:, :, :, new_s : self.max_len] = buf[:, :, :, s:w].gather(3, idx)
+        self.window.s, self.window.w = new_s, self.max_len
+        self.stats.rebases += 1
 
     def rebase(self, need: int) -> None:
         """Copy the live window so that it ends at ``max_len``, squeezing out every row's holes.
@@ -212,15 +260,10 @@ class RowCache:
         span = int(mask.sum(1).max()) if mask.numel() else 0
         order = torch.sort(mask, dim=1, stable=True).indices[:, w - s - span :]
         new_s = self.max_len - span
-        for layer in self.cache.layers:
-            for buf in (layer.kbuf, layer.vbuf):
-                idx = order[:, None, :, None].expand(-1, buf.shape[1], -1, buf.shape[3])
-                buf[:, :, new_s : self.max_len] = buf[:, :, s:w].gather(2, idx)
         squeezed = mask.gather(1, order)
+        self.move_window(order, new_s)
         self.mbuf.zero_()
         self.mbuf[:, new_s : self.max_len] = squeezed
-        self.window.s, self.window.w = new_s, self.max_len
-        self.stats.rebases += 1
 
     def halve(self) -> None:
         """Out of memory: requeue the second half of the rows (decoded again from their start) and shrink.
