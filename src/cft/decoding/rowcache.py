@@ -2,10 +2,11 @@
 
 Each row of a batch holds one sequence (a branch, a prompt's output) right-aligned in a shared key/value cache:
 columns ``[s, w)`` of the buffers are live (``Window``), a step writes its columns at ``w`` in place
-(``WindowLayer``: no per-step concatenation), a row's unused left columns are masked out, and its positions are
-given explicitly. ``RowCache`` owns what both decoders do to it: allocate the buffers, open columns on the left,
-keep some rows (shrinking the batch), squeeze out the holes that rejected drafts leave (``rebase``) and halve the
-batch when a step runs out of memory; the decoders add what goes into the rows.
+(``WindowLayer``: no per-step concatenation; the layers share one stacked buffer, so a row is placed in one copy),
+a row's unused left columns are masked out, and its positions are given explicitly. ``RowCache`` owns what both
+decoders do to it: allocate the buffers, put a row, open columns on the left, keep some rows (shrinking the
+batch), squeeze out the holes that rejected drafts leave (``rebase``) and halve the batch when a step runs out of
+memory; the decoders add what goes into the rows.
 """
 
 from __future__ import annotations
