@@ -60,7 +60,7 @@ from cft.artifacts import (
 )
 from cft.config import attn_option, device_option, dtype_option, from_args, internal, model_option, option
 from cft.decoding.api import DecodeConfig, stop_rule
-from cft.decoding.audit import Stop, audit_stops, print_stop_audit
+from cft.decoding.audit import LISTED, Stop, audit_stops, print_stop_audit
 from cft.decoding.backends import backend
 from cft.decoding.rowcache import EngineStats, auto_batch_size
 from cft.kinds import token_kind  # re-exported: identify's statistics break counts down by it
@@ -301,7 +301,7 @@ def branch_stop_audit(model, tok, labels: list[dict], cfg: IdentifyConfig, proto
             critical = int(all(ok is False for ok in oks))
         labels_changed += critical != labels[i]["critical"][t]
     summary.update(labels_changed=labels_changed, labels_unsettled=unsettled,
-                   changed=[_changed_branch(labels[i], t, j, ok) for (i, t, j), ok in sorted(changed.items())][:100])
+                   changed=[_changed_branch(labels[i], t, j, ok) for (i, t, j), ok in sorted(changed.items())][:LISTED])
     return summary
 
 
@@ -734,7 +734,7 @@ def _sum_audits(audits: list[dict]) -> dict:
     out = {}
     for k, v in audits[0].items():
         if isinstance(v, list):
-            out[k] = [x for a in audits for x in a.get(k, [])][:100]
+            out[k] = [x for a in audits for x in a.get(k, [])][:LISTED]
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             out[k] = sum(a.get(k, 0) for a in audits)
         else:

@@ -27,6 +27,9 @@ class Stop:
     ok: bool | None  # its verdict at the stop
 
 
+LISTED = 100  # the most changed items a stop audit lists (its counts cover them all)
+
+
 def audit_stops(model, tok, stops: list[Stop], grade, sample: int, seed: int, cfg: DecodeConfig) -> tuple[dict, dict]:
     """What the answer stop changed: the verdicts of stopped responses decoded on to EOS or the cap.
 
@@ -69,7 +72,7 @@ def stage_a_audit(model, tok, records: list[dict], cfg: DecodeConfig) -> dict:
 
     summary, full = audit_stops(model, tok, stops, grade, cfg.stop_audit, cfg.seed, cfg)
     summary["changed"] = [{"id": stopped[i]["id"], "correct_at_stop": stops[i].ok, "correct_at_end": ok}
-                          for i, ok in sorted(full.items()) if ok != stops[i].ok][:100]
+                          for i, ok in sorted(full.items()) if ok != stops[i].ok][:LISTED]
     return summary
 
 

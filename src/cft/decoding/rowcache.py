@@ -173,10 +173,8 @@ class RowCache:
         self.bufs = [kv[g[0]][0].new_empty(2 * len(g), n, kv[g[0]][0].shape[1], cap, kv[g[0]][0].shape[3])
                      for g in self.groups]
         self.cache = DynamicCache()
-        self.cache.layers = [None] * len(kv)
-        for g, buf in zip(self.groups, self.bufs):
-            for pos, layer in enumerate(g):
-                self.cache.layers[layer] = WindowLayer(buf[2 * pos], buf[2 * pos + 1], self.window)
+        self.cache.layers = [WindowLayer(None, None, self.window) for _ in kv]
+        self._relink()
         self.mbuf = torch.zeros(n, cap, dtype=torch.long, device=self.model.device)
 
     def stack(self, kv: list) -> list[torch.Tensor]:
@@ -195,7 +193,7 @@ class RowCache:
         self.mbuf[i, w - p : w] = 1
 
     def _relink(self) -> None:
-        """Point every layer at its views of ``self.bufs`` (after the buffers were cut to fewer rows)."""
+        """Point every layer at its views of ``self.bufs`` (when they are made or cut to fewer rows)."""
         for g, buf in zip(self.groups, self.bufs):
             for pos, layer in enumerate(g):
                 self.cache.layers[layer].kbuf, self.cache.layers[layer].vbuf = buf[2 * pos], buf[2 * pos + 1]
