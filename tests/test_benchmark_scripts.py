@@ -95,3 +95,18 @@ def test_identify_ab_against_the_same_checkout_finds_the_same_bytes():
     assert sum(x.startswith(("this ", "other ")) for x in lines) == 4  # a warm-up pair and one timed pair
     assert re.fullmatch(r"this_over_other=\d+\.\d{3} pairwise_median=\d+\.\d{3} pairwise_min=\d+\.\d{3} "
                         r"pairwise_max=\d+\.\d{3} rounds=1 labels_identical=true files_identical=true", lines[-1])
+
+
+def test_dtype_speed_alternates_the_two_dtypes_and_prints_the_ratios():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "dtype_speed.py"), "--problems", "4", "--max-new-tokens", "16",
+           "--batch", "2", "--seq", "16", "--rounds", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    runs = [line for line in lines if line.startswith("round ")]
+    assert [r.split(":")[0] for r in runs] == ["round 0 (warm-up) float32", "round 0 (warm-up) bfloat16",
+                                              "round 1 bfloat16", "round 1 float32",
+                                              "round 2 float32", "round 2 bfloat16"]
+    assert re.fullmatch(r"decode_bf16_over_fp32=\d+\.\d{3} train_fp32_over_bf16=\d+\.\d{3} decode_fp32_tok_s=[\d.]+ "
+                        r"decode_bf16_tok_s=[\d.]+ train_fp32_s=[\d.]+ train_bf16_s=[\d.]+ "
+                        r"native_bf16=(true|false) rounds=1", lines[-1]), lines[-1]

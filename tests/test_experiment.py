@@ -487,6 +487,59 @@ def test_study_rerun_does_nothing(study_run, monkeypatch):
     _rerun_does_nothing(study_run, monkeypatch, cells=9)
 
 
+LEAN = {**{k: v for k, v in TINY.items() if not k.startswith("grpo")}, "methods": ["sft"], "seeds": [0, 1],
+        "tune": {"grid": {"lr": [1e-4, 1e-3]}, "limit": 4},
+        "sample_benchmarks": ["testbed:test"], "eval_dtype": "bfloat16"}
+
+
+@pytest.fixture(scope="module")
+def lean_run(tmp_path_factory):
+    return _run_grid(tmp_path_factory, LEAN)
+
+
+def test_the_tuning_run_is_reused_for_its_seed(lean_run):
+    """The grid cell of the tuning seed at the chosen setting is that tuning run (equal training hashes): its
+    trained model is linked, not trained again; the other seed trains."""
+    cfg, result, counts = lean_run
+    assert counts == {"trained": 3, "grpo": 0, "evaluated": 5, "skipped": 0}  # 2 tuning runs + seed 1
+    chosen = result["tuning"]["testbed"]["sft"]["chosen"]
+    twin = cell_dir(cfg, "testbed", "sft", 0, chosen)
+    cell = json.loads((cell_dir(cfg, "testbed", "sft", 0) / "cell.json").read_text())
+    assert cell["trained_by"] == str(twin.relative_to(cfg.out))
+    assert cell["train"] == json.loads((twin / "cell.json").read_text())["train"]
+    weights = [p.relative_to(twin / "train") for p in (twin / "train").rglob("*.safetensors")]
+    assert weights and all((cell_dir(cfg, "testbed", "sft", 0) / "train" / w).read_bytes()
+                           == (twin / "train" / w).read_bytes() for w in weights)
+    other = json.loads((cell_dir(cfg, "testbed", "sft", 1) / "cell.json").read_text())
+    assert "trained_by" not in other and other["train"]["global_step"] == 2
+
+
+def test_sample_benchmarks_and_eval_dtype(lean_run):
+    cfg, result, _ = lean_run
+    metrics = json.loads((cell_dir(cfg, "testbed", "sft", 1) / "cell.json").read_text())["metrics"]
+    assert metrics["testbed:test"]["n_sampled"] == 4 and metrics["testbed:test"]["pass_at_k"]
+    assert metrics["testbed:test_ood"]["n_sampled"] == 0 and not metrics["testbed:test_ood"]["pass_at_k"]
+    assert metrics["testbed:test_ood"]["n"] == 4
+    rows = result["results"]["testbed"]
+    assert "pass@2" in rows["testbed:test"]["sft"]["metrics"]
+    assert "pass@2" not in rows["testbed:test_ood"]["sft"]["metrics"]
+    for sub, benchmarks in (("greedy", 2), ("sampled", 1)):
+        meta = (cell_dir(cfg, "testbed", "base", 0) / "eval" / "chat" / sub / "samples.jsonl.meta.json").read_text()
+        config = json.loads(meta)["config"]
+        assert config["dtype"] == "bfloat16" and len(config["benchmarks"]) == benchmarks
+    with pytest.raises(ExperimentError, match="not in benchmarks: gsm8k"):
+        build_config({"out": "a", "sample_benchmarks": ["gsm8k"]})
+    plain = build_config({**LEAN, "out": cfg.out, "sample_benchmarks": None, "eval_dtype": None})
+    from cft.grid import Grid
+
+    assert Grid(plain).cell_hash("testbed", "sft", 1) != Grid(cfg).cell_hash("testbed", "sft", 1)
+    assert Grid(plain).train_hash("testbed", "sft", 1) == Grid(cfg).train_hash("testbed", "sft", 1)
+
+
+def test_lean_rerun_does_nothing(lean_run, monkeypatch):
+    _rerun_does_nothing(lean_run, monkeypatch, cells=5)  # the tuning runs are cells too
+
+
 def test_every_settable_field_has_a_frozen_default():
     """``cell_defaults.BASELINE`` must name every field a config can set (a new field goes in with the value old
     runs implicitly used), or a later change of its default could not change the hashes of runs that relied on

@@ -315,8 +315,10 @@ def test_crosscheck_reports_disagreements_and_whether_they_are_near_ties(tmp_pat
         return ([tok.convert_tokens_to_ids(_tok(tok, "9"))] + cont if response[-1] == eight else cont), margin
 
     monkeypatch.setattr(ident, "reference_branch", flipped)
+    monkeypatch.setenv("CFT_PROGRESS_SECONDS", "0.0001")  # a log's timed progress lines
     _, clean = labels_for(tmp_path / "all", model, tok, records, "fast", crosscheck=1000)
     assert clean["crosschecked"] == clean["branches"] and clean["disagreements"] == 1
+    assert f"crosscheck[reference]: {clean['branches']}/{clean['branches']} branch (100%)" in capsys.readouterr().err
     assert clean["disagreements_near_tie"] == 0  # margin 1.0 is no near-tie: an engine bug, reported as such
     (detail,) = clean["disagreement_details"]
     assert detail["position"] == 4 and detail["fast"]["answer"] == "8" and detail["reference"]["answer"] == "89"

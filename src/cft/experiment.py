@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -60,6 +62,7 @@ from cft.grid import (
     cell_dir,
     claim_cell,
     finished_cell,
+    read_cell,
     setting_slug,
     shared_paths,
     slug,
@@ -136,8 +139,9 @@ class Runner(Grid):
         ``cft eval`` with several benchmarks does)."""
 
         e, n_samples = self.cfg.eval, plan.n_samples
-        runs = [("all", plan.limit, n_samples)] if plan.sampled == plan.limit or n_samples == 0 else [
-            ("greedy", plan.limit, 0), ("sampled", plan.sampled, n_samples)]
+        together = n_samples == 0 or (plan.sampled == plan.limit and plan.sample_only is None)
+        runs = [("all", plan.limit, n_samples, plan.benchmarks)] if together else [
+            ("greedy", plan.limit, 0, plan.benchmarks), ("sampled", plan.sampled, n_samples, plan.sampled_benchmarks)]
         n = max(x for x in (plan.limit, plan.sampled, 0) if x is not None) or None
         groups: dict[str | None, dict[str, str]] = {}  # template -> benchmark -> spec
         for bench in plan.benchmarks:
@@ -147,20 +151,23 @@ class Runner(Grid):
         problems: dict[str, dict[str, dict[str, float]]] = {}
         files = []
         for template, specs in groups.items():
-            for part, limit, k in runs:
+            for part, limit, k, benches in runs:
+                chosen = {bench: spec for bench, spec in specs.items() if bench in benches}
+                if not chosen:
+                    continue
                 out = path / plan.sub / slug(template or "default") / part
-                ecfg = replace(e, model=name, benchmarks=list(specs.values()), out=str(out), limit=limit,
+                ecfg = replace(e, model=name, benchmarks=list(chosen.values()), out=str(out), limit=limit,
                                n_samples=k, template=template, seed=seed)
                 result = evaluate(ecfg, model, tok)
-                parts.setdefault(part, {}).update({bench: result[spec] for bench, spec in specs.items()})
+                parts.setdefault(part, {}).update({bench: result[spec] for bench, spec in chosen.items()})
                 scores = problem_scores(load_records(out / SAMPLES, "samples"))
-                for bench, spec in specs.items():
+                for bench, spec in chosen.items():
                     problems.setdefault(bench, {}).update(scores.get(spec, {}))
                 files.append(str((out / METRICS).relative_to(path)))
         metrics = {}
         for bench in plan.benchmarks:
             greedy = parts.get("greedy", parts.get("all"))[bench]
-            sampled = parts.get("sampled", parts.get("all"))[bench]
+            sampled = parts.get("sampled", parts.get("all", {})).get(bench, greedy)  # greedy only: no samples
             metrics[bench] = {"accuracy": greedy["accuracy"], "n": greedy["n"], "truncated": greedy["truncated"],
                               "pass_at_k": sampled["pass_at_k"], "maj_at_k": sampled["maj_at_k"],
                               "entropy": sampled["entropy"],
@@ -189,7 +196,7 @@ class Runner(Grid):
             final_step = final
         out, files = [], []
         for step, epoch, ckpt, loaded in points:
-            m, tok = loaded or load_model(ckpt, self.cfg.dtype, self.cfg.device)
+            m, tok = loaded or load_model(ckpt, self.cfg.eval.dtype, self.cfg.device)
             metrics, f, _ = self.evaluate_checkpoint(ckpt, m, tok, path, seed, self.curve_plan(step))
             files += f
             fraction = 0.0 if final_step is None else step / final_step
@@ -213,11 +220,18 @@ class Runner(Grid):
         seconds = dict(rec.get("seconds", {}))
         t0 = time.time()
         if method == BASE:
-            m, tok = loaded()
+            m, tok = loaded() if self.cfg.eval.dtype == self.cfg.dtype else load_model(
+                model, self.cfg.eval.dtype, self.cfg.device)
             ckpt = model
         else:
             ckpt_dir = path / ("grpo" if method.startswith(GRPO_PREFIX) else "train")
-            if rec["status"] != "trained":
+            twin = None if setting is not None else self.tuning_twin(model, method, seed, base["train_hash"])
+            if rec["status"] != "trained" and twin is not None:
+                rec.update(self.reuse_training(twin, ckpt_dir))
+                seconds["train"] = time.time() - t0
+                rec.update(status="trained", seconds=seconds)
+                write_json_if_changed(path / CELL, rec)
+            elif rec["status"] != "trained":
                 rec.update(self.grpo_cell(model, method, seed, ckpt_dir) if method.startswith(GRPO_PREFIX)
                            else self.train_cell(model, method, seed, ckpt_dir, setting))
                 seconds["train"] = time.time() - t0
@@ -225,7 +239,7 @@ class Runner(Grid):
                 write_json_if_changed(path / CELL, rec)
 
             ckpt = str(ckpt_dir)
-            m, tok = load_model(ckpt, self.cfg.dtype, self.cfg.device)
+            m, tok = load_model(ckpt, self.cfg.eval.dtype, self.cfg.device)
         problems: dict = {}
         if method.startswith(GRPO_PREFIX) and not self.cfg.evaluate_grpo:
             metrics, files = {}, []
@@ -265,6 +279,33 @@ class Runner(Grid):
                           "final_loss": summary["final_loss"], "tokens": tokens, "loss_curve": curve,
                           "seconds": summary["seconds"]},
                 "train_files": [f"train/{SUMMARY}"]}
+
+    def tuning_twin(self, model: str, method: str, seed: int, train_hash: str) -> Path | None:
+        """The tuning run that this grid cell's training repeats exactly (same method, seed and training
+        arguments: the tuning seed at the chosen setting, equal training hashes), if it has trained."""
+        t, point = self.cfg.tune, self.chosen.get(model, {}).get(method)
+        if t is None or point is None or seed != t.seed or method not in self.tuned_methods():
+            return None
+        twin = cell_dir(self.cfg, model, method, seed, point)
+        rec = read_cell(twin)
+        if rec and rec.get("train_hash") == train_hash and rec.get("status") in ("trained", "finished") and all(
+                (twin / f).exists() for f in rec.get("train_files", [])):
+            return twin
+        return None
+
+    def reuse_training(self, twin: Path, out: Path) -> dict[str, Any]:
+        """The twin's trained model, hard-linked (copied across file systems) into ``out``, and its record."""
+        rec = read_cell(twin)
+        if out.exists():
+            shutil.rmtree(out)
+        try:
+            shutil.copytree(twin / "train", out, copy_function=os.link)
+        except OSError:
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.copytree(twin / "train", out)
+        self.log(f"[{rec['model']}] {rec['method']} seed {rec['seed']}: the tuning run {twin.relative_to(self.out)} "
+                 f"trained it (same training hash); reused")
+        return {"train": rec["train"], "train_files": rec["train_files"], "trained_by": str(twin.relative_to(self.out))}
 
     def grpo_cell(self, model: str, method: str, seed: int, out: Path) -> dict[str, Any]:
         start = cell_dir(self.cfg, model, method[len(GRPO_PREFIX):], seed) / "train"

@@ -29,7 +29,7 @@ import yaml
 
 from cft import options
 from cft.cell_defaults import BASELINE
-from cft.config import device_option, dtype_option, internal, is_internal, option
+from cft.config import DTYPES, device_option, dtype_option, internal, is_internal, option
 from cft.errors import UserError
 from cft.selection import METHODS
 
@@ -116,6 +116,11 @@ class ExperimentConfig:
     evaluate_base: bool = option(True, "evaluate the starting model once (first seed) as a reference row")
     sample_limit: int | None = option(None, "pass@k, maj@k and entropy on the first N of eval.limit's problems "
                                             "(null: all of them); sampling costs n_samples decodes per problem")
+    sample_benchmarks: list[str] | None = option(None, "the benchmarks sampled for pass@k, maj@k and entropy "
+                                                       "(null: every benchmark; the others are decoded greedily only)")
+    eval_dtype: str | None = option(None, "dtype of every evaluation (null: dtype); e.g. bfloat16 where the "
+                                          "hardware runs it natively while stages A and B stay in float32",
+                                    choices=list(DTYPES))
     eval_data_seed: int = option(0, "which testbed problems are evaluated (the same for every seed)")
     grpo_from: list[str] = option(factory=list, help="GRPO starts from the checkpoints of these methods ([]: none)")
     grpo_seeds: list[int] | None = option(None, "the seeds GRPO runs for (null: every seed of the grid)")
@@ -168,7 +173,10 @@ def _nested(f: dataclasses.Field) -> bool:
 
 def shared(cfg: ExperimentConfig, section: str) -> dict[str, Any]:
     names = {f.name for f in fields(stage_class(section))}
-    return {k: getattr(cfg, k) for k in SHARED if k in names}
+    out = {k: getattr(cfg, k) for k in SHARED if k in names}
+    if section == "eval" and cfg.eval_dtype:
+        out["dtype"] = cfg.eval_dtype
+    return out
 
 
 def stage_config(cfg: ExperimentConfig, section: str, values: dict[str, Any] | None = None):
@@ -457,6 +465,9 @@ def check(cfg: ExperimentConfig, methods: tuple[str, ...]) -> None:
     extra = [s for s in cfg.grpo_seeds or [] if s not in cfg.seeds]
     if extra:
         raise ExperimentError(f"grpo_seeds {extra} are not seeds of the grid")
+    unsampled = [b for b in cfg.sample_benchmarks or [] if b not in cfg.benchmarks]
+    if unsampled:
+        raise ExperimentError(f"sample_benchmarks names benchmark(s) not in benchmarks: {', '.join(unsampled)}")
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:

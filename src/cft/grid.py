@@ -36,6 +36,11 @@ class EvalPlan:
     sampled: int | None
     n_samples: int
     sub: str
+    sample_only: tuple[str, ...] | None = None  # the benchmarks sampled, where not all of them
+
+    @property
+    def sampled_benchmarks(self) -> tuple[str, ...]:
+        return self.benchmarks if self.sample_only is None else self.sample_only
 
 
 # ---------------------------------------------------------------- cells
@@ -161,14 +166,20 @@ class Grid:
         plans = [self.tune_plan()] if setting is not None else [self.eval_plan()] + (
             [self.curve_plan(0)] if self.has_curve(method) else [])
         decoding = {k: v for k, v in settings(c.eval, "eval").items() if k not in ("limit", "n_samples")}  # in plans
+        # the newer options enter the hash only when used, so cells made before them keep theirs
+        if c.eval_dtype and c.eval_dtype != c.dtype:
+            decoding["dtype"] = c.eval_dtype
         return record_key(self.train_hash(model, method, seed, setting), decoding, c.eval_data_seed,
-                          [(p.benchmarks, p.limit, p.sampled, p.n_samples) for p in plans])
+                          [(p.benchmarks, p.limit, p.sampled, p.n_samples)
+                           + ((p.sample_only,) if p.sample_only is not None else ()) for p in plans])
 
     # -------------------------------------------------- what an evaluation decodes
 
     def eval_plan(self) -> EvalPlan:
         c = self.cfg
-        return EvalPlan(tuple(c.benchmarks), c.eval.limit, c.sampled, c.eval.n_samples, "eval")
+        only = None if c.sample_benchmarks is None or set(c.sample_benchmarks) == set(c.benchmarks) else tuple(
+            b for b in c.benchmarks if b in c.sample_benchmarks)
+        return EvalPlan(tuple(c.benchmarks), c.eval.limit, c.sampled, c.eval.n_samples, "eval", only)
 
     def tune_plan(self) -> EvalPlan:
         t = self.cfg.tune

@@ -244,18 +244,20 @@ def crosscheck(model, tok, labels: list[dict], cfg: IdentifyConfig, proto: Proto
     rest = [x for x in decoded if x not in near]
     chosen = sorted(near | set(random.Random(cfg.crosscheck_seed).sample(rest, min(cfg.crosscheck, len(rest)))))
     disagreements = []
-    for i, t, j in chosen:
-        rec, b = labels[i], labels[i]["branches"][t][j]
-        response = rec["response_ids"][:t] + [b["token"]]
-        cont, margin = reference_branch(model, tok, proto, rec["prompt_ids"], response, t)
-        v = proto.verdict(response + cont, rec["gold"])
-        ids_differ = b["ids"] is not None and b["ids"] != cont
-        if ids_differ or v.ok != b["ok"]:
-            disagreements.append({"key": rec["key"], "id": rec["id"], "position": t, "rank": b["rank"],
-                                  "near_tie": _near(b, tol) or (margin is not None and margin < tol),
-                                  "margin": b["margin"], "reference_margin": margin, "ids_differ": ids_differ,
-                                  "fast": {"ok": b["ok"], "answer": b["answer"]},
-                                  "reference": {"ok": v.ok, "answer": v.answer}})
+    with Progress("crosscheck[reference]", total=len(chosen), unit="branch") as progress:
+        for i, t, j in chosen:
+            rec, b = labels[i], labels[i]["branches"][t][j]
+            response = rec["response_ids"][:t] + [b["token"]]
+            cont, margin = reference_branch(model, tok, proto, rec["prompt_ids"], response, t)
+            progress.advance(tokens=len(cont))
+            v = proto.verdict(response + cont, rec["gold"])
+            ids_differ = b["ids"] is not None and b["ids"] != cont
+            if ids_differ or v.ok != b["ok"]:
+                disagreements.append({"key": rec["key"], "id": rec["id"], "position": t, "rank": b["rank"],
+                                      "near_tie": _near(b, tol) or (margin is not None and margin < tol),
+                                      "margin": b["margin"], "reference_margin": margin, "ids_differ": ids_differ,
+                                      "fast": {"ok": b["ok"], "answer": b["answer"]},
+                                      "reference": {"ok": v.ok, "answer": v.answer}})
     return {"crosschecked": len(chosen), "crosschecked_near_ties": len(near),
             "disagreements": len(disagreements),
             "disagreements_near_tie": sum(d["near_tie"] for d in disagreements),

@@ -1,0 +1,94 @@
+"""float32 against bfloat16 on this machine: evaluation's decoding and one training step, alternated in one process.
+
+Whether bfloat16 pays depends on the CPU: with native bfloat16 (AVX512_BF16, AMX) its matrix products run
+faster than float32's, without it (AVX2 only) several times slower. This measures the two costs a study pays
+most often, on the model it will use, so the choice of ``eval_dtype`` and ``train_args.bf16`` in an experiment
+config is a measurement, not a guess:
+
+- decode: ``decoding.api.decode`` (the engine backend ``cft eval`` uses) greedy on ``--problems`` problems of
+  ``--data``, the model loaded in each dtype (the outputs differ in the last bits of the logits, so the token
+  counts differ a little; tokens/s is the comparison);
+- train step: forward, backward and AdamW on a batch of ``--batch`` x ``--seq`` tokens, float32 weights, with
+  and without ``torch.autocast(bfloat16)`` (what ``bf16: true`` in TRL's arguments does).
+
+Each side runs once uncounted, then ``--rounds`` times in ABBA order, so drift hits both alike. Prints every
+run and as its last line
+
+    decode_bf16_over_fp32=<tokens/s ratio> train_fp32_over_bf16=<seconds ratio> decode_fp32_tok_s=..
+    decode_bf16_tok_s=.. train_fp32_s=.. train_bf16_s=.. native_bf16=<true|false> rounds=<n>
+
+(one line; a ratio above 1 means bfloat16 is faster).
+
+    python benchmarks/dtype_speed.py --model smollm2 --data arith:test --problems 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+from cft.data import load_problems
+from cft.decoding.api import DecodeConfig, decode
+from cft.models import cpu_bf16_native, load_model, machine_line
+from cft.prompts import render_ids
+
+
+def decode_rate(model, tok, prompts: list[list[int]], max_new_tokens: int) -> float:
+    t = time.perf_counter()
+    outs = decode(model, tok, prompts, DecodeConfig(max_new_tokens=max_new_tokens))
+    return sum(len(o[0].ids) for o in outs) / (time.perf_counter() - t)
+
+
+def train_step(model, batch: torch.Tensor, bf16: bool) -> float:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-12)  # a real step, too small to drift between rounds
+    t = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="testbed")
+    ap.add_argument("--data", default="testbed:test")
+    ap.add_argument("--problems", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=16, help="training sequences per step")
+    ap.add_argument("--seq", type=int, default=128, help="tokens per training sequence")
+    ap.add_argument("--rounds", type=int, default=2, help="ABBA rounds (each runs both sides twice)")
+    args = ap.parse_args()
+    print(machine_line(), f"load={os.getloadavg()[0]:.2f}")
+    models = {dt: load_model(args.model, dt, "cpu") for dt in ("float32", "bfloat16")}
+    tok = models["float32"][1]
+    prompts = [render_ids(tok, p.question, "chat") for p in load_problems(args.data, limit=args.problems)]
+    trainee = load_model(args.model, "float32", "cpu")[0].train()
+    seeded = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, trainee.config.vocab_size, (args.batch, args.seq), generator=seeded)
+    runs = {("decode", dt): [] for dt in models} | {("train", dt): [] for dt in models}
+    order = ["float32", "bfloat16"]
+    for r in range(args.rounds * 2 + 1):
+        for dt in order if r % 2 == 0 else order[::-1]:
+            rate = decode_rate(*models[dt], prompts, args.max_new_tokens)
+            step = train_step(trainee, batch, bf16=dt == "bfloat16")
+            counted = r > 0
+            print(f"round {r}{'' if counted else ' (warm-up)'} {dt}: decode {rate:.1f} tok/s, train step {step:.2f} s")
+            if counted:
+                runs["decode", dt].append(rate)
+                runs["train", dt].append(step)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    print(f"decode_bf16_over_fp32={med['decode', 'bfloat16'] / med['decode', 'float32']:.3f} "
+          f"train_fp32_over_bf16={med['train', 'float32'] / med['train', 'bfloat16']:.3f} "
+          f"decode_fp32_tok_s={med['decode', 'float32']:.1f} decode_bf16_tok_s={med['decode', 'bfloat16']:.1f} "
+          f"train_fp32_s={med['train', 'float32']:.3f} train_bf16_s={med['train', 'bfloat16']:.3f} "
+          f"native_bf16={str(cpu_bf16_native()).lower()} rounds={args.rounds}")
+
+
+if __name__ == "__main__":
+    main()
