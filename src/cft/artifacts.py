@@ -144,7 +144,10 @@ def environment(model: Any = None) -> dict[str, Any]:
             versions[pkg] = None
     versions["cft"] = versions["cft"] or __version__  # run from a source tree (PYTHONPATH=src)
     env: dict[str, Any] = {"versions": versions, "python": platform.python_version(), "platform": platform.platform()}
-    if model is not None:
+    if model is not None:  # a stage that ran a model: the machine its timings are of, and the model's device
+        from cft.models import machine
+
+        env["machine"] = machine()
         param = next(model.parameters())
         env["device"] = str(param.device)
         env["dtype"] = str(param.dtype).replace("torch.", "")

@@ -91,6 +91,66 @@ def benchmark_input(cfg: ExperimentConfig, bench: str, n: int | None) -> tuple[s
     return str(path), cfg.eval.template or "chat"
 
 
+def evaluate_checkpoint(cfg: ExperimentConfig, name: str, model, tok, path: Path, seed: int,
+                        plan: EvalPlan) -> tuple[dict, list[str], dict]:
+    """Metrics per benchmark (greedy accuracy on ``plan.limit`` problems, sampling on ``plan.sampled``) and
+    each problem's scores (``cft.evaluate.problem_scores``) for the paired bootstrap.
+
+    The benchmarks that share a prompt template are decoded in one ``evaluate`` call (one batching, as
+    ``cft eval`` with several benchmarks does)."""
+
+    e, n_samples = cfg.eval, plan.n_samples
+    together = n_samples == 0 or (plan.sampled == plan.limit and plan.sample_only is None)
+    runs = [("all", plan.limit, n_samples, plan.benchmarks)] if together else [
+        ("greedy", plan.limit, 0, plan.benchmarks), ("sampled", plan.sampled, n_samples, plan.sampled_benchmarks)]
+    n = max(x for x in (plan.limit, plan.sampled, 0) if x is not None) or None
+    groups: dict[str | None, dict[str, str]] = {}  # template -> benchmark -> spec
+    for bench in plan.benchmarks:
+        spec, template = benchmark_input(cfg, bench, n)
+        groups.setdefault(template, {})[bench] = spec
+    parts: dict[str, dict[str, dict]] = {}  # part -> benchmark -> metrics
+    problems: dict[str, dict[str, dict[str, float]]] = {}
+    files = []
+    for template, specs in groups.items():
+        for part, limit, k, benches in runs:
+            chosen = {bench: spec for bench, spec in specs.items() if bench in benches}
+            if not chosen:
+                continue
+            out = path / plan.sub / slug(template or "default") / part
+            ecfg = replace(e, model=name, benchmarks=list(chosen.values()), out=str(out), limit=limit,
+                           n_samples=k, template=template, seed=seed)
+            result = evaluate(ecfg, model, tok)
+            parts.setdefault(part, {}).update({bench: result[spec] for bench, spec in chosen.items()})
+            scores = problem_scores(load_records(out / SAMPLES, "samples"))
+            for bench, spec in chosen.items():
+                problems.setdefault(bench, {}).update(scores.get(spec, {}))
+            files.append(str((out / METRICS).relative_to(path)))
+    metrics = {}
+    for bench in plan.benchmarks:
+        greedy = parts.get("greedy", parts.get("all"))[bench]
+        sampled = parts.get("sampled", parts.get("all", {})).get(bench, greedy)  # greedy only: no samples
+        metrics[bench] = {"accuracy": greedy["accuracy"], "n": greedy["n"], "truncated": greedy["truncated"],
+                          "pass_at_k": sampled["pass_at_k"], "maj_at_k": sampled["maj_at_k"],
+                          "entropy": sampled["entropy"],
+                          "n_sampled": sampled["n"] if sampled["n_samples"] else 0,
+                          "n_samples": sampled["n_samples"]}
+    return metrics, files, problems
+
+
+def link_training(twin: Path, out: Path) -> dict[str, Any]:
+    """A tuning run's trained model, hard-linked (copied across file systems) into ``out``, and its record's
+    training entries (``Grid.tuning_twin``: the same training, so nothing is trained again)."""
+    rec = read_cell(twin)
+    if out.exists():
+        shutil.rmtree(out)
+    try:
+        shutil.copytree(twin / "train", out, copy_function=os.link)
+    except OSError:
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(twin / "train", out)
+    return {"train": rec["train"], "train_files": rec["train_files"]}
+
+
 class Runner(Grid):
     """Runs the grid (``Grid``'s cells); loads models only for work that is not done yet."""
 
@@ -130,52 +190,6 @@ class Runner(Grid):
 
     # -------------------------------------------------- evaluation
 
-    def evaluate_checkpoint(self, name: str, model, tok, path: Path, seed: int,
-                            plan: EvalPlan) -> tuple[dict, list[str], dict]:
-        """Metrics per benchmark (greedy accuracy on ``plan.limit`` problems, sampling on ``plan.sampled``) and
-        each problem's scores (``cft.evaluate.problem_scores``) for the paired bootstrap.
-
-        The benchmarks that share a prompt template are decoded in one ``evaluate`` call (one batching, as
-        ``cft eval`` with several benchmarks does)."""
-
-        e, n_samples = self.cfg.eval, plan.n_samples
-        together = n_samples == 0 or (plan.sampled == plan.limit and plan.sample_only is None)
-        runs = [("all", plan.limit, n_samples, plan.benchmarks)] if together else [
-            ("greedy", plan.limit, 0, plan.benchmarks), ("sampled", plan.sampled, n_samples, plan.sampled_benchmarks)]
-        n = max(x for x in (plan.limit, plan.sampled, 0) if x is not None) or None
-        groups: dict[str | None, dict[str, str]] = {}  # template -> benchmark -> spec
-        for bench in plan.benchmarks:
-            spec, template = benchmark_input(self.cfg, bench, n)
-            groups.setdefault(template, {})[bench] = spec
-        parts: dict[str, dict[str, dict]] = {}  # part -> benchmark -> metrics
-        problems: dict[str, dict[str, dict[str, float]]] = {}
-        files = []
-        for template, specs in groups.items():
-            for part, limit, k, benches in runs:
-                chosen = {bench: spec for bench, spec in specs.items() if bench in benches}
-                if not chosen:
-                    continue
-                out = path / plan.sub / slug(template or "default") / part
-                ecfg = replace(e, model=name, benchmarks=list(chosen.values()), out=str(out), limit=limit,
-                               n_samples=k, template=template, seed=seed)
-                result = evaluate(ecfg, model, tok)
-                parts.setdefault(part, {}).update({bench: result[spec] for bench, spec in chosen.items()})
-                scores = problem_scores(load_records(out / SAMPLES, "samples"))
-                for bench, spec in chosen.items():
-                    problems.setdefault(bench, {}).update(scores.get(spec, {}))
-                files.append(str((out / METRICS).relative_to(path)))
-        metrics = {}
-        for bench in plan.benchmarks:
-            greedy = parts.get("greedy", parts.get("all"))[bench]
-            sampled = parts.get("sampled", parts.get("all", {})).get(bench, greedy)  # greedy only: no samples
-            metrics[bench] = {"accuracy": greedy["accuracy"], "n": greedy["n"], "truncated": greedy["truncated"],
-                              "pass_at_k": sampled["pass_at_k"], "maj_at_k": sampled["maj_at_k"],
-                              "entropy": sampled["entropy"],
-                              "n_sampled": sampled["n"] if sampled["n_samples"] else 0,
-                              "n_samples": sampled["n_samples"]}
-        self.counts["evaluated"] += 1
-        return metrics, files, problems
-
     def curve(self, model: str, path: Path, seed: int, base: tuple[Any, Any] | None = None) -> tuple[list, list]:
         """The learning curve of a trained cell (each kept checkpoint, then the trained model), or the starting
         model's single point (``base``: its loaded model and tokenizer)."""
@@ -197,7 +211,8 @@ class Runner(Grid):
         out, files = [], []
         for step, epoch, ckpt, loaded in points:
             m, tok = loaded or load_model(ckpt, self.cfg.eval.dtype, self.cfg.device)
-            metrics, f, _ = self.evaluate_checkpoint(ckpt, m, tok, path, seed, self.curve_plan(step))
+            metrics, f, _ = evaluate_checkpoint(self.cfg, ckpt, m, tok, path, seed, self.curve_plan(step))
+            self.counts["evaluated"] += 1
             files += f
             fraction = 0.0 if final_step is None else step / final_step
             scores = {b: {"accuracy": v["accuracy"], "entropy": v["entropy"]} for b, v in metrics.items()}
@@ -227,7 +242,9 @@ class Runner(Grid):
             ckpt_dir = path / ("grpo" if method.startswith(GRPO_PREFIX) else "train")
             twin = None if setting is not None else self.tuning_twin(model, method, seed, base["train_hash"])
             if rec["status"] != "trained" and twin is not None:
-                rec.update(self.reuse_training(twin, ckpt_dir))
+                rec.update(link_training(twin, ckpt_dir), trained_by=str(twin.relative_to(self.out)))
+                self.log(f"[{model}] {method} seed {seed}: trained by the tuning run {rec['trained_by']} "
+                         f"(the same training hash); its model reused")
                 seconds["train"] = time.time() - t0
                 rec.update(status="trained", seconds=seconds)
                 write_json_if_changed(path / CELL, rec)
@@ -246,7 +263,8 @@ class Runner(Grid):
         else:
             t1 = time.time()
             plan = self.tune_plan() if setting is not None else self.eval_plan()
-            metrics, files, problems = self.evaluate_checkpoint(ckpt, m, tok, path, seed, plan)
+            metrics, files, problems = evaluate_checkpoint(self.cfg, ckpt, m, tok, path, seed, plan)
+            self.counts["evaluated"] += 1
             seconds["eval"] = time.time() - t1
         if setting is None and self.has_curve(method):
             t2 = time.time()
@@ -279,33 +297,6 @@ class Runner(Grid):
                           "final_loss": summary["final_loss"], "tokens": tokens, "loss_curve": curve,
                           "seconds": summary["seconds"]},
                 "train_files": [f"train/{SUMMARY}"]}
-
-    def tuning_twin(self, model: str, method: str, seed: int, train_hash: str) -> Path | None:
-        """The tuning run that this grid cell's training repeats exactly (same method, seed and training
-        arguments: the tuning seed at the chosen setting, equal training hashes), if it has trained."""
-        t, point = self.cfg.tune, self.chosen.get(model, {}).get(method)
-        if t is None or point is None or seed != t.seed or method not in self.tuned_methods():
-            return None
-        twin = cell_dir(self.cfg, model, method, seed, point)
-        rec = read_cell(twin)
-        if rec and rec.get("train_hash") == train_hash and rec.get("status") in ("trained", "finished") and all(
-                (twin / f).exists() for f in rec.get("train_files", [])):
-            return twin
-        return None
-
-    def reuse_training(self, twin: Path, out: Path) -> dict[str, Any]:
-        """The twin's trained model, hard-linked (copied across file systems) into ``out``, and its record."""
-        rec = read_cell(twin)
-        if out.exists():
-            shutil.rmtree(out)
-        try:
-            shutil.copytree(twin / "train", out, copy_function=os.link)
-        except OSError:
-            shutil.rmtree(out, ignore_errors=True)
-            shutil.copytree(twin / "train", out)
-        self.log(f"[{rec['model']}] {rec['method']} seed {rec['seed']}: the tuning run {twin.relative_to(self.out)} "
-                 f"trained it (same training hash); reused")
-        return {"train": rec["train"], "train_files": rec["train_files"], "trained_by": str(twin.relative_to(self.out))}
 
     def grpo_cell(self, model: str, method: str, seed: int, out: Path) -> dict[str, Any]:
         start = cell_dir(self.cfg, model, method[len(GRPO_PREFIX):], seed) / "train"

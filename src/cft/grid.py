@@ -221,6 +221,19 @@ class Grid:
             out[method] = {**out[source], "runs": [], "from": source}
         return out
 
+    def tuning_twin(self, model: str, method: str, seed: int, train_hash: str) -> Path | None:
+        """The tuning run that this grid cell's training repeats exactly (same method, seed and training
+        arguments: the tuning seed at the chosen setting, equal training hashes), if it has trained."""
+        t, point = self.cfg.tune, self.chosen.get(model, {}).get(method)
+        if t is None or point is None or seed != t.seed or method not in self.tuned_methods():
+            return None
+        twin = cell_dir(self.cfg, model, method, seed, point)
+        rec = read_cell(twin)
+        if rec and rec.get("train_hash") == train_hash and rec.get("status") in ("trained", "finished") and all(
+                (twin / f).exists() for f in rec.get("train_files", [])):
+            return twin
+        return None
+
     def choose(self, model: str) -> None:
         """Fill ``chosen`` from the finished tuning runs (a method still being tuned stays unset)."""
         for method, rec in (self.tuning(model) or {}).items():

@@ -184,12 +184,22 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def machine() -> dict[str, object]:
+    """What a timing depends on: the CPU, its SIMD level and native bfloat16, the threads, the GPU if any."""
+    facts: dict[str, object] = {"cpu": cpu_name(), "cores": os.cpu_count(),
+                                "capability": torch.backends.cpu.get_cpu_capability(),
+                                "native_bf16": cpu_bf16_native(), "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        facts["gpu"] = torch.cuda.get_device_name()
+    return facts
+
+
 def machine_line() -> str:
     """One line naming the machine a measurement was made on (benchmark headers)."""
-    gpu = f" gpu={torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"cpu={cpu_name()!r} cores={os.cpu_count()} capability={torch.backends.cpu.get_cpu_capability()} "
-            f"native_bf16={str(cpu_bf16_native()).lower()} threads={torch.get_num_threads()}{gpu} "
-            f"torch={torch.__version__}")
+    m = machine()
+    gpu = f" gpu={m['gpu']}" if "gpu" in m else ""
+    return (f"cpu={m['cpu']!r} cores={m['cores']} capability={m['capability']} "
+            f"native_bf16={str(m['native_bf16']).lower()} threads={m['threads']}{gpu} torch={torch.__version__}")
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
