@@ -201,3 +201,32 @@ def test_grpo_series_is_a_band_over_seeds():
     assert [round(s["mean"], 6) for s in stats] == [0.3, 0.4, 0.6]
     assert stats[0]["ci95"] is not None and stats[2]["n"] == 1 and stats[2]["ci95"] is None
     assert grpo_series([[{"step": 1, "reward": None}]], "reward") == ([], [])
+
+
+def test_costs_table_from_what_the_runs_recorded(tmp_path):
+    """Seconds, runs and decoded tokens per stage, as the cells and the shared stages recorded them; a cell trained
+    by its tuning run is not counted as training again; the machine the cells ran on is named."""
+    cfg = build_config({"out": str(tmp_path / "run"), "methods": ["sft", "cft"], "seeds": [0, 1],
+                        "grpo_from": ["sft"], "grpo_seeds": [0]})
+    machine = {"cpu": "Test CPU", "cores": 2, "capability": "AVX2", "native_bf16": False, "threads": 2}
+    cells = [_cell("base", 0, 0.3, 0.05)]
+    for seed in (0, 1):
+        cells += [_cell("sft", seed, 0.5, 0.1), _cell("cft", seed, 0.5, 0.1)]
+    cells.append(_cell("grpo:sft", 0, 0.6, 0.1))
+    for c in cells:
+        c.update(seconds={"train": 100.0 if c["method"].startswith("grpo") else 10.0, "eval": 5.0},
+                 eval_decoded={"seconds": 4.0, "decoded_tokens": 400}, machine=machine)
+    cells[0]["seconds"].pop("train")
+    cells[2].update(trained_by="testbed/tune/cft/learning_rate-0.0001/seed0")  # cft seed 0
+    shared = {"testbed": {"generate": {"correct": 40, "n": 100}, "seconds": {"generate": 30.0, "identify": 60.0},
+                          "identify": {"critical_fraction": 0.2, "critical_by_kind": KINDS, "decoded_tokens": 6000}}}
+    (tmp_path / "run").mkdir()
+    Runner(cfg).write_aggregate(cells, shared)
+    text = report(tmp_path / "run")[0].read_text()
+    table = text.split("## Costs")[1].split("## Plots")[0]
+    assert "machine: capability AVX2" in table.replace("cpu Test CPU, cores 2, ", "")
+    assert "| testbed: A (generate, last sitting) | 1 | 30 | 30 |  |  |" in table
+    assert "| testbed: B (identify, last sitting) | 1 | 60 | 60 | 6,000 | 100 |" in table
+    assert "| training (C) | 3 | 30 | 10 |  |  |" in table  # sft 0, sft 1, cft 1: cft 0 was the tuning run's
+    assert "| GRPO | 1 | 100 | 100 |  |  |" in table
+    assert "| evaluation (D) | 6 | 24 | 4 | 2,400 | 100 |" in table

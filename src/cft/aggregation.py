@@ -35,9 +35,11 @@ def write_aggregate(grid: Grid, cells: list[dict[str, Any]], shared: dict[str, A
         "shared": {m: {"d_correct": s["generate"]["correct"], "train_problems": s["generate"]["n"],
                        "critical_fraction": s["identify"]["critical_fraction"],
                        "critical_by_kind": s["identify"]["critical_by_kind"],
-                       "seconds": s.get("seconds")} for m, s in shared.items()},
+                       "seconds": s.get("seconds"),
+                       "decoded_tokens": {"identify": s["identify"].get("decoded_tokens")}} for m, s in shared.items()},
         "cells": [{k: c.get(k) for k in ("model", "method", "seed", "status", "seconds", "train", "grpo",
-                                         "metrics", "curve")} for c in cells],
+                                         "metrics", "curve", "eval_decoded", "trained_by", "machine")}
+                  for c in cells],
     }
     tuning = {m: t for m in grid.cfg.models if (t := grid.tuning(m))}
     if tuning:

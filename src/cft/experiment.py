@@ -47,7 +47,7 @@ import yaml
 
 from cft import grpo as grpo_stage
 from cft.aggregation import AGGREGATE, write_aggregate
-from cft.artifacts import load_records
+from cft.artifacts import load_records, read_meta
 from cft.data import is_generated, load_problems
 from cft.evaluate import METRICS, SAMPLES, evaluate, problem_scores
 from cft.experiment_config import ExperimentConfig, config_dict, load_config
@@ -69,7 +69,7 @@ from cft.grid import (
     write_json_if_changed,
 )
 from cft.identify import identify
-from cft.models import load_model
+from cft.models import load_model, machine
 from cft.progress import clock
 from cft.stats import GRPO_PREFIX, fmt_bootstrap, fmt_diff, fmt_stat, headline_metrics
 from cft.train import SUMMARY, CFTSFTConfig, train
@@ -92,9 +92,10 @@ def benchmark_input(cfg: ExperimentConfig, bench: str, n: int | None) -> tuple[s
 
 
 def evaluate_checkpoint(cfg: ExperimentConfig, name: str, model, tok, path: Path, seed: int,
-                        plan: EvalPlan) -> tuple[dict, list[str], dict]:
-    """Metrics per benchmark (greedy accuracy on ``plan.limit`` problems, sampling on ``plan.sampled``) and
-    each problem's scores (``cft.evaluate.problem_scores``) for the paired bootstrap.
+                        plan: EvalPlan) -> tuple[dict, list[str], dict, dict]:
+    """Metrics per benchmark (greedy accuracy on ``plan.limit`` problems, sampling on ``plan.sampled``), the
+    files, each problem's scores (``cft.evaluate.problem_scores``) for the paired bootstrap, and the seconds and
+    tokens decoded.
 
     The benchmarks that share a prompt template are decoded in one ``evaluate`` call (one batching, as
     ``cft eval`` with several benchmarks does)."""
@@ -109,6 +110,7 @@ def evaluate_checkpoint(cfg: ExperimentConfig, name: str, model, tok, path: Path
         spec, template = benchmark_input(cfg, bench, n)
         groups.setdefault(template, {})[bench] = spec
     parts: dict[str, dict[str, dict]] = {}  # part -> benchmark -> metrics
+    decoded = {"seconds": 0.0, "decoded_tokens": 0}  # what this call decoded (a resumed evaluation: the rest)
     problems: dict[str, dict[str, dict[str, float]]] = {}
     files = []
     for template, specs in groups.items():
@@ -125,6 +127,9 @@ def evaluate_checkpoint(cfg: ExperimentConfig, name: str, model, tok, path: Path
             for bench, spec in chosen.items():
                 problems.setdefault(bench, {}).update(scores.get(spec, {}))
             files.append(str((out / METRICS).relative_to(path)))
+            timing = read_meta(out / SAMPLES).get("timing") or {}
+            for key in ("seconds", "decoded_tokens"):
+                decoded[key] += timing.get(key, 0)
     metrics = {}
     for bench in plan.benchmarks:
         greedy = parts.get("greedy", parts.get("all"))[bench]
@@ -134,7 +139,7 @@ def evaluate_checkpoint(cfg: ExperimentConfig, name: str, model, tok, path: Path
                           "entropy": sampled["entropy"],
                           "n_sampled": sampled["n"] if sampled["n_samples"] else 0,
                           "n_samples": sampled["n_samples"]}
-    return metrics, files, problems
+    return metrics, files, problems, decoded
 
 
 def link_training(twin: Path, out: Path) -> dict[str, Any]:
@@ -211,7 +216,7 @@ class Runner(Grid):
         out, files = [], []
         for step, epoch, ckpt, loaded in points:
             m, tok = loaded or load_model(ckpt, self.cfg.eval.dtype, self.cfg.device)
-            metrics, f, _ = evaluate_checkpoint(self.cfg, ckpt, m, tok, path, seed, self.curve_plan(step))
+            metrics, f, _, _ = evaluate_checkpoint(self.cfg, ckpt, m, tok, path, seed, self.curve_plan(step))
             self.counts["evaluated"] += 1
             files += f
             fraction = 0.0 if final_step is None else step / final_step
@@ -263,9 +268,10 @@ class Runner(Grid):
         else:
             t1 = time.time()
             plan = self.tune_plan() if setting is not None else self.eval_plan()
-            metrics, files, problems = evaluate_checkpoint(self.cfg, ckpt, m, tok, path, seed, plan)
+            metrics, files, problems, decoded = evaluate_checkpoint(self.cfg, ckpt, m, tok, path, seed, plan)
             self.counts["evaluated"] += 1
             seconds["eval"] = time.time() - t1
+            rec.update(eval_decoded=decoded, machine=machine())
         if setting is None and self.has_curve(method):
             t2 = time.time()
             rec["curve"], curve_files = self.curve(model, path, seed, (m, tok) if method == BASE else None)

@@ -212,7 +212,8 @@ class Grid:
                 rec = self.finished(model, method, t.seed, point)
                 if rec:
                     m = rec["metrics"][t.benchmark]
-                    runs.append({"setting": point, "accuracy": m["accuracy"], "n": m["n"]})
+                    runs.append({"setting": point, "accuracy": m["accuracy"], "n": m["n"],
+                                 "seconds": rec.get("seconds"), "eval_decoded": rec.get("eval_decoded")})
             best = max(runs, key=lambda r: r["accuracy"]) if runs else None  # max keeps the first of equals
             out[method] = {"benchmark": t.benchmark, "seed": t.seed, "metric": "accuracy", "runs": runs,
                            "chosen": best["setting"] if best and len(runs) == len(grid_points(t)) else None,

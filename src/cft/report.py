@@ -26,7 +26,9 @@ from cft.aggregation import AGGREGATE
 from cft.config import from_args, option
 from cft.experiment_config import SECTIONS
 from cft.extras import require
+from cft.grid import BASE
 from cft.stats import (
+    GRPO_PREFIX,
     fmt_bootstrap,
     fmt_diff,
     fmt_number,
@@ -64,6 +66,8 @@ class RunData:
     curves: dict[str, Any] = field(default_factory=dict)
     bootstrap: dict[str, Any] = field(default_factory=dict)
     ablations: dict[str, Any] = field(default_factory=dict)  # the main run first, as "(main)", when any
+    costs: list[list[str]] = field(default_factory=list)  # the costs table's rows (``cost_rows``), header first
+    machines: list[str] = field(default_factory=list)  # the machines the cells ran on, one line each
 
 
 # ---------------------------------------------------------------- loading
@@ -119,7 +123,42 @@ def load_experiment(run_dir: Path) -> RunData:
         setup=setup, missing=[f"{meth} seed {seed}" if n_models == 1 else f"{m}/{meth} seed {seed}"
                               for m, meth, seed in agg.get("missing_cells", [])],
         models=list(results), tuning=agg.get("tuning") or {}, curves=agg.get("curves") or {},
-        bootstrap=agg.get("bootstrap") or {}, ablations=ablations)
+        bootstrap=agg.get("bootstrap") or {}, ablations=ablations, costs=cost_rows(agg),
+        machines=sorted({", ".join(f"{k} {v}" for k, v in c["machine"].items())
+                         for c in agg["cells"] if c.get("machine")}))
+
+
+def cost_rows(agg: dict[str, Any]) -> list[list[str]]:
+    """Per stage: runs, wall seconds, seconds per run, decoded tokens and tokens/s, from the records the runs
+    wrote (stages A and B: the sitting that finished them; a cell: its own training and evaluation)."""
+    rows: list[list[str]] = []
+
+    def add(stage: str, seconds: list[float], tokens: int | None = None) -> None:
+        if not seconds:
+            return
+        total = sum(seconds)
+        rows.append([stage, str(len(seconds)), f"{total:,.0f}", f"{total / len(seconds):,.0f}",
+                     "" if tokens is None else f"{tokens:,}",
+                     "" if tokens is None else f"{tokens / max(total, 1e-9):,.0f}"])
+
+    for model, s in agg.get("shared", {}).items():
+        sec, tok = s.get("seconds") or {}, (s.get("decoded_tokens") or {}).get("identify")
+        add(f"{model}: A (generate, last sitting)", [sec["generate"]] if "generate" in sec else [])
+        add(f"{model}: B (identify, last sitting)", [sec["identify"]] if "identify" in sec else [], tok)
+    tuning = [r for t in (agg.get("tuning") or {}).values() for m in t.values() for r in m["runs"]
+              if r.get("seconds")]
+    add("tuning: training", [r["seconds"].get("train", 0.0) for r in tuning])
+    add("tuning: evaluation", [r["seconds"].get("eval", 0.0) for r in tuning],
+        sum((r.get("eval_decoded") or {}).get("decoded_tokens", 0) for r in tuning))
+    cells = [c for c in agg["cells"] if c.get("status") == "finished" and c.get("seconds")]
+    grpo = [c for c in cells if c["method"].startswith(GRPO_PREFIX)]
+    trained = [c for c in cells if c["method"] != BASE and c not in grpo and not c.get("trained_by")]
+    add("training (C)", [c["seconds"].get("train", 0.0) for c in trained])
+    add("GRPO", [c["seconds"].get("train", 0.0) for c in grpo])
+    evaluated = [c for c in cells if c.get("eval_decoded")]
+    add("evaluation (D)", [c["eval_decoded"]["seconds"] for c in evaluated],
+        sum(c["eval_decoded"]["decoded_tokens"] for c in evaluated))
+    return [["stage", "runs", "seconds", "per run", "decoded tokens", "tok/s"], *rows] if rows else []
 
 
 def load_run(run_dir: str | Path) -> RunData:
@@ -645,6 +684,16 @@ def critical_table(data: RunData) -> list[Block]:
     return [Block("h2", "Critical tokens by kind (stage B)"), Block("table", rows=rows)]
 
 
+def cost_table(data: RunData) -> list[Block]:
+    if not data.costs:
+        return []
+    where = "; ".join(data.machines) or "not recorded (cells made before cft recorded the machine)"
+    return [Block("h2", "Costs"),
+            Block("p", f"Wall seconds of each stage as its runs recorded them; machine: {where}. A grid cell "
+                       "trained by its tuning run (the same training) is not counted twice."),
+            Block("table", rows=data.costs)]
+
+
 CAPTIONS = {
     "accuracy": "Greedy accuracy by method, in-distribution and OOD.",
     "accuracy_diff": "Paired differences in accuracy against the baseline (same seed).",
@@ -670,7 +719,7 @@ def build_blocks(data: RunData, plots: dict[str, Path]) -> list[Block]:
     if data.missing:
         blocks.append(Block("p", f"Not finished (not in the statistics): {', '.join(data.missing)}."))
     blocks += (result_tables(data) + bootstrap_tables(data) + critical_table(data) + tuning_tables(data)
-               + curve_tables(data) + ablation_table(data) + [Block("h2", "Plots")])
+               + curve_tables(data) + ablation_table(data) + cost_table(data) + [Block("h2", "Plots")])
     blocks += [Block("figure", CAPTIONS[name], path=path) for name, path in plots.items()]
     return blocks
 
