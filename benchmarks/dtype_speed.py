@@ -8,16 +8,20 @@ config is a measurement, not a guess:
 - decode: ``decoding.api.decode`` (the engine backend ``cft eval`` uses) greedy on ``--problems`` problems of
   ``--data``, the model loaded in each dtype (the outputs differ in the last bits of the logits, so the token
   counts differ a little; tokens/s is the comparison);
-- train step: forward, backward and AdamW on a batch of ``--batch`` x ``--seq`` tokens, float32 weights, with
-  and without ``torch.autocast(bfloat16)`` (what ``bf16: true`` in TRL's arguments does).
+- train step: forward, backward and AdamW on a batch of ``--batch`` x ``--seq`` tokens (the first half of each
+  sequence unlabelled, as a prompt), float32 weights, with and without ``torch.autocast(bfloat16)`` (what
+  ``bf16: true`` in TRL's arguments does), scored as ``cft train`` scores tokens (``train.token_scores``);
+- the head: the same bfloat16 step scored through TRL's fused LM head (``fused_lm_head=True``, what
+  ``token_scores`` uses on a GPU) instead, to show what ``token_scores``' plain path saves off a GPU.
 
 Each side runs once uncounted, then ``--rounds`` times in ABBA order, so drift hits both alike. Prints every
 run and as its last line
 
     decode_bf16_over_fp32=<tokens/s ratio> train_fp32_over_bf16=<seconds ratio> decode_fp32_tok_s=..
-    decode_bf16_tok_s=.. train_fp32_s=.. train_bf16_s=.. native_bf16=<true|false> rounds=<n>
+    decode_bf16_tok_s=.. train_fp32_s=.. train_bf16_s=.. fused_over_plain=<seconds ratio> train_bf16_fused_s=..
+    native_bf16=<true|false> rounds=<n>
 
-(one line; a ratio above 1 means bfloat16 is faster).
+(one line; a ratio above 1 means bfloat16, or the plain head, is faster).
 
     python benchmarks/dtype_speed.py --model smollm2 --data arith:test --problems 64
 """
@@ -30,11 +34,13 @@ import statistics
 import time
 
 import torch
+from trl.trainer.utils import add_fused_lm_head
 
 from cft.data import load_problems
 from cft.decoding.api import DecodeConfig, decode
 from cft.models import cpu_bf16_native, load_model, machine_line
 from cft.prompts import render_ids
+from cft.train import token_scores
 
 
 def decode_rate(model, tok, prompts: list[list[int]], max_new_tokens: int) -> float:
@@ -43,11 +49,12 @@ def decode_rate(model, tok, prompts: list[list[int]], max_new_tokens: int) -> fl
     return sum(len(o[0].ids) for o in outs) / (time.perf_counter() - t)
 
 
-def train_step(model, batch: torch.Tensor, bf16: bool) -> float:
+def train_step(model, batch: dict[str, torch.Tensor], bf16: bool, fused: bool = False) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-12)  # a real step, too small to drift between rounds
     t = time.perf_counter()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        loss = model(input_ids=batch, labels=batch).loss
+        scores = model(**batch, use_cache=False, fused_lm_head=True) if fused else token_scores(model, batch)
+        loss = -scores.log_probs.sum() / scores.label_mask.sum()
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -69,24 +76,33 @@ def main() -> None:
     tok = models["float32"][1]
     prompts = [render_ids(tok, p.question, "chat") for p in load_problems(args.data, limit=args.problems)]
     trainee = load_model(args.model, "float32", "cpu")[0].train()
+    add_fused_lm_head(trainee, outputs=("log_probs", "entropy", "is_top1"))  # as SFTTrainer does
     seeded = torch.Generator().manual_seed(0)
-    batch = torch.randint(0, trainee.config.vocab_size, (args.batch, args.seq), generator=seeded)
-    runs = {("decode", dt): [] for dt in models} | {("train", dt): [] for dt in models}
+    ids = torch.randint(0, trainee.config.vocab_size, (args.batch, args.seq), generator=seeded)
+    labels = ids.clone()
+    labels[:, : args.seq // 2] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    runs = {(part, dt): [] for part in ("decode", "train") for dt in models} | {("fused", "bfloat16"): []}
     order = ["float32", "bfloat16"]
     for r in range(args.rounds * 2 + 1):
         for dt in order if r % 2 == 0 else order[::-1]:
-            rate = decode_rate(*models[dt], prompts, args.max_new_tokens)
-            step = train_step(trainee, batch, bf16=dt == "bfloat16")
+            times = {"decode": decode_rate(*models[dt], prompts, args.max_new_tokens),
+                     "train": train_step(trainee, batch, bf16=dt == "bfloat16")}
+            if dt == "bfloat16":
+                times["fused"] = train_step(trainee, batch, bf16=True, fused=True)
             counted = r > 0
-            print(f"round {r}{'' if counted else ' (warm-up)'} {dt}: decode {rate:.1f} tok/s, train step {step:.2f} s")
+            print(f"round {r}{'' if counted else ' (warm-up)'} {dt}: decode {times['decode']:.1f} tok/s, train step "
+                  f"{times['train']:.2f} s" + (f", fused head {times['fused']:.2f} s" if "fused" in times else ""))
             if counted:
-                runs["decode", dt].append(rate)
-                runs["train", dt].append(step)
+                for part, value in times.items():
+                    runs[part, dt].append(value)
     med = {k: statistics.median(v) for k, v in runs.items()}
     print(f"decode_bf16_over_fp32={med['decode', 'bfloat16'] / med['decode', 'float32']:.3f} "
           f"train_fp32_over_bf16={med['train', 'float32'] / med['train', 'bfloat16']:.3f} "
           f"decode_fp32_tok_s={med['decode', 'float32']:.1f} decode_bf16_tok_s={med['decode', 'bfloat16']:.1f} "
           f"train_fp32_s={med['train', 'float32']:.3f} train_bf16_s={med['train', 'bfloat16']:.3f} "
+          f"fused_over_plain={med['fused', 'bfloat16'] / med['train', 'bfloat16']:.3f} "
+          f"train_bf16_fused_s={med['fused', 'bfloat16']:.3f} "
           f"native_bf16={str(cpu_bf16_native()).lower()} rounds={args.rounds}")
 
 

@@ -107,6 +107,8 @@ def test_dtype_speed_alternates_the_two_dtypes_and_prints_the_ratios():
     assert [r.split(":")[0] for r in runs] == ["round 0 (warm-up) float32", "round 0 (warm-up) bfloat16",
                                               "round 1 bfloat16", "round 1 float32",
                                               "round 2 float32", "round 2 bfloat16"]
+    assert all(("fused head" in r) == (" bfloat16:" in r) for r in runs)  # the head is compared in bfloat16
     assert re.fullmatch(r"decode_bf16_over_fp32=\d+\.\d{3} train_fp32_over_bf16=\d+\.\d{3} decode_fp32_tok_s=[\d.]+ "
                         r"decode_bf16_tok_s=[\d.]+ train_fp32_s=[\d.]+ train_bf16_s=[\d.]+ "
+                        r"fused_over_plain=\d+\.\d{3} train_bf16_fused_s=[\d.]+ "
                         r"native_bf16=(true|false) rounds=1", lines[-1]), lines[-1]

@@ -32,6 +32,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -309,6 +310,34 @@ class TrainProgress(TrainerCallback):
                     cb.on_train_end(None, None, None)
 
 
+def token_scores(model, inputs: dict[str, Any]):
+    """Each label's log-probability, the entropy and whether the label is the argmax, per position (shifted), and
+    the mask of scored positions: ``log_probs``, ``entropy``, ``is_top1``, ``label_mask`` (and ``aux_loss``).
+
+    On a CUDA device this is TRL's fused LM head (the head applied in tiles to the labelled positions only, never
+    the whole (batch, length, vocabulary) logits). Elsewhere TRL's head projects every position, padding and
+    prompt included, in float32 tiles and again in the backward pass, which made a SmolLM2 training step in
+    bfloat16 on a CPU twice as slow as the model's own forward (``benchmarks/dtype_speed.py``, ``fused``
+    against ``plain``); there the logits come from the model's forward (under autocast when training in
+    bfloat16) and are scored in float32 at the labelled positions only."""
+    if inputs["input_ids"].device.type == "cuda":
+        return model(**inputs, use_cache=False, fused_lm_head=True)
+    labels = inputs["labels"][:, 1:]
+    out = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False)
+    mask = labels != -100
+    logp = out.logits[:, :-1][mask].float().log_softmax(-1)
+    picked = labels[mask]
+    chosen = logp.gather(-1, picked[:, None])[:, 0]
+    entropy = -(logp.exp() * logp).sum(-1)
+
+    def spread(values: torch.Tensor) -> torch.Tensor:  # back to (batch, length - 1), zeros where unlabelled
+        return values.new_zeros(mask.shape).masked_scatter(mask, values)
+
+    return SimpleNamespace(log_probs=spread(chosen), entropy=spread(entropy.detach()),
+                           is_top1=spread((logp.argmax(-1) == picked).to(chosen.dtype)), label_mask=mask,
+                           aux_loss=getattr(out, "aux_loss", None))
+
+
 class SelectiveTrainer(SFTTrainer):
     """SFTTrainer with the weighted, step-normalised loss above and a NaN/inf guard.
 
@@ -341,7 +370,7 @@ class SelectiveTrainer(SFTTrainer):
         weights = inputs.pop("weights")[:, 1:]
         if self.aux_loss_enabled:  # MoE models: TRL's load-balancing term, added as SFTTrainer adds it
             inputs["output_router_logits"] = True
-        outputs = model(**inputs, use_cache=False, fused_lm_head=True)
+        outputs = token_scores(model, inputs)
         normalizer = weights.sum() if num_items_in_batch is None else num_items_in_batch
         loss = weighted_loss(outputs.log_probs, weights, normalizer, dft=self.dft)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
