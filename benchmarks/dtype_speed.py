@@ -10,9 +10,10 @@ config is a measurement, not a guess:
   counts differ a little; tokens/s is the comparison);
 - train step: forward, backward and AdamW on a batch of ``--batch`` x ``--seq`` tokens (the first half of each
   sequence unlabelled, as a prompt), float32 weights, with and without ``torch.autocast(bfloat16)`` (what
-  ``bf16: true`` in TRL's arguments does), scored as ``cft train`` scores tokens (``train.token_scores``);
-- the head: the same bfloat16 step scored through TRL's fused LM head (``fused_lm_head=True``, what
-  ``token_scores`` uses on a GPU) instead, to show what ``token_scores``' plain path saves off a GPU.
+  ``bf16: true`` in TRL's arguments does), scored as ``cft train`` and ``cft grpo`` score tokens off a GPU
+  (``train.plain_lm_head``: from the model's own logits);
+- the head: the same bfloat16 step scored through TRL's fused LM head (``add_fused_lm_head``, what both trainers
+  use on a GPU) instead, to show what the plain head saves off a GPU.
 
 Each side runs once uncounted, then ``--rounds`` times in ABBA order, so drift hits both alike. Prints every
 run and as its last line
@@ -32,6 +33,7 @@ import argparse
 import os
 import statistics
 import time
+from types import SimpleNamespace
 
 import torch
 from trl.trainer.utils import add_fused_lm_head
@@ -40,7 +42,7 @@ from cft.data import load_problems
 from cft.decoding.api import DecodeConfig, decode
 from cft.models import cpu_bf16_native, load_model, machine_line
 from cft.prompts import render_ids
-from cft.train import token_scores
+from cft.train import plain_lm_head
 
 
 def decode_rate(model, tok, prompts: list[list[int]], max_new_tokens: int) -> float:
@@ -49,11 +51,12 @@ def decode_rate(model, tok, prompts: list[list[int]], max_new_tokens: int) -> fl
     return sum(len(o[0].ids) for o in outs) / (time.perf_counter() - t)
 
 
-def train_step(model, batch: dict[str, torch.Tensor], bf16: bool, fused: bool = False) -> float:
+def train_step(model, batch: dict[str, torch.Tensor], bf16: bool, fused_head=None) -> float:
+    """One step; ``fused_head``: TRL's fused forward of ``model`` to score through instead of the plain head."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-12)  # a real step, too small to drift between rounds
     t = time.perf_counter()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        scores = model(**batch, use_cache=False, fused_lm_head=True) if fused else token_scores(model, batch)
+        scores = (fused_head or model)(**batch, use_cache=False, fused_lm_head=True)
         loss = -scores.log_probs.sum() / scores.label_mask.sum()
     loss.backward()
     opt.step()
@@ -77,6 +80,8 @@ def main() -> None:
     prompts = [render_ids(tok, p.question, "chat") for p in load_problems(args.data, limit=args.problems)]
     trainee = load_model(args.model, "float32", "cpu")[0].train()
     add_fused_lm_head(trainee, outputs=("log_probs", "entropy", "is_top1"))  # as SFTTrainer does
+    fused_head = trainee.forward
+    plain_lm_head(SimpleNamespace(model=trainee))  # as cft's trainers then do off a GPU
     seeded = torch.Generator().manual_seed(0)
     ids = torch.randint(0, trainee.config.vocab_size, (args.batch, args.seq), generator=seeded)
     labels = ids.clone()
@@ -89,7 +94,7 @@ def main() -> None:
             times = {"decode": decode_rate(*models[dt], prompts, args.max_new_tokens),
                      "train": train_step(trainee, batch, bf16=dt == "bfloat16")}
             if dt == "bfloat16":
-                times["fused"] = train_step(trainee, batch, bf16=True, fused=True)
+                times["fused"] = train_step(trainee, batch, bf16=True, fused_head=fused_head)
             counted = r > 0
             print(f"round {r}{'' if counted else ' (warm-up)'} {dt}: decode {times['decode']:.1f} tok/s, train step "
                   f"{times['train']:.2f} s" + (f", fused head {times['fused']:.2f} s" if "fused" in times else ""))

@@ -373,3 +373,37 @@ def test_a_training_that_raises_stops_its_progress_ticker(tiny, tmp_path, monkey
         train(*_cfg(tiny, tmp_path / "out", disable_tqdm=True))
     assert any(ticking for _, ticking in started)  # a log-mode progress line was running
     assert all(p._ticker is None for p, _ in started)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_the_plain_head_scores_as_trls_fused_head(temperature):
+    """Off a GPU the trainers score tokens from the model's logits (``plain_lm_head``); the fields are TRL's fused
+    head's, to float32 rounding, at any temperature, and the loss's gradient is the same."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from cft.train import plain_lm_head
+
+    model, _ = load_model("testbed")
+    add_fused_lm_head(model, temperature=temperature, outputs=("log_probs", "entropy", "is_top1"))
+    fused = model.forward
+    plain_lm_head(SimpleNamespace(model=model), temperature)
+    ids = torch.randint(3, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    labels[2, 9:] = -100  # a shorter row
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    grads = []
+    for forward in (fused, model):
+        model.zero_grad()
+        out = forward(**batch, fused_lm_head=True)
+        out.loss.backward()
+        grads.append(model.lm_head.weight.grad.clone())
+        got = {k: getattr(out, k) for k in ("log_probs", "entropy", "is_top1", "label_mask")}
+        if forward is fused:
+            want = got
+    for key in ("log_probs", "entropy"):
+        assert torch.allclose(got[key], want[key], atol=1e-5), key
+    assert torch.equal(got["is_top1"].bool(), want["is_top1"].bool())
+    assert torch.equal(got["label_mask"], want["label_mask"]) and int(got["label_mask"].sum()) == 7 + 7 + 4
+    assert float(got["log_probs"][:, :4].abs().sum()) == 0.0 and float(got["log_probs"][:, 4:8].abs().min()) > 0
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)

@@ -39,6 +39,7 @@ from cft.train import (
     CFTTrainingDefaults,
     TrainProgress,
     last_checkpoint,
+    plain_lm_head,
     process_state,
     split_options,
     with_output_dir,
@@ -181,6 +182,7 @@ def grpo(cfg: GRPORunConfig, args: CFTGRPOConfig | None = None, model=None, tok=
         [{"prompt": prompt_for(tok, p.question, cfg.template), "answer": p.answer, "id": p.id} for p in problems])
     trainer = GRPOTrainer(model=model, reward_funcs=[accuracy], args=args, train_dataset=dataset,
                           processing_class=tok, callbacks=[_log_callback(log_path)])
+    plain_lm_head(trainer, args.temperature)
     TrainProgress.install(trainer, "grpo")
     with TrainProgress.closed_after(trainer):
         result = trainer.train(resume_from_checkpoint=last)

@@ -32,7 +32,6 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -41,7 +40,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import SchedulerType
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-from trl.trainer.utils import pad
+from trl.trainer.utils import FusedCausalLMOutput, pad
 
 from cft.artifacts import ArtifactLock, environment
 from cft.config import attn_option, dtype_option, from_args, internal, is_internal, model_option, option
@@ -310,32 +309,44 @@ class TrainProgress(TrainerCallback):
                     cb.on_train_end(None, None, None)
 
 
-def token_scores(model, inputs: dict[str, Any]):
-    """Each label's log-probability, the entropy and whether the label is the argmax, per position (shifted), and
-    the mask of scored positions: ``log_probs``, ``entropy``, ``is_top1``, ``label_mask`` (and ``aux_loss``).
+def plain_lm_head(trainer, temperature: float = 1.0) -> None:
+    """Off a GPU, make ``model(..., labels=..., fused_lm_head=True)`` score tokens from the model's own logits.
 
-    On a CUDA device this is TRL's fused LM head (the head applied in tiles to the labelled positions only, never
-    the whole (batch, length, vocabulary) logits). Elsewhere TRL's head projects every position, padding and
-    prompt included, in float32 tiles and again in the backward pass, which made a SmolLM2 training step in
-    bfloat16 on a CPU twice as slow as the model's own forward (``benchmarks/dtype_speed.py``, ``fused``
-    against ``plain``); there the logits come from the model's forward (under autocast when training in
-    bfloat16) and are scored in float32 at the labelled positions only."""
-    if inputs["input_ids"].device.type == "cuda":
-        return model(**inputs, use_cache=False, fused_lm_head=True)
-    labels = inputs["labels"][:, 1:]
-    out = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False)
-    mask = labels != -100
-    logp = out.logits[:, :-1][mask].float().log_softmax(-1)
-    picked = labels[mask]
-    chosen = logp.gather(-1, picked[:, None])[:, 0]
-    entropy = -(logp.exp() * logp).sum(-1)
+    SFTTrainer and GRPOTrainer install TRL's fused LM head (``add_fused_lm_head``): per-token log-probabilities
+    (and entropy, top-1 hits) without the (batch, length, vocabulary) logits. On a GPU it applies the head in
+    tiles to the labelled positions only. Elsewhere it projects every position, padding and prompt included, in
+    float32 tiles and again in the backward pass: a SmolLM2 training step in bfloat16 on a CPU took 1.8x as long
+    as through the model's own forward (``benchmarks/dtype_speed.py``, ``fused_over_plain``). There this
+    wrapper returns the same fields from the model's logits (under autocast when training in bfloat16; divided by
+    ``temperature`` as TRL's head divides them), scored in float32 at the labelled positions only."""
+    for model in (trainer.model, getattr(trainer, "ref_model", None)):
+        if model is None:
+            continue
+        model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        fused = model.forward
 
-    def spread(values: torch.Tensor) -> torch.Tensor:  # back to (batch, length - 1), zeros where unlabelled
-        return values.new_zeros(mask.shape).masked_scatter(mask, values)
+        def forward(*args, fused_lm_head=False, labels=None, _fused=fused, **kwargs):
+            if not fused_lm_head or labels is None or labels.device.type == "cuda" or "shift_labels" in kwargs:
+                extra = {"labels": labels} if labels is not None else {}
+                return _fused(*args, fused_lm_head=fused_lm_head, **extra, **kwargs)
+            count = kwargs.pop("num_items_in_batch", None)
+            out = _fused(*args, **{"use_cache": False, **kwargs})
+            shifted = labels[:, 1:]
+            mask = shifted != -100
+            logp = (out.logits[:, :-1][mask].float() / temperature).log_softmax(-1)
+            picked = shifted[mask]
+            chosen = logp.gather(-1, picked[:, None])[:, 0]
 
-    return SimpleNamespace(log_probs=spread(chosen), entropy=spread(entropy.detach()),
-                           is_top1=spread((logp.argmax(-1) == picked).to(chosen.dtype)), label_mask=mask,
-                           aux_loss=getattr(out, "aux_loss", None))
+            def spread(values: torch.Tensor) -> torch.Tensor:  # (batch, length - 1), zeros where unlabelled
+                return values.new_zeros(mask.shape).masked_scatter(mask, values)
+
+            # a ModelOutput, as TRL's head returns: DDP finds the output tensors in it (not in a plain object)
+            return FusedCausalLMOutput(loss=-chosen.sum() / (mask.sum().clamp(min=1) if count is None else count),
+                                       log_probs=spread(chosen), entropy=spread(-(logp.exp() * logp).sum(-1).detach()),
+                                       is_top1=spread(logp.argmax(-1) == picked), label_mask=mask,
+                                       aux_loss=getattr(out, "aux_loss", None))
+
+        model.forward = forward
 
 
 class SelectiveTrainer(SFTTrainer):
@@ -351,6 +362,7 @@ class SelectiveTrainer(SFTTrainer):
 
     def __init__(self, *args, dft: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        plain_lm_head(self)
         self.dft = dft  # DFT's weight sg(p) on each token's loss (cft's --method dft; TRL's loss_type is unused)
         self.tokens_trained = 0  # logged as ``num_tokens``, as SFTTrainer.compute_loss (replaced below) does
         TrainProgress.install(self, "train")
@@ -370,7 +382,7 @@ class SelectiveTrainer(SFTTrainer):
         weights = inputs.pop("weights")[:, 1:]
         if self.aux_loss_enabled:  # MoE models: TRL's load-balancing term, added as SFTTrainer adds it
             inputs["output_router_logits"] = True
-        outputs = token_scores(model, inputs)
+        outputs = model(**inputs, use_cache=False, fused_lm_head=True)
         normalizer = weights.sum() if num_items_in_batch is None else num_items_in_batch
         loss = weighted_loss(outputs.log_probs, weights, normalizer, dft=self.dft)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
