@@ -128,6 +128,24 @@ def test_disk_full_mid_write_keeps_the_complete_records_and_resumes(tmp_path, mo
     assert finish(out) == finish(tmp_path / "ref.jsonl")
 
 
+def test_every_sitting_of_a_resumed_output_is_recorded(tmp_path):
+    """A job resumed in several sittings records each one (records written, seconds) in its metadata: an
+    interrupted sitting up to its last sync, and the sittings of a finished file that a later run extends."""
+    out = tmp_path / "S.jsonl"
+    w = ResumableWriter(out, "samples")
+    w.write([dict(r) for r in RECORDS[:3]])
+    w.close()  # as if the process stopped here after a sync
+    w = ResumableWriter(out, "samples")
+    assert [s["records"] for s in w.earlier] == [3]
+    w.write([dict(r) for r in RECORDS[3:5] if r["key"] not in w.done])
+    w.finalize([r["key"] for r in RECORDS[:5]], {"n": 5})
+    sittings = read_meta(out)["sittings"]
+    assert [s["records"] for s in sittings] == [3, 2] and all(s["seconds"] >= 0 and s["started"] for s in sittings)
+    assert not Path(str(out) + ".partial.sittings").exists()  # finished: the metadata holds them
+    finish(out)  # a later run adds the sixth record to the finished file
+    assert [s["records"] for s in read_meta(out)["sittings"]] == [3, 2, 1]
+
+
 def test_disk_full_while_finalizing_keeps_the_partial(tmp_path, monkeypatch):
     out = tmp_path / "S.jsonl"
     w = ResumableWriter(out, "samples")

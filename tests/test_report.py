@@ -218,15 +218,16 @@ def test_costs_table_from_what_the_runs_recorded(tmp_path):
                  eval_decoded={"seconds": 4.0, "decoded_tokens": 400}, machine=machine)
     cells[0]["seconds"].pop("train")
     cells[2].update(trained_by="testbed/tune/cft/learning_rate-0.0001/seed0")  # cft seed 0
-    shared = {"testbed": {"generate": {"correct": 40, "n": 100}, "seconds": {"generate": 30.0, "identify": 60.0},
+    shared = {"testbed": {"generate": {"correct": 40, "n": 100}, "seconds": {"generate": 30.0, "identify": 5.0},
+                          "sittings": {"identify": [{"seconds": 45.0, "records": 7}, {"seconds": 15.0, "records": 0}]},
                           "identify": {"critical_fraction": 0.2, "critical_by_kind": KINDS, "decoded_tokens": 6000}}}
     (tmp_path / "run").mkdir()
     Runner(cfg).write_aggregate(cells, shared)
     text = report(tmp_path / "run")[0].read_text()
     table = text.split("## Costs")[1].split("## Plots")[0]
     assert "machine: capability AVX2" in table.replace("cpu Test CPU, cores 2, ", "")
-    assert "| testbed: A (generate, last sitting) | 1 | 30 | 30 |  |  |" in table
-    assert "| testbed: B (identify, last sitting) | 1 | 60 | 60 | 6,000 | 100 |" in table
+    assert "| testbed: A (generate), last sitting | 1 | 30 | 30 |  |  |" in table  # a record without sittings
+    assert "| testbed: B (identify), sittings | 2 | 60 | 30 | 6,000 | 100 |" in table
     assert "| training (C) | 3 | 30 | 10 |  |  |" in table  # sft 0, sft 1, cft 1: cft 0 was the tuning run's
     assert "| GRPO | 1 | 100 | 100 |  |  |" in table
     assert "| evaluation (D) | 6 | 24 | 4 | 2,400 | 100 |" in table

@@ -35,8 +35,10 @@ def write_aggregate(grid: Grid, cells: list[dict[str, Any]], shared: dict[str, A
         "shared": {m: {"d_correct": s["generate"]["correct"], "train_problems": s["generate"]["n"],
                        "critical_fraction": s["identify"]["critical_fraction"],
                        "critical_by_kind": s["identify"]["critical_by_kind"],
-                       "seconds": s.get("seconds"),
-                       "decoded_tokens": {"identify": s["identify"].get("decoded_tokens")}} for m, s in shared.items()},
+                       "seconds": s.get("seconds"), "sittings": s.get("sittings"),
+                       "decoded_tokens": {"identify": s["identify"].get("continuation_tokens",
+                                                                        s["identify"].get("decoded_tokens"))}}
+                   for m, s in shared.items()},
         "cells": [{k: c.get(k) for k in ("model", "method", "seed", "status", "seconds", "train", "grpo",
                                          "metrics", "curve", "eval_decoded", "trained_by", "machine")}
                   for c in cells],

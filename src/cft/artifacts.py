@@ -354,6 +354,11 @@ class ResumableWriter:
     loses no finished record) and syncs every ``flush_every()`` records or ``flush_seconds``, so a fast
     stream does not fsync per record.
     The writer holds the output's ``ArtifactLock`` from construction until ``finalize`` or ``close``.
+
+    A job resumed in several sittings keeps the cost of each: every sync rewrites ``<out>.partial.sittings`` (the
+    earlier sittings and this one: start, seconds, records written), and ``finalize`` records the list in the
+    metadata (``meta["sittings"]``, after the finished file's own when it is extended), so a stage's seconds are
+    not only those of the sitting that happened to finish it.
     """
 
     def __init__(self, out: str | os.PathLike, kind: str, flush_seconds: float = 5.0):
@@ -372,6 +377,13 @@ class ResumableWriter:
         if self.partial.exists():
             self.done.update(self._recover())
         self._durable: set[str] = set(self.done)  # keys whose line is complete on disk (final or partial file)
+        self.sittings_file = Path(str(self.partial) + ".sittings")
+        earlier = read_meta(self.out).get("sittings", []) if self.out.exists() else []
+        if self.partial.exists() and self.sittings_file.exists():
+            earlier += json.loads(self.sittings_file.read_text()).get("sittings", [])
+        self.earlier: list[dict] = earlier
+        self.sitting = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": 0.0, "records": 0}
+        self._t0 = time.time()
         self._fd: int | None = os.open(self.partial, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._size = os.fstat(self._fd).st_size
 
@@ -441,8 +453,23 @@ class ResumableWriter:
         self._size += len(data)
         self._durable.update(rec["key"] for rec in batch)
         self._unsynced = 0 if sync else self._unsynced + len(batch)
+        self.sitting["records"] += len(batch)
         if sync:
             self._last_flush = time.time()
+            self._save_sittings()
+
+    def sittings(self) -> list[dict]:
+        """The earlier sittings of this output and this one so far."""
+        self.sitting["seconds"] = round(time.time() - self._t0, 3)
+        return [*self.earlier, dict(self.sitting)]
+
+    def _save_sittings(self) -> None:
+        tmp = self.sittings_file.with_name(self.sittings_file.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps({"sittings": self.sittings()}) + "\n")
+            os.replace(tmp, self.sittings_file)
+        except OSError:  # a full disk: the records matter, their timing does not
+            tmp.unlink(missing_ok=True)
 
     def _disk_full(self):
         """Drop the torn tail and the records that never reached the disk, release everything, and raise."""
@@ -462,6 +489,7 @@ class ResumableWriter:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+            self._save_sittings()
         self.lock.release()
 
     def finalize(self, order: list[str], meta: dict) -> Path:
@@ -478,7 +506,7 @@ class ResumableWriter:
                 _write_fully(fh.fileno(), "".join(_dump(self.done[k]) for k in order).encode("utf-8"))
                 os.fsync(fh.fileno())
             os.replace(tmp, self.out)
-            write_meta(self.out, meta)
+            write_meta(self.out, {**meta, "sittings": self.sittings()})
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if exc.errno not in _FULL:
@@ -490,5 +518,6 @@ class ResumableWriter:
         os.close(self._fd)
         self._fd = None
         self.partial.unlink(missing_ok=True)
+        self.sittings_file.unlink(missing_ok=True)
         self.lock.release()
         return self.out

@@ -189,7 +189,9 @@ class Runner(Grid):
         self.log(f"[{model}] stage B: critical fraction {labels['critical_fraction']:.1%} of "
                  f"{labels['positions']} positions in {time.time() - t1:.0f}s")
         rec = {"hash": h, "model": model, "generate": gen, "identify": labels,
-               "seconds": {"generate": t1 - t0, "identify": time.time() - t1}}
+               "seconds": {"generate": t1 - t0, "identify": time.time() - t1},
+               "sittings": {"generate": read_meta(gen_path).get("sittings"),
+                            "identify": read_meta(labels_path).get("sittings")}}
         write_json_if_changed(marker, rec)
         return rec
 

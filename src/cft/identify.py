@@ -567,6 +567,7 @@ def summarize(labels: list[dict], tok, tolerance: float | None = None) -> dict:
     """
     by_kind: dict[str, list[int]] = {}
     branches = unknown_positions = unknown_branches = near_ties = near_tie_positions = 0
+    continuation: int | None = 0  # tokens of the stored continuations (None: some were not stored)
     for rec in labels:
         margins = rec.get("alt_margin") or [None] * len(rec["response_ids"])
         for y, crit, elig, br, am in zip(rec["response_ids"], rec["critical"], rec["eligible"], rec["branches"],
@@ -578,6 +579,9 @@ def summarize(labels: list[dict], tok, tolerance: float | None = None) -> dict:
             kind[1] += 1
             ran = [b for b in br if b["ok"] is not None or b.get("verify_error")]
             branches += len(ran)
+            if continuation is not None:
+                lengths = [len(b["ids"]) if b.get("ids") is not None else None for b in ran]
+                continuation = None if None in lengths else continuation + sum(lengths)
             unknown = sum(b["ok"] is None for b in ran)
             unknown_branches += unknown
             unknown_positions += bool(unknown) and not any(b["ok"] for b in ran)
@@ -595,6 +599,7 @@ def summarize(labels: list[dict], tok, tolerance: float | None = None) -> dict:
         "no_critical_token": sum(not any(r["critical"]) for r in labels),
         "unknown_positions": unknown_positions,
         "unknown_branches": unknown_branches,
+        "continuation_tokens": continuation,  # every sitting's, unlike ``decoded_tokens`` (this run's)
     }
     if tolerance is not None:
         summary.update(tolerance=tolerance, near_ties=near_ties, near_tie_positions=near_tie_positions)

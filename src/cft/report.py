@@ -142,9 +142,13 @@ def cost_rows(agg: dict[str, Any]) -> list[list[str]]:
                      "" if tokens is None else f"{tokens / max(total, 1e-9):,.0f}"])
 
     for model, s in agg.get("shared", {}).items():
-        sec, tok = s.get("seconds") or {}, (s.get("decoded_tokens") or {}).get("identify")
-        add(f"{model}: A (generate, last sitting)", [sec["generate"]] if "generate" in sec else [])
-        add(f"{model}: B (identify, last sitting)", [sec["identify"]] if "identify" in sec else [], tok)
+        sec, sittings = s.get("seconds") or {}, s.get("sittings") or {}
+        for stage, name in (("generate", "A (generate)"), ("identify", "B (identify)")):
+            tokens = (s.get("decoded_tokens") or {}).get(stage)
+            if sittings.get(stage):  # every sitting of a resumed stage, one run each
+                add(f"{model}: {name}, sittings", [x["seconds"] for x in sittings[stage]], tokens)
+            elif stage in sec:  # a record made before cft kept sittings: the one that finished the stage
+                add(f"{model}: {name}, last sitting", [sec[stage]], tokens)
     tuning = [r for t in (agg.get("tuning") or {}).values() for m in t.values() for r in m["runs"]
               if r.get("seconds")]
     add("tuning: training", [r["seconds"].get("train", 0.0) for r in tuning])
