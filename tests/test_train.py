@@ -376,7 +376,7 @@ def test_a_training_that_raises_stops_its_progress_ticker(tiny, tmp_path, monkey
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_the_plain_head_scores_as_trls_fused_head(temperature):
+def test_the_plain_head_scores_as_trls_fused_head(temperature, monkeypatch):
     """Off a GPU the trainers score tokens from the model's logits (``plain_lm_head``); the fields are TRL's fused
     head's, to float32 rounding, at any temperature, and the loss's gradient is the same."""
     from trl.trainer.utils import add_fused_lm_head
@@ -407,3 +407,11 @@ def test_the_plain_head_scores_as_trls_fused_head(temperature):
     assert torch.equal(got["label_mask"], want["label_mask"]) and int(got["label_mask"].sum()) == 7 + 7 + 4
     assert float(got["log_probs"][:, :4].abs().sum()) == 0.0 and float(got["log_probs"][:, 4:8].abs().min()) > 0
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    import cft.train
+
+    heads = []  # the plain path calls the model's head module; TRL's multiplies by its weight in tiles
+    model.lm_head.register_forward_hook(lambda *_: heads.append(1))
+    model(**batch, fused_lm_head=True)
+    monkeypatch.setattr(cft.train, "PLAIN_HEAD_MAX_LOGITS", ids.numel())  # a batch too large for whole logits
+    model(**batch, fused_lm_head=True)
+    assert heads == [1]

@@ -309,6 +309,9 @@ class TrainProgress(TrainerCallback):
                     cb.on_train_end(None, None, None)
 
 
+PLAIN_HEAD_MAX_LOGITS = 2**28  # a batch's logits, 0.5 GiB in bfloat16 (SmolLM2, 16 x 140 tokens: 2**26.7)
+
+
 def plain_lm_head(trainer, temperature: float = 1.0) -> None:
     """Off a GPU, make ``model(..., labels=..., fused_lm_head=True)`` score tokens from the model's own logits.
 
@@ -318,15 +321,17 @@ def plain_lm_head(trainer, temperature: float = 1.0) -> None:
     float32 tiles and again in the backward pass: a SmolLM2 training step in bfloat16 on a CPU took 1.8x as long
     as through the model's own forward (``benchmarks/dtype_speed.py``, ``fused_over_plain``). There this
     wrapper returns the same fields from the model's logits (under autocast when training in bfloat16; divided by
-    ``temperature`` as TRL's head divides them), scored in float32 at the labelled positions only."""
+    ``temperature`` as TRL's head divides them), scored in float32 at the labelled positions only. A batch whose
+    logits would exceed ``PLAIN_HEAD_MAX_LOGITS`` values still goes through TRL's head, which never holds them."""
     for model in (trainer.model, getattr(trainer, "ref_model", None)):
         if model is None:
             continue
         model = model.get_base_model() if hasattr(model, "get_base_model") else model
-        fused = model.forward
+        fused, vocab = model.forward, model.get_output_embeddings().weight.shape[0]
 
-        def forward(*args, fused_lm_head=False, labels=None, _fused=fused, **kwargs):
-            if not fused_lm_head or labels is None or labels.device.type == "cuda" or "shift_labels" in kwargs:
+        def forward(*args, fused_lm_head=False, labels=None, _fused=fused, _vocab=vocab, **kwargs):
+            if (not fused_lm_head or labels is None or labels.device.type == "cuda" or "shift_labels" in kwargs
+                    or labels.numel() * _vocab > PLAIN_HEAD_MAX_LOGITS):
                 extra = {"labels": labels} if labels is not None else {}
                 return _fused(*args, fused_lm_head=fused_lm_head, **extra, **kwargs)
             count = kwargs.pop("num_items_in_batch", None)
