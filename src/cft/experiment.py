@@ -247,17 +247,15 @@ class Runner(Grid):
             ckpt = model
         else:
             ckpt_dir = path / ("grpo" if method.startswith(GRPO_PREFIX) else "train")
-            twin = None if setting is not None else self.tuning_twin(model, method, seed, base["train_hash"])
-            if rec["status"] != "trained" and twin is not None:
-                rec.update(link_training(twin, ckpt_dir), trained_by=str(twin.relative_to(self.out)))
-                self.log(f"[{model}] {method} seed {seed}: trained by the tuning run {rec['trained_by']} "
-                         f"(the same training hash); its model reused")
-                seconds["train"] = time.time() - t0
-                rec.update(status="trained", seconds=seconds)
-                write_json_if_changed(path / CELL, rec)
-            elif rec["status"] != "trained":
-                rec.update(self.grpo_cell(model, method, seed, ckpt_dir) if method.startswith(GRPO_PREFIX)
-                           else self.train_cell(model, method, seed, ckpt_dir, setting))
+            if rec["status"] != "trained":
+                twin = None if setting is not None else self.tuning_twin(model, method, seed, base["train_hash"])
+                if twin is not None:
+                    rec.update(link_training(twin, ckpt_dir), trained_by=str(twin.relative_to(self.out)))
+                    self.log(f"[{model}] {method} seed {seed}: trained by the tuning run {rec['trained_by']} "
+                             f"(the same training hash); its model reused")
+                else:
+                    rec.update(self.grpo_cell(model, method, seed, ckpt_dir) if method.startswith(GRPO_PREFIX)
+                               else self.train_cell(model, method, seed, ckpt_dir, setting))
                 seconds["train"] = time.time() - t0
                 rec.update(status="trained", seconds=seconds)
                 write_json_if_changed(path / CELL, rec)

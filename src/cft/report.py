@@ -130,7 +130,8 @@ def load_experiment(run_dir: Path) -> RunData:
 
 def cost_rows(agg: dict[str, Any]) -> list[list[str]]:
     """Per stage: runs, wall seconds, seconds per run, decoded tokens and tokens/s, from the records the runs
-    wrote (stages A and B: the sitting that finished them; a cell: its own training and evaluation)."""
+    wrote (stages A and B: each sitting, or only the one that finished them in a record made before sittings;
+    a cell: its own training and evaluation)."""
     rows: list[list[str]] = []
 
     def add(stage: str, seconds: list[float], tokens: int | None = None) -> None:
