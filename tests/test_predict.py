@@ -292,3 +292,31 @@ def test_dry_run_with_predict_says_what_its_estimate_covers(gen, tmp_path, capsy
     out = capsys.readouterr().out
     assert "with --predict" not in plain and "with --predict" in out and "25% of the responses" in out
     assert not (tmp_path / "L.jsonl").exists()
+
+
+def test_ceiling_replay_reproduces_the_predict_run(runs, testbed):
+    """benchmarks/predict_ceiling.py replays ``--predict`` on exact labels alone: at the run's own fraction,
+    held-out share, seed and target it picks the run's band, costs what the run decoded and labels as it did."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "predict_ceiling.py"
+    spec = importlib.util.spec_from_file_location("predict_ceiling", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    d, exact_s, pred_s = runs
+    model, tok = testbed
+    exact = load_records(d / "exact.jsonl", "labels")
+    rows = bench.table(model, tok, exact, None, read_meta(d / "exact.jsonl")["label_params"]["k"])
+    s = pred_s["predict"]
+    assert s["target"]["recall"] == s["target"]["precision"]
+    r = bench.replay(rows, PREDICT["predict_fraction"], PREDICT["predict_heldout"], s["target"]["recall"],
+                     s["probe_kind"], s["seed"])
+    assert r["responses"] == (s["responses"]["train"], s["responses"]["heldout"], s["responses"]["predicted"])
+    assert list(r["band"]) == pytest.approx(s["band"])
+    assert r["cost_fraction"] == pytest.approx(pred_s["decoded_tokens"] / exact_s["decoded_tokens"], rel=0.01)
+    q = _benchmark().agreement(exact, load_records(d / "pred.jsonl", "labels"))
+    assert (r["precision"], r["recall"]) == (pytest.approx(q["precision"]), pytest.approx(q["recall"]))
+    assert r["heldout_auc"] == pytest.approx(s["probe"]["auc"])
+    curve = bench.learning_curve(rows, [4, 8, 1000], 0.3, "logistic", 0)
+    assert [n for n, _ in curve] == [4, 8] and all(0 <= a <= 1 for _, a in curve)  # sizes beyond the pool drop
