@@ -4,7 +4,10 @@ From the demo's SFT checkpoint (``--init``; by default built here with the demo 
 ``cft experiment configs/experiment/demo.yaml methods=[sft] ...`` into ``WORK/demo``), for each seed:
 
 1. `cft grpo` with its defaults (seed = the seed) -> per seed the mean reward of the first and of the last 20%
-   of the logged steps; ``reward_gain_min`` is the smallest last - first over seeds.
+   of the logged steps; ``reward_gain_min`` is the smallest last - first over seeds. And per seed the mean
+   reward of each pass over the training problems (every pass draws the same problems): ``last_pass_gain`` is
+   the last complete pass minus the one before, mean over seeds with its 95% t interval (``_lo``, ``_hi``): an
+   interval around 0 says the reward had stopped rising.
 2. greedy accuracy on the first ``--eval-limit`` testbed:test problems, before (the SFT checkpoint) and after
    (each seed's policy); ``greedy_gain`` is after - before, with a paired bootstrap interval over problems and
    seeds (``greedy_gain_lo``, ``greedy_gain_hi``).
@@ -33,8 +36,8 @@ from rloo import rloo  # noqa: E402  (benchmarks/rloo.py)
 
 from cft.artifacts import load_records  # noqa: E402
 from cft.evaluate import SAMPLES, EvalConfig, evaluate, problem_scores  # noqa: E402
-from cft.grpo import LOG, SUMMARY, CFTGRPOConfig, GRPORunConfig, grpo, grpo_configs  # noqa: E402
-from cft.stats import paired_bootstrap  # noqa: E402
+from cft.grpo import LOG, SUMMARY, CFTGRPOConfig, GRPORunConfig, grpo, grpo_configs, steps_per_pass  # noqa: E402
+from cft.stats import paired_bootstrap, pass_means, summarize  # noqa: E402
 
 BENCHMARK = "testbed:test"
 
@@ -67,6 +70,10 @@ def ends(rewards: list[float]) -> tuple[float, float]:
     return sum(rewards[:n]) / n, sum(rewards[-n:]) / n
 
 
+def fmt(value: float | None) -> str:
+    return "none" if value is None else f"{value:.3f}"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--init", help="starting checkpoint (default: the demo's SFT checkpoint, built in --work)")
@@ -85,7 +92,7 @@ def main() -> int:
           f"{args.temperature}, completions up to {args.max_completion_length} tokens", flush=True)
 
     before = greedy(init, work / "eval_init", a.eval_limit)
-    after, gains, rloo_gains = {}, [], []
+    after, gains, rloo_gains, pass_gains = {}, [], [], []
     for seed in seeds:
         out = work / f"grpo_seed{seed}"
         if not (out / SUMMARY).is_file():
@@ -93,10 +100,15 @@ def main() -> int:
         rewards = [json.loads(line)["reward"] for line in (out / LOG).read_text().splitlines()]
         first, last = ends(rewards)
         gains.append(last - first)
+        summary = json.loads((out / SUMMARY).read_text())
+        passes = pass_means(rewards, summary.get("steps_per_pass") or steps_per_pass(summary["problems"], args))
+        if len(passes) >= 2:
+            pass_gains.append(passes[-1] - passes[-2])
         after[seed] = greedy(str(out), work / f"eval_seed{seed}", a.eval_limit)
         acc = sum(after[seed].values()) / len(after[seed])
-        print(f"seed {seed}: cft grpo reward {first:.3f} -> {last:.3f} ({len(rewards)} steps); greedy "
-              f"{sum(before.values()) / len(before):.3f} -> {acc:.3f}", flush=True)
+        print(f"seed {seed}: cft grpo reward {first:.3f} -> {last:.3f} ({len(rewards)} steps; per pass "
+              f"{', '.join(f'{m:.3f}' for m in passes)}); greedy {sum(before.values()) / len(before):.3f} -> "
+              f"{acc:.3f}", flush=True)
 
         log_path = work / f"rloo_seed{seed}.jsonl"
         if log_path.is_file():
@@ -111,10 +123,13 @@ def main() -> int:
         print(f"seed {seed}: rloo reward {first:.3f} -> {last:.3f} ({len(ref)} steps)", flush=True)
 
     boot = paired_bootstrap(after, {s: before for s in seeds}, resamples=a.resamples)
+    plateau = summarize(pass_gains)
+    lo, hi = plateau["ci95"] or (None, None)
     before_acc = sum(before.values()) / len(before)
     print(" ".join([
         f"seeds={len(seeds)}", f"steps={args.max_steps}",
         f"reward_gain_min={min(gains):.3f}", f"reward_gain_mean={sum(gains) / len(gains):.3f}",
+        f"last_pass_gain={fmt(plateau['mean'])}", f"last_pass_gain_lo={fmt(lo)}", f"last_pass_gain_hi={fmt(hi)}",
         f"greedy_before={before_acc:.3f}", f"greedy_after={before_acc + boot['mean']:.3f}",
         f"greedy_gain={boot['mean']:.3f}", f"greedy_gain_lo={boot['ci'][0]:.3f}", f"greedy_gain_hi={boot['ci'][1]:.3f}",
         f"rloo_reward_gain_min={min(rloo_gains):.3f}", f"rloo_reward_gain_mean={sum(rloo_gains) / len(rloo_gains):.3f}",

@@ -76,6 +76,7 @@ def test_cli_trains_a_lora_adapter_and_grpo_starts_from_it(tiny_dir, testbed_tok
     summary = json.loads((out / "grpo_summary.json").read_text())
     assert summary["global_step"] == 1 and summary["config"]["init"] == str(adapter)
     assert summary["training_args"]["per_device_train_batch_size"] == 4  # 2 prompts x 2 generations
+    assert summary["steps_per_pass"] == 2  # 4 problems, 2 a step
     policy, base = load_file(out / "model.safetensors"), load_file(f"{tiny_dir}/model.safetensors")
     merged, _ = load_model(str(adapter), device="cpu")
     assert set(policy) == set(base)  # a plain model, no LoRA weights
@@ -318,3 +319,13 @@ def test_grpo_trains_on_what_it_sampled(tiny_dir, tmp_path, monkeypatch):
     trl = gradient(trainer._compute_loss(model, batch))
     assert plain.norm() > 0
     torch.testing.assert_close(trl, plain, rtol=1e-3, atol=1e-6)
+
+
+def test_steps_per_pass_counts_prompts_over_processes_and_accumulation():
+    from cft.grpo import CFTGRPOConfig, steps_per_pass
+
+    args = CFTGRPOConfig(output_dir="unused", prompts_per_step=8, num_generations=8)
+    assert steps_per_pass(512, args) == 64 and steps_per_pass(513, args) == 65
+    assert steps_per_pass(512, args, processes=2) == 32
+    args = CFTGRPOConfig(output_dir="unused", prompts_per_step=4, num_generations=4, gradient_accumulation_steps=2)
+    assert steps_per_pass(64, args) == 8

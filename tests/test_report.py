@@ -231,3 +231,43 @@ def test_costs_table_from_what_the_runs_recorded(tmp_path):
     assert "| training (C) | 3 | 30 | 10 |  |  |" in table  # sft 0, sft 1, cft 1: cft 0 was the tuning run's
     assert "| GRPO | 1 | 100 | 100 |  |  |" in table
     assert "| evaluation (D) | 6 | 24 | 4 | 2,400 | 100 |" in table
+
+
+def test_grpo_pass_table_compares_whole_passes(tmp_path):
+    """Per pass over the training problems: the mean reward over seeds, and the last complete pass minus the one
+    before, per seed, with its t interval; a partial last pass is left out; cells without steps_per_pass have
+    no row."""
+    cfg = build_config({"out": str(tmp_path / "run"), "methods": ["sft", "cft"], "seeds": [0, 1],
+                        "grpo_from": ["sft", "cft"], "grpo_seeds": [0, 1]})
+    cells = [_cell("base", 0, 0.3, 0.05)]
+    for seed in (0, 1):
+        cells += [_cell("sft", seed, 0.5, 0.1), _cell("cft", seed, 0.5, 0.1)]
+    # 2 steps per pass; 7 steps: passes (1, 2), (3, 4), (5, 6), and step 7 left out
+    rewards = {0: [0.1, 0.3, 0.4, 0.4, 0.5, 0.6, 0.0], 1: [0.2, 0.2, 0.3, 0.5, 0.4, 0.4, 1.0]}
+    for seed in (0, 1):
+        for method in ("grpo:sft", "grpo:cft"):
+            cell = _cell(method, seed, 0.6, 0.1)
+            cell["grpo"] = {"global_step": 7, "steps_per_pass": 2 if method == "grpo:sft" else None,
+                            "log": [{"step": i + 1, "reward": r, "entropy": 0.3 - i / 100}
+                                    for i, r in enumerate(rewards[seed])]}
+            cells.append(cell)
+    (tmp_path / "run").mkdir()
+    Runner(cfg).write_aggregate(cells, shared={})
+    text = report(tmp_path / "run")[0].read_text()
+    table = text.split("## GRPO reward per pass over the training problems")[1].split("## ")[0]
+    row = next(line for line in table.splitlines() if line.startswith("| grpo:sft |"))
+    # pass means: seed 0 -> 0.2, 0.4, 0.55; seed 1 -> 0.2, 0.4, 0.4; last - before: 0.15 and 0.0
+    cells_ = [c.strip() for c in row.strip("|").split("|")]
+    assert cells_[:3] == ["grpo:sft", "2", "2"]
+    assert cells_[3] == "0.200 ± 0.000" and cells_[4] == "0.400 ± 0.000" and cells_[5].startswith("0.475 ± ")
+    half = 12.706 * 0.075 / 2 ** 0.5 * 2 ** 0.5  # t(1) x sd of (0.15, 0.0) / sqrt(2)
+    assert cells_[6] == f"+0.075 [{0.075 - half:+.3f}, {0.075 + half:+.3f}]"
+    assert "| grpo:cft |" not in table
+    assert "## GRPO entropy per pass over the training problems" in text
+
+
+def test_pass_means_drop_a_partial_pass():
+    from cft.stats import pass_means
+
+    assert pass_means([1.0, 2.0, 3.0, 4.0, 5.0], 2) == [1.5, 3.5]
+    assert pass_means([1.0], 2) == [] and pass_means([1.0, 2.0], 0) == []

@@ -310,7 +310,8 @@ class Runner(Grid):
                                           resume=True), grpo_stage.CFTGRPOConfig(**self.cfg.grpo_args, seed=seed))
         self.counts["grpo"] += 1
         rows = [json.loads(line) for line in (out / grpo_stage.LOG).read_text().splitlines() if line.strip()]
-        return {"grpo": {"global_step": summary.get("global_step"), "log": rows, "seconds": summary.get("seconds")},
+        return {"grpo": {"global_step": summary.get("global_step"), "log": rows, "seconds": summary.get("seconds"),
+                         "steps_per_pass": summary.get("steps_per_pass")},
                 "train_files": [f"grpo/{grpo_stage.SUMMARY}", f"grpo/{grpo_stage.LOG}"]}
 
     def run_tuning(self, model: str, loaded) -> None:

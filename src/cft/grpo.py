@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -127,6 +128,13 @@ def accuracy(completions: list, answer: list[str], **kwargs: Any) -> list[float]
     return [float(grade(text, gold)[1]) for text, gold in zip(texts, answer, strict=True)]
 
 
+def steps_per_pass(problems: int, args: GRPOConfig, processes: int = 1) -> int:
+    """Optimizer steps that draw every training problem once: a step takes ``per_device_train_batch_size`` x
+    ``gradient_accumulation_steps`` completions on each process, ``num_generations`` per problem."""
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * processes // args.num_generations
+    return math.ceil(problems / max(per_step, 1))
+
+
 def _log_callback(path: Path):
     from transformers import TrainerCallback
 
@@ -193,7 +201,9 @@ def grpo(cfg: GRPORunConfig, args: CFTGRPOConfig | None = None, model=None, tok=
         rows = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
         summary = {
             "config": asdict(cfg), "training_args": args.to_dict(), "environment": environment(model),
-            "global_step": result.global_step, "problems": len(problems), "final": rows[-1] if rows else None,
+            "global_step": result.global_step, "problems": len(problems),
+            "steps_per_pass": steps_per_pass(len(problems), args, state.num_processes),
+            "final": rows[-1] if rows else None,
             "seconds": round(time.time() - t0, 1), "resumed_from": last,
         }
         (out / SUMMARY).write_text(json.dumps(summary, indent=2, default=str) + "\n")

@@ -35,6 +35,8 @@ from cft.stats import (
     fmt_overrides,
     fmt_stat,
     headline_metrics,
+    paired,
+    pass_means,
     reference_method,
     summarize,
 )
@@ -58,6 +60,7 @@ class RunData:
     critical: dict[str, dict] = field(default_factory=dict)  # model -> critical_fraction, critical_by_kind
     loss_curves: dict[str, list[list[tuple[int, float]]]] = field(default_factory=dict)  # method -> one per seed
     grpo_logs: dict[str, list[list[dict]]] = field(default_factory=dict)  # method -> one log per seed
+    grpo_per_pass: dict[str, list[int | None]] = field(default_factory=dict)  # method -> steps per pass, per seed
     setup: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     models: list[str] = field(default_factory=list)
@@ -91,12 +94,14 @@ def load_experiment(run_dir: Path) -> RunData:
             methods += [m for m in rows if m not in methods]
     loss_curves: dict[str, list] = {}
     grpo_logs: dict[str, list] = {}
+    grpo_per_pass: dict[str, list] = {}
     for cell in agg["cells"]:
         name = cell["method"] if n_models == 1 else f"{cell['model']}/{cell['method']}"
         if cell.get("train") and cell["train"].get("loss_curve"):
             loss_curves.setdefault(name, []).append([tuple(p) for p in cell["train"]["loss_curve"]])
         if cell.get("grpo") and cell["grpo"].get("log"):
             grpo_logs.setdefault(name, []).append(cell["grpo"]["log"])
+            grpo_per_pass.setdefault(name, []).append(cell["grpo"].get("steps_per_pass"))
     setup = [f"models: {', '.join(cfg['models'])}; methods: {', '.join(cfg['methods'])}; seeds: {cfg['seeds']}; "
              f"benchmarks: {', '.join(cfg['benchmarks'])}; rho1 reference: {cfg['rho1_reference']}"]
     for section in SECTIONS:  # the stage configs' non-default fields, whatever they are named
@@ -118,6 +123,7 @@ def load_experiment(run_dir: Path) -> RunData:
     return RunData(
         title=f"cft experiment: {run_dir}", benchmarks=list(stats), methods=methods, stats=stats,
         paired=paired_stats, baseline=agg["baseline"], loss_curves=loss_curves, grpo_logs=grpo_logs,
+        grpo_per_pass=grpo_per_pass,
         critical={m: {"critical_fraction": s["critical_fraction"], "critical_by_kind": s["critical_by_kind"]}
                   for m, s in agg.get("shared", {}).items()},
         setup=setup, missing=[f"{meth} seed {seed}" if n_models == 1 else f"{m}/{meth} seed {seed}"
@@ -689,6 +695,41 @@ def critical_table(data: RunData) -> list[Block]:
     return [Block("h2", "Critical tokens by kind (stage B)"), Block("table", rows=rows)]
 
 
+def grpo_pass_table(data: RunData) -> list[Block]:
+    """Reward and policy entropy per pass over the GRPO training problems, and the last pass's change.
+
+    Every pass draws the same problems, so the change from the pass before (per seed, 95% t interval over seeds)
+    says whether the reward was still rising when the run stopped; windows of steps would compare different
+    problems. Cells made before cft recorded ``steps_per_pass`` have no row.
+    """
+    blocks = []
+    for key in ("reward", "entropy"):
+        rows, width = [], 0
+        for method, logs in data.grpo_logs.items():
+            per = data.grpo_per_pass.get(method, [])
+            seeds = [pass_means([r[key] for r in log if r.get(key) is not None], p)
+                     for log, p in zip(logs, per) if p]
+            n = min((len(m) for m in seeds), default=0)
+            if not n:
+                continue
+            width = max(width, n)
+            last = paired(dict(enumerate(m[n - 1] for m in seeds)), dict(enumerate(m[n - 2] for m in seeds))) \
+                if n >= 2 else None
+            rows.append([method, str(len(seeds)), str(per[0]),
+                         *(fmt_stat(summarize([m[i] for m in seeds]), 1.0, 3) for i in range(n)),
+                         fmt_diff(last, 1.0, 3)])
+        if rows:
+            header = ["method", "seeds", "steps per pass", *(f"pass {i + 1}" for i in range(width)),
+                      "last pass − the one before"]
+            rows = [r[:-1] + ["-"] * (len(header) - len(r)) + r[-1:] for r in rows]
+            blocks += [Block("h2", f"GRPO {key} per pass over the training problems"),
+                       Block("p", f"Mean {key} of the logged steps of each complete pass (mean over seeds ± 95% t "
+                                  "half-width); the last column: per seed, the last complete pass minus the one "
+                                  "before, with its 95% t interval over seeds (* excludes 0)."),
+                       Block("table", rows=[header, *rows])]
+    return blocks
+
+
 def cost_table(data: RunData) -> list[Block]:
     if not data.costs:
         return []
@@ -724,7 +765,8 @@ def build_blocks(data: RunData, plots: dict[str, Path]) -> list[Block]:
     if data.missing:
         blocks.append(Block("p", f"Not finished (not in the statistics): {', '.join(data.missing)}."))
     blocks += (result_tables(data) + bootstrap_tables(data) + critical_table(data) + tuning_tables(data)
-               + curve_tables(data) + ablation_table(data) + cost_table(data) + [Block("h2", "Plots")])
+               + curve_tables(data) + grpo_pass_table(data) + ablation_table(data) + cost_table(data)
+               + [Block("h2", "Plots")])
     blocks += [Block("figure", CAPTIONS[name], path=path) for name, path in plots.items()]
     return blocks
 

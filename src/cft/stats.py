@@ -45,6 +45,15 @@ def summarize(values: list[float]) -> dict[str, Any]:
             "values": list(values)}
 
 
+def pass_means(values: list[float], per_pass: int) -> list[float]:
+    """The mean of each complete pass over the training problems (``per_pass`` steps; a partial last pass is
+    left out). Each pass sees the same problems, so its means compare like with like, unlike two windows of
+    steps that drew different problems."""
+    if per_pass < 1:
+        return []
+    return [math.fsum(values[i : i + per_pass]) / per_pass for i in range(0, len(values) - per_pass + 1, per_pass)]
+
+
 def paired(values: dict[int, float], reference: dict[int, float]) -> dict[str, Any]:
     """``summarize`` of the per-seed differences value - reference over the seeds both have."""
     seeds = sorted(set(values) & set(reference))
