@@ -13,6 +13,7 @@ the difference is in the trainer, not in the model, data or reward.
 from __future__ import annotations
 
 import random
+import time
 
 import torch
 
@@ -20,6 +21,8 @@ from cft.data import load_problems
 from cft.models import cache_kwarg, load_model
 from cft.prompts import render_ids
 from cft.verify import grade
+
+PROGRESS_EVERY = 32  # steps between rloo's progress lines
 
 
 @torch.no_grad()
@@ -100,7 +103,8 @@ def rloo(init: str, *, data: str = "testbed:train", limit: int = 1000, steps: in
          seed: int = 0, log=None) -> list[float]:
     """Train ``init`` with RLOO on the verifier's reward; returns the mean reward of each step's completions.
 
-    ``limit`` problems of ``data``, ``prompts_per_step`` of them per step. ``log``: called with each step's row.
+    ``limit`` problems of ``data``, ``prompts_per_step`` of them per step. ``log``: called with each step's row
+    (default: a progress line every ``PROGRESS_EVERY`` steps on stdout; ``log=False`` for none).
     """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -108,7 +112,7 @@ def rloo(init: str, *, data: str = "testbed:train", limit: int = 1000, steps: in
     model.eval()  # no dropout: the policy that samples is the one that is scored
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     stream = batches(load_problems(data, seed=seed, limit=limit), prompts_per_step, random.Random(seed))
-    rewards_per_step = []
+    rewards_per_step, t0 = [], time.time()
     for step in range(steps):
         seqs, advantages, rewards = rollout(model, tok, next(stream), k, max_new_tokens, temperature, gen)
         if seqs:
@@ -116,8 +120,12 @@ def rloo(init: str, *, data: str = "testbed:train", limit: int = 1000, steps: in
             policy_loss(model, tok, seqs, advantages, len(rewards), temperature).backward()
             opt.step()
         rewards_per_step.append(sum(rewards) / len(rewards))
-        if log is not None:
+        if log:
             log({"step": step + 1, "reward": rewards_per_step[-1]})
+        elif log is None and (step + 1) % PROGRESS_EVERY == 0:
+            recent = rewards_per_step[-PROGRESS_EVERY:]
+            print(f"rloo: step {step + 1}/{steps}, mean reward of the last {len(recent)} steps "
+                  f"{sum(recent) / len(recent):.3f}, {time.time() - t0:.0f} s", flush=True)
     return rewards_per_step
 
 
