@@ -715,7 +715,7 @@ def grpo_pass_table(data: RunData) -> list[Block]:
             width = max(width, n)
             last = paired(dict(enumerate(m[n - 1] for m in seeds)), dict(enumerate(m[n - 2] for m in seeds))) \
                 if n >= 2 else None
-            rows.append([method, str(len(seeds)), str(per[0]),
+            rows.append([method, str(len(seeds)), ", ".join(str(p) for p in sorted({p for p in per if p})),
                          *(fmt_stat(summarize([m[i] for m in seeds]), 1.0, 3) for i in range(n)),
                          fmt_diff(last, 1.0, 3)])
         if rows:
