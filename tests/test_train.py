@@ -415,3 +415,23 @@ def test_the_plain_head_scores_as_trls_fused_head(temperature, monkeypatch):
     monkeypatch.setattr(cft.train, "PLAIN_HEAD_MAX_LOGITS", ids.numel())  # a batch too large for whole logits
     model(**batch, fused_lm_head=True)
     assert heads == [1]
+
+
+def test_progress_line_shows_the_chosen_metrics_and_a_summary_in_full(capsys, monkeypatch):
+    """GRPO logs some 30 metrics a step; with ``keys`` the line shows those (short names, in order), and a log
+    holding none of them (the run's closing summary) is printed whole."""
+    from types import SimpleNamespace
+
+    from cft.train import TrainProgress
+
+    monkeypatch.setenv("CFT_PROGRESS_SECONDS", "3600")
+    cb = TrainProgress("grpo", {"reward": "reward", "completions/mean_length": "completion_length"})
+    state = SimpleNamespace(is_local_process_zero=True, max_steps=4, global_step=0, num_input_tokens_seen=0)
+    cb.on_train_begin(SimpleNamespace(disable_tqdm=True), state, None)
+    state.global_step = 1
+    cb.on_log(None, state, None, logs={"clip_ratio/low_mean": 0.0, "completions/mean_length": 58.0912,
+                                       "reward": 0.265625, "num_tokens": 100.0})
+    cb.on_log(None, state, None, logs={"train_runtime": 12.5, "total_flos": 1.0})
+    cb.on_train_end(None, state, None)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("grpo step")]
+    assert lines == ["grpo step 1/4: reward 0.2656, completion_length 58.09", "grpo step 1/4: train_runtime 12.5"]

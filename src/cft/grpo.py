@@ -49,11 +49,11 @@ from cft.verify import grade
 
 LOG = "grpo_log.jsonl"
 SUMMARY = "grpo_summary.json"
-LOGGED = {
-    "loss": "loss", "reward": "reward", "reward_std": "reward_std", "rewards/accuracy/mean": "accuracy",
-    "entropy": "entropy", "kl": "kl", "completions/mean_length": "completion_length",
-    "completions/clipped_ratio": "clipped_ratio", "frac_reward_zero_std": "frac_reward_zero_std",
-    "learning_rate": "learning_rate", "grad_norm": "grad_norm",
+LOGGED = {  # TRL's metric -> the name in grpo_log.jsonl and on the progress line, in this order
+    "reward": "reward", "reward_std": "reward_std", "rewards/accuracy/mean": "accuracy", "entropy": "entropy",
+    "kl": "kl", "completions/mean_length": "completion_length", "completions/clipped_ratio": "clipped_ratio",
+    "frac_reward_zero_std": "frac_reward_zero_std", "loss": "loss", "grad_norm": "grad_norm",
+    "learning_rate": "learning_rate",
 }
 
 
@@ -192,7 +192,7 @@ def grpo(cfg: GRPORunConfig, args: CFTGRPOConfig | None = None, model=None, tok=
     trainer = GRPOTrainer(model=model, reward_funcs=[accuracy], args=args, train_dataset=dataset,
                           processing_class=tok, callbacks=[_log_callback(log_path)])
     plain_lm_head(trainer, args.temperature)
-    TrainProgress.install(trainer, "grpo")
+    TrainProgress.install(trainer, "grpo", LOGGED)
     with TrainProgress.closed_after(trainer):
         result = trainer.train(resume_from_checkpoint=last)
     trainer.save_model(str(out))  # on every process: ZeRO-3 and FSDP gather the shards here

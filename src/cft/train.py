@@ -260,17 +260,20 @@ class FiniteWeightsGuard(TrainerCallback):
 class TrainProgress(TrainerCallback):
     """The progress of a Trainer (``train`` and ``grpo``) through ``cft.progress.Progress``: a bar in a terminal,
     a timed line in a log (steps, tokens/s, elapsed, ETA), and one readable line per logging step in place of
-    the raw dict transformers prints (``install`` removes its ``ProgressCallback``/``PrinterCallback``)."""
+    the raw dict transformers prints (``install`` removes its ``ProgressCallback``/``PrinterCallback``).
+    ``keys`` (metric -> short name): the step line shows only these, in this order (TRL's GRPO logs some 30
+    metrics a step, which buried the reward in a log file); a log with none of them (the run's summary) in full."""
 
-    def __init__(self, desc: str):
+    def __init__(self, desc: str, keys: dict[str, str] | None = None):
         self.desc = desc
+        self.keys = keys
         self.progress: Progress | None = None
 
     @classmethod
-    def install(cls, trainer, desc: str) -> None:
+    def install(cls, trainer, desc: str, keys: dict[str, str] | None = None) -> None:
         trainer.pop_callback(ProgressCallback)
         trainer.pop_callback(PrinterCallback)
-        trainer.add_callback(cls(desc))
+        trainer.add_callback(cls(desc, keys))
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_local_process_zero:
@@ -287,8 +290,9 @@ class TrainProgress(TrainerCallback):
             return
         if "num_tokens" in logs:  # cumulative tokens trained on (TRL's metric)
             self.progress.tokens = max(int(logs["num_tokens"]) - self.tokens_before, 0)
-        values = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                           for k, v in logs.items() if k != "total_flos")
+        shown = {short: logs[k] for k, short in (self.keys or {}).items() if k in logs} or {
+            k: v for k, v in logs.items() if k != "total_flos"}
+        values = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
         self.progress.write(f"{self.desc} step {state.global_step}/{state.max_steps}: {values}")
 
     def on_train_end(self, args, state, control, **kwargs):
