@@ -491,7 +491,7 @@ def test_study_rerun_does_nothing(study_run, monkeypatch):
 
 LEAN = {**{k: v for k, v in TINY.items() if not k.startswith("grpo")}, "methods": ["sft"], "seeds": [0, 1],
         "tune": {"grid": {"lr": [1e-4, 1e-3]}, "limit": 4},
-        "sample_benchmarks": ["testbed:test"], "eval_dtype": "bfloat16"}
+        "sample_benchmarks": ["testbed:test"], "sample_limit": 2, "eval_dtype": "bfloat16"}
 
 
 @pytest.fixture(scope="module")
@@ -519,7 +519,7 @@ def test_the_tuning_run_is_reused_for_its_seed(lean_run):
 def test_sample_benchmarks_and_eval_dtype(lean_run):
     cfg, result, _ = lean_run
     metrics = json.loads((cell_dir(cfg, "testbed", "sft", 1) / "cell.json").read_text())["metrics"]
-    assert metrics["testbed:test"]["n_sampled"] == 4 and metrics["testbed:test"]["pass_at_k"]
+    assert metrics["testbed:test"]["n_sampled"] == 2 and metrics["testbed:test"]["pass_at_k"]
     assert metrics["testbed:test_ood"]["n_sampled"] == 0 and not metrics["testbed:test_ood"]["pass_at_k"]
     assert metrics["testbed:test_ood"]["n"] == 4
     rows = result["results"]["testbed"]
@@ -587,3 +587,25 @@ def test_a_changed_default_changes_the_hash_of_the_cells_that_used_it(monkeypatc
     new = Grid(after)
     assert new.train_hash("testbed", "sft", 0) == old[0]
     assert new.train_hash("testbed", "grpo:sft", 0) != old[1]
+
+
+def test_problem_scores_cover_every_greedy_problem_and_old_records_are_rescored(lean_run, monkeypatch):
+    """The bootstrap's per-problem scores: greedy accuracy of every problem, pass@k of the sampled ones (the
+    sampled part's own greedy decode covers only those). A cell scored by version 1 (accuracy of the sampled
+    problems only) is scored again from its sample files on a rerun, decoding nothing."""
+    cfg, result, _ = lean_run
+    path = cell_dir(cfg, "testbed", "sft", 1) / "cell.json"
+    rec = json.loads(path.read_text())
+    scores, metrics = rec["problems"]["testbed:test"], rec["metrics"]["testbed:test"]
+    assert rec["scores"] == experiment.SCORES
+    assert len(scores["accuracy"]) == metrics["n"] == 4
+    assert sum(scores["accuracy"].values()) / 4 == pytest.approx(metrics["accuracy"])
+    assert len(scores["pass@2"]) == metrics["n_sampled"] == 2 and set(scores["pass@2"]) < set(scores["accuracy"])
+    sampled_only = {k: v for k, v in scores["accuracy"].items() if k in scores["pass@2"]}
+    old = {k: v for k, v in rec.items() if k != "scores"}
+    old["problems"] = {**rec["problems"], "testbed:test": {**scores, "accuracy": sampled_only}}
+    path.write_text(json.dumps(old, indent=2) + "\n")
+    calls = _forbid_work(monkeypatch)
+    again, counts = run_experiment(cfg, log=lambda msg: None)
+    assert calls == {name: 0 for _, name in STAGES} and counts["evaluated"] == counts["trained"] == 0
+    assert json.loads(path.read_text()) == rec and again == result

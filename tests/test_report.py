@@ -74,6 +74,7 @@ def test_experiment_report(experiment_dir):
     assert ("| cft | 3 | 55.0 ± 12.4 | +5.0 [-2.5, +12.5] | 27.5 ± 6.2 | 82.5 ± 18.6 | 55.0 ± 12.4 "
             "| +7.5 [-3.7, +18.7] | +5.0 [-2.5, +12.5] |") in text
     assert "| grpo:cft | 1 | 70.0 | +10.0 |" in text
+    assert "GRPO from sft, cft, seeds [0]" in text  # grpo_seeds, not the grid's seeds
     assert "Not finished" not in text  # the unfinished cell (seed 3) is outside the grid
     for optional in ("Hyperparameter tuning", "Learning curves", "Paired bootstrap", "Ablations"):
         assert optional not in text  # an aggregate without those keys shows none of their sections
@@ -88,6 +89,14 @@ def test_unfinished_cells_are_named(experiment_dir):
     assert load_run(experiment_dir).missing == ["cft seed 2"]
     md, _ = report(experiment_dir)
     assert "Not finished (not in the statistics): cft seed 2." in md.read_text()
+
+
+def test_setup_names_the_sampled_benchmarks(experiment_dir):
+    agg = json.loads((experiment_dir / "aggregate.json").read_text())
+    agg["config"].update(sample_limit=5, sample_benchmarks=["testbed:test"])
+    (experiment_dir / "aggregate.json").write_text(json.dumps(agg))
+    md, _ = report(experiment_dir)
+    assert "pass@k, maj@k and entropy on the first 5 problems of testbed:test\n" in md.read_text()
 
 
 def test_demo_folder_report(tmp_path):

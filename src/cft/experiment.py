@@ -91,16 +91,21 @@ def benchmark_input(cfg: ExperimentConfig, bench: str, n: int | None) -> tuple[s
     return str(path), cfg.eval.template or "chat"
 
 
-def evaluate_checkpoint(cfg: ExperimentConfig, name: str, model, tok, path: Path, seed: int,
-                        plan: EvalPlan) -> tuple[dict, list[str], dict, dict]:
-    """Metrics per benchmark (greedy accuracy on ``plan.limit`` problems, sampling on ``plan.sampled``), the
-    files, each problem's scores (``cft.evaluate.problem_scores``) for the paired bootstrap, and the seconds and
-    tokens decoded.
+SCORES = 2
+"""The version of a cell record's per-problem scores (``problems``, for the paired bootstrap). Version 1 (no
+``scores`` field) took the greedy accuracy from the sampled part where sampling covered fewer problems than
+the greedy decode, so its bootstrap of accuracy saw only the sampled problems; a rerun scores such cells
+again from their sample files, decoding nothing."""
 
-    The benchmarks that share a prompt template are decoded in one ``evaluate`` call (one batching, as
-    ``cft eval`` with several benchmarks does)."""
 
-    e, n_samples = cfg.eval, plan.n_samples
+def eval_parts(cfg: ExperimentConfig, plan: EvalPlan) -> list[tuple[str, int | None, int, dict[str, str], str]]:
+    """The ``evaluate`` calls of one evaluation: (part, limit, samples, {benchmark: spec}, template) each.
+
+    The benchmarks that share a prompt template are decoded in one call (one batching, as ``cft eval`` with
+    several benchmarks does). Where sampling covers fewer problems or benchmarks than the greedy decode, the
+    greedy part and the sampled part are separate calls (the sampled part decodes its problems greedily
+    too, and only its samples count)."""
+    n_samples = plan.n_samples
     together = n_samples == 0 or (plan.sampled == plan.limit and plan.sample_only is None)
     runs = [("all", plan.limit, n_samples, plan.benchmarks)] if together else [
         ("greedy", plan.limit, 0, plan.benchmarks), ("sampled", plan.sampled, n_samples, plan.sampled_benchmarks)]
@@ -109,27 +114,52 @@ def evaluate_checkpoint(cfg: ExperimentConfig, name: str, model, tok, path: Path
     for bench in plan.benchmarks:
         spec, template = benchmark_input(cfg, bench, n)
         groups.setdefault(template, {})[bench] = spec
-    parts: dict[str, dict[str, dict]] = {}  # part -> benchmark -> metrics
-    decoded = {"seconds": 0.0, "decoded_tokens": 0}  # what this call decoded (a resumed evaluation: the rest)
-    problems: dict[str, dict[str, dict[str, float]]] = {}
-    files = []
+    parts = []
     for template, specs in groups.items():
         for part, limit, k, benches in runs:
             chosen = {bench: spec for bench, spec in specs.items() if bench in benches}
-            if not chosen:
-                continue
-            out = path / plan.sub / slug(template or "default") / part
-            ecfg = replace(e, model=name, benchmarks=list(chosen.values()), out=str(out), limit=limit,
-                           n_samples=k, template=template, seed=seed)
-            result = evaluate(ecfg, model, tok)
-            parts.setdefault(part, {}).update({bench: result[spec] for bench, spec in chosen.items()})
-            scores = problem_scores(load_records(out / SAMPLES, "samples"))
-            for bench, spec in chosen.items():
-                problems.setdefault(bench, {}).update(scores.get(spec, {}))
-            files.append(str((out / METRICS).relative_to(path)))
-            timing = read_meta(out / SAMPLES).get("timing") or {}
-            for key in ("seconds", "decoded_tokens"):
-                decoded[key] += timing.get(key, 0)
+            if chosen:
+                parts.append((part, limit, k, chosen, template))
+    return parts
+
+
+def part_dir(path: Path, plan: EvalPlan, part: str, template: str | None) -> Path:
+    return path / plan.sub / slug(template or "default") / part
+
+
+def score_problems(cfg: ExperimentConfig, path: Path, plan: EvalPlan) -> dict[str, dict[str, dict[str, float]]]:
+    """Each problem's scores per benchmark (``cft.evaluate.problem_scores``), read back from the evaluation's
+    sample files, for the paired bootstrap: greedy correctness from the greedy decode of all ``plan.limit``
+    problems, pass@k from the samples."""
+    problems: dict[str, dict[str, dict[str, float]]] = {}
+    for part, _, _, chosen, template in eval_parts(cfg, plan):
+        scores = problem_scores(load_records(part_dir(path, plan, part, template) / SAMPLES, "samples"))
+        for bench, spec in chosen.items():
+            got = scores.get(spec, {})
+            if part == "sampled":  # its greedy decode covers only the sampled problems
+                got = {k: v for k, v in got.items() if k != "accuracy"}
+            problems.setdefault(bench, {}).update(got)
+    return problems
+
+
+def evaluate_checkpoint(cfg: ExperimentConfig, name: str, model, tok, path: Path, seed: int,
+                        plan: EvalPlan) -> tuple[dict, list[str], dict, dict]:
+    """Metrics per benchmark (greedy accuracy on ``plan.limit`` problems, sampling on ``plan.sampled``), the
+    files, each problem's scores (``score_problems``) for the paired bootstrap, and the seconds and tokens
+    decoded."""
+    parts: dict[str, dict[str, dict]] = {}  # part -> benchmark -> metrics
+    decoded = {"seconds": 0.0, "decoded_tokens": 0}  # what this call decoded (a resumed evaluation: the rest)
+    files = []
+    for part, limit, k, chosen, template in eval_parts(cfg, plan):
+        out = part_dir(path, plan, part, template)
+        ecfg = replace(cfg.eval, model=name, benchmarks=list(chosen.values()), out=str(out), limit=limit,
+                       n_samples=k, template=template, seed=seed)
+        result = evaluate(ecfg, model, tok)
+        parts.setdefault(part, {}).update({bench: result[spec] for bench, spec in chosen.items()})
+        files.append(str((out / METRICS).relative_to(path)))
+        timing = read_meta(out / SAMPLES).get("timing") or {}
+        for key in ("seconds", "decoded_tokens"):
+            decoded[key] += timing.get(key, 0)
     metrics = {}
     for bench in plan.benchmarks:
         greedy = parts.get("greedy", parts.get("all"))[bench]
@@ -139,7 +169,7 @@ def evaluate_checkpoint(cfg: ExperimentConfig, name: str, model, tok, path: Path
                           "entropy": sampled["entropy"],
                           "n_sampled": sampled["n"] if sampled["n_samples"] else 0,
                           "n_samples": sampled["n_samples"]}
-    return metrics, files, problems, decoded
+    return metrics, files, score_problems(cfg, path, plan), decoded
 
 
 def link_training(twin: Path, out: Path) -> dict[str, Any]:
@@ -235,7 +265,7 @@ class Runner(Grid):
         done = finished_cell(path, h)
         if done:
             self.counts["skipped"] += 1
-            return done
+            return self.rescored(path, done, setting)
         base = {"model": model, "method": method, "seed": seed, "hash": h, "setting": setting,
                 "train_hash": self.train_hash(model, method, seed, setting)}
         rec = claim_cell(path, base)
@@ -277,13 +307,24 @@ class Runner(Grid):
             rec["curve"], curve_files = self.curve(model, path, seed, (m, tok) if method == BASE else None)
             files += curve_files
             seconds["curve"] = time.time() - t2
-        rec.update(status="finished", metrics=metrics, problems=problems, seconds=seconds,
+        rec.update(status="finished", metrics=metrics, problems=problems, scores=SCORES, seconds=seconds,
                    files=[*rec.get("train_files", []), *files])
         write_json_if_changed(path / CELL, rec)
         accs = ", ".join(f"{b} {v['accuracy']:.3f}" for b, v in metrics.items())
         label = f"{method} {setting_slug(setting)}" if setting is not None else method
         self.log(f"[{model}] {label} seed {seed}: " + " ".join(f"{k} {v:.0f}s" for k, v in seconds.items())
                  + (f"; accuracy {accs}" if accs else ""))
+        return rec
+
+    def rescored(self, path: Path, rec: dict[str, Any], setting: Setting | None) -> dict[str, Any]:
+        """A finished cell whose per-problem scores predate ``SCORES``, scored again from its sample files."""
+        if rec.get("scores") == SCORES or not rec.get("problems"):
+            return rec
+        plan = self.tune_plan() if setting is not None else self.eval_plan()
+        rec = {**rec, "problems": score_problems(self.cfg, path, plan), "scores": SCORES}
+        write_json_if_changed(path / CELL, rec)
+        self.log(f"[{rec['model']}] {rec['method']} seed {rec['seed']}: per-problem scores made again from its "
+                 f"samples (version {SCORES})")
         return rec
 
     def train_cell(self, model: str, method: str, seed: int, out: Path,

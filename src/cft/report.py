@@ -110,7 +110,8 @@ def load_experiment(run_dir: Path) -> RunData:
         values = cfg.get(section) or {}
         setup.append(f"{section}: {', '.join(f'{k}={v}' for k, v in values.items()) or 'the stage defaults'}")
     if cfg.get("sample_limit") is not None:
-        setup.append(f"pass@k, maj@k and entropy on the first {cfg['sample_limit']} problems of each benchmark")
+        which = ", ".join(cfg.get("sample_benchmarks") or []) or "each benchmark"
+        setup.append(f"pass@k, maj@k and entropy on the first {cfg['sample_limit']} problems of {which}")
     if cfg.get("grpo_from"):
         setup.append(f"GRPO from {', '.join(cfg['grpo_from'])}, seeds {cfg.get('grpo_seeds') or cfg['seeds']}")
     for model, s in agg.get("shared", {}).items():
