@@ -242,6 +242,15 @@ def test_costs_table_from_what_the_runs_recorded(tmp_path):
     assert "| evaluation (D) | 6 | 24 | 4 | 2,400 | 100 |" in table
 
 
+def test_a_sitting_that_decoded_nothing_has_no_rate():
+    """A stage B record that only finished the labels (and crosschecked them) decoded 0 tokens: no 0 tok/s."""
+    from cft.report import cost_rows
+
+    rows = cost_rows({"shared": {"m": {"seconds": {"identify": 10.0}, "decoded_tokens": {"identify": 0}}},
+                      "cells": []})
+    assert rows[1] == ["m: B (identify), last sitting", "1", "10", "10", "0", ""]
+
+
 def test_grpo_pass_table_compares_whole_passes(tmp_path):
     """Per pass over the training problems: the mean reward over seeds, and the last complete pass minus the one
     before, per seed, with its t interval; a partial last pass is left out; cells without steps_per_pass have

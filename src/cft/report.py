@@ -147,7 +147,7 @@ def cost_rows(agg: dict[str, Any]) -> list[list[str]]:
         total = sum(seconds)
         rows.append([stage, str(len(seconds)), f"{total:,.0f}", f"{total / len(seconds):,.0f}",
                      "" if tokens is None else f"{tokens:,}",
-                     "" if tokens is None else f"{tokens / max(total, 1e-9):,.0f}"])
+                     f"{tokens / max(total, 1e-9):,.0f}" if tokens else ""])  # nothing decoded: no rate
 
     for model, s in agg.get("shared", {}).items():
         sec, sittings = s.get("seconds") or {}, s.get("sittings") or {}
