@@ -127,12 +127,12 @@ def part_dir(path: Path, plan: EvalPlan, part: str, template: str | None) -> Pat
     return path / plan.sub / slug(template or "default") / part
 
 
-def score_problems(cfg: ExperimentConfig, path: Path, plan: EvalPlan) -> dict[str, dict[str, dict[str, float]]]:
-    """Each problem's scores per benchmark (``cft.evaluate.problem_scores``), read back from the evaluation's
-    sample files, for the paired bootstrap: greedy correctness from the greedy decode of all ``plan.limit``
-    problems, pass@k from the samples."""
+def score_problems(path: Path, plan: EvalPlan, parts: list) -> dict[str, dict[str, dict[str, float]]]:
+    """Each problem's scores per benchmark (``cft.evaluate.problem_scores``), read back from the sample files of
+    the evaluation's ``parts`` (``eval_parts``), for the paired bootstrap: greedy correctness from the greedy
+    decode of all ``plan.limit`` problems, pass@k from the samples."""
     problems: dict[str, dict[str, dict[str, float]]] = {}
-    for part, _, _, chosen, template in eval_parts(cfg, plan):
+    for part, _, _, chosen, template in parts:
         scores = problem_scores(load_records(part_dir(path, plan, part, template) / SAMPLES, "samples"))
         for bench, spec in chosen.items():
             got = scores.get(spec, {})
@@ -150,7 +150,8 @@ def evaluate_checkpoint(cfg: ExperimentConfig, name: str, model, tok, path: Path
     parts: dict[str, dict[str, dict]] = {}  # part -> benchmark -> metrics
     decoded = {"seconds": 0.0, "decoded_tokens": 0}  # what this call decoded (a resumed evaluation: the rest)
     files = []
-    for part, limit, k, chosen, template in eval_parts(cfg, plan):
+    parts_run = eval_parts(cfg, plan)
+    for part, limit, k, chosen, template in parts_run:
         out = part_dir(path, plan, part, template)
         ecfg = replace(cfg.eval, model=name, benchmarks=list(chosen.values()), out=str(out), limit=limit,
                        n_samples=k, template=template, seed=seed)
@@ -169,7 +170,7 @@ def evaluate_checkpoint(cfg: ExperimentConfig, name: str, model, tok, path: Path
                           "entropy": sampled["entropy"],
                           "n_sampled": sampled["n"] if sampled["n_samples"] else 0,
                           "n_samples": sampled["n_samples"]}
-    return metrics, files, score_problems(cfg, path, plan), decoded
+    return metrics, files, score_problems(path, plan, parts_run), decoded
 
 
 def link_training(twin: Path, out: Path) -> dict[str, Any]:
@@ -321,7 +322,7 @@ class Runner(Grid):
         if rec.get("scores") == SCORES or not rec.get("problems"):
             return rec
         plan = self.tune_plan() if setting is not None else self.eval_plan()
-        rec = {**rec, "problems": score_problems(self.cfg, path, plan), "scores": SCORES}
+        rec = {**rec, "problems": score_problems(path, plan, eval_parts(self.cfg, plan)), "scores": SCORES}
         write_json_if_changed(path / CELL, rec)
         self.log(f"[{rec['model']}] {rec['method']} seed {rec['seed']}: per-problem scores made again from its "
                  f"samples (version {SCORES})")
